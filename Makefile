@@ -1,0 +1,68 @@
+# Two entry points for newcomers: `make run` and `make test`. Everything else is a building block.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+HOST ?= 127.0.0.1
+PORT ?= 8000
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/datacenter
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
+PYTEST_ARGS ?=
+
+.PHONY: run test lint bench lab lab-down deps deps-portal apt services migrate seed clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip wheel >/dev/null
+
+# Portal-only install: enough for `make run` (no compilers, no Debian packages).
+var/.deps-portal: requirements.txt | $(BIN)/python
+	@mkdir -p var
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps -e .
+	@touch $@
+
+# Everything the suite needs: Debian packages (when root), the bindings that compile against them.
+var/.deps-test: requirements.txt requirements-dev.txt requirements-system.txt scripts/install-apt.sh | $(BIN)/python
+	@mkdir -p var
+	./scripts/install-apt.sh
+	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-deps -e .
+	$(PIP) install -r requirements-system.txt || echo "deps: system bindings did not build (tests that need them skip locally, fail in CI)"
+	@touch var/.deps-portal $@
+
+deps-portal: var/.deps-portal
+deps: var/.deps-test
+
+services:
+	./scripts/start-services.sh
+
+migrate: var/.deps-portal
+	$(BIN)/python manage.py migrate --no-input
+
+seed: migrate
+	$(BIN)/python manage.py seed_demo
+
+run: seed
+	$(BIN)/python manage.py collectstatic --no-input -v 0
+	@echo "Portal on http://$(HOST):$(PORT)/  (API docs: http://$(HOST):$(PORT)/api/docs/)"
+	$(BIN)/python -m uvicorn datacenter.asgi:application --host $(HOST) --port $(PORT) --lifespan on
+
+test: deps services
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: var/.deps-test
+	$(BIN)/ruff check .
+
+bench: deps services
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(BIN)/python bench/run_all.py
+
+lab: deps
+	$(BIN)/lbagent lab up
+
+lab-down:
+	$(BIN)/lbagent lab down
+
+clean:
+	rm -rf $(VENV) var/.deps-* staticfiles
