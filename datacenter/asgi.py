@@ -1,0 +1,102 @@
+"""ASGI entry point: HTTP (Django), websockets (Channels routes), lifespan (embedded jobs)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from urllib.parse import urlparse
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "datacenter.settings")
+
+from django.core.asgi import get_asgi_application
+
+django_asgi_app = get_asgi_application()  # sets Django up before anything imports models
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.http.request import validate_host  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def _websocket_urlpatterns() -> list:
+    try:
+        module = importlib.import_module("datacenter.routing")
+    except ModuleNotFoundError as exc:
+        if exc.name != "datacenter.routing":
+            raise
+        return []
+    return list(getattr(module, "websocket_urlpatterns", []))
+
+
+class BrowserOriginGuard:
+    """Refuse cross-site websocket handshakes from browsers (they always send Origin).
+
+    Agents and other non-browser clients send no Origin and authenticate with their own token;
+    Channels' AllowedHostsOriginValidator would refuse them, so this checks Origin only when present.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        origin = dict(scope.get("headers", [])).get(b"origin")
+        if origin is not None:
+            host = urlparse(origin.decode("latin1")).hostname or ""
+            if not validate_host(host, settings.ALLOWED_HOSTS):
+                from channels.security.websocket import WebsocketDenier
+
+                await WebsocketDenier()(scope, receive, send)
+                return
+        await self.inner(scope, receive, send)
+
+
+class Lifespan:
+    """ASGI lifespan: start in-process Celery worker + beat when running without Redis."""
+
+    def __init__(self):
+        self.jobs = None
+
+    async def __call__(self, scope, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._startup()
+                except Exception as exc:
+                    logger.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self._shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _startup(self) -> None:
+        if not settings.EMBEDDED_WORKER_ENABLED:
+            return
+        from asgiref.sync import sync_to_async
+
+        from datacenter.celery import app as celery_app
+        from datacenter.embedded import EmbeddedJobs
+
+        self.jobs = EmbeddedJobs(celery_app, concurrency=settings.EMBEDDED_WORKER_CONCURRENCY)
+        await sync_to_async(self.jobs.start, thread_sensitive=False)()
+
+    async def _shutdown(self) -> None:
+        if self.jobs is not None:
+            from asgiref.sync import sync_to_async
+
+            await sync_to_async(self.jobs.stop, thread_sensitive=False)()
+
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": BrowserOriginGuard(AuthMiddlewareStack(URLRouter(_websocket_urlpatterns()))),
+        "lifespan": Lifespan(),
+    }
+)

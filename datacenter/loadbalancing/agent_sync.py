@@ -1,0 +1,563 @@
+"""Keeping agents in sync with the database: on every relevant change recompute the listener
+tables, number a new desired-state document and tell every connected agent's consumer (through
+the channel layer: Redis in production); on acknowledgements and health reports update
+provisioning_status, operating_status and the dashboards' event groups.
+
+Statuses (Octavia's vocabulary): a listener is PENDING_UPDATE until every enabled mux has
+acknowledged its current table generation, then ACTIVE; ERROR (with the agent's reason) when a
+mux that has not applied it reported a failed apply. A disconnected mux still counts: it keeps
+forwarding with its old state (fail static), so the change is not done until it resyncs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+from django.db.models import F, Q
+from django.db.models.signals import post_delete, post_save
+from django.utils import timezone
+
+from lbagent.protocol import Applied, Health
+
+from .choices import AgentRole, BackendState, OperatingStatus, ProvisioningStatus
+from .models import AgentNode, Generation, Listener, Vip
+from .models_sync import AgentListenerAck, AgentSync, ListenerTable, PushSettings
+from .signals import generation_created
+
+logger = logging.getLogger("datacenter.loadbalancing.agent_sync")
+
+AGENTS_GROUP = "lb.agents"  # every connected agent consumer
+
+
+def agent_group(agent_id: int) -> str:
+    return f"lb.agent.{agent_id}"
+
+
+def tenant_group(tenant_id: int) -> str:
+    return f"lb.tenant.{tenant_id}"
+
+
+def vip_group(vip_id: int) -> str:
+    return f"lb.vip.{vip_id}"
+
+
+def listener_group(listener_id: int) -> str:
+    return f"lb.listener.{listener_id}"
+
+
+OPERATORS_GROUP = "lb.operators"
+
+
+# --- channel layer --------------------------------------------------------------------------------
+
+
+def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
+    """group_send every (group, message) in one trip to the event loop."""
+    layer = get_channel_layer()
+    if layer is None or not messages:
+        return
+
+    async def send() -> None:
+        for group, message in messages:
+            await layer.group_send(group, message)
+
+    try:
+        async_to_sync(send)()
+    except Exception:  # the change is committed; agents resync on their next connect anyway
+        logger.exception("could not publish %d message(s) to the channel layer", len(messages))
+
+
+def _group_send(group: str, message: dict[str, Any]) -> None:
+    _send_all([(group, message)])
+
+
+def event_messages(
+    kind: str,
+    data: dict[str, Any],
+    *,
+    tenant_id: int | None = None,
+    vip_id: int | None = None,
+    listener_id: int | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """A dashboard event addressed to the operators' group and its tenant's and objects' groups."""
+    message = {"type": "lb.event", "kind": kind, "data": data, "time": time.time()}
+    groups = [OPERATORS_GROUP]
+    if tenant_id is not None:
+        groups.append(tenant_group(tenant_id))
+    if vip_id is not None:
+        groups.append(vip_group(vip_id))
+    if listener_id is not None:
+        groups.append(listener_group(listener_id))
+    return [(group, message) for group in groups]
+
+
+def publish_event(kind: str, data: dict[str, Any], **targets: int | None) -> None:
+    _send_all(event_messages(kind, data, **targets))
+
+
+def notify_agents(generation: int) -> None:
+    _group_send(AGENTS_GROUP, {"type": "state.changed", "generation": generation})
+
+
+# --- listener tables ------------------------------------------------------------------------------
+
+
+def _config_backends(listener: Listener) -> list[dict[str, Any]]:
+    return [
+        {
+            "address": b.address,
+            "port": b.port,
+            "weight": b.weight,
+            "state": b.admin_state,
+            "mac": None,
+            "host": b.host.name if b.host_id else None,
+        }
+        for b in sorted(listener.backends.all(), key=lambda b: b.position)
+    ]
+
+
+def _down_backends(listener_id: int, votes: list[dict[str, str]]) -> dict[tuple[str, int], str]:
+    """Backends that a majority of the reporting muxes find unhealthy, with one reason."""
+    prefix = f"{listener_id}|"
+    counts: dict[tuple[str, int], list[str]] = {}
+    for unhealthy in votes:
+        for key, reason in unhealthy.items():
+            if key.startswith(prefix):
+                _, address, port = key.split("|")
+                counts.setdefault((address, int(port)), []).append(reason)
+    return {key: reasons[0] for key, reasons in counts.items() if len(reasons) * 2 > len(votes)}
+
+
+def effective_backends(
+    config: list[dict[str, Any]], down: dict[tuple[str, int], str]
+) -> list[dict[str, Any]]:
+    """The configured list with unhealthy backends disabled (they stay listed so agents keep
+    checking them and can bring them back). If every active backend is down, fail open: an
+    empty table would drop all traffic, a wrong guess drops only some."""
+    serving = [b for b in config if b["state"] == BackendState.ACTIVE]
+    if serving and all((b["address"], b["port"]) in down for b in serving):
+        return config
+    return [{**b, "state": BackendState.DISABLED} if (b["address"], b["port"]) in down else b for b in config]
+
+
+def _health_votes() -> list[dict[str, str]]:
+    return list(
+        AgentSync.objects.filter(connected=True, agent__enabled=True, agent__role=AgentRole.MUX).values_list(
+            "unhealthy", flat=True
+        )
+    )
+
+
+def refresh_tables(listener_ids: Iterable[int] | None) -> list[int]:
+    """Recompute the tables of the given listeners (all when None); returns those that changed.
+    A change keeps the replaced list as `previous` until now + the listener's drain timeout."""
+    votes = _health_votes()
+    changed = []
+    with transaction.atomic():
+        listeners = Listener.objects.prefetch_related("backends__host")
+        if listener_ids is not None:
+            listeners = listeners.filter(pk__in=list(listener_ids))
+        tables = {
+            t.listener_id: t for t in ListenerTable.objects.select_for_update().filter(listener__in=listeners)
+        }
+        now = time.time()
+        created = []
+        for listener in listeners:
+            backends = effective_backends(_config_backends(listener), _down_backends(listener.pk, votes))
+            table = tables.get(listener.pk)
+            if table is None:
+                created.append(
+                    ListenerTable(
+                        listener=listener,
+                        number=max(1, listener.generation),
+                        config_generation=listener.generation,
+                        backends=backends,
+                    )
+                )
+                changed.append(listener.pk)
+            elif table.backends != backends:
+                table.previous = {
+                    "generation": table.number,
+                    "backends": table.backends,
+                    "drain_deadline": now + listener.drain_timeout_s,
+                }
+                table.number += 1
+                table.backends = backends
+                table.config_generation = listener.generation
+                table.save()
+                changed.append(listener.pk)
+            elif table.config_generation != listener.generation:
+                table.config_generation = listener.generation
+                table.save(update_fields=["config_generation", "updated"])
+        # ignore_conflicts: two processes may create the same missing table at once; both agree.
+        ListenerTable.objects.bulk_create(created, ignore_conflicts=True)
+    return changed
+
+
+def ensure_tables() -> None:
+    missing = Listener.objects.filter(table__isnull=True).values_list("pk", flat=True)
+    ids = list(missing)
+    if ids:
+        refresh_tables(ids)
+
+
+def bump_generation() -> int:
+    PushSettings.objects.get_or_create(pk=1)
+    PushSettings.objects.filter(pk=1).update(generation=F("generation") + 1)
+    return PushSettings.objects.values_list("generation", flat=True).get(pk=1)
+
+
+# --- reacting to changes --------------------------------------------------------------------------
+
+_pending = threading.local()
+
+
+def schedule_change(listener_ids: Iterable[int] = (), *, everything: bool = False) -> None:
+    """Push after the current transaction commits; many changes in one transaction, one push."""
+    state = _pending.__dict__
+    state.setdefault("ids", set()).update(listener_ids)
+    state["everything"] = state.get("everything", False) or everything
+    transaction.on_commit(_flush_pending)
+
+
+def _flush_pending() -> None:
+    state = _pending.__dict__
+    ids, everything = state.pop("ids", set()), state.pop("everything", False)
+    if not ids and not everything:
+        return  # an earlier callback of the same transaction already pushed
+    apply_change(None if everything else ids)
+
+
+def apply_change(listener_ids: Iterable[int] | None) -> int:
+    """Recompute tables, number a new document, update statuses and wake the agents."""
+    ids = None if listener_ids is None else list(listener_ids)
+    refresh_tables(ids)
+    generation = bump_generation()
+    notify_agents(generation)
+    evaluate_listeners(ids)
+    return generation
+
+
+# --- acknowledgements -----------------------------------------------------------------------------
+
+
+def touch_agent(agent_id: int, **fields: Any) -> None:
+    AgentNode.objects.filter(pk=agent_id).update(last_seen=timezone.now(), **fields)
+
+
+def agent_connected(agent: AgentNode, version: str) -> None:
+    AgentSync.objects.update_or_create(
+        agent=agent, defaults={"connected": True, "version": version, "connected_at": timezone.now()}
+    )
+    touch_agent(agent.pk)
+    publish_event("agent.connected", {"agent": agent.name, "role": agent.role, "version": version})
+
+
+def agent_disconnected(agent: AgentNode) -> None:
+    AgentSync.objects.filter(agent=agent).update(connected=False, disconnected_at=timezone.now())
+    publish_event("agent.disconnected", {"agent": agent.name, "role": agent.role})
+    if AgentSync.objects.filter(agent=agent).exclude(unhealthy={}).exists():
+        # Its health votes no longer count: the majority may have changed.
+        changed = refresh_tables(None)
+        if changed:
+            notify_agents(bump_generation())
+            evaluate_listeners(changed)
+
+
+def record_applied(
+    agent: AgentNode, applied: Applied, known: dict[int, int] | None = None
+) -> dict[int, int] | None:
+    """An agent's acknowledgement (or failure) of a document. `known` is what this connection
+    acknowledged before (None: read it from the database); only listeners whose generation
+    changed are written. Returns what the agent now runs."""
+    if applied.ok:
+        if known is None:
+            known = dict(
+                AgentListenerAck.objects.filter(agent=agent).values_list("listener_id", "generation")
+            )
+        delta = {lid: gen for lid, gen in applied.listeners.items() if known.get(lid) != gen}
+        live = (
+            set(Listener.objects.filter(pk__in=list(delta)).values_list("pk", flat=True)) if delta else set()
+        )
+        rows = [
+            AgentListenerAck(agent=agent, listener_id=lid, generation=gen)
+            for lid, gen in delta.items()
+            if lid in live
+        ]
+        with transaction.atomic():
+            if rows:
+                AgentListenerAck.objects.bulk_create(
+                    rows,
+                    update_conflicts=True,
+                    unique_fields=["agent", "listener"],
+                    update_fields=["generation", "updated"],
+                )
+            cleared = (
+                AgentSync.objects.filter(agent=agent)
+                .exclude(error="")
+                .update(error="", error_generation=None)
+            )
+            touch_agent(agent.pk, applied_generation=applied.generation, applied_at=timezone.now())
+        if rows or cleared:
+            evaluate_listeners([r.listener_id for r in rows])
+        return dict(applied.listeners)
+    else:
+        AgentSync.objects.update_or_create(
+            agent=agent, defaults={"error": applied.error or "", "error_generation": applied.generation}
+        )
+        touch_agent(agent.pk)
+        logger.warning(
+            "agent %s failed to apply generation %s: %s", agent.name, applied.generation, applied.error
+        )
+        publish_event(
+            "agent.apply_failed",
+            {"agent": agent.name, "generation": applied.generation, "error": applied.error},
+        )
+        evaluate_listeners([])
+        return dict(known) if known is not None else None
+
+
+def record_health(agent: AgentNode, health: Health) -> None:
+    """Store an agent's backend verdicts; if the muxes' majority view changed, push new tables."""
+    with transaction.atomic():
+        sync, _ = AgentSync.objects.select_for_update().get_or_create(agent=agent)
+        unhealthy = {} if health.full else dict(sync.unhealthy)
+        touched = set()
+        for check in health.checks:
+            key = f"{check.listener}|{check.address}|{check.port}"
+            touched.add(check.listener)
+            if check.healthy:
+                unhealthy.pop(key, None)
+            else:
+                unhealthy[key] = check.reason or "unhealthy"
+        if health.full:
+            touched |= {int(k.split("|")[0]) for k in sync.unhealthy}
+        if unhealthy != sync.unhealthy:
+            sync.unhealthy = unhealthy
+            sync.save(update_fields=["unhealthy"])
+        else:
+            touched = set()
+    touch_agent(agent.pk)
+    if not touched:
+        return
+    changed = refresh_tables(touched)
+    if changed:
+        notify_agents(bump_generation())
+    update_operating_status(touched)
+    evaluate_listeners(changed)
+
+
+# --- statuses -------------------------------------------------------------------------------------
+
+
+def _muxes() -> list[dict[str, Any]]:
+    rows = AgentNode.objects.filter(role=AgentRole.MUX, enabled=True).values("pk", "sync__error")
+    return [{"pk": r["pk"], "error": r["sync__error"] or ""} for r in rows]
+
+
+def evaluate_listeners(listener_ids: Iterable[int] | None) -> None:
+    """Recompute provisioning_status of the given listeners plus every listener not ACTIVE."""
+    muxes = _muxes()
+    if not muxes:
+        return  # nobody to apply anything: leave the status pending
+    if listener_ids is None:
+        candidates = Listener.objects.all()
+    else:
+        wanted = set(listener_ids)
+        candidates = Listener.objects.filter(
+            Q(pk__in=wanted) | ~Q(provisioning_status=ProvisioningStatus.ACTIVE)
+        )
+    listeners = list(
+        candidates.select_related("table", "vip").only(
+            "id", "provisioning_status", "vip__id", "vip__tenant_id", "table__number"
+        )
+    )
+    if not listeners:
+        return
+    acks: dict[tuple[int, int], int] = {
+        (a, li): g
+        for a, li, g in AgentListenerAck.objects.filter(listener__in=[li.pk for li in listeners]).values_list(
+            "agent_id", "listener_id", "generation"
+        )
+    }
+    updates: dict[str, list[int]] = {}
+    messages: list[tuple[str, dict[str, Any]]] = []
+    vip_ids = set()
+    for listener in listeners:
+        table = getattr(listener, "table", None)
+        if table is None:
+            continue
+        pending = [m for m in muxes if acks.get((m["pk"], listener.pk), 0) < table.number]
+        if not pending:
+            status = ProvisioningStatus.ACTIVE
+        elif any(m["error"] for m in pending):
+            status = ProvisioningStatus.ERROR
+        elif listener.provisioning_status == ProvisioningStatus.PENDING_CREATE:
+            status = ProvisioningStatus.PENDING_CREATE
+        else:
+            status = ProvisioningStatus.PENDING_UPDATE
+        if status != listener.provisioning_status:
+            updates.setdefault(status, []).append(listener.pk)
+            vip_ids.add(listener.vip_id)
+            messages += event_messages(
+                "listener.provisioning_status",
+                {
+                    "listener": listener.pk,
+                    "vip": listener.vip_id,
+                    "status": status,
+                    "generation": table.number,
+                },
+                tenant_id=listener.vip.tenant_id,
+                vip_id=listener.vip_id,
+                listener_id=listener.pk,
+            )
+    for status, ids in updates.items():
+        Listener.objects.filter(pk__in=ids).update(provisioning_status=status)
+    messages += _update_vip_provisioning(vip_ids)
+    _send_all(messages)
+
+
+def _update_vip_provisioning(vip_ids: set[int]) -> list[tuple[str, dict[str, Any]]]:
+    if not vip_ids:
+        return []
+    statuses: dict[int, set[str]] = {}
+    for vip_id, status in Listener.objects.filter(vip_id__in=vip_ids).values_list(
+        "vip_id", "provisioning_status"
+    ):
+        statuses.setdefault(vip_id, set()).add(status)
+    messages = []
+    updates: dict[str, list[int]] = {}
+    for vip in Vip.objects.filter(pk__in=vip_ids).only("id", "tenant_id", "provisioning_status"):
+        own = statuses.get(vip.pk, set())
+        if own <= {ProvisioningStatus.ACTIVE}:
+            status = ProvisioningStatus.ACTIVE
+        elif ProvisioningStatus.ERROR in own:
+            status = ProvisioningStatus.ERROR
+        else:
+            status = ProvisioningStatus.PENDING_UPDATE
+        if status != vip.provisioning_status:
+            updates.setdefault(status, []).append(vip.pk)
+            messages += event_messages(
+                "vip.provisioning_status",
+                {"vip": vip.pk, "status": status},
+                tenant_id=vip.tenant_id,
+                vip_id=vip.pk,
+            )
+    for status, ids in updates.items():
+        Vip.objects.filter(pk__in=ids).update(provisioning_status=status)
+    return messages
+
+
+def update_operating_status(listener_ids: Iterable[int]) -> None:
+    votes = _health_votes()
+    vip_ids = set()
+    messages: list[tuple[str, dict[str, Any]]] = []
+    for listener in (
+        Listener.objects.filter(pk__in=list(listener_ids)).select_related("vip").prefetch_related("backends")
+    ):
+        serving = [b for b in listener.backends.all() if b.admin_state == BackendState.ACTIVE]
+        down = _down_backends(listener.pk, votes)
+        if not serving:
+            status = OperatingStatus.OFFLINE
+        elif not listener.health_check:
+            status = OperatingStatus.NO_MONITOR
+        else:
+            failing = sum((b.address, b.port) in down for b in serving)
+            status = (
+                OperatingStatus.ONLINE
+                if failing == 0
+                else OperatingStatus.ERROR
+                if failing == len(serving)
+                else OperatingStatus.DEGRADED
+            )
+        if status != listener.operating_status:
+            Listener.objects.filter(pk=listener.pk).update(operating_status=status)
+            vip_ids.add(listener.vip_id)
+            messages += event_messages(
+                "listener.operating_status",
+                {"listener": listener.pk, "status": status, "down": [f"{a}:{p}" for a, p in down]},
+                tenant_id=listener.vip.tenant_id,
+                vip_id=listener.vip_id,
+                listener_id=listener.pk,
+            )
+    for vip in Vip.objects.filter(pk__in=vip_ids):
+        statuses = set(vip.listeners.values_list("operating_status", flat=True))
+        if statuses <= {OperatingStatus.ONLINE, OperatingStatus.NO_MONITOR}:
+            status = OperatingStatus.ONLINE
+        elif statuses == {OperatingStatus.ERROR}:
+            status = OperatingStatus.ERROR
+        elif statuses == {OperatingStatus.OFFLINE}:
+            status = OperatingStatus.OFFLINE
+        else:
+            status = OperatingStatus.DEGRADED
+        if status != vip.operating_status:
+            Vip.objects.filter(pk=vip.pk).update(operating_status=status)
+            messages += event_messages(
+                "vip.operating_status",
+                {"vip": vip.pk, "status": status},
+                tenant_id=vip.tenant_id,
+                vip_id=vip.pk,
+            )
+    _send_all(messages)
+
+
+# --- signal wiring --------------------------------------------------------------------------------
+
+_STATUS_ONLY_FIELDS = {"generation", "provisioning_status", "operating_status", "updated"}
+_AGENT_BOOKKEEPING_FIELDS = {"last_seen", "applied_generation", "applied_at", "last_stats", "updated"}
+
+
+def _on_generation(sender, generation: Generation, **kwargs) -> None:
+    apply_change([generation.listener_id])  # already sent on commit
+
+
+def _on_listener_saved(sender, instance: Listener, created: bool, update_fields=None, **kwargs) -> None:
+    if update_fields is not None and set(update_fields) <= _STATUS_ONLY_FIELDS:
+        return  # new_generation's bookkeeping save; generation_created pushes that change
+    schedule_change([instance.pk])
+    if not created:
+        transaction.on_commit(lambda: update_operating_status([instance.pk]))
+
+
+def _on_deleted(sender, instance, **kwargs) -> None:
+    schedule_change(everything=True)
+
+
+def _on_vip_saved(sender, instance: Vip, created: bool, **kwargs) -> None:
+    if created:
+        schedule_change(everything=True)
+
+
+def _on_agent_saved(sender, instance: AgentNode, update_fields=None, **kwargs) -> None:
+    if update_fields is not None and set(update_fields) <= _AGENT_BOOKKEEPING_FIELDS:
+        return
+    agent_id = instance.pk
+    # The consumer re-checks the token and enabled flag: a revoked agent is disconnected at once.
+    transaction.on_commit(lambda: _group_send(agent_group(agent_id), {"type": "agent.recheck"}))
+    schedule_change(everything=True)  # the mux set (ownership ring) may have changed
+
+
+def _on_agent_deleted(sender, instance: AgentNode, **kwargs) -> None:
+    agent_id = instance.pk
+    transaction.on_commit(lambda: _group_send(agent_group(agent_id), {"type": "agent.recheck"}))
+    schedule_change(everything=True)
+
+
+def connect_signals() -> None:
+    generation_created.connect(_on_generation, dispatch_uid="agent_sync.generation")
+    post_save.connect(_on_listener_saved, sender=Listener, dispatch_uid="agent_sync.listener_saved")
+    post_delete.connect(_on_deleted, sender=Listener, dispatch_uid="agent_sync.listener_deleted")
+    post_delete.connect(_on_deleted, sender=Vip, dispatch_uid="agent_sync.vip_deleted")
+    post_save.connect(_on_vip_saved, sender=Vip, dispatch_uid="agent_sync.vip_saved")
+    post_save.connect(_on_agent_saved, sender=AgentNode, dispatch_uid="agent_sync.agent_saved")
+    post_delete.connect(_on_agent_deleted, sender=AgentNode, dispatch_uid="agent_sync.agent_deleted")
+
+
+__all__ = ["apply_change", "connect_signals", "publish_event", "record_applied", "record_health"]

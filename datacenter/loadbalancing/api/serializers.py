@@ -1,0 +1,261 @@
+"""Serializers for the load-balancing API. They shape data; the rules live in services.py."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from datacenter.api.serializers import BaseModelSerializer, url_field
+from datacenter.tenancy.scoping import restrict, tenants_for
+
+from ..choices import BACKEND_WEIGHT_MAX, BACKEND_WEIGHT_MIN, PORT_MAX, PORT_MIN, BackendState
+from ..models import AgentNode, Backend, Generation, Listener, Vip, VipPool
+
+
+class ScopedPrimaryKeyField(serializers.PrimaryKeyRelatedField):
+    """A foreign key whose choices are limited to what the caller can see (others: 'does not exist')."""
+
+    def __init__(self, *, scope, **kwargs):
+        self.scope = scope  # callable(user) -> queryset
+        super().__init__(**kwargs)
+
+    def get_queryset(self):
+        request = self.context.get("request")
+        user = getattr(request, "user", None)
+        return self.scope(user)
+
+
+class VipPoolSerializer(BaseModelSerializer):
+    url = url_field("loadbalancing-api:vippool-detail")
+
+    class Meta:
+        model = VipPool
+        fields = [
+            "id",
+            "url",
+            "display",
+            "name",
+            "prefix",
+            "shared",
+            "tenants",
+            "description",
+            "created",
+            "updated",
+        ]
+
+
+class VipSerializer(BaseModelSerializer):
+    url = url_field("loadbalancing-api:vip-detail")
+    tenant = ScopedPrimaryKeyField(scope=tenants_for, help_text="Fixed at creation.")
+    pool = serializers.PrimaryKeyRelatedField(
+        queryset=VipPool.objects.all(),
+        required=False,
+        allow_null=True,
+        help_text="Pool to allocate from; default: the tenant's first allowed pool. Fixed at creation.",
+    )
+    address = serializers.IPAddressField(
+        required=False,
+        allow_null=True,
+        help_text="Requested address (must be inside an allowed pool); omit to allocate. Fixed at creation.",
+    )
+
+    class Meta:
+        model = Vip
+        fields = [
+            "id",
+            "url",
+            "display",
+            "tenant",
+            "pool",
+            "name",
+            "address",
+            "description",
+            "provisioning_status",
+            "operating_status",
+            "created",
+            "updated",
+        ]
+        read_only_fields = ["provisioning_status", "operating_status"]
+        validators: list = []  # uniqueness is checked by services.create_vip with a clearer message
+
+
+class HealthCheckSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["tcp", "http"], default="tcp")
+    path = serializers.CharField(required=False, allow_null=True)
+    interval_s = serializers.IntegerField(required=False, min_value=1, max_value=300)
+    timeout_s = serializers.IntegerField(required=False, min_value=1, max_value=60)
+    rise = serializers.IntegerField(required=False, min_value=1, max_value=10)
+    fall = serializers.IntegerField(required=False, min_value=1, max_value=10)
+
+
+class ListenerSerializer(BaseModelSerializer):
+    url = url_field("loadbalancing-api:listener-detail")
+    vip = ScopedPrimaryKeyField(
+        scope=lambda user: restrict(Vip.objects.all(), user), help_text="Fixed at creation."
+    )
+    health_check = HealthCheckSerializer(required=False, allow_null=True)
+
+    class Meta:
+        model = Listener
+        fields = [
+            "id",
+            "url",
+            "display",
+            "vip",
+            "name",
+            "protocol",
+            "port",
+            "drain_timeout_s",
+            "fast_path",
+            "health_check",
+            "generation",
+            "provisioning_status",
+            "operating_status",
+            "created",
+            "updated",
+        ]
+        read_only_fields = ["generation", "provisioning_status", "operating_status"]
+        validators: list = []
+
+
+class HostNameField(serializers.CharField):
+    """A backend's host by name (null: none); services check the host is usable by the tenant."""
+
+    def to_representation(self, value) -> str:
+        return value.name
+
+
+class BackendSerializer(BaseModelSerializer):
+    url = url_field("loadbalancing-api:backend-detail")
+    listener = ScopedPrimaryKeyField(
+        scope=lambda user: restrict(Listener.objects.all(), user, "vip__tenant"),
+        help_text="Fixed at creation.",
+    )
+    address = serializers.IPAddressField()
+    port = serializers.IntegerField(min_value=PORT_MIN, max_value=PORT_MAX)
+    weight = serializers.IntegerField(min_value=BACKEND_WEIGHT_MIN, max_value=BACKEND_WEIGHT_MAX, default=1)
+    host = HostNameField(required=False, allow_null=True, max_length=100)
+
+    class Meta:
+        model = Backend
+        fields = [
+            "id",
+            "url",
+            "display",
+            "listener",
+            "position",
+            "address",
+            "port",
+            "weight",
+            "admin_state",
+            "host",
+            "created",
+            "updated",
+        ]
+        read_only_fields = ["position"]
+        validators: list = []
+
+
+class BackendItemSerializer(serializers.Serializer):
+    """One entry of a declarative backend list (PUT /api/listeners/{id}/backends/)."""
+
+    address = serializers.IPAddressField()
+    port = serializers.IntegerField(min_value=PORT_MIN, max_value=PORT_MAX)
+    weight = serializers.IntegerField(min_value=BACKEND_WEIGHT_MIN, max_value=BACKEND_WEIGHT_MAX, default=1)
+    admin_state = serializers.ChoiceField(choices=BackendState.choices, default=BackendState.ACTIVE)
+    host = serializers.CharField(
+        required=False,
+        allow_null=True,
+        max_length=100,
+        help_text="Name of a host of this tenant (or a shared host).",
+    )
+
+
+@extend_schema_field(BackendItemSerializer(many=True))
+class BackendItemsField(serializers.ListField):
+    """Entries stay plain dicts here: services.validate_backend_list checks them and names each
+    error by position ("backends[2].port"); the schema still documents them as BackendItem."""
+
+    child = serializers.DictField()
+
+
+class BackendListSerializer(serializers.Serializer):
+    """Request body of PUT /api/listeners/{id}/backends/."""
+
+    backends = BackendItemsField(allow_empty=True, help_text="The complete ordered list.")
+    expected_generation = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=0,
+        help_text="The generation you last saw; a different current generation answers 409.",
+    )
+
+
+class BackendDiffSerializer(serializers.Serializer):
+    added = serializers.ListField(child=serializers.DictField())
+    removed = serializers.ListField(child=serializers.DictField())
+    changed = serializers.ListField(child=serializers.DictField())
+    reordered = serializers.BooleanField()
+
+
+class BackendListStateSerializer(serializers.Serializer):
+    """Response of GET and PUT /api/listeners/{id}/backends/."""
+
+    listener = serializers.IntegerField()
+    generation = serializers.IntegerField()
+    backends = BackendItemSerializer(many=True)
+    dry_run = serializers.BooleanField(required=False)
+    changed = serializers.BooleanField(required=False)
+    diff = BackendDiffSerializer(required=False)
+
+
+class GenerationSerializer(BaseModelSerializer):
+    url = url_field("loadbalancing-api:generation-detail")
+
+    class Meta:
+        model = Generation
+        fields = [
+            "id",
+            "url",
+            "display",
+            "listener",
+            "number",
+            "backends",
+            "changes",
+            "author_name",
+            "request_id",
+            "created",
+        ]
+        read_only_fields = fields
+
+
+class AgentNodeSerializer(BaseModelSerializer):
+    url = url_field("loadbalancing-api:agentnode-detail")
+
+    class Meta:
+        model = AgentNode
+        fields = [
+            "id",
+            "url",
+            "display",
+            "name",
+            "host",
+            "role",
+            "address",
+            "peer_port",
+            "enabled",
+            "last_seen",
+            "applied_generation",
+            "applied_at",
+            "last_stats",
+            "created",
+            "updated",
+        ]
+        read_only_fields = ["last_seen", "applied_generation", "applied_at", "last_stats"]
+
+
+class AgentNodeWithTokenSerializer(AgentNodeSerializer):
+    token = serializers.CharField(read_only=True, help_text="The agent's token; shown only in this response.")
+
+    class Meta(AgentNodeSerializer.Meta):
+        fields = [*AgentNodeSerializer.Meta.fields, "token"]

@@ -1,0 +1,47 @@
+"""Enumerations of the load-balancing domain (statuses follow Octavia's vocabulary)."""
+
+from django.db import models
+
+
+class ProvisioningStatus(models.TextChoices):
+    PENDING_CREATE = "pending_create", "Pending create"
+    PENDING_UPDATE = "pending_update", "Pending update"
+    PENDING_DELETE = "pending_delete", "Pending delete"
+    ACTIVE = "active", "Active (applied by every mux)"
+    ERROR = "error", "Error"
+
+
+class OperatingStatus(models.TextChoices):
+    ONLINE = "online", "Online"
+    DEGRADED = "degraded", "Degraded"
+    OFFLINE = "offline", "Offline"
+    ERROR = "error", "Error"
+    NO_MONITOR = "no_monitor", "No monitor"
+
+
+class Protocol(models.TextChoices):
+    TCP = "tcp", "TCP"
+    UDP = "udp", "UDP"
+
+
+class BackendState(models.TextChoices):
+    ACTIVE = "active", "Active"
+    DRAINING = "draining", "Draining (no new flows)"
+    DISABLED = "disabled", "Disabled"
+
+
+class AgentRole(models.TextChoices):
+    MUX = "mux", "Mux (load-balancer instance)"
+    HOST = "host", "Host agent (fast path, backends)"
+
+
+class HealthCheckKind(models.TextChoices):
+    TCP = "tcp", "TCP connect"
+    HTTP = "http", "HTTP GET"
+
+
+BACKEND_WEIGHT_MIN = 1
+BACKEND_WEIGHT_MAX = 256
+PORT_MIN = 1
+PORT_MAX = 65535
+DRAIN_TIMEOUT_MAX_S = 3600

@@ -1,0 +1,216 @@
+"""Channels consumers: `/ws/agents/`, the control channel of lbagent agents (protocol 1, see
+lbagent/protocol.py and docs/agent-protocol.md).
+
+An agent authenticates with its AgentNode token in `Authorization: Bearer <token>` (hashed at
+rest; a rotated token or a disabled node disconnects it at once). The first frame must be
+`hello`; the portal answers with the full desired state, and again after every relevant change.
+A malformed, unknown or oversized frame closes the connection with a logged reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from lbagent.protocol import (
+    MAX_AGENT_MESSAGE_BYTES,
+    Applied,
+    Health,
+    Hello,
+    ProtocolError,
+    Stats,
+    decode_agent_message,
+)
+
+from . import agent_sync
+from .desired_state import desired_frame_for
+from .models import AgentNode
+
+logger = logging.getLogger("datacenter.loadbalancing.agents")
+
+HELLO_TIMEOUT_S = 10.0
+CLOSE_UNAUTHORIZED = 4401  # token revoked or node disabled while connected
+CLOSE_WRONG_NODE = 4403
+CLOSE_HELLO_TIMEOUT = 4408
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOO_BIG = 1009
+
+
+def _bearer_token(scope: dict[str, Any]) -> str:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            text = value.decode("latin-1")
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip()
+    return ""
+
+
+def _peer(scope: dict[str, Any]) -> str:
+    client = scope.get("client") or ("?", 0)
+    return f"{client[0]}:{client[1]}"
+
+
+@database_sync_to_async
+def _authenticate(token: str) -> AgentNode | None:
+    return AgentNode.authenticate(token)
+
+
+# Acknowledgements from different agents touch different rows: record them in parallel threads
+# instead of Channels' single thread-sensitive executor (each status evaluation runs after its own
+# commit, so the last of concurrent acks always sees all of them).
+_record_applied = database_sync_to_async(agent_sync.record_applied, thread_sensitive=False)
+
+
+@database_sync_to_async
+def _still_authorized(agent_id: int, token_hash: str) -> bool:
+    return AgentNode.objects.filter(pk=agent_id, enabled=True, token_hash=token_hash).exists()
+
+
+class AgentConsumer(AsyncJsonWebsocketConsumer):
+    agent: AgentNode | None = None
+    hello: Hello | None = None
+    sent_generation: int = -1
+    acked: dict[int, int] | None = None  # listener -> generation this connection acknowledged
+
+    async def connect(self) -> None:
+        token = _bearer_token(self.scope)
+        agent = await _authenticate(token) if token else None
+        if agent is None:
+            # Never log the token; say where the refused attempt came from.
+            logger.warning(
+                "refused agent connection from %s: %s",
+                _peer(self.scope),
+                "no bearer token" if not token else "unknown, revoked or disabled token",
+            )
+            await self.close(code=CLOSE_UNAUTHORIZED)  # before accept: the handshake gets HTTP 403
+            return
+        self.agent = agent
+        self._send_lock = asyncio.Lock()
+        await self.accept()
+        await self.channel_layer.group_add(agent_sync.agent_group(agent.pk), self.channel_name)
+        self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, self._hello_timeout)
+
+    def _hello_timeout(self) -> None:
+        if self.hello is None:
+            self._timeout_task = asyncio.ensure_future(
+                self._refuse(CLOSE_HELLO_TIMEOUT, f"no hello within {HELLO_TIMEOUT_S:g}s")
+            )
+
+    async def disconnect(self, code: int) -> None:
+        if self.agent is None:
+            return
+        timer = getattr(self, "_hello_timer", None)
+        if timer is not None:
+            timer.cancel()
+        await self.channel_layer.group_discard(agent_sync.agent_group(self.agent.pk), self.channel_name)
+        if self.hello is not None:
+            await self.channel_layer.group_discard(agent_sync.AGENTS_GROUP, self.channel_name)
+            await database_sync_to_async(agent_sync.agent_disconnected)(self.agent)
+        logger.info("agent %s disconnected (code %s)", self.agent.name, code)
+
+    async def _refuse(self, code: int, reason: str) -> None:
+        name = self.agent.name if self.agent else "?"
+        logger.warning("closing agent %s connection from %s: %s", name, _peer(self.scope), reason)
+        await self.close(code=code, reason=reason[:120])
+
+    # -- frames from the agent ---------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs) -> None:
+        if bytes_data is not None and text_data is None:
+            if len(bytes_data) > MAX_AGENT_MESSAGE_BYTES:
+                await self._refuse(
+                    CLOSE_TOO_BIG, f"binary frame of {len(bytes_data)} bytes exceeds the limit"
+                )
+            else:
+                await self._refuse(CLOSE_POLICY_VIOLATION, "binary frames are not part of the protocol")
+            return
+        if len(text_data or "") > MAX_AGENT_MESSAGE_BYTES:
+            await self._refuse(
+                CLOSE_TOO_BIG,
+                f"message of {len(text_data)} characters exceeds {MAX_AGENT_MESSAGE_BYTES} bytes",
+            )
+            return
+        try:
+            message = decode_agent_message(text_data or "")
+        except ProtocolError as exc:
+            await self._refuse(CLOSE_POLICY_VIOLATION, f"malformed message: {exc}")
+            return
+        if self.hello is None and not isinstance(message, Hello):
+            await self._refuse(CLOSE_POLICY_VIOLATION, f"expected hello first, got {message.type}")
+            return
+        if isinstance(message, Hello):
+            await self._on_hello(message)
+        elif isinstance(message, Applied):
+            started = time.perf_counter()
+            self.acked = await _record_applied(self.agent, message, self.acked)
+            logger.debug(
+                "recorded %s's ack of generation %s in %.1f ms",
+                self.agent.name,
+                message.generation,
+                (time.perf_counter() - started) * 1000,
+            )
+        elif isinstance(message, Health):
+            await database_sync_to_async(agent_sync.record_health)(self.agent, message)
+        elif isinstance(message, Stats):
+            await database_sync_to_async(agent_sync.touch_agent)(
+                self.agent.pk, last_stats=dict(message.counters)
+            )
+
+    async def _on_hello(self, hello: Hello) -> None:
+        if self.hello is not None:
+            await self._refuse(CLOSE_POLICY_VIOLATION, "second hello on one connection")
+            return
+        if hello.node != self.agent.name or hello.role != self.agent.role:
+            await self._refuse(
+                CLOSE_WRONG_NODE,
+                f"token belongs to {self.agent.role} {self.agent.name!r}, "
+                f"hello says {hello.role} {hello.node!r}",
+            )
+            return
+        self.hello = hello
+        self._hello_timer.cancel()
+        logger.info(
+            "agent %s (%s, lbagent %s) connected from %s, running generation %s",
+            hello.node,
+            hello.role,
+            hello.version,
+            _peer(self.scope),
+            hello.applied_generation,
+        )
+        await database_sync_to_async(agent_sync.agent_connected)(self.agent, hello.version)
+        await self.channel_layer.group_add(agent_sync.AGENTS_GROUP, self.channel_name)
+        await self._send_desired()  # reconnect means full resync
+
+    # -- messages from the channel layer ------------------------------------------------------
+
+    async def state_changed(self, event: dict[str, Any]) -> None:
+        if self.hello is not None and event.get("generation", 0) > self.sent_generation:
+            await self._send_desired()
+
+    async def agent_recheck(self, event: dict[str, Any]) -> None:
+        if self.agent is not None and not await _still_authorized(self.agent.pk, self.agent.token_hash):
+            await self._refuse(CLOSE_UNAUTHORIZED, "token revoked or agent disabled")
+
+    async def _send_desired(self) -> None:
+        async with self._send_lock:  # one document at a time, newest last
+            started = time.perf_counter()
+            since = self.sent_generation if self.sent_generation >= 0 else None  # full state first
+            generation, frame = await database_sync_to_async(desired_frame_for)(self.agent, since)
+            if generation <= self.sent_generation:
+                return
+            self.sent_generation = generation
+            built = time.perf_counter()
+            await self.send(text_data=frame)
+            logger.debug(
+                "sent generation %s to %s: %d bytes, built in %.1f ms, sent in %.1f ms",
+                generation,
+                self.agent.name,
+                len(frame),
+                (built - started) * 1000,
+                (time.perf_counter() - built) * 1000,
+            )

@@ -1,0 +1,580 @@
+"""`lbagent run`: the mux daemon. Reads the desired state from a file (re-read when it changes),
+turns it into kernel tables (lbagent.dataplane.nft, one transaction per change), runs the slow
+path for listeners in transition, tells the router through ExaBGP where each VIP goes, and serves
+its counters in Prometheus text format. On SIGTERM/SIGINT it withdraws its routes and removes its
+tables and rules.
+
+Order is what keeps connections alive: a VIP is announced only after its tables are applied; on
+scale-up from bypass the tables (old table = every bucket to the single backend) go in before
+the mux announces itself; on shutdown the routes go before the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lbagent.bgp import BgpSettings, BgpSpeaker
+from lbagent.core.ownership import build_ownership
+from lbagent.core.records import RecordStore
+from lbagent.core.transition import GenerationTable, ListenerTables, OldTable, build_generation
+from lbagent.dataplane.nft import ListenerPlan, NftDataplane, NftError
+from lbagent.dataplane.slowpath import (
+    INJECT_IFACE,
+    INJECT_PEER,
+    CoreDecider,
+    PeerBridge,
+    SlowListener,
+    SlowPath,
+    ensure_inject_veth,
+    install_iptables,
+    remove_inject_veth,
+    remove_iptables,
+)
+from lbagent.metrics import Metric, MetricsServer, render
+from lbagent.state import Backend, DesiredState, Listener, StateError, Vip, load_state_file
+
+log = logging.getLogger("lbagent.daemon")
+
+
+def backend_name(backend: Backend) -> str:
+    """The name a backend has in Maglev tables (and in flow records): `address:port`."""
+    return f"{backend.address}:{backend.port}"
+
+
+def _table_backends(backends: tuple[Backend, ...]) -> tuple[list[str], list[int]]:
+    """Names and weights for a generation's table: draining backends keep their name with weight 0
+    (no new flows, but pins and records can still point at them); disabled ones are left out."""
+    names, weights = [], []
+    for b in backends:
+        if b.state == "disabled":
+            continue
+        names.append(backend_name(b))
+        weights.append(b.weight if b.state == "active" else 0)
+    return names, weights
+
+
+class _TableCache:
+    """Maglev tables cost ~0.3 s each: build each (names, weights, size) once."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, GenerationTable | None] = {}
+
+    def get(self, generation: int, backends: tuple[Backend, ...], table_size: int) -> GenerationTable | None:
+        names, weights = _table_backends(backends)
+        key = (generation, tuple(names), tuple(weights), table_size)
+        if key not in self._cache:
+            if not names or max(weights, default=0) == 0:
+                self._cache[key] = None  # nothing can take new flows
+            else:
+                self._cache[key] = build_generation(generation, names, weights, table_size)
+        return self._cache[key]
+
+
+def resolve_mac(address: str, iface: str, timeout_s: float = 1.0) -> str:
+    """The MAC of a neighbour on `iface`, from the neighbour table (probing it when unknown)."""
+    deadline = time.monotonic() + timeout_s
+    probed = False
+    while True:
+        out = subprocess.run(["ip", "-j", "neigh", "show", "to", address, "dev", iface],
+                             capture_output=True, text=True, check=False).stdout
+        for entry in json.loads(out or "[]"):
+            mac = entry.get("lladdr")
+            if mac and "FAILED" not in entry.get("state", []) and "INCOMPLETE" not in entry.get("state", []):
+                return mac
+        if time.monotonic() > deadline:
+            raise LookupError(f"no MAC for backend {address} on {iface} within {timeout_s} s (is it on the "
+                              f"mux's L2 segment?)")
+        if not probed:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+                s.sendto(b"", (address, 9))  # makes the kernel ARP for it
+            probed = True
+        time.sleep(0.02)
+
+
+def interface_of(address: str) -> tuple[str, str]:
+    """(interface, MAC) holding `address` in this namespace."""
+    out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True).stdout
+    for link in json.loads(out):
+        for a in link.get("addr_info", []):
+            if a.get("local") == address:
+                return link["ifname"], link["address"]
+    raise LookupError(f"no interface here holds {address} (the cluster's address for this mux)")
+
+
+@dataclass
+class DaemonOptions:
+    config: Path
+    iface: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9109
+    run_dir: Path = Path("/run/lbagent")
+    queue_num: int = 7
+    bgp: BgpSettings | None = None
+    transitions: bool = True  # False: ignore previous generations (baseline for tests/benchmarks)
+    learn: bool = False
+    poll_s: float = 0.1
+
+
+class MuxDaemon:
+    def __init__(self, options: DaemonOptions) -> None:
+        self.o = options
+        self.state: DesiredState | None = None
+        self.tables: dict[int, ListenerTables] = {}
+        self.bypass_backend: dict[int, tuple[Backend, float]] = {}  # listener -> (backend, since)
+        self.macs: dict[str, str] = {}
+        self._cache = _TableCache()
+        self._config_sig: tuple | None = None
+        self._applied_sig: tuple | None = None
+        self._stop = threading.Event()
+        self.dataplane: NftDataplane | None = None
+        self.slowpath: SlowPath | None = None
+        self.peers: PeerBridge | None = None
+        self.bgp: BgpSpeaker | None = None
+        self.store: RecordStore | None = None
+        self.applied_generation = 0
+        self.apply_count = 0
+        self.apply_errors = 0
+        self.config_errors = 0
+        self.last_apply_s = 0.0
+        self.iface = options.iface
+        self.mux_mac = ""
+        self._slow_keys: list[tuple[str, str, int]] = []
+        self._skipped: set[str] = set()
+
+    # -- config -------------------------------------------------------------------------------
+    def _read_config(self) -> bool:
+        """Load the config file if it changed; True when a new valid state was loaded."""
+        try:
+            st = self.o.config.stat()
+        except FileNotFoundError:
+            return False
+        sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if sig == self._config_sig:
+            return False
+        self._config_sig = sig
+        try:
+            state = load_state_file(self.o.config)
+        except (StateError, OSError, ValueError) as exc:
+            self.config_errors += 1
+            log.error("config %s refused, keeping the applied one: %s", self.o.config, exc)
+            return False
+        self.state = state
+        return True
+
+    # -- planning -------------------------------------------------------------------------------
+    def _listener_tables(self, vip: Vip, listener: Listener, now: float) -> ListenerTables | None:
+        size = self.state.cluster.table_size  # type: ignore[union-attr]
+        current = self._cache.get(listener.generation, listener.backends, size)
+        if current is None:
+            return None
+        held = self.tables.get(listener.id)
+        if not self.o.transitions:
+            tables = ListenerTables(current=current)
+        elif held is not None and held.generation == listener.generation:
+            tables = held
+        elif (held is not None and listener.previous is not None
+              and held.generation == listener.previous.generation):
+            tables = held.with_generation(current, drain_deadline=listener.previous.drain_deadline)
+        elif listener.previous is not None:
+            prev = self._cache.get(listener.previous.generation, listener.previous.backends, size)
+            old = (OldTable(prev, listener.previous.drain_deadline),) if prev is not None else ()
+            tables = ListenerTables(current=current, old=old)
+        elif listener.id in self.bypass_backend:
+            # Leaving bypass without a previous generation from the portal: connections opened
+            # while the router sent the VIP straight to the host must stay there (make before break).
+            backend, _since = self.bypass_backend[listener.id]
+            single = build_generation(max(0, listener.generation - 1), [backend_name(backend)], None, size)
+            tables = ListenerTables(current=current, old=(OldTable(single, now + listener.drain_timeout_s),))
+        else:
+            tables = ListenerTables(current=current)
+        return tables.expired(now)
+
+    def _mac_of(self, backend: Backend) -> str:
+        if backend.mac:
+            return backend.mac
+        if backend.address not in self.macs:
+            self.macs[backend.address] = resolve_mac(backend.address, self.iface or "eth0")
+        return self.macs[backend.address]
+
+    def _plan(self, now: float) -> tuple[list[ListenerPlan], list[SlowListener], dict[str, str | None]]:
+        """Kernel plans, slow-path listeners and routes (vip -> next hop, None = this mux)."""
+        assert self.state is not None
+        plans: list[ListenerPlan] = []
+        slow: list[SlowListener] = []
+        routes: dict[str, str | None] = {}
+        new_tables: dict[int, ListenerTables] = {}
+        for vip in self.state.vips:
+            if ":" in vip.address:
+                # The kernel tables are IPv4 only (ip saddr/daddr, 4-field pin keys): never announce
+                # what this mux cannot forward.
+                if vip.address not in self._skipped:
+                    log.error("VIP %s: IPv6 is not supported by the nft data plane; not served here",
+                              vip.address)
+                    self._skipped.add(vip.address)
+                continue
+            if vip.bypass:
+                hop = vip.bypass_next_hop or self._single_backend_host(vip)
+                routes[vip.address] = hop
+                for listener in vip.listeners:
+                    active = [b for b in listener.backends if b.state == "active"]
+                    if active:
+                        self.bypass_backend[listener.id] = (active[0], now)
+                continue
+            routes[vip.address] = None
+            for listener in vip.listeners:
+                tables = self._listener_tables(vip, listener, now)
+                by_name = {backend_name(b): b for b in listener.backends}
+                if listener.previous is not None:
+                    for b in listener.previous.backends:
+                        by_name.setdefault(backend_name(b), b)
+                if listener.id in self.bypass_backend:
+                    b = self.bypass_backend[listener.id][0]
+                    by_name.setdefault(backend_name(b), b)
+                if tables is None:
+                    plans.append(ListenerPlan(listener.id, vip.address, listener.protocol, listener.port, (),
+                                              np.full(self.state.cluster.table_size, -1, dtype=np.int32)))
+                    continue
+                new_tables[listener.id] = tables
+                if not tables.in_transition:
+                    self.bypass_backend.pop(listener.id, None)
+                backends = tuple((by_name[n].address, self._mac_of(by_name[n])) for n in tables.names)
+                unstable = tables.unstable_buckets() if tables.in_transition else None
+                plans.append(ListenerPlan(
+                    listener.id, vip.address, listener.protocol, listener.port, backends,
+                    np.asarray(tables.current_ids), np.asarray(tables.fallback_ids) if unstable is not None
+                    else None, unstable))
+                if tables.in_transition:
+                    slow.append(SlowListener(
+                        listener.id, vip.address, listener.protocol, listener.port, tables,
+                        {n: self._mac_of(by_name[n]) for n in tables.names},
+                        max(o.drain_deadline for o in tables.old)))
+        self.tables = new_tables
+        return plans, slow, routes
+
+    @staticmethod
+    def _single_backend_host(vip: Vip) -> str:
+        hosts = {b.address for ln in vip.listeners for b in ln.backends if b.state == "active"}
+        if len(hosts) != 1:
+            raise ValueError(f"VIP {vip.address} is in bypass without bypass_next_hop and has "
+                             f"{len(hosts)} active backend hosts (need exactly 1)")
+        return hosts.pop()
+
+    def _signature(self, now: float) -> tuple:
+        """Changes when what the kernel should hold changes: the config, or an old table expiring."""
+        expired = tuple(sorted((lid, len(t.expired(now).old)) for lid, t in self.tables.items()))
+        return (self._config_sig, expired)
+
+    # -- applying ---------------------------------------------------------------------------------
+    def apply(self) -> None:
+        now = time.time()
+        plans, slow, routes = self._plan(now)
+        assert self.dataplane is not None
+        assert self.state is not None
+        t0 = time.monotonic()
+        longest_drain = max((ln.drain_deadline - now for ln in slow), default=0.0)
+        self.dataplane.apply(plans, pin_timeout_s=max(60.0, longest_drain + 5))  # one transaction
+        keys = sorted({(p.vip, p.protocol, p.port) for p in plans})
+        if self.slowpath is not None:
+            if keys != self._slow_keys:
+                install_iptables(keys, self.o.queue_num)
+                self._slow_keys = keys
+            self.slowpath.update(slow)
+        self.last_apply_s = time.monotonic() - t0
+        if self.bgp is not None:
+            # Tables first, then routes: announce (or move the next hop) only now.
+            for vip, hop in routes.items():
+                self.bgp.announce(vip, hop)
+            for prefix in list(self.bgp.announced):
+                if prefix.split("/")[0] not in routes:
+                    self.bgp.withdraw(prefix)
+        self._save_history()
+        self.applied_generation = self.state.generation
+        self.apply_count += 1
+        log.info("applied generation %d: %d listeners (%d in transition) in %.3f s",
+                 self.state.generation, len(plans), len(slow), self.last_apply_s)
+
+    # -- transition history: a restarted daemon must know every live old table, not only the
+    # one generation the desired state carries as `previous` (flows from two changes ago) ----------
+    def _history_dir(self) -> Path:
+        return self.o.run_dir / "history"
+
+    def _save_history(self) -> None:
+        hdir = self._history_dir()
+        hdir.mkdir(parents=True, exist_ok=True)
+        doc: dict[str, dict] = {}
+        for lid, tables in self.tables.items():
+            entries = []
+            for g, deadline in [(tables.current, None), *((o.table, o.drain_deadline) for o in tables.old)]:
+                digest = hashlib.sha256("\0".join(g.backends).encode()).hexdigest()[:12]
+                path = hdir / f"l{lid}_g{g.generation}_{digest}.npy"
+                if not path.exists():
+                    np.save(path, np.asarray(g.table))
+                entries.append({"generation": g.generation, "backends": list(g.backends),
+                                "deadline": deadline, "file": path.name})
+            doc[str(lid)] = {"current": entries[0], "old": entries[1:]}
+        tmp = hdir / "history.json.tmp"
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(hdir / "history.json")
+        keep = {e["file"] for d in doc.values() for e in [d["current"], *d["old"]]}
+        for f in hdir.glob("*.npy"):
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
+
+    def _load_history(self, now: float) -> None:
+        path = self._history_dir() / "history.json"
+        try:
+            doc = json.loads(path.read_text())
+            for lid, d in doc.items():
+                def gen(e: dict) -> GenerationTable:
+                    table = np.load(self._history_dir() / e["file"])
+                    table.setflags(write=False)
+                    return GenerationTable(e["generation"], tuple(e["backends"]), table)
+                old = tuple(OldTable(gen(e), e["deadline"]) for e in d["old"] if e["deadline"] > now)
+                self.tables[int(lid)] = ListenerTables(current=gen(d["current"]), old=old)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.info("no usable transition history in %s (%s): starting from the desired state", path, exc)
+            self.tables = {}
+
+    def withdraw_all(self) -> None:
+        if self.bgp is not None:
+            for prefix in list(self.bgp.announced):
+                self.bgp.withdraw(prefix)
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.o.run_dir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + 10
+        while not self._read_config():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no valid config in {self.o.config} within 10 s")
+            time.sleep(0.1)
+        assert self.state is not None
+        cluster = self.state.cluster
+        me = next((m for m in cluster.muxes if m.name == self.state.node), None)
+        if self.iface is None:
+            if me is None:
+                raise ValueError(f"node {self.state.node!r} is not among cluster.muxes and no --iface "
+                                 "was given")
+            self.iface, self.mux_mac = interface_of(me.address)
+        else:
+            self.mux_mac = Path(f"/sys/class/net/{self.iface}/address").read_text().strip()
+        ensure_inject_veth()
+        self.dataplane = NftDataplane(self.iface, self.mux_mac, seed=cluster.hash_seed,
+                                      table_size=cluster.table_size, learn=self.o.learn,
+                                      inject_iface=INJECT_PEER)
+        self.store = RecordStore(max_records=cluster.max_records)
+        ownership = build_ownership([m.name for m in cluster.muxes] or [self.state.node],
+                                    owner_seed=cluster.owner_seed, table_size=cluster.table_size)
+        self.slowpath = SlowPath(INJECT_IFACE, self.mux_mac, self.o.queue_num,
+                                 decider=CoreDecider(self.state.node, self.store, ownership))
+        others = {m.name: (m.address, m.peer_port) for m in cluster.muxes if m.name != self.state.node}
+        if me is not None and others:
+            # Owner queries, records and replicas between muxes (HMAC-authenticated UDP).
+            self.peers = PeerBridge(self.state.node, cluster.peer_key, others, (me.address, me.peer_port),
+                                    handler=self.slowpath)
+            self.peers.start()
+            self.slowpath.peers = self.peers
+        self.slowpath.start()
+        if self.o.bgp is not None:
+            self.bgp = BgpSpeaker(self.o.bgp, self.o.run_dir / "bgp")
+            self.bgp.start()
+        if self.o.transitions:
+            self._load_history(time.time())
+        self.apply()
+        self._applied_sig = self._signature(time.time())
+        self.metrics = MetricsServer(self.o.metrics_host, self.o.metrics_port, self.collect)
+        self.metrics.start()
+
+    def run_forever(self) -> None:
+        while not self._stop.wait(self.o.poll_s):
+            if self.bgp is not None:
+                self.bgp.restart_if_dead()
+            changed = self._read_config()
+            sig = self._signature(time.time())
+            if not changed and sig == self._applied_sig:
+                continue
+            try:
+                self.apply()
+                self._applied_sig = self._signature(time.time())
+            except (NftError, LookupError, ValueError, subprocess.CalledProcessError) as exc:
+                self.apply_errors += 1
+                log.error("apply failed, withdrawing routes until it succeeds: %s", exc)
+                self.withdraw_all()
+                self._applied_sig = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        """Routes first (the router stops sending), then the slow path, rules and tables."""
+        t0 = time.monotonic()
+        if self.bgp is not None:
+            self.bgp.stop()
+        log.info("shutdown: routes withdrawn, ExaBGP stopped (%.2f s)", time.monotonic() - t0)
+        if self.slowpath is not None:
+            self.slowpath.stop()
+        if self.peers is not None:
+            self.peers.stop()
+        remove_iptables()
+        log.info("shutdown: slow path and rules removed (%.2f s)", time.monotonic() - t0)
+        if self.dataplane is not None:
+            with contextlib.suppress(NftError):
+                self.dataplane.remove()
+        remove_inject_veth()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.stop()
+        log.info("shutdown: done (%.2f s)", time.monotonic() - t0)
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def collect(self) -> str:
+        ms: list[Metric] = []
+        lp = Metric("lbagent_listener_packets_total", "Packets of a listener seen by the kernel", "counter")
+        lb = Metric("lbagent_listener_bytes_total", "Bytes of a listener seen by the kernel", "counter")
+        bp = Metric("lbagent_backend_packets_total", "Packets forwarded to a backend by its table", "counter")
+        bb = Metric("lbagent_backend_bytes_total", "Bytes forwarded to a backend by its table", "counter")
+        pp = Metric("lbagent_pinned_packets_total", "Packets forwarded by a flow pin", "counter")
+        sp = Metric("lbagent_slowpath_accepted_packets_total",
+                    "Packets the kernel handed to the slow path (unstable bucket, no pin)", "counter")
+        try:
+            counters = self.dataplane.counters() if self.dataplane is not None else {}
+        except NftError:
+            counters = {}  # table not there (yet, or removed by someone): report no kernel counters
+        for name, (packets, nbytes) in counters.items():
+            if name.startswith("cb"):
+                lid, _, addr = name[2:].partition("_")
+                labels = {"listener": lid, "backend": addr.replace("_", ".")}
+                bp.add(packets, **labels)
+                bb.add(nbytes, **labels)
+            elif name.startswith("l") and name[1:].isdigit():
+                lp.add(packets, listener=name[1:])
+                lb.add(nbytes, listener=name[1:])
+            elif name.startswith("pinned"):
+                pp.add(packets, listener=name[6:])
+            elif name.startswith("slow") and name[4:].isdigit():
+                sp.add(packets, listener=name[4:])
+        ms += [lp, lb, bp, bb, pp, sp]
+        stats = self.slowpath.stats if self.slowpath is not None else None
+        ms.append(Metric("lbagent_slowpath_packets_total", "Packets decided in userspace (NFQUEUE)",
+                         "counter").add(stats.packets if stats else 0))
+        reasons = Metric("lbagent_slowpath_decisions_total", "Slow-path decisions by reason", "counter")
+        for reason, n in (stats.reasons.items() if stats else []):
+            reasons.add(n, reason=str(reason))
+        ms.append(reasons)
+        ms.append(Metric("lbagent_slowpath_reinjected_total",
+                         "Decided packets re-injected (the kernel pins their flow)", "counter")
+                  .add(stats.reinjected if stats else 0))
+        ms.append(Metric("lbagent_kernel_reinjected_packets_total",
+                         "Re-injected packets the kernel pinned and forwarded", "counter")
+                  .add(counters.get("slowpath_reinjected", (0, 0))[0]))
+        ms.append(Metric("lbagent_owner_queries_total", "Flows whose owner is another mux", "counter")
+                  .add(stats.owner_queries if stats else 0))
+        ms.append(Metric("lbagent_owner_unreachable_total", "Owner queries answered statelessly", "counter")
+                  .add(stats.owner_unreachable if stats else 0))
+        ms.append(Metric("lbagent_records_sent_total", "Flow records sent to their owner mux", "counter")
+                  .add(stats.records_sent if stats else 0))
+        peer = Metric("lbagent_peer_messages_total", "Peer protocol messages by outcome", "counter")
+        if self.peers is not None:
+            c = self.peers.peer.counters
+            for outcome in ("sent", "received", "answered", "timeouts", "backup_retries"):
+                peer.add(getattr(c, outcome), outcome=outcome)
+            peer.add(c.dropped(), outcome="dropped")
+        ms.append(peer)
+        ms.append(Metric("lbagent_flow_records", "Flow records held")
+                  .add(len(self.store) if self.store else 0))
+        ms.append(Metric("lbagent_listeners_in_transition", "Listeners with an old table")
+                  .add(sum(1 for t in self.tables.values() if t.in_transition)))
+        ms.append(Metric("lbagent_config_generation", "Generation of the applied desired state")
+                  .add(self.applied_generation))
+        ms.append(Metric("lbagent_applies_total", "Successful applies", "counter").add(self.apply_count))
+        ms.append(Metric("lbagent_apply_errors_total", "Failed applies", "counter").add(self.apply_errors))
+        ms.append(Metric("lbagent_config_errors_total", "Refused config files", "counter")
+                  .add(self.config_errors))
+        ms.append(Metric("lbagent_last_apply_seconds", "Duration of the last apply").add(self.last_apply_s))
+        bgp_up = Metric("lbagent_bgp_session_up", "1 when the BGP session to the router is established")
+        routes = Metric("lbagent_bgp_routes", "Routes announced, by next hop")
+        if self.bgp is not None:
+            bgp_up.add(1 if self.bgp.session_state() == "up" else 0, neighbor=self.bgp.settings.neighbor)
+            for prefix, hop in self.bgp.announced.items():
+                routes.add(1, prefix=prefix, next_hop=hop)
+        restarts = Metric("lbagent_bgp_speaker_restarts_total", "ExaBGP processes restarted after dying",
+                          "counter").add(self.bgp.restarts if self.bgp is not None else 0)
+        ms += [bgp_up, routes, restarts]
+        return render(ms)
+
+
+def _parse_args(argv: list[str] | None) -> DaemonOptions:
+    p = argparse.ArgumentParser(prog="lbagent run",
+                                description="Run the mux daemon from a desired-state file.")
+    p.add_argument("--config", required=True, type=Path, help="desired-state JSON (re-read when it changes)")
+    p.add_argument("--iface", help="mux interface (default: the one holding this node's cluster address)")
+    p.add_argument("--metrics", default="127.0.0.1:9109", help="HOST:PORT of the Prometheus endpoint")
+    p.add_argument("--run-dir", type=Path, default=Path("/run/lbagent"), help="ExaBGP files, PID files")
+    p.add_argument("--queue-num", type=int, default=7, help="NFQUEUE number of the slow path")
+    p.add_argument("--bgp-neighbor", help="router address (no BGP without it)")
+    p.add_argument("--bgp-local-address", help="this mux's address for BGP (default: cluster address)")
+    p.add_argument("--bgp-local-as", type=int, default=65001)
+    p.add_argument("--bgp-peer-as", type=int, default=65000)
+    p.add_argument("--no-transitions", action="store_true",
+                   help="ignore previous generations (baseline: moved buckets break connections)")
+    p.add_argument("--learn", action="store_true", help="record each flow's bucket in the kernel (debugging)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    host, _, port = a.metrics.rpartition(":")
+    if not port.isdigit() or not host:
+        p.error(f"--metrics: expected HOST:PORT, got {a.metrics!r}")
+    if not 0 <= a.queue_num <= 65535:
+        p.error(f"--queue-num: {a.queue_num} is not 0..65535")
+    bgp = None
+    if a.bgp_neighbor:
+        local = a.bgp_local_address
+        if local is None:
+            state = load_state_file(a.config)
+            me = next((m for m in state.cluster.muxes if m.name == state.node), None)
+            if me is None:
+                p.error(f"node {state.node!r} is not in cluster.muxes: give --bgp-local-address")
+            local = me.address
+        bgp = BgpSettings(a.bgp_neighbor, local, a.bgp_local_as, a.bgp_peer_as)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return DaemonOptions(config=a.config, iface=a.iface, metrics_host=host, metrics_port=int(port),
+                         run_dir=a.run_dir, queue_num=a.queue_num, bgp=bgp,
+                         transitions=not a.no_transitions, learn=a.learn)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lbagent.portal import portal_mode  # `--portal URL --token-file F`: desired state from the portal
+
+    argv, portal = portal_mode(argv)
+    options = _parse_args(argv)
+    daemon = MuxDaemon(options)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    try:
+        if portal is not None:
+            portal.attach(daemon)  # writes each state to the config file, acks once applied
+        daemon.start()
+        (options.run_dir / "daemon.pid").write_text(str(os.getpid()))
+        daemon.run_forever()
+    finally:
+        if portal is not None:
+            portal.stop()
+        daemon.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

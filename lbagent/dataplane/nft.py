@@ -1,0 +1,477 @@
+"""Kernel data plane: renders listeners into one nftables netdev table on the mux's interface and
+applies every change as one atomic transaction through libnftables.
+
+Per listener `<id>` the table holds
+  * `cur_<id>` (bucket -> `jump b<id>_<backend>`), `old_<id>` (during a transition the oldest
+    live generation's table, same shape) and `unstable_<id>` (buckets where any live old table
+    differs from the current one);
+  * one chain `b<id>_<backend>` per backend: count, rewrite the MACs, `fwd` (L2 direct server
+    return: the backend answers the client itself);
+  * chain `l<id>`: per-flow pins first (a miss ends that rule and evaluation goes on), then the
+    flow hash into the mark, unstable buckets `accept`ed up to the stack (where iptables-nft hands
+    them to NFQUEUE, the slow path), everything else through `cur_<id>`.
+Pins live in one map per protocol for the whole table (`pins_tcp`, `pins_udp`: a 4-field key,
+because nft 1.0.6 aborts on 5-field dynamic keys), value = the backend's MAC, with a timeout.
+The kernel adds them itself in chain `inject` (on the injection veth) from the packets the slow
+path re-injects. Counters are read over netlink (`read_counters`): `nft list` would load every
+map element first.
+
+The steady state is stateless: no pins, empty unstable sets, no packet leaves the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import socket
+import struct
+import subprocess
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TABLE = "lbagent"
+PROTOCOLS = {"tcp": 6, "udp": 17}
+PIN_MAP_SIZE = 1 << 20
+MAP_SIZE = 1 << 17  # room for a 65537-bucket table
+
+
+class NftError(RuntimeError):
+    """nft refused a transaction; carries nft's message and the start of what was sent."""
+
+
+# ---------------------------------------------------------------------------------------------
+# libnftables (ctypes), falling back to the `nft` binary
+
+_OUTPUT_JSON = 1 << 4
+_OUTPUT_TERSE = 1 << 11
+
+
+class Nft:
+    """One libnftables context in the calling process's network namespace."""
+
+    def __init__(self) -> None:
+        self._lib = None
+        self._lock = threading.Lock()  # a context is not thread-safe (concurrent use segfaults)
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("nftables") or "libnftables.so.1")
+        except OSError:
+            return  # no library: use the nft binary
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        for fn in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+            getattr(lib, fn).argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        self._lib = lib
+        self._ctx = lib.nft_ctx_new(0)
+        lib.nft_ctx_buffer_output(self._ctx)
+        lib.nft_ctx_buffer_error(self._ctx)
+
+    def run(self, text: str, *, json_output: bool = False, terse: bool = False) -> str:
+        """Run nft commands (one transaction) and return nft's output."""
+        flags = (_OUTPUT_JSON if json_output else 0) | (_OUTPUT_TERSE if terse else 0)
+        if self._lib is None:
+            argv = ["nft", *(["-j"] if json_output else []), *(["-t"] if terse else []), "-f", "-"]
+            proc = subprocess.run(argv, input=text, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise NftError(f"nft: {proc.stderr.strip()[:2000]} (input starts {text[:300]!r})")
+            return proc.stdout
+        with self._lock:
+            self._lib.nft_ctx_output_set_flags(self._ctx, flags)
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, text.encode())
+            out = (self._lib.nft_ctx_get_output_buffer(self._ctx) or b"").decode()
+            err = (self._lib.nft_ctx_get_error_buffer(self._ctx) or b"").decode()
+        if rc != 0:
+            raise NftError(f"nft: {err.strip()[:2000]} (input starts {text[:300]!r})")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Counters straight from nf_tables over netlink (NFT_MSG_GETOBJ dump of one table's counters)
+
+_NETLINK_NETFILTER = 12
+_NFNL_SUBSYS_NFTABLES = 10
+_NFT_MSG_GETOBJ = 19
+_NFPROTO_NETDEV = 5
+_NFTA_OBJ_TABLE, _NFTA_OBJ_NAME, _NFTA_OBJ_TYPE, _NFTA_OBJ_DATA = 1, 2, 3, 4
+_NFT_OBJECT_COUNTER = 1
+_NFTA_COUNTER_BYTES, _NFTA_COUNTER_PACKETS = 1, 2
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_NLA_TYPE_MASK = 0x3FFF
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _parse_nlas(data: bytes) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    pos = 0
+    while pos + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, pos)
+        if length < 4:
+            break
+        out[kind & _NLA_TYPE_MASK] = data[pos + 4:pos + length]
+        pos += (length + 3) & ~3
+    return out
+
+
+def read_counters(table: str, family: int = _NFPROTO_NETDEV) -> dict[str, tuple[int, int]]:
+    """Named counters of one nftables table: name -> (packets, bytes)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
+    try:
+        sock.bind((0, 0))
+        attrs = _nla(_NFTA_OBJ_TABLE, table.encode() + b"\0") + _nla(_NFTA_OBJ_TYPE,
+                                                                     struct.pack("!I", _NFT_OBJECT_COUNTER))
+        body = struct.pack("=BBH", family, 0, 0) + attrs
+        msg_type = (_NFNL_SUBSYS_NFTABLES << 8) | _NFT_MSG_GETOBJ
+        sock.send(struct.pack("=IHHII", 16 + len(body), msg_type, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0) + body)
+        result: dict[str, tuple[int, int]] = {}
+        while True:
+            data = sock.recv(1 << 16)
+            pos = 0
+            while pos + 16 <= len(data):
+                length, kind, _flags, _seq, _pid = struct.unpack_from("=IHHII", data, pos)
+                if kind == _NLMSG_DONE:
+                    return result
+                if kind == _NLMSG_ERROR:
+                    (err,) = struct.unpack_from("=i", data, pos + 16)
+                    if err == 0:
+                        return result
+                    raise NftError(f"reading counters of table {table!r}: {os.strerror(-err)}")
+                nlas = _parse_nlas(data[pos + 20:pos + length])  # after nlmsghdr + nfgenmsg
+                name = nlas.get(_NFTA_OBJ_NAME, b"").rstrip(b"\0").decode()
+                counter = _parse_nlas(nlas.get(_NFTA_OBJ_DATA, b""))
+                packets = counter.get(_NFTA_COUNTER_PACKETS, bytes(8))
+                nbytes = counter.get(_NFTA_COUNTER_BYTES, bytes(8))
+                result[name] = (struct.unpack("!Q", packets)[0], struct.unpack("!Q", nbytes)[0])
+                pos += (length + 3) & ~3
+    finally:
+        sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# What a listener looks like in the kernel
+
+
+@dataclass(frozen=True)
+class ListenerPlan:
+    """Everything the kernel needs for one listener. `backends` are (address, mac) in a fixed
+    order; `current`/`old` are per-bucket indexes into `backends` (-1: no backend). During a
+    transition `old` is the oldest live generation's table (what an owner answers for a flow it
+    never saw) and `unstable` the buckets where any live old table differs from the current one."""
+
+    listener_id: int
+    vip: str
+    protocol: str
+    port: int
+    backends: tuple[tuple[str, str], ...]
+    current: np.ndarray = field(compare=False)
+    old: np.ndarray | None = field(default=None, compare=False)
+    unstable: np.ndarray | None = field(default=None, compare=False)  # bucket numbers
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"listener {self.listener_id}: protocol {self.protocol!r} is not tcp or udp")
+        if self.old is not None and len(self.old) != len(self.current):
+            raise ValueError(f"listener {self.listener_id}: old table has {len(self.old)} buckets, "
+                             f"current {len(self.current)}")
+        if (self.old is None) != (self.unstable is None):
+            raise ValueError(f"listener {self.listener_id}: old table and unstable buckets go together")
+
+    @property
+    def in_transition(self) -> bool:
+        return self.old is not None
+
+
+def backend_chain(listener_id: int, address: str) -> str:
+    return f"b{listener_id}_{address.replace('.', '_').replace(':', '_')}"
+
+
+def _verdicts(plan: ListenerPlan, table: np.ndarray) -> np.ndarray:
+    names = np.array([f"jump {backend_chain(plan.listener_id, a)}" for a, _ in plan.backends] + ["drop"],
+                     dtype=object)
+    return names[table]  # index -1 picks the trailing "drop"
+
+
+def _elements(buckets: Iterable[int], verdicts: np.ndarray | None = None) -> str:
+    if verdicts is None:
+        return ", ".join(str(int(b)) for b in buckets)
+    return ", ".join(f"{int(b)} : {verdicts[int(b)]}" for b in buckets)
+
+
+@dataclass
+class _Applied:
+    plan: ListenerPlan
+    current_verdicts: np.ndarray
+    old_verdicts: np.ndarray | None
+    unstable: set[int]
+
+
+class NftDataplane:
+    """The kernel driver for one mux interface. Not thread-safe: one caller applies."""
+
+    def __init__(self, iface: str, mux_mac: str, *, seed: int, table_size: int, table: str = TABLE,
+                 learn: bool = False, inject_iface: str | None = None, nft: Nft | None = None) -> None:
+        if not 0 <= seed <= 0xFFFFFFFF:
+            raise ValueError(f"seed {seed} is not a 32-bit value")
+        self.iface = iface
+        self.mux_mac = mux_mac
+        self.seed = seed
+        self.table_size = table_size
+        self.table = table
+        self.learn = learn  # learn each flow's bucket in the kernel (tests, debugging): costs a dynset
+        self.inject_iface = inject_iface  # where the slow path re-injects decided packets
+        self.nft = nft or Nft()
+        self._applied: dict[int, _Applied] | None = None  # None: the kernel's content is unknown
+
+    # -- rendering --------------------------------------------------------------------------
+    def _t(self) -> str:
+        return f"netdev {self.table}"
+
+    def _base(self, pin_timeout_s: float) -> list[str]:
+        t = self._t()
+        out = [f"add table {t}"]
+        for proto in PROTOCOLS:
+            # `add` of an existing map is a no-op: pins survive a daemon restart.
+            out.append(f"add map {t} pins_{proto} {{ type ipv4_addr . ipv4_addr . inet_service . "
+                       f"inet_service : ether_addr; size {PIN_MAP_SIZE}; flags timeout; }}")
+        out.append(f"add counter {t} slowpath_reinjected")
+        out.append(f'add chain {t} ingress {{ type filter hook ingress device "{self.iface}" priority 0; '
+                   f"policy accept; }}")
+        out.append(f"flush chain {t} ingress")
+        if self.inject_iface:
+            # The slow path writes each decided packet, MACs already rewritten, into the injection
+            # veth; arriving here, the kernel itself pins the flow (first writer wins: `add` never
+            # overwrites) and forwards the packet to the backend. No nft call per flow.
+            timeout = f"{max(1, int(pin_timeout_s))}s"
+            out += [f'add chain {t} inject {{ type filter hook ingress device "{self.inject_iface}" '
+                    f"priority 0; policy drop; }}", f"flush chain {t} inject"]
+            for proto in PROTOCOLS:
+                out.append(f"add rule {t} inject meta protocol ip ip protocol {proto} add @pins_{proto} "
+                           f"{{ ip saddr . ip daddr . th sport . th dport timeout {timeout} : ether daddr }} "
+                           f'counter name slowpath_reinjected fwd to "{self.iface}"')
+        return out
+
+    def _dispatch(self, plans: Sequence[ListenerPlan]) -> list[str]:
+        if not plans:
+            return []
+        items = ", ".join(f"{p.vip} . {p.protocol} . {p.port} : jump l{p.listener_id}" for p in plans)
+        return [f"add rule {self._t()} ingress ip daddr . meta l4proto . th dport vmap {{ {items} }}"]
+
+    def _listener_rules(self, plan: ListenerPlan) -> list[str]:
+        t, lid, proto = self._t(), plan.listener_id, plan.protocol
+        chain = f"l{lid}"
+        tuple4 = "ip saddr . ip daddr . th sport . th dport"
+        rules = [
+            f"add chain {t} {chain}",
+            f"flush chain {t} {chain}",
+            f"add rule {t} {chain} counter name l{lid}",
+            f"add rule {t} {chain} ether daddr set {tuple4} map @pins_{proto} counter name pinned{lid} "
+            f'ether saddr set {self.mux_mac} fwd to "{self.iface}"',
+            f"add rule {t} {chain} meta mark set jhash ip saddr . ip daddr . ip protocol . th sport . "
+            f"th dport mod {self.table_size} seed {self.seed:#x}",
+        ]
+        if self.learn:
+            rules.append(f"add rule {t} {chain} add @learn{lid} {{ {tuple4} : meta mark }}")
+        rules += [
+            # Unstable bucket, no pin: up to the stack, where iptables-nft queues it to the slow path.
+            f"add rule {t} {chain} meta mark @unstable_{lid} counter name slow{lid} accept",
+            f"add rule {t} {chain} meta mark vmap @cur_{lid}",
+            f"add rule {t} {chain} drop",
+        ]
+        return rules
+
+    def _backend_chain_rules(self, plan: ListenerPlan, address: str, mac: str) -> list[str]:
+        t, name = self._t(), backend_chain(plan.listener_id, address)
+        return [f"add counter {t} c{name}", f"add chain {t} {name}", f"flush chain {t} {name}",
+                f"add rule {t} {name} counter name c{name} ether saddr set {self.mux_mac} "
+                f'ether daddr set {mac} fwd to "{self.iface}"']
+
+    def _create_objects(self, plan: ListenerPlan) -> list[str]:
+        t, lid = self._t(), plan.listener_id
+        out = [
+            f"add counter {t} l{lid}", f"add counter {t} pinned{lid}", f"add counter {t} slow{lid}",
+            f"add map {t} cur_{lid} {{ type mark : verdict; size {MAP_SIZE}; }}",
+            f"add map {t} old_{lid} {{ type mark : verdict; size {MAP_SIZE}; }}",
+            f"add set {t} unstable_{lid} {{ type mark; size {MAP_SIZE}; }}",
+        ]
+        if self.learn:
+            out.append(f"add map {t} learn{lid} {{ type ipv4_addr . ipv4_addr . inet_service . inet_service "
+                       f": mark; size {MAP_SIZE}; flags dynamic; }}")
+        return out
+
+    def _delete_listener(self, applied: _Applied) -> list[str]:
+        t, lid = self._t(), applied.plan.listener_id
+        out = [f"flush chain {t} l{lid}", f"delete chain {t} l{lid}",
+               f"delete map {t} cur_{lid}", f"delete map {t} old_{lid}", f"delete set {t} unstable_{lid}",
+               f"delete counter {t} l{lid}", f"delete counter {t} pinned{lid}",
+               f"delete counter {t} slow{lid}"]
+        if self.learn:
+            out.append(f"delete map {t} learn{lid}")
+        for address, _ in applied.plan.backends:
+            name = backend_chain(lid, address)
+            out += [f"flush chain {t} {name}", f"delete chain {t} {name}", f"delete counter {t} c{name}"]
+        return out
+
+    # -- applying ---------------------------------------------------------------------------
+    def apply(self, plans: Sequence[ListenerPlan], *, pin_timeout_s: float = 60.0) -> None:
+        """Make the kernel hold exactly these listeners, in one transaction. Pins the kernel learns
+        from re-injected packets live `pin_timeout_s` (the longest drain still running)."""
+        ids = [p.listener_id for p in plans]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"listener ids must be unique, got {ids}")
+        for p in plans:
+            if len(p.current) != self.table_size:
+                raise ValueError(f"listener {p.listener_id}: table has {len(p.current)} buckets, "
+                                 f"the data plane uses {self.table_size}")
+        existing: set[tuple[str, str]] | None = None
+        if self._applied is None:
+            # Unknown kernel content (first apply of this process, or after an error): refill every
+            # planned listener and delete what no plan needs, in this same transaction, so a
+            # restarted daemon never leaves a moment without tables (and keeps the pins).
+            existing = self._existing_objects()
+            self._applied = {}
+        cmds = self._base(pin_timeout_s)
+        t = self._t()
+        new_applied: dict[int, _Applied] = {}
+        for lid, applied in self._applied.items():
+            if lid not in ids:
+                cmds += self._delete_listener(applied)
+        for plan in plans:
+            cur_v = _verdicts(plan, plan.current)
+            old_v = _verdicts(plan, plan.old) if plan.old is not None else None
+            unstable = set(plan.unstable.tolist()) if plan.unstable is not None else set()
+            prev = self._applied.get(plan.listener_id)
+            lid = plan.listener_id
+            if prev is None:
+                cmds += self._create_objects(plan)
+            for address, mac in plan.backends:
+                cmds += self._backend_chain_rules(plan, address, mac)
+            cmds += self._listener_rules(plan)
+            if prev is None:
+                cmds += [f"flush map {t} cur_{lid}", f"flush map {t} old_{lid}",
+                         f"flush set {t} unstable_{lid}"]
+                cmds.append(f"add element {t} cur_{lid} {{ {_elements(range(len(cur_v)), cur_v)} }}")
+                if old_v is not None:
+                    cmds.append(f"add element {t} old_{lid} {{ {_elements(range(len(old_v)), old_v)} }}")
+                if unstable:
+                    cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(unstable))} }}")
+            else:
+                cmds += self._diff_map(f"cur_{lid}", prev.current_verdicts, cur_v)
+                cmds += self._diff_map(f"old_{lid}", prev.old_verdicts, old_v)
+                gone, added = prev.unstable - unstable, unstable - prev.unstable
+                if gone:
+                    cmds.append(f"delete element {t} unstable_{lid} {{ {_elements(sorted(gone))} }}")
+                if added:
+                    cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(added))} }}")
+                in_use = {a for a, _ in plan.backends}
+                for address, _ in prev.plan.backends:
+                    if address not in in_use:
+                        name = backend_chain(lid, address)
+                        cmds += [f"flush chain {t} {name}", f"delete chain {t} {name}",
+                                 f"delete counter {t} c{name}"]
+            new_applied[lid] = _Applied(plan, cur_v, old_v, unstable)
+        cmds += self._dispatch(plans)
+        if existing:
+            cmds += self._delete_stale(existing, plans)
+        try:
+            self.nft.run("\n".join(cmds) + "\n")
+        except NftError:
+            self._applied = None  # unknown again: the next apply rebuilds from the kernel's listing
+            raise
+        self._applied = new_applied
+
+    def _diff_map(self, name: str, before: np.ndarray | None, after: np.ndarray | None) -> list[str]:
+        t = self._t()
+        if after is None:
+            return [f"flush map {t} {name}"] if before is not None else []
+        if before is None:
+            return [f"flush map {t} {name}",
+                    f"add element {t} {name} {{ {_elements(range(len(after)), after)} }}"]
+        changed = np.flatnonzero(before != after)
+        if len(changed) == 0:
+            return []
+        # An element cannot be re-added with another value: delete and add in the same transaction.
+        return [f"delete element {t} {name} {{ {_elements(changed)} }}",
+                f"add element {t} {name} {{ {_elements(changed, after)} }}"]
+
+    def _existing_objects(self) -> set[tuple[str, str]]:
+        """(kind, name) of the chains, maps, sets and counters the kernel holds in our table."""
+        if not self._table_exists():
+            return set()
+        listing = self.nft.run(f"list table {self._t()}", json_output=True, terse=True)
+        found: set[tuple[str, str]] = set()
+        for item in json.loads(listing)["nftables"]:
+            for kind in ("chain", "map", "set", "counter"):
+                if kind in item:
+                    found.add((kind, item[kind]["name"]))
+        return found
+
+    def _delete_stale(self, existing: set[tuple[str, str]], plans: Sequence[ListenerPlan]) -> list[str]:
+        """Commands deleting objects left by an earlier process that no plan uses (pins stay)."""
+        keep = {("chain", "ingress"), ("chain", "inject"), ("counter", "slowpath_reinjected")}
+        keep |= {("map", f"pins_{p}") for p in PROTOCOLS}
+        for plan in plans:
+            lid = plan.listener_id
+            keep |= {("chain", f"l{lid}"), ("map", f"cur_{lid}"), ("map", f"old_{lid}"),
+                     ("map", f"learn{lid}"), ("set", f"unstable_{lid}"), ("counter", f"l{lid}"),
+                     ("counter", f"pinned{lid}"), ("counter", f"slow{lid}")}
+            for address, _ in plan.backends:
+                name = backend_chain(lid, address)
+                keep |= {("chain", name), ("counter", f"c{name}")}
+        stale = existing - keep
+        t = self._t()
+        chains = sorted(n for k, n in stale if k == "chain")
+        # Rules reference maps and maps reference chains: empty chains, drop maps, then chains.
+        return ([f"flush chain {t} {c}" for c in chains]
+                + [f"delete {k} {t} {n}" for k, n in sorted(stale) if k in ("map", "set")]
+                + [f"delete chain {t} {c}" for c in chains]
+                + [f"delete counter {t} {n}" for k, n in sorted(stale) if k == "counter"])
+
+    def _table_exists(self) -> bool:
+        out = self.nft.run("list tables netdev", json_output=True)
+        return any(i.get("table", {}).get("name") == self.table for i in json.loads(out)["nftables"])
+
+    def remove(self) -> None:
+        """Delete the whole table (shutdown)."""
+        if self._table_exists():
+            self.nft.run(f"delete table {self._t()}\n")
+        self._applied = None
+
+    # -- reading back ---------------------------------------------------------------------------
+    def counters(self) -> dict[str, tuple[int, int]]:
+        """Every named counter of the table: name -> (packets, bytes). Read over netlink: any
+        `nft list` loads every map element first (seconds with 65537-bucket maps)."""
+        return read_counters(self.table)
+
+    def pin_count(self, protocol: str) -> int:
+        out = self.nft.run(f"list map {self._t()} pins_{protocol}", json_output=True)
+        for item in json.loads(out)["nftables"]:
+            if "map" in item:
+                return len(item["map"].get("elem", []))
+        return 0
+
+    def learned(self, listener_id: int) -> dict[tuple[str, str, int, int], int]:
+        """Buckets the kernel computed per flow (only with learn=True)."""
+        if not self.learn:
+            raise RuntimeError("learned(): this data plane was made without learn=True")
+        out = self.nft.run(f"list map {self._t()} learn{listener_id}", json_output=True)
+        result: dict[tuple[str, str, int, int], int] = {}
+        for item in json.loads(out)["nftables"]:
+            for elem in item.get("map", {}).get("elem", []):
+                key, value = elem
+                parts = key["concat"]
+                result[(parts[0], parts[1], int(parts[2]), int(parts[3]))] = int(value)
+        return result

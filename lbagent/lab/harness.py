@@ -1,0 +1,398 @@
+"""Driving the mux daemons of a lab: desired-state documents, daemon processes, their metrics, and
+TCP clients in the client namespace. Shared by tests/lab and bench/dataplane.py."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lbagent.bgp import BgpSettings
+from lbagent.lab import netns
+from lbagent.lab.bird import MUX_AS, ROUTER_AS
+from lbagent.lab.topology import SERVICE_TCP_PORT, Lab, Node
+from lbagent.metrics import parse
+
+HASH_SEED = 24301
+OWNER_SEED = 7919
+TABLE_SIZE = 65537
+METRICS_PORT = 9109
+
+
+def backend_doc(node: Node, *, weight: int = 1, state: str = "active", port: int = SERVICE_TCP_PORT,
+                with_mac: bool = True) -> dict[str, Any]:
+    return {"address": node.address, "port": port, "weight": weight, "state": state,
+            "mac": node.mac if with_mac else None, "host": node.name}
+
+
+def listener_doc(listener_id: int, backends: list[dict], *, generation: int = 1, protocol: str = "tcp",
+                 port: int = SERVICE_TCP_PORT, drain_timeout_s: int = 60,
+                 previous: dict | None = None) -> dict[str, Any]:
+    return {"id": listener_id, "protocol": protocol, "port": port, "generation": generation,
+            "drain_timeout_s": drain_timeout_s, "backends": backends, "previous": previous,
+            "health_check": None}
+
+
+def vip_doc(address: str, listeners: list[dict], *, bypass: bool = False,
+            bypass_next_hop: str | None = None) -> dict[str, Any]:
+    return {"address": address, "bypass": bypass, "bypass_next_hop": bypass_next_hop, "fast_path": False,
+            "listeners": listeners}
+
+
+def state_doc(lab: Lab, node: str, vips: list[dict], *, generation: int = 1,
+              max_records: int = 100000) -> dict[str, Any]:
+    return {
+        "version": 1, "generation": generation, "node": node,
+        "cluster": {"hash_seed": HASH_SEED, "table_size": TABLE_SIZE, "owner_seed": OWNER_SEED,
+                    "muxes": [{"name": m.name, "address": m.address, "peer_port": 4790} for m in lab.muxes],
+                    "peer_key": "11" * 32, "redirect_key": "22" * 32, "max_records": max_records},
+        "vips": vips,
+    }
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class MuxProcess:
+    """One `lbagent run` inside a mux namespace of the lab."""
+
+    def __init__(self, lab: Lab, mux: Node, *, transitions: bool = True, learn: bool = False,
+                 bgp: bool = True) -> None:
+        self.lab = lab
+        self.mux = mux
+        self.dir = Path(lab.run_dir) / mux.name
+        self.dir.mkdir(exist_ok=True)
+        self.config = self.dir / "state.json"
+        self.transitions = transitions
+        self.learn = learn
+        self.bgp = BgpSettings(lab.router.address, mux.address, MUX_AS, ROUTER_AS) if bgp else None
+        self.proc = None
+        self.key = f"daemon-{mux.name}"
+
+    def write_state(self, vips: list[dict], generation: int) -> None:
+        doc = state_doc(self.lab, self.mux.name, vips, generation=generation)
+        write_atomically(self.config, json.dumps(doc))
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "lbagent.daemon", "--config", str(self.config),
+                "--metrics", f"127.0.0.1:{METRICS_PORT}", "--run-dir", str(self.dir)]
+        if self.bgp is not None:
+            argv += ["--bgp-neighbor", self.bgp.neighbor, "--bgp-local-address", self.bgp.local_address,
+                     "--bgp-local-as", str(self.bgp.local_as), "--bgp-peer-as", str(self.bgp.peer_as)]
+        if not self.transitions:
+            argv.append("--no-transitions")
+        if self.learn:
+            argv.append("--learn")
+        self.proc = self.lab.spawn(self.key, self.mux.netns, argv, log_name=f"daemon-{self.mux.name}.log")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=5)
+        self.lab.forget_pid(self.key)
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            raise RuntimeError(f"{self.mux.name} daemon did not stop within {timeout_s} s; "
+                               f"log: {self.log_tail()}") from None
+        finally:
+            if self.proc.poll() is not None:
+                self.lab.forget_pid(self.key)
+                self.proc = None
+        return code
+
+    def metrics(self) -> dict:
+        return parse(http_get(self.mux.netns, "127.0.0.1", METRICS_PORT, "/metrics"))
+
+    def metric(self, name: str, **labels: str) -> float:
+        want = frozenset(labels.items())
+        total = 0.0
+        for (n, ls), value in self.metrics().items():
+            if n == name and want <= ls:
+                total += value
+        return total
+
+    def wait_applied(self, generation: int, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.mux.name} daemon exited {self.proc.returncode}: {self.log_tail()}")
+            try:
+                if self.metric("lbagent_config_generation") >= generation:
+                    return
+            except OSError as exc:
+                last = exc
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.mux.name} did not apply generation {generation} in {timeout_s} s "
+                           f"({last}); log: {self.log_tail()}")
+
+    def wait_bgp_up(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.metric("lbagent_bgp_session_up") < 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.mux.name}: BGP session not up within {timeout_s} s; "
+                                   f"log: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self, chars: int = 1500) -> str:
+        path = Path(self.lab.run_dir) / f"daemon-{self.mux.name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+def http_get(ns: str, host: str, port: int, path: str, timeout_s: float = 3.0) -> str:
+    s = netns.socket_in(ns)
+    s.settimeout(timeout_s)
+    with contextlib.closing(s):
+        s.connect((host, port))
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.0 200") and not head.startswith(b"HTTP/1.1 200"):
+        raise OSError(f"GET {path} on {ns}: {head[:100]!r}")
+    return body.decode()
+
+
+def ask(ns: str, vip: str, port: int = SERVICE_TCP_PORT, timeout_s: float = 2.0) -> str:
+    """One short TCP connection from namespace `ns`: the name of the backend that answered."""
+    return connect_and_ask(ns, vip, port, timeout_s)[2]
+
+
+def wait_route(lab: Lab, prefix: str, want: list[str], timeout_s: float = 20.0) -> float:
+    """Wait until the router's next hops for `prefix` are `want`; returns the seconds it took."""
+    t0 = time.monotonic()
+    while True:
+        hops = lab.router_routes(prefix)
+        if hops == sorted(want):
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"router routes for {prefix}: {hops}, wanted {sorted(want)}")
+        time.sleep(0.01)
+
+
+class LabCluster:
+    """Both muxes of a lab running `lbagent run` on one shared desired state; tests add and remove
+    their VIPs and publish a new generation to every running mux."""
+
+    def __init__(self, lab: Lab, *, learn: bool = True) -> None:
+        self.lab = lab
+        self.learn = learn
+        self.muxes = [MuxProcess(lab, m, learn=learn) for m in lab.muxes]
+        self.vips: dict[str, dict] = {}
+        self.generation = 0
+
+    def start(self) -> None:
+        self.generation += 1
+        for m in self.muxes:
+            m.write_state(list(self.vips.values()), self.generation)
+            m.start()
+        for m in self.muxes:
+            m.wait_applied(self.generation, timeout_s=30)
+            if m.bgp is not None:
+                m.wait_bgp_up()
+
+    def publish(self) -> int:
+        """Write the current VIPs as a new generation to every running mux and wait for them."""
+        self.generation += 1
+        running = [m for m in self.muxes if m.alive()]
+        for m in running:
+            m.write_state(list(self.vips.values()), self.generation)
+        for m in running:
+            m.wait_applied(self.generation)
+        return self.generation
+
+    def set_vip(self, doc: dict) -> int:
+        self.vips[doc["address"]] = doc
+        return self.publish()
+
+    def remove_vip(self, address: str) -> int:
+        self.vips.pop(address, None)
+        return self.publish()
+
+    def restart(self, mux: MuxProcess, *, transitions: bool = True) -> None:
+        """(Re)start one mux's daemon with the current state."""
+        if mux.alive():
+            mux.stop()
+        mux.transitions = transitions
+        mux.write_state(list(self.vips.values()), self.generation)
+        mux.start()
+        mux.wait_applied(self.generation, timeout_s=30)
+        if mux.bgp is not None:
+            mux.wait_bgp_up()
+
+    def stop_all(self) -> None:
+        errors = []
+        for m in self.muxes:
+            if m.alive():
+                try:
+                    m.stop()
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(m.metric(name, **labels) for m in self.muxes if m.alive())
+
+
+def learned_buckets(mux: Node, listener_id: int) -> dict[tuple[str, str, int, int], int]:
+    """The bucket the kernel computed for each flow of a listener (daemon run with --learn)."""
+    out = netns.run(["nft", "-j", "list", "map", "netdev", "lbagent", f"learn{listener_id}"],
+                    netns=mux.netns).stdout
+    result: dict[tuple[str, str, int, int], int] = {}
+    for item in json.loads(out)["nftables"]:
+        for key, value in item.get("map", {}).get("elem", []):
+            s, d, sp, dp = key["concat"]
+            result[(s, d, int(sp), int(dp))] = int(value)
+    return result
+
+
+def connect_and_ask(ns: str, vip: str, port: int = SERVICE_TCP_PORT,
+                    timeout_s: float = 2.0) -> tuple[str, int, str]:
+    """One short TCP connection: (client address, client port, name of the backend that answered)."""
+    s = netns.socket_in(ns)
+    s.settimeout(timeout_s)
+    with contextlib.closing(s):
+        s.connect((vip, port))
+        saddr, sport = s.getsockname()
+        s.sendall(b"who\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(256)
+            if not chunk:
+                raise ConnectionError(f"{vip}:{port} closed without an answer")
+            data += chunk
+    name, _, rest = data.decode().partition(" ")
+    if rest.strip() != "who":
+        raise ConnectionError(f"unexpected answer {data!r}")
+    return saddr, sport, name
+
+
+class LongConnections:
+    """`count` long-lived TCP connections from one namespace to a VIP that keep exchanging lines
+    (a background thread does a round every `interval_s`). A connection is broken when it resets,
+    times out, or is answered by another backend than its first one."""
+
+    def __init__(self, ns: str, vip: str, count: int, *, port: int = SERVICE_TCP_PORT,
+                 interval_s: float = 0.2, reply_timeout_s: float = 5.0) -> None:
+        self.ns, self.vip, self.port = ns, vip, port
+        self.interval_s = interval_s
+        self.reply_timeout_s = reply_timeout_s
+        self.socks: list[Any] = []
+        self.backend: list[str] = []
+        self.broken: dict[int, str] = {}  # index -> why
+        self.broken_round: dict[int, int] = {}  # index -> exchange round in which it broke
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        for _ in range(count):
+            s = netns.socket_in(ns)
+            s.settimeout(reply_timeout_s)
+            s.connect((vip, port))
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.socks.append(s)
+            self.backend.append("")
+        self.exchange_round()  # learn each connection's backend
+
+    def exchange_round(self) -> None:
+        """Send one line on every live connection and check every answer."""
+        with self._lock:
+            live = [i for i in range(len(self.socks)) if i not in self.broken]
+            line = f"round-{self.rounds}\n".encode()
+            for i in live:
+                try:
+                    self.socks[i].sendall(line)
+                except OSError as exc:
+                    self.broken[i] = f"send: {exc}"
+            pending = {self.socks[i].fileno(): i for i in live if i not in self.broken}
+            buffers: dict[int, bytes] = dict.fromkeys(pending.values(), b"")
+            deadline = time.monotonic() + self.reply_timeout_s
+            while pending and time.monotonic() < deadline:
+                ready, _, _ = select.select(list(pending), [], [], max(0.0, deadline - time.monotonic()))
+                for fd in ready:
+                    i = pending[fd]
+                    try:
+                        chunk = self.socks[i].recv(4096)
+                    except OSError as exc:
+                        self.broken[i] = f"recv: {exc}"
+                        del pending[fd]
+                        continue
+                    if not chunk:
+                        self.broken[i] = "closed by peer"
+                        del pending[fd]
+                        continue
+                    buffers[i] += chunk
+                    if buffers[i].endswith(b"\n"):
+                        del pending[fd]
+                        name, _, echoed = buffers[i].decode(errors="replace").partition(" ")
+                        if echoed != line.decode():
+                            self.broken[i] = f"unexpected answer {buffers[i][:60]!r}"
+                        elif not self.backend[i]:
+                            self.backend[i] = name
+                        elif self.backend[i] != name:
+                            self.broken[i] = f"answered by {name}, started on {self.backend[i]}"
+            for i in pending.values():
+                self.broken[i] = f"no answer within {self.reply_timeout_s} s"
+            for i in self.broken:
+                self.broken_round.setdefault(i, self.rounds)
+            self.rounds += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.exchange_round()
+
+    def start_background(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="long-connections", daemon=True)
+        self._thread.start()
+
+    def settle(self, rounds: int = 2) -> None:
+        """Wait until `rounds` more full exchange rounds have completed."""
+        target = self.rounds + rounds
+        deadline = time.monotonic() + rounds * (self.interval_s + self.reply_timeout_s) + 5
+        while self.rounds < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"exchange rounds stalled at {self.rounds}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+    def broken_on(self, backends: set[str]) -> dict[int, str]:
+        return {i: why for i, why in self.broken.items() if self.backend[i] in backends}
+
+    def broken_elsewhere(self, backends: set[str]) -> dict[int, str]:
+        return {i: why for i, why in self.broken.items() if self.backend[i] not in backends}

@@ -1,0 +1,534 @@
+"""UDP protocol between muxes: ask a flow's owner, record flows, replicate records to the backup.
+
+Every datagram is authenticated with HMAC-SHA256 over a cluster key and protected against
+replay by a timestamp window plus a cache of nonces seen inside that window. Anything malformed,
+unauthenticated, replayed, from an unknown sender or answering nothing we asked is dropped and
+counted; no datagram can raise out of the receive path.
+
+Wire format (network byte order)::
+
+    magic "LBP1" | type u8 | timestamp_ms u64 | nonce 8 bytes | request id u32 |
+    sender length u8 | sender (UTF-8) | payload (JSON) | HMAC-SHA256 tag (32 bytes)
+
+The tag covers everything before it, prefixed by a domain string. Types: QUERY, RECORD and
+REPLICATE are requests; ANSWER (to QUERY/RECORD) and ACK (to REPLICATE) are responses and must
+carry the request id of a request we sent to that sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Protocol
+
+from lbagent.core.decide import owner_answer
+from lbagent.core.ownership import Ownership, hand_over_plan
+from lbagent.core.records import FlowKey, RecordStore
+from lbagent.core.transition import ListenerTables
+
+__all__ = [
+    "DecodeError",
+    "FlowOwner",
+    "Message",
+    "MsgType",
+    "PeerAnswer",
+    "PeerCounters",
+    "PeerHandler",
+    "PeerNode",
+    "ReplayGuard",
+    "ReplicatedRecord",
+    "decode_message",
+    "encode_message",
+    "peer_key_from_hex",
+]
+
+log = logging.getLogger("lbagent.peer")
+
+MAGIC = b"LBP1"
+_HEADER = struct.Struct("!4sBQ8sIB")
+_TAG_LEN = 32
+_DOMAIN = b"lbagent-peer-v1\x00"
+MAX_DATAGRAM = 60_000
+REPLICATE_BATCH = 200  # records per REPLICATE datagram (well under MAX_DATAGRAM)
+
+
+class MsgType(IntEnum):
+    QUERY = 1
+    ANSWER = 2
+    RECORD = 3
+    REPLICATE = 4
+    ACK = 5
+
+
+class DecodeError(ValueError):
+    """Why a datagram was refused; `kind` names the counter it goes to."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    type: MsgType
+    timestamp_ms: int
+    nonce: bytes
+    request_id: int
+    sender: str
+    payload: dict[str, Any]
+
+
+def _keyed(key: bytes | hmac.HMAC) -> hmac.HMAC:
+    """An HMAC already fed the key and domain; `.copy()` per message is cheaper than a new one."""
+    if isinstance(key, hmac.HMAC):
+        return key
+    return hmac.new(key, _DOMAIN, hashlib.sha256)
+
+
+def _tag(keyed: hmac.HMAC, body: bytes) -> bytes:
+    mac = keyed.copy()
+    mac.update(body)
+    return mac.digest()
+
+
+def encode_message(key: bytes | hmac.HMAC, mtype: MsgType, sender: str, request_id: int,
+                   payload: Mapping[str, Any], *, now: float, nonce: bytes | None = None) -> bytes:
+    """A signed datagram. `key`: the cluster key (or a prepared HMAC from `_keyed`)."""
+    sender_raw = sender.encode("utf-8")
+    if not 0 < len(sender_raw) < 256:
+        raise ValueError(f"sender name {sender!r} must be 1..255 bytes of UTF-8")
+    body = _HEADER.pack(MAGIC, int(mtype), int(now * 1000), nonce or os.urandom(8),
+                        request_id & 0xFFFFFFFF, len(sender_raw)) + sender_raw + json.dumps(
+        payload, separators=(",", ":")).encode()
+    if len(body) + _TAG_LEN > MAX_DATAGRAM:
+        raise ValueError(f"message of {len(body)} bytes is too large for one datagram")
+    return body + _tag(_keyed(key), body)
+
+
+class ReplayGuard:
+    """Refuses messages outside a timestamp window and nonces already seen inside it."""
+
+    def __init__(self, window_s: float = 30.0, max_entries: int = 1_000_000) -> None:
+        self.window_s = window_s
+        self.max_entries = max_entries
+        self._seen: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._floor_s = 0.0  # messages older than this are refused (raised when the cache is full)
+
+    def check(self, sender: str, nonce: bytes, timestamp_s: float, now: float) -> None:
+        if abs(now - timestamp_s) > self.window_s:
+            raise DecodeError("stale", f"timestamp {timestamp_s:.3f} is {now - timestamp_s:+.1f}s off")
+        if timestamp_s < self._floor_s:
+            raise DecodeError("stale", "older than the replay cache remembers")
+        self._purge(now)
+        key = (sender, nonce)
+        if key in self._seen:
+            raise DecodeError("replayed", f"nonce {nonce.hex()} from {sender!r} seen before")
+        self._seen[key] = timestamp_s
+        if len(self._seen) > self.max_entries:
+            _, ts = self._seen.popitem(last=False)
+            self._floor_s = max(self._floor_s, ts)
+
+    def _purge(self, now: float) -> None:
+        limit = now - 2 * self.window_s
+        while self._seen:
+            k, ts = next(iter(self._seen.items()))
+            if ts >= limit:
+                break
+            del self._seen[k]
+
+
+def decode_message(data: bytes, key: bytes | hmac.HMAC, *, now: float, known_senders: Callable[[str], bool],
+                   replay: ReplayGuard) -> Message:
+    """Parse and verify a datagram or raise DecodeError (kind: malformed, bad_mac, stale,
+    replayed, unknown_sender)."""
+    if len(data) < _HEADER.size + 1 + _TAG_LEN:
+        raise DecodeError("malformed", f"{len(data)} bytes is too short")
+    if len(data) > MAX_DATAGRAM:
+        raise DecodeError("malformed", f"{len(data)} bytes is too long")
+    body, tag = data[:-_TAG_LEN], data[-_TAG_LEN:]
+    magic, mtype, ts_ms, nonce, req_id, sender_len = _HEADER.unpack_from(body)
+    if magic != MAGIC:
+        raise DecodeError("malformed", "bad magic")
+    if not hmac.compare_digest(tag, _tag(_keyed(key), body)):
+        raise DecodeError("bad_mac", "HMAC does not verify")
+    # Authenticated from here on; still validate, a peer may run a different version.
+    try:
+        mtype = MsgType(mtype)
+    except ValueError as exc:
+        raise DecodeError("malformed", f"unknown message type {mtype}") from exc
+    start = _HEADER.size
+    if sender_len == 0 or start + sender_len > len(body):
+        raise DecodeError("malformed", "bad sender length")
+    try:
+        sender = body[start:start + sender_len].decode("utf-8")
+        payload = json.loads(body[start + sender_len:])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DecodeError("malformed", f"undecodable sender or payload: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise DecodeError("malformed", "payload is not an object")
+    if not known_senders(sender):
+        raise DecodeError("unknown_sender", f"sender {sender!r} is not a cluster mux")
+    replay.check(sender, nonce, ts_ms / 1000.0, now)
+    return Message(mtype, ts_ms, nonce, req_id, sender, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAnswer:
+    backend: str
+    status: str  # found | stored | degraded | unknown
+    answered_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicatedRecord:
+    listener_id: int
+    flow: FlowKey
+    bucket: int
+    backend: str
+
+
+class PeerHandler(Protocol):
+    """What the mux does with authenticated requests (implemented by drivers)."""
+
+    def on_query(self, sender: str, listener_id: int, flow: FlowKey, bucket: int,
+                 hint: str) -> tuple[str, str]: ...
+
+    def on_record(self, sender: str, listener_id: int, flow: FlowKey, bucket: int,
+                  backend: str) -> tuple[str, str]: ...
+
+    def on_replicate(self, sender: str, records: Sequence[ReplicatedRecord]) -> None: ...
+
+
+@dataclass
+class PeerCounters:
+    sent: int = 0
+    received: int = 0
+    malformed: int = 0
+    bad_mac: int = 0
+    stale: int = 0
+    replayed: int = 0
+    unknown_sender: int = 0
+    unexpected: int = 0  # answers to nothing we asked (or from the wrong peer)
+    handler_errors: int = 0
+    timeouts: int = 0
+    backup_retries: int = 0
+    answered: int = 0
+
+    def dropped(self) -> int:
+        return (self.malformed + self.bad_mac + self.stale + self.replayed + self.unknown_sender
+                + self.unexpected + self.handler_errors)
+
+
+def _flow(v: Any) -> FlowKey:
+    if not (isinstance(v, list) and len(v) == 5 and all(isinstance(x, int) and x >= 0 for x in v)):
+        raise DecodeError("malformed", f"bad flow {v!r}")
+    return (v[0], v[1], v[2], v[3], v[4])
+
+
+def _int(p: Mapping[str, Any], k: str) -> int:
+    v = p.get(k)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise DecodeError("malformed", f"field {k!r} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _str(p: Mapping[str, Any], k: str) -> str:
+    v = p.get(k)
+    if not isinstance(v, str) or not v:
+        raise DecodeError("malformed", f"field {k!r} must be a non-empty string, got {v!r}")
+    return v
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, node: PeerNode) -> None:
+        self.node = node
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.node._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:  # ICMP unreachable etc.: the timeout handles it
+        log.debug("peer socket error: %s", exc)
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[Message]
+    peer: str
+
+
+@dataclass
+class PeerNode:
+    """One mux's end of the peer protocol on asyncio UDP."""
+
+    name: str
+    key: bytes
+    handler: PeerHandler
+    peers: dict[str, tuple[str, int]] = field(default_factory=dict)
+    timeout_s: float = 0.25
+    window_s: float = 30.0
+    recv_buffer_bytes: int = 4 << 20  # bursts of queries during a transition (capped by rmem_max)
+    clock: Callable[[], float] = time.time
+    counters: PeerCounters = field(default_factory=PeerCounters)
+
+    def __post_init__(self) -> None:
+        if len(self.key) < 16:
+            raise ValueError("peer key must be at least 16 bytes")
+        self._replay = ReplayGuard(self.window_s)
+        self._keyed = _keyed(self.key)
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = int.from_bytes(os.urandom(4), "big")
+        self._transport: asyncio.DatagramTransport | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), local_addr=(host, port))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.recv_buffer_bytes)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.recv_buffer_bytes)
+        self._transport = transport
+        return transport.get_extra_info("sockname")[:2]
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.cancel()
+        self._pending.clear()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._transport is None:
+            raise RuntimeError(f"peer {self.name} is not started")
+        return self._transport.get_extra_info("sockname")[:2]
+
+    # --- client side -------------------------------------------------------------------
+
+    async def query(self, owner: str, backup: str | None, listener_id: int, flow: FlowKey, bucket: int,
+                    hint: str) -> PeerAnswer | None:
+        """Ask the owner (then the backup) for a flow's backend; None if neither answered."""
+        payload = {"l": listener_id, "f": list(flow), "b": bucket, "h": hint}
+        return await self._ask_owners(MsgType.QUERY, owner, backup, payload)
+
+    async def record(self, owner: str, backup: str | None, listener_id: int, flow: FlowKey, bucket: int,
+                     backend: str) -> PeerAnswer | None:
+        """Have the owner record a new flow; the answer carries the winning backend."""
+        payload = {"l": listener_id, "f": list(flow), "b": bucket, "be": backend}
+        return await self._ask_owners(MsgType.RECORD, owner, backup, payload)
+
+    async def replicate(self, to: str, records: Sequence[ReplicatedRecord]) -> bool:
+        """Send records to a mux (backup copy or hand-over); True when every batch was acked."""
+        ok = True
+        for i in range(0, len(records), REPLICATE_BATCH):
+            chunk = records[i:i + REPLICATE_BATCH]
+            payload = {"r": [[r.listener_id, list(r.flow), r.bucket, r.backend] for r in chunk]}
+            reply = await self._request(to, MsgType.REPLICATE, payload)
+            ok = ok and reply is not None
+        return ok
+
+    async def _ask_owners(self, mtype: MsgType, owner: str, backup: str | None,
+                          payload: dict[str, Any]) -> PeerAnswer | None:
+        targets = [owner] + ([backup] if backup and backup != owner else [])
+        for n, target in enumerate(targets):
+            if n:
+                self.counters.backup_retries += 1
+            if target == self.name:
+                backend, status = self._handle_request(mtype, self.name, payload)
+                return PeerAnswer(backend, status, self.name)
+            reply = await self._request(target, mtype, payload)
+            if reply is not None:
+                try:
+                    return PeerAnswer(_str(reply.payload, "be"), _str(reply.payload, "s"), target)
+                except DecodeError:
+                    self.counters.malformed += 1
+        return None
+
+    async def _request(self, target: str, mtype: MsgType, payload: dict[str, Any]) -> Message | None:
+        addr = self.peers.get(target)
+        if addr is None or self._transport is None:
+            self.counters.timeouts += 1
+            return None
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        rid = self._next_id
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Message] = loop.create_future()
+        self._pending[rid] = _Pending(fut, target)
+        # call_later instead of wait_for: no extra task per request
+        timer = loop.call_later(self.timeout_s, lambda: fut.done() or fut.set_exception(TimeoutError()))
+        try:
+            self._send(addr, mtype, rid, payload)
+            return await fut
+        except TimeoutError:
+            self.counters.timeouts += 1
+            return None
+        finally:
+            timer.cancel()
+            self._pending.pop(rid, None)
+
+    def _send(self, addr: tuple[str, int], mtype: MsgType, rid: int, payload: Mapping[str, Any]) -> None:
+        assert self._transport is not None
+        datagram = encode_message(self._keyed, mtype, self.name, rid, payload, now=self.clock())
+        self._transport.sendto(datagram, addr)
+        self.counters.sent += 1
+
+    # --- server side -------------------------------------------------------------------
+
+    def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.counters.received += 1
+        try:
+            msg = decode_message(data, self._keyed, now=self.clock(), known_senders=self.peers.__contains__,
+                                 replay=self._replay)
+        except DecodeError as exc:
+            setattr(self.counters, exc.kind, getattr(self.counters, exc.kind) + 1)
+            log.debug("dropped datagram from %s: %s", addr, exc)
+            return
+        except Exception:  # a bug in parsing must not kill the agent: count and log it
+            self.counters.malformed += 1
+            log.exception("dropped datagram from %s: unexpected decode failure", addr)
+            return
+        if msg.type in (MsgType.ANSWER, MsgType.ACK):
+            pending = self._pending.get(msg.request_id)
+            if pending is None or pending.peer != msg.sender or pending.future.done():
+                self.counters.unexpected += 1
+                return
+            pending.future.set_result(msg)
+            return
+        try:
+            backend, status = self._handle_request(msg.type, msg.sender, msg.payload)
+        except DecodeError as exc:
+            setattr(self.counters, exc.kind, getattr(self.counters, exc.kind) + 1)
+            return
+        except Exception:  # the handler is the mux's code: count, log, keep serving
+            self.counters.handler_errors += 1
+            log.exception("peer handler failed on %s from %s", msg.type.name, msg.sender)
+            return
+        reply_type = MsgType.ACK if msg.type == MsgType.REPLICATE else MsgType.ANSWER
+        reply_to = self.peers.get(msg.sender, addr)
+        self._send(reply_to, reply_type, msg.request_id, {"be": backend, "s": status})
+        self.counters.answered += 1
+
+    def _handle_request(self, mtype: MsgType, sender: str, p: Mapping[str, Any]) -> tuple[str, str]:
+        if mtype == MsgType.QUERY:
+            return self.handler.on_query(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
+                                         _str(p, "h"))
+        if mtype == MsgType.RECORD:
+            return self.handler.on_record(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
+                                          _str(p, "be"))
+        if mtype == MsgType.REPLICATE:
+            raw = p.get("r")
+            if not isinstance(raw, list) or len(raw) > REPLICATE_BATCH:
+                raise DecodeError("malformed", "bad replicate list")
+            recs = []
+            for item in raw:
+                if not (isinstance(item, list) and len(item) == 4):
+                    raise DecodeError("malformed", f"bad replicated record {item!r}")
+                lid, flow, bucket, backend = item
+                recs.append(ReplicatedRecord(_int({"l": lid}, "l"), _flow(flow), _int({"b": bucket}, "b"),
+                                             _str({"be": backend}, "be")))
+            self.handler.on_replicate(sender, recs)
+            return "-", "ok"
+        raise DecodeError("malformed", f"{mtype.name} is not a request")
+
+
+def peer_key_from_hex(value: str) -> bytes:
+    """The cluster's peer key from its hex form in the desired state."""
+    try:
+        key = bytes.fromhex(value)
+    except ValueError as exc:
+        raise ValueError("peer_key: not a hex string") from exc
+    if len(key) < 16:
+        raise ValueError(f"peer_key: {len(key)} bytes is too short (need at least 16)")
+    return key
+
+
+
+class FlowOwner:
+    """The owner's side of the protocol over the core: a `PeerHandler` any driver can use.
+
+    Answers queries with `owner_answer` (its record, else record the oldest table's backend),
+    takes records first-writer-wins, stores replicas, queues every new record for the other owner
+    of its bucket (`flush` sends the queue) and hands records over when the live mux set changes.
+    """
+
+    def __init__(self, name: str, store: RecordStore, tables: Callable[[int], ListenerTables | None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.name = name
+        self.store = store
+        self.tables = tables
+        self.clock = clock
+        self.ownership: Ownership | None = None
+        self._outbox: dict[str, list[ReplicatedRecord]] = {}
+
+    def on_query(self, sender: str, listener_id: int, flow: FlowKey, bucket: int,
+                 hint: str) -> tuple[str, str]:
+        res = owner_answer(self.store, self.tables(listener_id), (listener_id, flow), bucket, hint,
+                           self.clock())
+        if res.stored:
+            self._queue(listener_id, flow, bucket, res.backend)
+        return res.backend, "found" if res.found else ("stored" if res.stored else "degraded")
+
+    def on_record(self, sender: str, listener_id: int, flow: FlowKey, bucket: int,
+                  backend: str) -> tuple[str, str]:
+        winner, stored = self.store.put_first((listener_id, flow), backend, bucket, self.clock())
+        if stored:
+            self._queue(listener_id, flow, bucket, winner)
+            return winner, "stored"
+        return winner, "found" if self.store.peek((listener_id, flow)) is not None else "degraded"
+
+    def on_replicate(self, sender: str, records: Sequence[ReplicatedRecord]) -> None:
+        now = self.clock()
+        for r in records:
+            replica = self.ownership is None or self.ownership.owners(r.bucket)[0] != self.name
+            self.store.put_first((r.listener_id, r.flow), r.backend, r.bucket, now, replica=replica)
+
+    def record_local(self, listener_id: int, flow: FlowKey, bucket: int, backend: str) -> str:
+        """This mux is the owner of a new record: store it (first writer wins), queue its copy."""
+        backend_won, _status = self.on_record(self.name, listener_id, flow, bucket, backend)
+        return backend_won
+
+    def _queue(self, listener_id: int, flow: FlowKey, bucket: int, backend: str) -> None:
+        if self.ownership is None:
+            return
+        other = self.ownership.replica_peer(bucket, self.name)
+        if other is not None:
+            self._outbox.setdefault(other, []).append(ReplicatedRecord(listener_id, flow, bucket, backend))
+
+    def take_outbox(self) -> dict[str, list[ReplicatedRecord]]:
+        out, self._outbox = self._outbox, {}
+        return out
+
+    async def flush(self, node: PeerNode) -> bool:
+        """Send queued copies to the other owners; True when every batch was acknowledged."""
+        pending = self.take_outbox()
+        results = await asyncio.gather(*(node.replicate(to, recs) for to, recs in pending.items()))
+        return all(results)
+
+    def hand_over(self, new: Ownership) -> dict[str, list[ReplicatedRecord]]:
+        """Switch to a new live-mux ownership; return the records other muxes must now hold.
+
+        Make before break: deliver these (`PeerNode.replicate`) before the router sends traffic
+        to a new mux. Records this mux no longer owns or backs up are dropped here.
+        """
+        self.ownership = new
+        held = dict(iter(self.store))
+        send, drop = hand_over_plan(((key, rec.bucket) for key, rec in held.items()), new, self.name)
+        for rec in held.values():
+            rec.replica = new.owners(rec.bucket)[0] != self.name
+        if drop:
+            gone = set(drop)
+            self.store.drop_where(lambda k, _r: k in gone)
+        return {to: [ReplicatedRecord(k[0], k[1], held[k].bucket, held[k].backend) for k in keys]
+                for to, keys in send.items()}

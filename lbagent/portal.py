@@ -1,0 +1,583 @@
+"""Agent side of the portal control channel: a websocket client that receives desired state,
+applies it atomically through a driver, acknowledges it, reports counters and health, and keeps
+forwarding with the last applied state whenever the portal is unreachable (fail static).
+
+Run standalone: `python -m lbagent.portal --portal ws://127.0.0.1:8000/ws/agents/ --token-file F`
+(with the in-process table driver), or embed `PortalClient` / `run_portal_client` in a daemon that
+owns a real data plane (the kernel daemon passes its own `apply`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from lbagent import __version__
+from lbagent.health import HealthMonitor
+from lbagent.protocol import (
+    MAX_PORTAL_MESSAGE_BYTES,
+    Applied,
+    BackendHealth,
+    DeltaBaseMismatch,
+    Health,
+    Hello,
+    InvalidDesiredState,
+    ProtocolError,
+    Stats,
+    decode_portal_message,
+    encode,
+)
+from lbagent.state import DesiredState, StateError, StateParser, load_state_file
+
+logger = logging.getLogger("lbagent.portal")
+
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOO_BIG = 1009
+
+
+class Driver(Protocol):
+    """What the client needs from a data plane."""
+
+    def apply(self, state: DesiredState) -> None:
+        """Install `state` atomically: afterwards the data plane runs exactly `state`, or it
+        raises and still runs the state it ran before."""
+
+    def counters(self) -> Mapping[str, int]:
+        """Monotonic counters to report to the portal (names: [a-z][a-z0-9_.]*)."""
+
+
+class TableDriver:
+    """In-process data plane for the simulator and tests: builds each listener's Maglev table
+    with the shared core (cached by ordered backend list, so only changed listeners cost time)
+    and swaps the whole set at once. `applied_file`, when given, receives the applied state
+    (atomic rename) so another process can see what this agent runs."""
+
+    def __init__(self, applied_file: Path | None = None, build_tables: bool = True) -> None:
+        self.applied_file = applied_file
+        self.build_tables = build_tables
+        self.tables: dict[int, object] = {}
+        self._cache: dict[tuple, object] = {}
+        self._by_listener: dict[int, tuple[object, tuple, object]] = {}
+        self._counters = {"applies": 0, "tables_built": 0}
+
+    def apply(self, state: DesiredState) -> None:
+        tables = {}
+        cache: dict[tuple, object] = {}
+        by_listener: dict[int, tuple[object, tuple, object]] = {}
+        for _, listener in state.listeners():
+            reused = self._by_listener.get(listener.id)
+            if reused is not None and reused[0] is listener and reused[1][0] == state.cluster.table_size:
+                # The parser reuses unchanged VIPs' objects: same object, same table.
+                key, table = reused[1], reused[2]
+            else:
+                serving = [b for b in listener.backends if b.state == "active" and b.weight > 0]
+                key = (state.cluster.table_size, tuple((b.address, b.port, b.weight) for b in serving))
+                table = self._cache[key] if key in self._cache else cache.get(key)
+                if table is None and self.build_tables and serving:
+                    from lbagent.core.maglev import maglev_table
+
+                    table = maglev_table(
+                        [f"{b.address}:{b.port}" for b in serving],
+                        [b.weight for b in serving],
+                        table_size=state.cluster.table_size,
+                    )
+                    self._counters["tables_built"] += 1
+            cache[key] = table
+            tables[listener.id] = table
+            by_listener[listener.id] = (listener, key, table)
+        if self.applied_file is not None:
+            _write_atomically(self.applied_file, state.to_json())
+        # The swap: all listeners change together.
+        self.tables, self._cache, self._by_listener = tables, cache, by_listener
+        self._counters["applies"] += 1
+
+    def counters(self) -> Mapping[str, int]:
+        return dict(self._counters)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json_atomically(path: Path, document: dict) -> None:
+    _write_atomically(path, json.dumps(document, separators=(",", ":")))
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: a fleet of agents that lost the portal together must not
+    reconnect in lockstep when it returns."""
+
+    initial_s: float = 0.2
+    maximum_s: float = 5.0
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+
+    def next_delay_s(self) -> float:
+        ceiling = min(self.maximum_s, self.initial_s * (2**self.attempt))
+        self.attempt = min(self.attempt + 1, 32)
+        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class PortalClient:
+    """One agent's connection to the portal, reconnecting forever until `stop()`."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        driver: Driver,
+        *,
+        node: str,
+        role: str = "mux",
+        stats_interval_s: float = 5.0,
+        state_cache: Path | None = None,
+        health_checks: bool = True,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self.driver = driver
+        self.node = node
+        self.role = role
+        self.stats_interval_s = stats_interval_s
+        self.state_cache = state_cache
+        self.health_checks = health_checks
+        self.backoff = backoff or Backoff()
+        self.applied: DesiredState | None = None
+        self._applied_raw: dict | None = None  # the applied state as the portal sent it
+        self._parser = StateParser()
+        self._received: tuple[int, dict] | None = None  # last state the portal sent on this connection
+        self._cache_writes: set[asyncio.Task] = set()
+        self._stop = asyncio.Event()
+        self._ws: ClientConnection | None = None
+        self._pending: tuple[DesiredState, dict] | None = None
+        self._pending_ready = asyncio.Event()
+        self._health: HealthMonitor | None = None
+        self.counters = {
+            "connects": 0,
+            "disconnects": 0,
+            "desired_received": 0,
+            "applied_ok": 0,
+            "applied_failed": 0,
+            "protocol_errors": 0,
+            "refused": 0,
+        }
+        self.connected = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def load_cached_state(self) -> None:
+        """Fail static across an agent restart: re-apply the last state the portal gave us."""
+        if self.state_cache is None or not self.state_cache.exists():
+            return
+        try:
+            state = load_state_file(self.state_cache)
+        except StateError as exc:
+            logger.warning("ignoring state cache %s: %s", self.state_cache, exc)
+            return
+        self.driver.apply(state)
+        self.applied, self._applied_raw = state, state.to_dict()
+        logger.info("running cached state generation %s until the portal answers", state.generation)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        if self.health_checks:
+            self._health = HealthMonitor(self._report_health)
+            if self.applied is not None:
+                self._health.update(self.applied)
+        applier = asyncio.create_task(self._apply_loop(), name="apply")
+        try:
+            while not self._stop.is_set():
+                await self._connect_once()
+                if self._stop.is_set():
+                    break
+                delay = self.backoff.next_delay_s()
+                logger.info(
+                    "reconnecting to the portal in %.2fs (still forwarding with generation %s)",
+                    delay,
+                    self.applied.generation if self.applied else None,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+        finally:
+            applier.cancel()
+            if self._health is not None:
+                self._health.stop()
+            if self._cache_writes:  # let the last applied state reach the disk
+                await asyncio.wait(set(self._cache_writes), timeout=5)
+
+    async def _connect_once(self) -> None:
+        try:
+            async with connect(
+                self.url,
+                additional_headers={"Authorization": f"Bearer {self._token}"},
+                max_size=MAX_PORTAL_MESSAGE_BYTES,
+                open_timeout=5,
+                ping_interval=10,
+                ping_timeout=10,
+                close_timeout=2,
+                proxy=None,
+                compression=None,
+            ) as ws:
+                self._ws = ws
+                self.counters["connects"] += 1
+                logger.info("connected to %s as %s", self.url, self.node)
+                session = asyncio.create_task(self._session(ws), name="session")
+                stopping = asyncio.create_task(self._stop.wait(), name="stop")
+                await asyncio.wait({session, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if session.done():
+                    stopping.cancel()
+                    session.result()  # re-raise what ended the session
+                else:
+                    session.cancel()
+                    await ws.close(1001, "agent stopping")
+        except InvalidStatus as exc:
+            self.counters["refused"] += 1
+            status = exc.response.status_code
+            logger.error(
+                "portal refused the connection (HTTP %s)%s",
+                status,
+                ": check the agent token" if status in (401, 403) else "",
+            )
+        except InvalidURI:
+            raise
+        except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
+            logger.warning("portal connection lost: %s", exc or type(exc).__name__)
+        finally:
+            if self._ws is not None:
+                self.counters["disconnects"] += 1
+            self._ws = None
+            self.connected.clear()
+
+    async def _session(self, ws: ClientConnection) -> None:
+        self._received = None  # a new connection starts with a full state
+        hello = Hello(
+            node=self.node,
+            role=self.role,
+            version=__version__,
+            applied_generation=self.applied.generation if self.applied else None,
+        )
+        await ws.send(encode(hello))
+        self.connected.set()
+        stats = asyncio.create_task(self._stats_loop(ws), name="stats")
+        try:
+            async for frame in ws:
+                received = time.perf_counter()
+                try:
+                    message = decode_portal_message(frame, self._parser, self._received)
+                except InvalidDesiredState as exc:
+                    self.counters["applied_failed"] += 1
+                    logger.error("refusing desired state: %s", exc)
+                    await ws.send(encode(Applied(generation=exc.generation or 0, ok=False, error=str(exc))))
+                    continue
+                except DeltaBaseMismatch as exc:
+                    logger.warning("%s", exc)
+                    await ws.close(1000, "resync")
+                    return
+                except ProtocolError as exc:
+                    self.counters["protocol_errors"] += 1
+                    logger.error("closing: malformed message from the portal: %s", exc)
+                    await ws.close(CLOSE_POLICY_VIOLATION, str(exc)[:120])
+                    return
+                self.counters["desired_received"] += 1
+                logger.debug(
+                    "received generation %s (%d bytes), decoded in %.1f ms",
+                    message.state.generation,
+                    len(frame),
+                    (time.perf_counter() - received) * 1000,
+                )
+                self.backoff.reset()  # a portal that sends us state is a healthy portal
+                raw = dict(message.raw or message.state.to_dict())
+                self._received = (message.state.generation, raw)  # the base of the next delta
+                self._pending = (message.state, raw)
+                self._pending_ready.set()
+        finally:
+            stats.cancel()
+
+    # -- applying ------------------------------------------------------------------------------
+
+    async def _apply_loop(self) -> None:
+        """Apply the newest pending state; states that arrive during an apply are coalesced."""
+        while True:
+            await self._pending_ready.wait()
+            self._pending_ready.clear()
+            pending, self._pending = self._pending, None
+            if pending is None:
+                continue
+            state, raw = pending
+            ack = await self._apply(state, raw)
+            await self._send(ack)
+            if ack.ok and self.state_cache is not None:
+                # Off the acknowledgement path: serialising thousands of VIPs takes tens of ms.
+                task = asyncio.create_task(asyncio.to_thread(_write_json_atomically, self.state_cache, raw))
+                self._cache_writes.add(task)
+                task.add_done_callback(self._cache_writes.discard)
+            if ack.ok and self._health is not None:
+                self._health.update(state)
+                await self._send(Health(checks=tuple(self._health.snapshot()), full=True))
+
+    async def _apply(self, state: DesiredState, raw: dict) -> Applied:
+        # A new document number with the same content (a change elsewhere) needs no data-plane work.
+        same = self._applied_raw is not None and {**raw, "generation": 0} == {
+            **self._applied_raw,
+            "generation": 0,
+        }
+        if not same:
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(self.driver.apply, state)
+            except Exception as exc:  # any driver failure is reported to the portal, never fatal
+                self.counters["applied_failed"] += 1
+                logger.exception(
+                    "applying generation %s failed; still running generation %s",
+                    state.generation,
+                    self.applied.generation if self.applied else None,
+                )
+                return Applied(generation=state.generation, ok=False, error=f"{type(exc).__name__}: {exc}")
+            logger.info(
+                "applied generation %s (%d VIPs) in %.1f ms",
+                state.generation,
+                len(state.vips),
+                (time.perf_counter() - started) * 1000,
+            )
+        self.applied, self._applied_raw = state, raw
+        self.counters["applied_ok"] += 1
+        return Applied(generation=state.generation, ok=True, listeners=state.listener_generations())
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    async def _send(self, message: Applied | Stats | Health) -> None:
+        ws = self._ws
+        if ws is None:
+            return  # offline: the next hello + desired exchange resynchronises everything
+        try:
+            await ws.send(encode(message))
+        except ConnectionClosed:
+            logger.info("could not send %s: connection closed", message.type)
+
+    def _report_health(self, changes: list[BackendHealth]) -> None:
+        if self._ws is not None:
+            asyncio.get_running_loop().create_task(self._send(Health(checks=tuple(changes))))
+
+    async def _stats_loop(self, ws: ClientConnection) -> None:
+        while True:
+            await asyncio.sleep(self.stats_interval_s)
+            counters = {**{f"portal.{k}": v for k, v in self.counters.items()}, **self.driver.counters()}
+            await self._send(Stats(counters=counters))
+
+
+async def run_portal_client(
+    url: str,
+    token: str,
+    apply: Callable[[DesiredState], None],
+    stats: Callable[[], Mapping[str, int]] = dict,
+    *,
+    node: str,
+    role: str = "mux",
+    state_cache: Path | None = None,
+) -> None:
+    """Entry point for a daemon that owns its data plane: `apply` must be atomic (see Driver)."""
+
+    class _CallbackDriver:
+        def apply(self, state: DesiredState) -> None:
+            apply(state)
+
+        def counters(self) -> Mapping[str, int]:
+            return stats()
+
+    client = PortalClient(url, token, _CallbackDriver(), node=node, role=role, state_cache=state_cache)
+    client.load_cached_state()
+    await client.run()
+
+
+class DaemonBridge:
+    """Portal mode for the kernel daemon (lbagent/daemon.py), which applies the desired state it
+    finds in its config file. Each state from the portal is written there atomically; the apply
+    returns once the daemon reports that generation applied, and raises with the daemon's
+    failure otherwise, so the portal's acknowledgement means "in the kernel"."""
+
+    APPLY_TIMEOUT_S = 60.0
+
+    def __init__(self, url: str, token: str, node: str, role: str = "mux") -> None:
+        self.url, self._token, self.node, self.role = url, token, node, role
+        self.daemon = None
+        self._thread: threading.Thread | None = None
+        self._client: PortalClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def apply(self, state: DesiredState) -> None:
+        daemon = self.daemon
+        errors = (daemon.apply_errors, daemon.config_errors)
+        _write_json_atomically(daemon.o.config, state.to_dict())
+        deadline = time.monotonic() + self.APPLY_TIMEOUT_S
+        while daemon.applied_generation != state.generation:
+            if (daemon.apply_errors, daemon.config_errors) != errors:
+                raise RuntimeError(
+                    f"the data plane refused generation {state.generation} (see the agent's log)"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the data plane did not apply generation {state.generation} within "
+                    f"{self.APPLY_TIMEOUT_S:g}s"
+                )
+            time.sleep(0.01)
+
+    def counters(self) -> Mapping[str, int]:
+        daemon = self.daemon
+        return {
+            "daemon.applies": daemon.apply_count,
+            "daemon.apply_errors": daemon.apply_errors,
+            "daemon.config_errors": daemon.config_errors,
+        }
+
+    def attach(self, daemon) -> None:
+        """Start the portal client in a thread; call before daemon.start(), which waits for the
+        first state (from the portal, or the config file a previous run left: fail static)."""
+        self.daemon = daemon
+        self._thread = threading.Thread(target=self._run, name="portal-client", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._client = PortalClient(self.url, self._token, self, node=self.node, role=self.role)
+            await self._client.run()
+
+        asyncio.run(serve())
+
+    def stop(self) -> None:
+        if self._loop is not None and self._client is not None:
+            self._loop.call_soon_threadsafe(self._client.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def portal_mode(argv: list[str] | None) -> tuple[list[str], DaemonBridge | None]:
+    """Split `--portal URL --token-file F [--node N]` off the daemon's arguments. Without
+    `--config`, the daemon's config file becomes /var/lib/lbagent/portal-state.json (it then
+    also serves as the state cache across restarts)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--portal")
+    parser.add_argument("--token-file", type=Path)
+    parser.add_argument("--node", default=socket.gethostname().split(".")[0])
+    known, rest = parser.parse_known_args(args)
+    if known.portal is None:
+        return args, None
+    if known.token_file is None:
+        raise SystemExit("lbagent run: --portal needs --token-file")
+    if not any(a == "--config" or a.startswith("--config=") for a in rest):
+        rest += ["--config", "/var/lib/lbagent/portal-state.json"]
+    return rest, DaemonBridge(known.portal, read_token_file(known.token_file), known.node)
+
+
+def read_token_file(path: Path) -> str:
+    """The agent token, from a file only root can read (never on the command line: ps shows it)."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SystemExit(f"lbagent: cannot read token file {path}: {exc.strerror}") from None
+    if not token:
+        raise SystemExit(f"lbagent: token file {path} is empty")
+    if path.stat().st_mode & 0o077:
+        logger.warning("token file %s is readable by group or others; chmod 600 it", path)
+    return token
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lbagent run", description=__doc__.splitlines()[0])
+    parser.add_argument("--portal", required=True, help="ws:// or wss:// URL of the portal's /ws/agents/")
+    parser.add_argument("--token-file", required=True, type=Path, help="file holding this agent's token")
+    parser.add_argument("--node", default=socket.gethostname().split(".")[0], help="agent node name")
+    parser.add_argument("--role", choices=("mux", "host"), default="mux")
+    parser.add_argument(
+        "--state-cache",
+        type=Path,
+        help="keep the last applied state here (fail static across agent restarts)",
+    )
+    parser.add_argument("--applied-file", type=Path, help="write the applied state here (tests, tooling)")
+    parser.add_argument("--no-tables", action="store_true", help="do not build Maglev tables (protocol only)")
+    parser.add_argument("--no-health", action="store_true", help="do not run backend health checks")
+    parser.add_argument("--stats-interval", type=float, default=5.0, help="seconds between stats reports")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    token = read_token_file(args.token_file)
+    driver = TableDriver(applied_file=args.applied_file, build_tables=not args.no_tables)
+    client = PortalClient(
+        args.portal,
+        token,
+        driver,
+        node=args.node,
+        role=args.role,
+        stats_interval_s=args.stats_interval,
+        state_cache=args.state_cache,
+        health_checks=not args.no_health and args.role == "mux",  # only muxes vote on health
+    )
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, client.stop)
+        client.load_cached_state()
+        await client.run()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "Backoff",
+    "DaemonBridge",
+    "Driver",
+    "PortalClient",
+    "TableDriver",
+    "main",
+    "portal_mode",
+    "run_portal_client",
+]

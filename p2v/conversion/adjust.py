@@ -1,0 +1,233 @@
+"""Guest changes a Linux machine needs to boot on virtio hardware and keep its network identity.
+
+Done on the host side, on the copied volume, never in an emulated VM and never on the source
+(PLATFORM-NOTES: an initramfs rebuild inside TCG takes many minutes). Only what the assessment
+shows is needed, and each change is recorded:
+
+- /etc/fstab entries naming a disk by kernel name (/dev/sda2 becomes /dev/vda2 on virtio) are
+  rewritten to `UUID=`, with the UUID read from the copied filesystem itself;
+- every physical NIC's name is pinned to its MAC with a udev rule (a NIC moved to virtio gets a
+  new name otherwise);
+- the virtio drivers must be available to the guest's early boot: if the assessment says the
+  kernel lacks them, the conversion stops with the reason (rebuilding a foreign initramfs is not
+  something we do blind).
+
+Filesystems are edited in place inside the raw volume with e2fsprogs' debugfs at the partition's
+offset (`image?offset=N`), so no loop device or mount is needed. ext2/3/4 roots only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+REQUIRED_VIRTIO_MODULES = ("virtio_blk", "virtio_pci", "virtio_net")
+KERNEL_DISK_NAME_RE = re.compile(
+    r"^/dev/(?:(?:sd|hd|vd|xvd)(?P<letters>[a-z]+)(?P<part>\d+)|"
+    r"nvme(?P<nvme>\d+)n1p(?P<npart>\d+))$"
+)
+EXT_FSTYPES = ("ext2", "ext3", "ext4")
+UDEV_RULES_PATH = "/etc/udev/rules.d/70-p2v-net-names.rules"
+NIC_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+class AdjustError(RuntimeError):
+    """A needed guest change cannot be made (names what and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    path: str
+    summary: str
+    before: str | None
+    after: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumePartition:
+    number: int
+    offset_bytes: int
+    fstype: str | None
+    uuid: str | None
+
+
+def _run(argv: list[str], timeout_s: float = 60) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if done.returncode != 0:
+        raise AdjustError(
+            f"`{' '.join(argv[:3])} ...` failed ({done.returncode}): {done.stderr.strip()[:300]}"
+        )
+    return done.stdout
+
+
+def volume_partitions(volume_path: str) -> list[VolumePartition]:
+    """The partitions of a raw disk image with each one's filesystem type and UUID (blkid)."""
+    done = subprocess.run(
+        ["sfdisk", "--json", volume_path], capture_output=True, text=True, timeout=30, check=False
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        return []  # no partition table: nothing here this module knows how to edit
+    table = json.loads(done.stdout)["partitiontable"]
+    sector = table.get("sectorsize", 512)
+    result = []
+    for number, part in enumerate(table.get("partitions", []), start=1):
+        offset = part["start"] * sector
+        probe = subprocess.run(
+            ["blkid", "-p", "-O", str(offset), "-o", "export", volume_path],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        fields = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
+        result.append(VolumePartition(number, offset, fields.get("TYPE"), fields.get("UUID")))
+    return result
+
+
+def _debugfs(volume_path: str, offset: int, commands: str, write: bool = False) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".debugfs") as script:
+        script.write(commands)
+        script.flush()
+        argv = ["debugfs", *(["-w"] if write else []), "-f", script.name, f"{volume_path}?offset={offset}"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise AdjustError(f"debugfs on {volume_path} at offset {offset} failed: {done.stderr.strip()[:300]}")
+    return done.stdout
+
+
+def read_file(volume_path: str, partition: VolumePartition, path: str) -> str | None:
+    out = subprocess.run(
+        ["debugfs", "-R", f"cat {path}", f"{volume_path}?offset={partition.offset_bytes}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if "File not found" in out.stderr or out.returncode != 0:
+        return None
+    return out.stdout
+
+
+def write_file(volume_path: str, partition: VolumePartition, path: str, content: str) -> None:
+    """Replace (or create) `path` in the ext filesystem, creating missing parent directories."""
+    with tempfile.NamedTemporaryFile("w", suffix=".p2v") as local:
+        local.write(content)
+        local.flush()
+        Path(local.name).chmod(0o644)
+        parents = [str(p) for p in reversed(Path(path).parents) if str(p) != "/"]
+        commands = "".join(f"mkdir {p}\n" for p in parents) + f"rm {path}\nwrite {local.name} {path}\n"
+        _debugfs(volume_path, partition.offset_bytes, commands, write=True)
+    if read_file(volume_path, partition, path) != content:
+        raise AdjustError(f"wrote {path} into the guest, but reading it back gave something else")
+
+
+def find_root(volumes: list[str], facts: dict) -> tuple[str, VolumePartition]:
+    """The volume and partition holding the guest's root filesystem (by the assessed UUID first)."""
+    root_fs = next((fs for fs in facts.get("filesystems") or [] if fs.get("mountpoint") == "/"), None)
+    root_uuid = (root_fs or {}).get("uuid")
+    candidates = []
+    for volume in volumes:
+        for part in volume_partitions(volume):
+            if part.fstype in EXT_FSTYPES:
+                if root_uuid and part.uuid and part.uuid.lower() == root_uuid.lower():
+                    return volume, part
+                candidates.append((volume, part))
+    for volume, part in candidates:
+        fstab = read_file(volume, part, "/etc/fstab")
+        if fstab is not None and re.search(r"^\S+\s+/\s", fstab, re.MULTILINE):
+            return volume, part
+    raise AdjustError(
+        "no ext2/3/4 root filesystem with /etc/fstab found on the copied disks "
+        f"(assessed root UUID {root_uuid!r})"
+    )
+
+
+def _uuid_for_device(device: str, volumes: list[str]) -> str | None:
+    match = KERNEL_DISK_NAME_RE.match(device)
+    if not match:
+        return None
+    if match.group("letters"):
+        disk_index = 0
+        for letter in match.group("letters"):
+            disk_index = disk_index * 26 + (ord(letter) - ord("a") + 1)
+        disk_index -= 1
+        part_number = int(match.group("part"))
+    else:
+        disk_index, part_number = int(match.group("nvme")), int(match.group("npart"))
+    if disk_index >= len(volumes):
+        return None
+    part = next((p for p in volume_partitions(volumes[disk_index]) if p.number == part_number), None)
+    return part.uuid if part else None
+
+
+def rewrite_fstab(fstab: str, volumes: list[str]) -> tuple[str, list[str]]:
+    """fstab with kernel disk names replaced by UUID=; also the list of replaced lines."""
+    lines, replaced = [], []
+    for line in fstab.splitlines(keepends=True):
+        fields = line.split()
+        if fields and not fields[0].startswith("#") and KERNEL_DISK_NAME_RE.match(fields[0]):
+            uuid = _uuid_for_device(fields[0], volumes)
+            if uuid is None:
+                raise AdjustError(
+                    f"/etc/fstab names {fields[0]}, but no filesystem UUID was found for it "
+                    "on the copied disks"
+                )
+            new_line = line.replace(fields[0], f"UUID={uuid}", 1)
+            replaced.append(f"{line.strip()} -> {new_line.strip()}")
+            line = new_line
+        lines.append(line)
+    return "".join(lines), replaced
+
+
+def udev_rules_for(nics: list[dict]) -> str:
+    rules = ["# Written by P2V: keep each NIC's name from the physical machine, matched by MAC.\n"]
+    for nic in nics:
+        name, mac = nic["name"], nic["mac"].lower()
+        if not NIC_NAME_RE.match(name):
+            raise AdjustError(f"NIC name {name!r} cannot be pinned (expected 1-15 of [A-Za-z0-9_.-])")
+        rules.append(f'SUBSYSTEM=="net", ACTION=="add", ATTR{{address}}=="{mac}", NAME="{name}"\n')
+    return "".join(rules)
+
+
+def missing_virtio_modules(facts: dict) -> list[str] | None:
+    """Virtio drivers the assessed kernel lacks; None when the assessment could not tell."""
+    modules = (facts.get("kernel") or {}).get("virtio_modules")
+    if modules is None:
+        return None
+    return [m for m in REQUIRED_VIRTIO_MODULES if m not in modules]
+
+
+def adjust_guest(volumes: list[str], facts: dict, nics: list[dict]) -> list[Change]:
+    """Make the needed changes on the copied volumes (in disk order); return what changed."""
+    missing = missing_virtio_modules(facts)
+    if missing:
+        raise AdjustError(
+            f"the guest kernel lacks virtio drivers {missing}; install them and rebuild "
+            "its initramfs on the physical machine, then assess again"
+        )
+    volume, root = find_root(volumes, facts)
+    changes: list[Change] = []
+    fstab = read_file(volume, root, "/etc/fstab")
+    if fstab is not None:
+        new_fstab, replaced = rewrite_fstab(fstab, volumes)
+        if replaced:
+            write_file(volume, root, "/etc/fstab", new_fstab)
+            changes.append(Change("/etc/fstab", "; ".join(replaced), fstab, new_fstab))
+    if nics:
+        rules = udev_rules_for(nics)
+        before = read_file(volume, root, UDEV_RULES_PATH)
+        if before != rules:
+            write_file(volume, root, UDEV_RULES_PATH, rules)
+            changes.append(
+                Change(
+                    UDEV_RULES_PATH,
+                    "pinned " + ", ".join(f"{n['name']}={n['mac']}" for n in nics),
+                    before,
+                    rules,
+                )
+            )
+    return changes

@@ -1,0 +1,580 @@
+"""Copy a source disk over SSH into a libvirt storage volume, moving only the data that is used.
+
+A small reader runs on the source (python3, read-only `os.open(O_RDONLY)`), walks the disk in
+1 MiB chunks (skipping holes with SEEK_DATA where the device supports it), and emits only non-zero
+64 KiB runs. The target side feeds them to `vol.upload` as a *sparse* stream: zero ranges become
+holes, so the volume's allocation stays close to the used data. The disk is cut into segments;
+after each segment the reader sends a digest of that segment and the upload stream is finished,
+which makes the segment a checkpoint: after a broken connection the copy resumes at the last
+checkpoint and nothing that arrived before it crosses the wire again. At the end the volume is read
+back (sparse download) and every segment's digest is compared with the source's.
+
+paramiko starts a client-side rekey after 512 MiB that can time out against sshd
+(PLATFORM-NOTES), so the transport's rekey limits are raised and the server drives rekeying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import select
+import shlex
+import shutil
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import paramiko
+
+CHUNK_BYTES = 1 << 20
+SUB_BLOCK_BYTES = 1 << 16
+DEFAULT_SEGMENT_BYTES = 32 * CHUNK_BYTES
+ZERO_CHUNK_DIGEST = b"\0" * 32
+MAGIC = b"P2VR"
+HEADER = struct.Struct(">QQ")  # disk size, start offset
+DATA = struct.Struct(">QI")  # offset, length (then the bytes)
+SEGMENT = struct.Struct(">Q32s")  # segment end, sha256 over the segment's chunk digests
+REKEY_NEVER = 1 << 62
+SSH_WINDOW_BYTES = 32 << 20
+ZERO_CHUNK = bytes(CHUNK_BYTES)
+READ_TIMEOUT_S = 60.0
+
+# Runs on the source with python3 (3.5+). Only reads: O_RDONLY, pread. argv: device, start, segment.
+SOURCE_READER = r"""
+import errno, hashlib, os, struct, sys
+dev, pos, seg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+CH, SUB = %(chunk)d, %(sub)d
+out = sys.stdout.buffer
+fd = os.open(dev, os.O_RDONLY)
+size = os.lseek(fd, 0, os.SEEK_END)
+ZERO, ZSUB, ZD = bytes(CH), bytes(SUB), bytes(32)
+out.write(b"P2VR" + struct.pack(">QQ", size, pos))
+seek_data = getattr(os, "SEEK_DATA", None)
+while pos < size:
+    seg_end = min(size, (pos // seg + 1) * seg)
+    digests = hashlib.sha256()
+    while pos < seg_end:
+        n = min(CH, seg_end - pos)
+        nxt = pos
+        if seek_data is not None:
+            try:
+                nxt = os.lseek(fd, pos, seek_data)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    nxt = size
+                else:  # the device cannot tell (block devices): read everything
+                    seek_data = None
+        if nxt >= pos + n:
+            digests.update(ZD)
+            pos += n
+            continue
+        chunk = os.pread(fd, n, pos)
+        if len(chunk) != n:
+            raise SystemExit("short read at %%d" %% pos)
+        if chunk == ZERO[:n]:
+            digests.update(ZD)
+            pos += n
+            continue
+        digests.update(hashlib.sha256(chunk).digest())
+        run_start = None
+        for off in range(0, n + SUB, SUB):
+            zero = off >= n or chunk[off:off + SUB] == ZSUB[:min(SUB, n - off)]
+            if not zero and run_start is None:
+                run_start = off
+            elif zero and run_start is not None:
+                end = min(off, n)
+                out.write(b"D" + struct.pack(">QI", pos + run_start, end - run_start))
+                out.write(chunk[run_start:end])
+                run_start = None
+        pos += n
+    out.write(b"S" + struct.pack(">Q32s", seg_end, digests.digest()))
+    out.flush()
+out.write(b"E")
+out.flush()
+""" % {"chunk": CHUNK_BYTES, "sub": SUB_BLOCK_BYTES}  # noqa: UP031 (the program's own braces stay literal)
+
+
+class CopyError(RuntimeError):
+    """The copy cannot complete (names the disk and what went wrong)."""
+
+
+class ConnectionBroken(CopyError):
+    """The SSH stream ended early; the copy can resume from the last checkpoint."""
+
+
+@dataclasses.dataclass
+class CopyProgress:
+    disk: str
+    size_bytes: int
+    checkpoint: int = 0  # every byte before this offset is on the volume (segment finished)
+    position: int = 0  # how far the source reader has got
+    wire_bytes: int = 0  # bytes received over SSH (payload, all attempts)
+    data_bytes: int = 0  # non-zero bytes written to the volume (all attempts)
+    resent_bytes: int = 0  # data bytes that had to cross again after a break
+    resumes: int = 0
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    segment_digests: dict[int, str] = dataclasses.field(default_factory=dict)  # seg end -> hex
+    started_at: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.position / self.size_bytes if self.size_bytes else 100.0
+
+    @property
+    def rate_bytes_per_s(self) -> float:
+        elapsed = time.monotonic() - self.started_at
+        return self.wire_bytes / elapsed if elapsed > 0 else 0.0
+
+
+ProgressCallback = Callable[[CopyProgress], None]
+
+
+def disable_client_rekey(transport: paramiko.Transport) -> None:
+    """Let the server drive rekeying: paramiko's own rekey after 512 MiB can time out."""
+    packetizer = transport.packetizer
+    packetizer.REKEY_BYTES = REKEY_NEVER
+    packetizer.REKEY_PACKETS = REKEY_NEVER
+    packetizer.REKEY_BYTES_OVERFLOW_MAX = REKEY_NEVER
+    packetizer.REKEY_PACKETS_OVERFLOW_MAX = REKEY_NEVER
+
+
+class _ChannelReader:
+    """Exact-size reads from a paramiko channel, counting every byte that crossed the wire."""
+
+    def __init__(self, channel: paramiko.Channel, progress: CopyProgress):
+        self.channel = channel
+        self.progress = progress
+        self.buffer = bytearray()
+        self.offset = 0  # bytes of `buffer` already returned
+
+    def read_exact(self, size: int) -> bytes:
+        while len(self.buffer) - self.offset < size:
+            try:
+                got = self.channel.recv(max(1 << 20, size - len(self.buffer) + self.offset))
+            except (OSError, EOFError, paramiko.SSHException) as exc:
+                raise ConnectionBroken(f"SSH stream broke: {exc}") from exc
+            if not got:
+                raise ConnectionBroken(self._ended_reason())
+            self.progress.wire_bytes += len(got)
+            if self.offset:  # drop what was consumed once, not on every small read
+                del self.buffer[: self.offset]
+                self.offset = 0
+            self.buffer += got
+        data = bytes(self.buffer[self.offset : self.offset + size])
+        self.offset += size
+        return data
+
+    def _ended_reason(self) -> str:
+        err = b""
+        try:
+            while self.channel.recv_stderr_ready():
+                err += self.channel.recv_stderr(65536)
+        except (OSError, EOFError, paramiko.SSHException):
+            pass
+        status = self.channel.exit_status if self.channel.exit_status_ready() else None
+        message = err.decode(errors="replace").strip()[-500:]
+        if status == 127:
+            raise CopyError("the source has no python3; the P2V reader needs it to skip unused blocks")
+        if status not in (None, -1) and status != 0:
+            raise CopyError(f"source reader exited with status {status}: {message or 'no message'}")
+        return f"SSH stream ended early (exit status {status}){': ' + message if message else ''}"
+
+
+def _open_reader(
+    ssh: paramiko.SSHClient, device: str, start: int, segment_bytes: int, progress: CopyProgress
+) -> _ChannelReader:
+    transport = ssh.get_transport()
+    if transport is None or not transport.is_active():
+        raise ConnectionBroken("SSH transport is not active")
+    disable_client_rekey(transport)
+    # A large window lets paramiko's transport thread read ahead while we block in vol.upload.
+    channel = transport.open_session(window_size=SSH_WINDOW_BYTES, timeout=30)
+    channel.settimeout(READ_TIMEOUT_S)
+    command = " ".join(
+        shlex.quote(a) for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes))
+    )
+    channel.exec_command(command)
+    channel.shutdown_write()
+    return _ChannelReader(channel, progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenSSHLogin:
+    """How the OpenSSH client logs in for the bulk stream (the host key comes from the verified
+    paramiko session, never from the network unchecked)."""
+
+    address: str
+    port: int
+    user: str
+    private_key: str
+
+
+class _ProcessReader:
+    """Exact-size reads from the stdout of an `ssh` client process, counting every byte."""
+
+    def __init__(self, process: subprocess.Popen, progress: CopyProgress, workdir: Path):
+        self.process = process
+        self.progress = progress
+        self.workdir = workdir
+        self.fd = process.stdout.fileno()
+        self.buffer = bytearray()
+        self.offset = 0
+
+    def read_exact(self, size: int) -> bytes:
+        while len(self.buffer) - self.offset < size:
+            ready, _, _ = select.select([self.fd], [], [], READ_TIMEOUT_S)
+            if not ready:
+                raise ConnectionBroken(f"no data from the source for {READ_TIMEOUT_S:g} s")
+            got = os.read(self.fd, 4 << 20)
+            if not got:
+                raise ConnectionBroken(self._ended_reason())
+            self.progress.wire_bytes += len(got)
+            if self.offset:
+                del self.buffer[: self.offset]
+                self.offset = 0
+            self.buffer += got
+        data = bytes(self.buffer[self.offset : self.offset + size])
+        self.offset += size
+        return data
+
+    def _ended_reason(self) -> str:
+        try:
+            status = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            status = None
+        message = (
+            self.process.stderr.read().decode(errors="replace").strip()[-500:] if status is not None else ""
+        )
+        if status == 127:
+            raise CopyError("the source has no python3; the P2V reader needs it to skip unused blocks")
+        if status not in (None, 0, 255):  # 255: ssh itself lost the connection (retry)
+            raise CopyError(f"source reader exited with status {status}: {message or 'no message'}")
+        return f"SSH stream ended early (ssh exit status {status}){': ' + message if message else ''}"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        for stream in (self.process.stdout, self.process.stderr):
+            stream.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _open_openssh_reader(
+    login: OpenSSHLogin,
+    host_key: paramiko.PKey,
+    device: str,
+    start: int,
+    segment_bytes: int,
+    progress: CopyProgress,
+) -> _ProcessReader:
+    """The reader behind the OpenSSH client: its C transport moves dense data several times faster
+    than paramiko. Key and known_hosts live in a 0700 directory removed when the reader closes."""
+    workdir = Path(tempfile.mkdtemp(prefix="p2v-ssh-"))
+    key_file = workdir / "id"
+    key_file.touch(mode=0o600)
+    key_file.write_text(login.private_key if login.private_key.endswith("\n") else login.private_key + "\n")
+    known_hosts = workdir / "known_hosts"
+    entry = f"{host_key.get_name()} {host_key.get_base64()}"
+    known_hosts.write_text(f"{login.address} {entry}\n[{login.address}]:{login.port} {entry}\n")
+    command = " ".join(
+        shlex.quote(a) for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes))
+    )
+    argv = [
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-T",
+        "-x",
+        "-a",
+        "-i",
+        str(key_file),
+        "-p",
+        str(login.port),
+        "-l",
+        login.user,
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        f"UserKnownHostsFile={known_hosts}",
+        "-o",
+        "GlobalKnownHostsFile=/dev/null",
+        "-o",
+        "ConnectTimeout=10",
+        "-o",
+        "ServerAliveInterval=15",
+        "-o",
+        "ServerAliveCountMax=3",
+        "-o",
+        "LogLevel=ERROR",
+        "--",
+        login.address,
+        command,
+    ]
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return _ProcessReader(process, progress, workdir)
+
+
+def read_header(read_exact: Callable[[int], bytes]) -> tuple[int, int]:
+    """(disk size, start offset) from the reader's first bytes."""
+    magic = read_exact(len(MAGIC))
+    if magic != MAGIC:
+        raise CopyError(f"the source reader did not answer with {MAGIC!r} (got {magic!r})")
+    size, start = HEADER.unpack(read_exact(HEADER.size))
+    return size, start
+
+
+def read_records(read_exact: Callable[[int], bytes]) -> Iterator[tuple[bytes, int, bytes]]:
+    """The reader's records after the header: (b"D", offset, data), (b"S", segment end, digest);
+    stops after b"E". Pure protocol parsing, shared by the copy and its tests."""
+    while True:
+        kind = read_exact(1)
+        if kind == b"E":
+            return
+        if kind == b"D":
+            offset, length = DATA.unpack(read_exact(DATA.size))
+            if length == 0:
+                raise CopyError(f"the source reader sent an empty data record at {offset}")
+            yield kind, offset, read_exact(length)
+        elif kind == b"S":
+            seg_end, digest = SEGMENT.unpack(read_exact(SEGMENT.size))
+            yield kind, seg_end, digest
+        else:
+            raise CopyError(f"unexpected record {kind!r} from the source reader")
+
+
+def _copy_from(
+    reader: _ChannelReader,
+    vol: libvirt.virStorageVol,
+    stream_factory: Callable[[], libvirt.virStream],
+    progress: CopyProgress,
+    on_progress: ProgressCallback | None,
+    seen_data_until: int,
+) -> None:
+    size, start = read_header(reader.read_exact)
+    if size != progress.size_bytes:
+        raise CopyError(f"{progress.disk}: source size {size}, expected {progress.size_bytes}")
+    if start != progress.checkpoint:
+        raise CopyError(f"{progress.disk}: reader started at {start}, expected {progress.checkpoint}")
+    cursor = start
+    stream = None
+    last_report = 0.0
+    try:
+        for kind, offset, payload in read_records(reader.read_exact):
+            if stream is None:
+                stream = stream_factory()
+                seg_len = min(size, (cursor // progress.segment_bytes + 1) * progress.segment_bytes) - cursor
+                vol.upload(stream, cursor, seg_len, libvirt.VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM)
+            if kind == b"D":
+                if offset < cursor:
+                    raise CopyError(f"{progress.disk}: reader sent data out of order at {offset}")
+                if offset > cursor:
+                    stream.sendHole(offset - cursor)
+                _send_all(stream, payload)
+                cursor = offset + len(payload)
+                progress.position = cursor
+                progress.data_bytes += len(payload)
+                if offset < seen_data_until:
+                    progress.resent_bytes += min(len(payload), seen_data_until - offset)
+            else:  # b"S": the segment is complete; finishing the stream makes it a checkpoint
+                if offset > cursor:
+                    stream.sendHole(offset - cursor)
+                stream.finish()
+                stream = None
+                cursor = offset
+                progress.checkpoint = progress.position = offset
+                progress.segment_digests[offset] = payload.hex()
+            now = time.monotonic()
+            if on_progress and (kind == b"S" or now - last_report > 0.5):
+                last_report = now
+                on_progress(progress)
+    finally:
+        if stream is not None:
+            with contextlib.suppress(libvirt.libvirtError):  # the original error is what matters
+                stream.abort()
+
+
+def _send_all(stream: libvirt.virStream, data: bytes) -> None:
+    while data:
+        sent = stream.send(data)
+        if sent < 0:
+            raise CopyError("libvirt stream refused data")
+        data = data[sent:]
+
+
+def copy_disk(
+    open_ssh: Callable[[], paramiko.SSHClient],
+    device: str,
+    conn: libvirt.virConnect,
+    vol: libvirt.virStorageVol,
+    size_bytes: int,
+    *,
+    disk_name: str | None = None,
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    max_attempts: int = 4,
+    resume: CopyProgress | None = None,
+    on_progress: ProgressCallback | None = None,
+    retry_delay_s: float = 1.0,
+    retryable: tuple[type[BaseException], ...] = (),
+    on_retry: Callable[[CopyProgress, BaseException], None] | None = None,
+    openssh: OpenSSHLogin | None = None,
+) -> CopyProgress:
+    """Copy `device` on the source into `vol`; resume at the last checkpoint after a break.
+
+    open_ssh returns a connected, host-key-verified client (p2v.ssh); it is called again after a
+    broken connection. With `openssh` (and an `ssh` binary), the data itself streams through the
+    OpenSSH client, pinned to the host key that paramiko session verified; otherwise through
+    paramiko. Raises CopyError when the attempts are used up or the data is wrong.
+    """
+    if segment_bytes % CHUNK_BYTES:
+        raise ValueError(f"segment_bytes must be a multiple of {CHUNK_BYTES}, got {segment_bytes}")
+    progress = resume or CopyProgress(
+        disk=disk_name or device, size_bytes=size_bytes, segment_bytes=segment_bytes
+    )
+    attempts = 0
+    seen_data_until = progress.position
+    while True:
+        attempts += 1
+        ssh = None
+        reader = None
+        try:
+            ssh = open_ssh()
+            if openssh is not None and shutil.which("ssh"):
+                host_key = ssh.get_transport().get_remote_server_key()
+                ssh.close()  # the verified key is all the bulk stream needs from this session
+                reader = _open_openssh_reader(
+                    openssh, host_key, device, progress.checkpoint, segment_bytes, progress
+                )
+            else:
+                reader = _open_reader(ssh, device, progress.checkpoint, segment_bytes, progress)
+            _copy_from(reader, vol, lambda: conn.newStream(0), progress, on_progress, seen_data_until)
+            break
+        except (ConnectionBroken, paramiko.SSHException, OSError, EOFError, *retryable) as exc:
+            seen_data_until = max(seen_data_until, progress.position)
+            if attempts >= max_attempts:
+                raise CopyError(
+                    f"{progress.disk}: gave up after {attempts} attempts at offset "
+                    f"{progress.checkpoint}: {exc}"
+                ) from exc
+            progress.resumes += 1
+            progress.position = progress.checkpoint
+            if on_retry:
+                on_retry(progress, exc)
+            time.sleep(retry_delay_s * attempts)
+        finally:
+            if isinstance(reader, _ProcessReader):
+                reader.close()
+            if ssh is not None:
+                ssh.close()
+    if on_progress:
+        on_progress(progress)
+    return progress
+
+
+class _ReadbackHasher:
+    """Recomputes the source reader's per-segment digests from what the volume holds."""
+
+    def __init__(self, size: int, segment_bytes: int):
+        self.size, self.segment_bytes = size, segment_bytes
+        self.pos = 0
+        self.chunk_start = 0
+        self.chunk = bytearray()
+        self.chunk_has_data = False
+        self.segment = hashlib.sha256()
+        self.segments: dict[int, str] = {}
+
+    def _boundary(self) -> int:
+        return min(self.size, (self.pos // CHUNK_BYTES + 1) * CHUNK_BYTES)
+
+    def _close_chunk_if_full(self) -> None:
+        if self.pos != min(self.size, self.chunk_start + CHUNK_BYTES):
+            return
+        if self.chunk_has_data:
+            self.chunk += ZERO_CHUNK[: self.pos - self.chunk_start - len(self.chunk)]
+            length = len(self.chunk)
+            zero = self.chunk == (ZERO_CHUNK if length == CHUNK_BYTES else ZERO_CHUNK[:length])
+            self.segment.update(ZERO_CHUNK_DIGEST if zero else hashlib.sha256(self.chunk).digest())
+        else:
+            self.segment.update(ZERO_CHUNK_DIGEST)
+        self.chunk.clear()
+        self.chunk_has_data = False
+        self.chunk_start = self.pos
+        if self.pos % self.segment_bytes == 0 or self.pos == self.size:
+            self.segments[self.pos] = self.segment.hexdigest()
+            self.segment = hashlib.sha256()
+
+    def data(self, buf: bytes) -> None:
+        view = memoryview(buf)
+        while view:
+            if self.pos >= self.size:
+                raise CopyError(f"volume read-back returned more than {self.size} bytes")
+            take = min(len(view), self._boundary() - self.pos)
+            # Leading hole inside this chunk: materialise its zeros before the data.
+            self.chunk += ZERO_CHUNK[: self.pos - self.chunk_start - len(self.chunk)]
+            self.chunk += view[:take]
+            self.chunk_has_data = True
+            self.pos += take
+            view = view[take:]
+            self._close_chunk_if_full()
+
+    def hole(self, length: int) -> None:
+        while length:
+            if self.pos >= self.size:
+                raise CopyError(f"volume read-back returned more than {self.size} bytes")
+            take = min(length, self._boundary() - self.pos)
+            self.pos += take
+            length -= take
+            self._close_chunk_if_full()
+
+
+def verify_volume(conn: libvirt.virConnect, vol: libvirt.virStorageVol, progress: CopyProgress) -> None:
+    """Read the volume back (sparse) and compare every segment's digest with the source's."""
+    segment_bytes = progress.segment_bytes
+    hasher = _ReadbackHasher(progress.size_bytes, segment_bytes)
+    stream = conn.newStream(0)
+    vol.download(stream, 0, progress.size_bytes, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
+
+    def on_data(_stream: libvirt.virStream, buf: bytes, _opaque: object) -> int:
+        hasher.data(buf)
+        return len(buf)
+
+    def on_hole(_stream: libvirt.virStream, length: int, _opaque: object) -> int:
+        hasher.hole(length)
+        return 0
+
+    try:
+        stream.sparseRecvAll(on_data, on_hole, None)
+        stream.finish()
+    except libvirt.libvirtError as exc:
+        with contextlib.suppress(libvirt.libvirtError):  # the read error below is what matters
+            stream.abort()
+        raise CopyError(f"{progress.disk}: could not read the volume back: {exc}") from exc
+    if hasher.pos != progress.size_bytes:
+        raise CopyError(f"{progress.disk}: read back {hasher.pos} bytes, expected {progress.size_bytes}")
+    mismatched = [
+        end for end, digest in progress.segment_digests.items() if hasher.segments.get(end) != digest
+    ]
+    missing = sorted(set(hasher.segments) - set(progress.segment_digests))
+    if mismatched or missing:
+        raise CopyError(
+            f"{progress.disk}: checksum mismatch in segments ending at "
+            f"{sorted(mismatched)[:5]} (missing source digests: {missing[:5]})"
+        )
+
+
+def overall_digest(progress: CopyProgress) -> str:
+    """One checksum for the whole disk: sha256 over the per-segment digests in disk order."""
+    h = hashlib.sha256()
+    for end in sorted(progress.segment_digests):
+        h.update(bytes.fromhex(progress.segment_digests[end]))
+    return h.hexdigest()

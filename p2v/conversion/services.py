@@ -1,0 +1,742 @@
+"""Conversion jobs: start, cancel, run one stage, roll back. Called by the API, tasks and triggers.
+
+A job walks plan -> copy -> build -> adjust -> verify -> done; `run_stage` runs exactly the job's
+current stage and persists the outcome, so a Celery task per stage can pick up where the last one
+stopped. Anything created on the hypervisor is written into `job.resources` *before* it is created
+(names carry the hypervisor's prefix and the job id), so a rollback after any failure or a cancel
+removes exactly what this job made: the domain (with its NVRAM), the volumes, the console log. The
+source machine is only ever read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import libvirt
+import paramiko
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from p2v import ssh
+
+from . import adjust as adjust_mod
+from . import copy as copy_mod
+from . import domain_xml, verify
+from .choices import FINISHED_STATES, STAGE_ORDER, JobStage, JobState, LogLevel
+from .models import ConversionJob, Hypervisor, JobLog
+
+logger = logging.getLogger(__name__)
+# libvirt prints every error to stderr by default, even the ones we expect and handle (a lookup of a
+# name that must not exist yet); they still raise libvirtError, which is what this module acts on.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+SLUG_RE = re.compile(r"[^a-z0-9-]+")
+PROGRESS_SAVE_INTERVAL_S = 0.5
+
+
+class ConversionError(RuntimeError):
+    """A conversion cannot start or a stage failed; the message names what and why."""
+
+
+class JobCancelled(ConversionError):
+    pass
+
+
+# --- starting and cancelling ----------------------------------------------------------------------
+
+
+def default_hypervisor() -> Hypervisor:
+    hypervisor = Hypervisor.objects.order_by("id").first()
+    if hypervisor is None:
+        raise ConversionError("no hypervisor is registered (POST /api/p2v/hypervisors/ first)")
+    return hypervisor
+
+
+def start_conversion(event, hypervisor: Hypervisor | None = None, requested_by=None) -> ConversionJob:
+    """Create a job for a conversion event and queue its first stage (after the transaction commits).
+
+    Uses the event's assessment, or the machine's latest successful one. Raises ConversionError when
+    there is no usable assessment, no hypervisor, or the machine already has a job in progress.
+    """
+    machine = event.machine
+    assessment = event.assessment or machine.latest_assessment
+    if assessment is None or not assessment.facts:
+        raise ConversionError(f"machine {machine.name!r} has no successful assessment to convert from")
+    if assessment.blockers:
+        raise ConversionError(
+            f"assessment #{assessment.pk} of {machine.name!r} has blockers: "
+            + "; ".join(str(b.get("message", b) if isinstance(b, dict) else b) for b in assessment.blockers)[
+                :500
+            ]
+        )
+    if hypervisor is None and (event.details or {}).get("hypervisor_id"):
+        hypervisor = Hypervisor.objects.filter(pk=event.details["hypervisor_id"]).first()
+    hypervisor = hypervisor or default_hypervisor()
+    with transaction.atomic():
+        busy = (
+            ConversionJob.objects.select_for_update()
+            .filter(machine=machine)
+            .exclude(state__in=FINISHED_STATES)
+        )
+        if busy.exists():
+            raise ConversionError(
+                f"machine {machine.name!r} already has conversion #{busy.first().pk} in progress"
+            )
+        job = ConversionJob.objects.create(
+            machine=machine,
+            assessment=assessment,
+            event=event,
+            hypervisor=hypervisor,
+            requested_by=requested_by,
+        )
+        log(
+            job,
+            f"conversion of {machine.name} from assessment #{assessment.pk} queued "
+            f"on hypervisor {hypervisor.name} ({event.kind} event #{event.pk})",
+        )
+        transaction.on_commit(lambda: _enqueue(job.pk))
+    return job
+
+
+def cancel_job(job: ConversionJob) -> ConversionJob:
+    """Ask a job to stop; the running stage notices within about a second and rolls back."""
+    with transaction.atomic():
+        job = ConversionJob.objects.select_for_update().get(pk=job.pk)
+        if job.state in FINISHED_STATES:
+            raise ConversionError(f"conversion #{job.pk} has already finished ({job.state})")
+        job.cancel_requested = True
+        job.save(update_fields=["cancel_requested", "updated"])
+    # No extra task: the queued or running stage task sees the flag (at its start, or within about a
+    # second while copying or booting) and rolls back; a second task could race it.
+    log(job, "cancel requested", LogLevel.WARNING)
+    return job
+
+
+def _enqueue(job_id: int) -> None:
+    from .tasks import run_conversion_stage
+
+    run_conversion_stage.delay(job_id)
+
+
+# --- publishing -------------------------------------------------------------------------------------
+
+
+def job_snapshot(job: ConversionJob) -> dict:
+    return {
+        "id": job.pk,
+        "state": job.state,
+        "stage": job.stage,
+        "percent": round(job.percent, 1),
+        "bytes_done": job.bytes_done,
+        "bytes_total": job.bytes_total,
+        "wire_bytes": job.wire_bytes,
+        "rate_bytes_per_s": round(job.rate_bytes_per_s),
+        "error": job.error,
+    }
+
+
+def _publish(job: ConversionJob, message_type: str, data: dict) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(job.group_name, {"type": message_type, "data": data})
+    except Exception as exc:  # a live-update outage must not fail the conversion; it is logged
+        logger.warning("could not publish %s for job %s: %s", message_type, job.pk, exc)
+
+
+def log(job: ConversionJob, message: str, level: str = LogLevel.INFO) -> JobLog:
+    line = JobLog.objects.create(job=job, stage=job.stage, level=level, message=message)
+    logger.log(
+        logging.WARNING if level != LogLevel.INFO else logging.INFO,
+        "p2v job %s [%s] %s",
+        job.pk,
+        job.stage,
+        message,
+    )
+    _publish(
+        job,
+        "job.log",
+        {
+            "id": line.pk,
+            "job": job.pk,
+            "at": line.at.isoformat(),
+            "stage": line.stage,
+            "level": line.level,
+            "message": line.message,
+        },
+    )
+    return line
+
+
+def save_progress(job: ConversionJob, *fields: str) -> None:
+    job.save(update_fields=[*fields, "updated"])
+    _publish(job, "job.update", job_snapshot(job))
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+
+def run_stage(job_id: int) -> bool:
+    """Run the job's current stage; True if another stage should be queued."""
+    job = ConversionJob.objects.select_related("machine", "assessment", "hypervisor").get(pk=job_id)
+    if job.state in FINISHED_STATES:
+        return False
+    if job.cancel_requested:
+        _finish_with_rollback(job, JobState.CANCELLED, "cancelled by an admin")
+        return False
+    if job.state == JobState.QUEUED:
+        job.state, job.started = JobState.RUNNING, timezone.now()
+        save_progress(job, "state", "started")
+    stage = JobStage(job.stage)
+    if stage == JobStage.DONE:
+        return False
+    log(job, f"stage {stage.label} started")
+    started = time.monotonic()
+    try:
+        STAGES[stage](job)
+    except JobCancelled:
+        _finish_with_rollback(job, JobState.CANCELLED, "cancelled by an admin")
+        return False
+    except Exception as exc:  # every failure ends the job with its reason and a rollback
+        reason = f"{stage.label} failed: {exc}"
+        logger.exception("p2v job %s: %s", job.pk, reason)
+        _finish_with_rollback(job, JobState.FAILED, reason)
+        return False
+    next_stage = STAGE_ORDER[STAGE_ORDER.index(stage) + 1]
+    log(job, f"stage {stage.label} finished in {time.monotonic() - started:.1f} s")
+    job.stage = next_stage
+    job.percent = 0.0
+    if next_stage == JobStage.DONE:
+        job.state, job.percent, job.finished = JobState.SUCCEEDED, 100.0, timezone.now()
+        save_progress(job, "stage", "state", "percent", "finished")
+        log(job, "conversion finished: the VM boots and matches the assessment")
+        return False
+    save_progress(job, "stage", "percent")
+    return True
+
+
+def _finish_with_rollback(job: ConversionJob, state: str, reason: str) -> None:
+    job.refresh_from_db()
+    log(job, reason, LogLevel.ERROR if state == JobState.FAILED else LogLevel.WARNING)
+    problems = rollback(job)
+    job.state, job.finished = state, timezone.now()
+    job.error = reason + (f" (rollback problems: {'; '.join(problems)})" if problems else "")
+    save_progress(job, "state", "finished", "error")
+
+
+def _check_cancel(job: ConversionJob) -> None:
+    if ConversionJob.objects.filter(pk=job.pk, cancel_requested=True).exists():
+        raise JobCancelled("cancelled")
+
+
+@contextlib.contextmanager
+def _libvirt(job: ConversionJob):
+    try:
+        conn = libvirt.open(job.hypervisor.uri)
+    except libvirt.libvirtError as exc:
+        raise ConversionError(
+            f"cannot connect to hypervisor {job.hypervisor.name} at {job.hypervisor.uri}: "
+            f"{exc.get_error_message()}"
+        ) from exc
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _pool(conn: libvirt.virConnect, job: ConversionJob) -> libvirt.virStoragePool:
+    name = job.hypervisor.storage_pool
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as exc:
+        raise ConversionError(f"storage pool {name!r} does not exist on {job.hypervisor.uri}") from exc
+    if not pool.isActive():
+        raise ConversionError(f"storage pool {name!r} is not active")
+    return pool
+
+
+def _pool_path(pool: libvirt.virStoragePool) -> str:
+    path = ET.fromstring(pool.XMLDesc()).findtext("target/path")  # noqa: S314 (libvirt's own XML)
+    if not path:
+        raise ConversionError(f"storage pool {pool.name()!r} has no target path (use a 'dir' pool)")
+    return path
+
+
+def console_dir(hypervisor: Hypervisor) -> Path:
+    return Path(hypervisor.console_dir or Path(settings.VAR_DIR) / "p2v-console")
+
+
+def plan_stage(job: ConversionJob) -> None:
+    """Check the facts and the hypervisor's capacity; decide every name and size."""
+    facts = job.assessment.facts or {}
+    hypervisor = job.hypervisor
+    if facts.get("schema") != 1:
+        raise ConversionError(
+            f"assessment #{job.assessment_id} has facts schema {facts.get('schema')!r}, expected 1"
+        )
+    disks = [d for d in facts.get("disks") or [] if d.get("size_bytes")]
+    if not disks:
+        raise ConversionError("the assessment lists no disks with a size")
+    for disk in disks:
+        if not str(disk.get("path", "")).startswith("/dev/"):
+            raise ConversionError(f"disk {disk.get('name')!r} has no /dev path in the assessment")
+    firmware = facts.get("firmware")
+    if firmware not in ("bios", "uefi"):
+        raise ConversionError(f"the assessment could not tell the firmware (got {firmware!r})")
+    if firmware == "uefi" and not Path(domain_xml.OVMF_CODE).exists():
+        raise ConversionError(f"UEFI guest but {domain_xml.OVMF_CODE} is missing (install ovmf)")
+    policy_cap = job.machine.effective_policy().memory_cap_bytes
+    memory_cap = min(hypervisor.memory_cap_bytes, policy_cap)
+    memory = domain_xml.cap_memory(facts.get("memory_bytes"), memory_cap)
+    if facts.get("memory_bytes") and memory < facts["memory_bytes"]:
+        log(job, f"memory capped by policy: {facts['memory_bytes']} -> {memory} bytes", LogLevel.WARNING)
+    vcpus, sockets, cores, threads = domain_xml.cpu_topology(facts.get("cpu"))
+    nics = [
+        {"name": n["name"], "mac": domain_xml.validate_mac(n["mac"])} for n in domain_xml.physical_nics(facts)
+    ]
+    base = f"{hypervisor.name_prefix}{SLUG_RE.sub('-', job.machine.name.lower()).strip('-')[:40]}-{job.pk}"
+    with _libvirt(job) as conn:
+        pool = _pool(conn, job)
+        pool.refresh(0)
+        _state, _capacity, _allocation, available = pool.info()
+        need = sum(d["size_bytes"] for d in disks)
+        if need > available:
+            raise ConversionError(
+                f"storage pool {pool.name()!r} has {available} bytes free, the disks need {need}"
+            )
+        _model, host_memory_mib, host_cpus, *_ = conn.getInfo()
+        running_kib = sum(d.maxMemory() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+        allowed = host_memory_mib * 1024 * 1024 * hypervisor.memory_overcommit
+        if running_kib * 1024 + memory > allowed:
+            raise ConversionError(
+                f"not enough memory on {hypervisor.name}: running VMs use {running_kib * 1024} "
+                f"bytes, this VM needs {memory}, policy allows {int(allowed)}"
+            )
+        if vcpus > host_cpus * hypervisor.vcpu_overcommit:
+            raise ConversionError(
+                f"{vcpus} vCPUs exceed {host_cpus} host CPUs x overcommit {hypervisor.vcpu_overcommit}"
+            )
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(base)
+            raise ConversionError(f"a domain named {base!r} already exists on {hypervisor.name}")
+        volumes = []
+        for index, disk in enumerate(disks):
+            name = f"{base}-{SLUG_RE.sub('-', disk['name'].lower())}.raw"
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.storageVolLookupByName(name)
+                raise ConversionError(f"a volume named {name!r} already exists in pool {pool.name()!r}")
+            volumes.append(
+                {
+                    "disk": disk["name"],
+                    "device": disk["path"],
+                    "size_bytes": disk["size_bytes"],
+                    "volume": name,
+                    "target": domain_xml.target_dev(index),
+                }
+            )
+        pool_path = _pool_path(pool)
+    job.plan = {
+        "domain": base,
+        "uuid": str(uuid.uuid4()),
+        "firmware": firmware,
+        "memory_bytes": memory,
+        "vcpus": vcpus,
+        "sockets": sockets,
+        "cores": cores,
+        "threads": threads,
+        "volumes": volumes,
+        "nics": nics,
+        "pool": hypervisor.storage_pool,
+        "pool_path": pool_path,
+        "console_log": str(console_dir(hypervisor) / f"{base}.console.log"),
+        "nvram": f"{pool_path}/{base}_VARS.fd" if firmware == "uefi" else None,
+    }
+    job.bytes_total = need
+    save_progress(job, "plan", "bytes_total")
+    log(
+        job,
+        f"plan: domain {base}, {vcpus} vCPUs ({sockets}x{cores}x{threads}), {memory} bytes memory, "
+        f"{firmware}, disks {[v['disk'] for v in volumes]}, NICs {[n['mac'] for n in nics]}",
+    )
+
+
+def _record_resource(job: ConversionJob, kind: str, value) -> None:
+    resources = dict(job.resources)
+    if kind == "volumes":
+        resources.setdefault("volumes", [])
+        if value not in resources["volumes"]:
+            resources["volumes"].append(value)
+    else:
+        resources[kind] = value
+    job.resources = resources
+    job.save(update_fields=["resources", "updated"])
+
+
+def copy_stage(job: ConversionJob) -> None:
+    """Copy every disk into a new sparse volume; resume after breaks; verify by read-back checksum."""
+    plan = job.plan
+    endpoint = job.machine.endpoint()
+    retryable = (ssh.HostUnreachable, ssh.ConnectionLost, paramiko.SSHException, OSError, EOFError)
+
+    def open_ssh() -> paramiko.SSHClient:
+        try:
+            return ssh.connect(endpoint).client
+        except (ssh.HostUnreachable, ssh.ConnectionLost) as exc:
+            raise copy_mod.ConnectionBroken(str(exc)) from exc
+
+    done_before = 0
+    with _libvirt(job) as conn:
+        pool = _pool(conn, job)
+        for entry in plan["volumes"]:
+            _check_cancel(job)
+            state = job.copy_state.get(entry["volume"], {})
+            if state.get("verified"):
+                done_before += entry["size_bytes"]
+                continue
+            _record_resource(job, "volumes", {"pool": plan["pool"], "name": entry["volume"]})
+            try:
+                vol = pool.storageVolLookupByName(entry["volume"])
+            except libvirt.libvirtError:
+                vol = pool.createXML(
+                    f"<volume><name>{entry['volume']}</name>"
+                    f"<capacity unit='bytes'>{entry['size_bytes']}</capacity>"
+                    "<allocation unit='bytes'>0</allocation><target><format type='raw'/></target></volume>",
+                    0,
+                )
+            resume = None
+            if state.get("checkpoint"):
+                resume = copy_mod.CopyProgress(
+                    disk=entry["disk"],
+                    size_bytes=entry["size_bytes"],
+                    checkpoint=state["checkpoint"],
+                    position=state["checkpoint"],
+                    segment_digests={int(k): v for k, v in state["digests"].items()},
+                )
+                log(job, f"{entry['disk']}: resuming at offset {state['checkpoint']}")
+            last_save = [0.0]
+
+            def on_progress(
+                progress: copy_mod.CopyProgress,
+                base: int = done_before,
+                entry: dict = entry,
+                last_save: list[float] = last_save,
+            ) -> None:
+                now = time.monotonic()
+                if now - last_save[0] < PROGRESS_SAVE_INTERVAL_S and progress.position < progress.size_bytes:
+                    return
+                last_save[0] = now
+                _check_cancel(job)
+                job.bytes_done = base + progress.position
+                job.percent = 100.0 * job.bytes_done / max(job.bytes_total, 1)
+                job.wire_bytes = progress.wire_bytes + sum(
+                    s.get("wire_bytes", 0) for k, s in job.copy_state.items() if k != entry["volume"]
+                )
+                job.rate_bytes_per_s = progress.rate_bytes_per_s
+                job.copy_state = {
+                    **job.copy_state,
+                    entry["volume"]: {
+                        "checkpoint": progress.checkpoint,
+                        "digests": progress.segment_digests,
+                        "wire_bytes": progress.wire_bytes,
+                        "data_bytes": progress.data_bytes,
+                        "resumes": progress.resumes,
+                        "verified": False,
+                    },
+                }
+                save_progress(job, "bytes_done", "percent", "wire_bytes", "rate_bytes_per_s", "copy_state")
+
+            log(
+                job,
+                f"{entry['disk']}: copying {entry['device']} ({entry['size_bytes']} bytes) into "
+                f"{entry['volume']}",
+            )
+            started = time.monotonic()
+            try:
+                progress = copy_mod.copy_disk(
+                    open_ssh,
+                    entry["device"],
+                    conn,
+                    vol,
+                    entry["size_bytes"],
+                    disk_name=entry["disk"],
+                    resume=resume,
+                    on_progress=on_progress,
+                    retryable=retryable,
+                    openssh=copy_mod.OpenSSHLogin(
+                        endpoint.address, endpoint.port, endpoint.user, endpoint.private_key
+                    ),
+                    on_retry=lambda p, exc: log(
+                        job,
+                        f"{p.disk}: connection broke at {p.checkpoint} ({exc}); resuming",
+                        LogLevel.WARNING,
+                    ),
+                )
+            except ssh.HostKeyMismatch as exc:
+                raise ConversionError(f"host key changed, refusing to copy: {exc}") from exc
+            seconds = time.monotonic() - started
+            copy_mod.verify_volume(conn, vol, progress)
+            job.copy_state = {
+                **job.copy_state,
+                entry["volume"]: {
+                    "checkpoint": progress.checkpoint,
+                    "digests": progress.segment_digests,
+                    "wire_bytes": progress.wire_bytes,
+                    "data_bytes": progress.data_bytes,
+                    "resent_bytes": progress.resent_bytes,
+                    "resumes": progress.resumes,
+                    "verified": True,
+                    "sha256_tree": copy_mod.overall_digest(progress),
+                    "seconds": round(seconds, 3),
+                },
+            }
+            done_before += entry["size_bytes"]
+            job.bytes_done = done_before
+            job.percent = 100.0 * done_before / max(job.bytes_total, 1)
+            save_progress(job, "copy_state", "bytes_done", "percent")
+            allocation = vol.info()[2]
+            log(
+                job,
+                f"{entry['disk']}: copied in {seconds:.1f} s; {progress.wire_bytes} bytes over SSH, "
+                f"{progress.data_bytes} data bytes, volume allocation {allocation} of {entry['size_bytes']}, "
+                f"{progress.resumes} resumes; checksum verified ({copy_mod.overall_digest(progress)[:16]})",
+            )
+
+
+def _expected_spec(job: ConversionJob, pool: libvirt.virStoragePool) -> domain_xml.DomainSpec:
+    plan = job.plan
+    disks = tuple(
+        domain_xml.DiskSpec(
+            source_path=pool.storageVolLookupByName(v["volume"]).path(),
+            target_dev=v["target"],
+            size_bytes=v["size_bytes"],
+            source_name=v["disk"],
+        )
+        for v in plan["volumes"]
+    )
+    return domain_xml.DomainSpec(
+        name=plan["domain"],
+        domain_type=job.hypervisor.domain_type,
+        vcpus=plan["vcpus"],
+        sockets=plan["sockets"],
+        cores=plan["cores"],
+        threads=plan["threads"],
+        memory_bytes=plan["memory_bytes"],
+        firmware=plan["firmware"],
+        disks=disks,
+        nics=tuple(domain_xml.NicSpec(mac=n["mac"], source_name=n["name"]) for n in plan["nics"]),
+        network=job.hypervisor.network,
+        console_log=plan["console_log"],
+        nvram_path=plan["nvram"],
+        description=f"P2V conversion #{job.pk} of machine {job.machine.name} "
+        f"(assessment #{job.assessment_id})",
+    )
+
+
+def build_stage(job: ConversionJob) -> None:
+    """Define the domain from the plan (the domain XML carries the job's UUID, never reusing a name)."""
+    with _libvirt(job) as conn:
+        spec = _expected_spec(job, _pool(conn, job))
+        xml = domain_xml.render_domain_xml(spec)
+        root = ET.fromstring(xml)  # noqa: S314 (XML we just rendered)
+        ET.SubElement(root, "uuid").text = job.plan["uuid"]
+        xml = ET.tostring(root, encoding="unicode")
+        Path(spec.console_log).parent.mkdir(parents=True, exist_ok=True)
+        _record_resource(job, "domain", {"name": spec.name, "uuid": job.plan["uuid"]})
+        _record_resource(job, "console_log", spec.console_log)
+        try:
+            conn.defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise ConversionError(
+                f"libvirt refused the domain definition: {exc.get_error_message()}"
+            ) from exc
+    log(
+        job,
+        f"domain {spec.name} defined ({spec.domain_type}, {spec.firmware}, {len(spec.disks)} virtio disks, "
+        f"{len(spec.nics)} virtio NICs)",
+    )
+
+
+def adjust_stage(job: ConversionJob) -> None:
+    """Host-side guest changes on the copied volumes (never on the source)."""
+    with _libvirt(job) as conn:
+        pool = _pool(conn, job)
+        paths = [pool.storageVolLookupByName(v["volume"]).path() for v in job.plan["volumes"]]
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise ConversionError(f"volumes {missing} are not visible from this worker; run it on the hypervisor")
+    changes = adjust_mod.adjust_guest(paths, job.assessment.facts or {}, job.plan["nics"])
+    job.changes = [{"path": c.path, "summary": c.summary, "after": c.after} for c in changes]
+    save_progress(job, "changes")
+    if not changes:
+        log(job, "guest needs no changes")
+    for change in changes:
+        log(job, f"changed {change.path}: {change.summary}")
+
+
+def expected_hardware(job: ConversionJob) -> verify.ExpectedHardware:
+    plan = job.plan
+    return verify.ExpectedHardware(
+        vcpus=plan["vcpus"],
+        memory_bytes=plan["memory_bytes"],
+        firmware=plan["firmware"],
+        disk_sizes=tuple(v["size_bytes"] for v in plan["volumes"]),
+        macs=tuple(n["mac"] for n in plan["nics"]),
+        nic_names={n["mac"]: n["name"] for n in plan["nics"]},
+    )
+
+
+def verify_stage(job: ConversionJob) -> None:
+    """Boot the VM, wait for proof of life, compare the guest's own report with the assessment."""
+    console_log = Path(job.plan["console_log"])
+    console_log.unlink(missing_ok=True)
+    with _libvirt(job) as conn:
+        domain = conn.lookupByName(job.plan["domain"])
+        last_check = [0.0]
+
+        def should_stop() -> bool:
+            if time.monotonic() - last_check[0] < 1.0:
+                return False
+            last_check[0] = time.monotonic()
+            return ConversionJob.objects.filter(pk=job.pk, cancel_requested=True).exists()
+
+        try:
+            result = verify.boot_and_wait(domain, console_log, job.hypervisor.boot_timeout_s, should_stop)
+        except verify.VerifyError as exc:
+            if "cancelled" in str(exc):
+                raise JobCancelled(str(exc)) from exc
+            raise
+        finally:
+            verify.stop_domain(domain)
+    log(job, f"proof of life after {result.seconds_to_proof:.1f} s")
+    job.verification = {
+        "seconds_to_proof": round(result.seconds_to_proof, 2),
+        "report": result.report,
+        "expected": dataclasses.asdict(expected_hardware(job)),
+    }
+    if result.report is None:
+        job.verification["compared"] = False
+        save_progress(job, "verification")
+        log(
+            job,
+            "the guest reached a login prompt but sent no hardware report; hardware not compared",
+            LogLevel.WARNING,
+        )
+        return
+    problems = verify.compare_hardware(result.report, expected_hardware(job))
+    job.verification["compared"] = True
+    job.verification["problems"] = problems
+    save_progress(job, "verification")
+    if problems:
+        raise verify.VerifyError("the VM does not match the assessment: " + "; ".join(problems))
+    log(
+        job,
+        f"guest reports {result.report.get('vcpus')} vCPUs, disks "
+        f"{[d.get('size_bytes') for d in result.report.get('disks', [])]}, NICs "
+        f"{[n.get('mac') for n in result.report.get('nics', [])]}, {result.report.get('firmware')}: "
+        "matches the assessment",
+    )
+
+
+STAGES: dict[JobStage, Callable[[ConversionJob], None]] = {
+    JobStage.PLAN: plan_stage,
+    JobStage.COPY: copy_stage,
+    JobStage.BUILD: build_stage,
+    JobStage.ADJUST: adjust_stage,
+    JobStage.VERIFY: verify_stage,
+}
+
+
+# --- rollback ---------------------------------------------------------------------------------------
+
+
+def rollback(job: ConversionJob) -> list[str]:
+    """Remove what this job created (recorded in job.resources); return problems, never raise."""
+    resources = job.resources or {}
+    problems: list[str] = []
+    if not resources:
+        return problems
+    try:
+        with _libvirt(job) as conn:
+            domain_info = resources.get("domain")
+            if domain_info:
+                problems += _remove_domain(job, conn, domain_info)
+            for vol in resources.get("volumes", []):
+                problems += _remove_volume(job, conn, vol)
+    except ConversionError as exc:
+        problems.append(str(exc))
+    console_log = resources.get("console_log")
+    if console_log:
+        Path(console_log).unlink(missing_ok=True)
+    job.resources = {}
+    job.save(update_fields=["resources", "updated"])
+    return problems
+
+
+def _remove_domain(job: ConversionJob, conn: libvirt.virConnect, info: dict) -> list[str]:
+    try:
+        domain = conn.lookupByName(info["name"])
+    except libvirt.libvirtError:
+        return []  # never defined
+    if domain.UUIDString() != info["uuid"]:
+        return [f"domain {info['name']} has another UUID ({domain.UUIDString()}): not ours, left alone"]
+    try:
+        if domain.isActive():
+            domain.destroy()
+        domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    except libvirt.libvirtError as exc:
+        return [f"could not remove domain {info['name']}: {exc.get_error_message()}"]
+    log(job, f"rollback: domain {info['name']} undefined (with NVRAM)")
+    return []
+
+
+def _remove_volume(job: ConversionJob, conn: libvirt.virConnect, info: dict) -> list[str]:
+    try:
+        pool = conn.storagePoolLookupByName(info["pool"])
+        vol = pool.storageVolLookupByName(info["name"])
+    except libvirt.libvirtError:
+        return []  # never created
+    try:
+        vol.delete(0)
+    except libvirt.libvirtError as exc:
+        return [f"could not delete volume {info['name']}: {exc.get_error_message()}"]
+    log(job, f"rollback: volume {info['name']} deleted")
+    return []
+
+
+def remove_converted_vm(job: ConversionJob) -> list[str]:
+    """Delete a finished job's VM and volumes (used by tests and by an admin discarding a conversion)."""
+    return rollback(job)
+
+
+# --- what the target offers (used by the assessment's compatibility rules) --------------------------
+
+
+def target_profile(machine, profile):
+    """Refine the assessment's TargetProfile with the default hypervisor: its memory cap and the
+    storage pool's real free space. Unchanged when no hypervisor is registered or it cannot be reached."""
+    hypervisor = Hypervisor.objects.order_by("id").first()
+    if hypervisor is None:
+        return profile
+    memory_cap = min(filter(None, [profile.memory_cap_bytes, hypervisor.memory_cap_bytes]))
+    pool_free = profile.pool_free_bytes
+    try:
+        conn = libvirt.open(hypervisor.uri)
+        try:
+            pool = conn.storagePoolLookupByName(hypervisor.storage_pool)
+            pool_free = pool.info()[3]
+        finally:
+            conn.close()
+    except libvirt.libvirtError as exc:
+        logger.warning("p2v: hypervisor %s not reachable for the target profile: %s", hypervisor.name, exc)
+    return dataclasses.replace(profile, memory_cap_bytes=memory_cap, pool_free_bytes=pool_free)

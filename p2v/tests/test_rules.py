@@ -1,0 +1,149 @@
+"""Compatibility rules: each finding appears exactly when its condition holds."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from p2v import rules
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+def healthy_facts() -> dict:
+    return {
+        "schema": 1,
+        "cpu": {"vcpus": 2, "architecture": "x86_64"},
+        "memory_bytes": 4 * GiB,
+        "disks": [
+            {
+                "name": "sda",
+                "path": "/dev/sda",
+                "size_bytes": 20 * GiB,
+                "partitions": [
+                    {
+                        "name": "sda1",
+                        "path": "/dev/sda1",
+                        "size_bytes": 20 * GiB,
+                        "fstype": "ext4",
+                        "uuid": "u-1",
+                        "children": [],
+                    }
+                ],
+            }
+        ],
+        "filesystems": [
+            {
+                "device": "/dev/sda1",
+                "mountpoint": "/",
+                "fstype": "ext4",
+                "size_bytes": 20 * GiB,
+                "used_bytes": 5 * GiB,
+                "avail_bytes": 14 * GiB,
+            }
+        ],
+        "nics": [{"name": "eth0", "mac": "52:54:00:00:00:01"}],
+        "firmware": "bios",
+        "os": {"id": "debian", "name": "Debian GNU/Linux"},
+        "kernel": {"sysname": "Linux", "machine": "x86_64", "virtio_modules": ["virtio_blk", "virtio_net"]},
+        "encrypted_volumes": [],
+        "health": {"smart": [{"disk": "/dev/sda", "passed": True}], "io_errors": 0, "edac": None},
+    }
+
+
+TARGET = rules.TargetProfile(
+    supported_firmware=("bios", "uefi"),
+    memory_cap_bytes=16 * GiB,
+    pool_free_bytes=100 * GiB,
+    min_boot_free_bytes=100 * MiB,
+)
+
+
+def rules_hit(verdict: rules.Verdict) -> tuple[list[str], list[str]]:
+    return [b["rule"] for b in verdict.blockers], [w["rule"] for w in verdict.warnings]
+
+
+def test_healthy_machine_scores_100():
+    verdict = rules.evaluate(healthy_facts(), TARGET)
+    assert (verdict.score, verdict.compatible, verdict.blockers, verdict.warnings) == (100, True, [], [])
+
+
+def changed(path: str, value) -> dict:
+    facts = copy.deepcopy(healthy_facts())
+    *parents, last = path.split(".")
+    node = facts
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return facts
+
+
+@pytest.mark.parametrize(
+    ("facts", "blockers", "warnings", "text"),
+    [
+        (changed("os", None), ["known_os"], [], "could not be identified"),
+        (changed("kernel.sysname", "FreeBSD"), ["known_os"], [], "FreeBSD"),
+        (changed("kernel.machine", "aarch64"), ["architecture"], [], "aarch64"),
+        (changed("kernel.virtio_modules", ["virtio_net"]), ["virtio_drivers"], [], "virtio disk driver"),
+        (changed("kernel.virtio_modules", ["virtio_blk"]), [], ["virtio_drivers"], "virtio_net"),
+        (changed("kernel.virtio_modules", None), [], ["virtio_drivers"], "could not tell"),
+        (changed("filesystems.0.avail_bytes", 50 * MiB), ["initramfs_space"], [], "/ has 50 MiB free"),
+        (changed("filesystems", []), [], ["initramfs_space"], "not checked"),
+        (
+            changed("encrypted_volumes", [{"device": "/dev/sda2", "fstype": "crypto_LUKS"}]),
+            ["encrypted_volumes"],
+            [],
+            "/dev/sda2 is encrypted",
+        ),
+        (changed("firmware", None), ["firmware"], [], "unknown"),
+        (changed("memory_bytes", 64 * GiB), [], ["memory_cap"], "cap of 16.0 GiB"),
+        (changed("disks.0.size_bytes", 200 * GiB), ["disk_capacity"], [], "100.0 GiB free"),
+        (changed("disks", []), ["disk_capacity"], [], "no disks"),
+        (changed("health.smart", [{"disk": "/dev/sda", "passed": False}]), [], ["disk_health"], "FAILED"),
+        (changed("disks.0.partitions.0.uuid", None), [], ["partitions_known"], "/dev/sda1"),
+    ],
+)
+def test_each_rule_fires_on_its_condition(facts, blockers, warnings, text):
+    verdict = rules.evaluate(facts, TARGET)
+    assert rules_hit(verdict) == (blockers, warnings)
+    assert text in " ".join(f["message"] for f in verdict.blockers + verdict.warnings)
+    assert verdict.compatible is (not blockers)
+    assert verdict.score == 100 - 40 * len(blockers) - 10 * len(warnings)
+
+
+def test_firmware_the_hypervisor_cannot_offer():
+    verdict = rules.evaluate(changed("firmware", "uefi"), rules.TargetProfile(supported_firmware=("bios",)))
+    assert "firmware" in rules_hit(verdict)[0]
+    assert "UEFI" in verdict.blockers[0]["message"]
+
+
+def test_separate_boot_filesystem_is_the_one_checked():
+    facts = healthy_facts()
+    facts["filesystems"].append(
+        {
+            "device": "/dev/sda2",
+            "mountpoint": "/boot",
+            "fstype": "ext2",
+            "size_bytes": 200 * MiB,
+            "used_bytes": 150 * MiB,
+            "avail_bytes": 40 * MiB,
+        }
+    )
+    assert rules_hit(rules.evaluate(facts, TARGET))[0] == ["initramfs_space"]
+
+
+def test_unknown_pool_space_is_a_warning_and_score_never_negative():
+    target = rules.TargetProfile(pool_free_bytes=None)
+    assert "disk_capacity" in rules_hit(rules.evaluate(healthy_facts(), target))[1]
+    worst = {"schema": 1, "disks": [], "kernel": {"sysname": "SunOS", "machine": "sparc"}}
+    assert rules.evaluate(worst, target).score == 0
+
+
+def test_every_rule_documents_its_reason():
+    for rule in rules.RULES:
+        assert len((rule.__doc__ or "").split()) > 8, rule.__name__

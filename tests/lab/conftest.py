@@ -1,0 +1,50 @@
+"""One lab per test session (the same builder as `lbagent lab up`), and both mux daemons running
+on it; each test publishes its own VIP through `cluster` and removes it when done."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from lbagent.lab import topology
+from lbagent.lab.harness import LabCluster
+from tests.environment import need, need_binary, need_root
+
+
+def _lab_prerequisites() -> None:
+    need_root()
+    need_binary("ip", "nft", "iptables-nft", "bird", "birdc")
+    need(shutil.which("exabgp") is not None or _venv_has("exabgp"), "needs ExaBGP (pip install exabgp)")
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError:
+        need(False, "needs the NetfilterQueue binding (requirements-system.txt)")
+
+
+def _venv_has(name: str) -> bool:
+    import sys
+    from pathlib import Path
+
+    return Path(sys.executable).with_name(name).exists()
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[topology.Lab]:
+    _lab_prerequisites()
+    built = topology.build()
+    try:
+        yield built
+    finally:
+        topology.teardown(built)
+
+
+@pytest.fixture(scope="session")
+def cluster(lab: topology.Lab) -> Iterator[LabCluster]:
+    c = LabCluster(lab)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop_all()

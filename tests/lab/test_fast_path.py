@@ -1,0 +1,174 @@
+"""The kernel fast path on live TCP: weights, correct backends, statelessness, and the kernel's
+bucket equal to Python's for every flow."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from lbagent.core.flowhash import flow_bucket
+from lbagent.core.maglev import maglev_table
+from lbagent.lab.harness import (
+    HASH_SEED,
+    TABLE_SIZE,
+    backend_doc,
+    connect_and_ask,
+    learned_buckets,
+    listener_doc,
+    vip_doc,
+    wait_route,
+    write_atomically,
+)
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+VIP = "203.0.113.10"
+LISTENER = 10
+WEIGHTS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def weighted_vip(cluster):
+    backends = cluster.lab.backends[:3]
+    docs = [backend_doc(b, weight=w) for b, w in zip(backends, WEIGHTS, strict=True)]
+    cluster.set_vip(vip_doc(VIP, [listener_doc(LISTENER, docs)]))
+    wait_route(cluster.lab, VIP, [m.address for m in cluster.lab.muxes])
+    # What every mux must compute: the Maglev table over `address:port` names with these weights.
+    table = maglev_table([f"{b.address}:80" for b in backends], list(WEIGHTS), TABLE_SIZE)
+    yield backends, table
+    cluster.remove_vip(VIP)
+
+
+def test_short_connections_follow_weights_and_the_table(cluster, weighted_vip):
+    backends, table = weighted_vip
+    client = cluster.lab.clients[0]
+    answers = [connect_and_ask(client.netns, VIP) for _ in range(1000)]
+
+    wrong = []
+    for saddr, sport, name in answers:
+        bucket = flow_bucket(saddr, VIP, 6, sport, 80, seed=HASH_SEED, table_size=TABLE_SIZE)
+        expected = backends[int(table[bucket])].name
+        if name != expected:
+            wrong.append((saddr, sport, name, expected))
+    assert wrong == [], f"{len(wrong)} answers came from another backend than the table's: {wrong[:5]}"
+
+    counts = collections.Counter(name for _, _, name in answers)
+    assert set(counts) == {b.name for b in backends}
+    for backend, weight in zip(backends, WEIGHTS, strict=True):
+        share = counts[backend.name] / len(answers)
+        expected = weight / sum(WEIGHTS)
+        assert abs(share - expected) < 0.05, (
+            f"{backend.name}: {share:.3f} of connections, weight share {expected:.3f}")
+    # Both muxes carried traffic (ECMP on ports), and the per-backend counters saw it.
+    per_mux = [m.metric("lbagent_listener_packets_total", listener=str(LISTENER)) for m in cluster.muxes]
+    assert all(p > 0 for p in per_mux), f"listener packets per mux: {per_mux}"
+
+
+def _stateless_counters(mux) -> dict[str, float]:
+    return {
+        "slow-path packets": mux.metric("lbagent_slowpath_packets_total"),
+        "packets handed to the slow path": mux.metric("lbagent_slowpath_accepted_packets_total",
+                                                       listener=str(LISTENER)),
+        "pinned packets": mux.metric("lbagent_pinned_packets_total", listener=str(LISTENER)),
+        "packets re-injected": mux.metric("lbagent_kernel_reinjected_packets_total"),
+    }
+
+
+def test_steady_state_is_stateless(cluster, weighted_vip):
+    client = cluster.lab.clients[0]
+    before_packets = cluster.total("lbagent_listener_packets_total", listener=str(LISTENER))
+    before = [_stateless_counters(m) for m in cluster.muxes]
+    deadline = time.monotonic() + 2.0
+    count = 0
+    while time.monotonic() < deadline:  # steady traffic for two seconds
+        connect_and_ask(client.netns, VIP)
+        count += 1
+    after_packets = cluster.total("lbagent_listener_packets_total", listener=str(LISTENER))
+    assert after_packets - before_packets >= 5 * count, "the muxes did not see the traffic"
+    for mux, old in zip(cluster.muxes, before, strict=True):
+        new = _stateless_counters(mux)
+        grew = {k: new[k] - old[k] for k in new if new[k] != old[k]}
+        assert grew == {}, f"{mux.mux.name} kept state in steady state: {grew}"
+        assert mux.metric("lbagent_flow_records") == 0, mux.mux.name
+        assert mux.metric("lbagent_listeners_in_transition") == 0, mux.mux.name
+
+
+def test_kernel_and_python_agree_on_buckets(cluster, weighted_vip):
+    client = cluster.lab.clients[0]
+    for _ in range(1000):
+        connect_and_ask(client.netns, VIP)
+    learned: dict = {}
+    for mux in cluster.lab.muxes:
+        learned.update(learned_buckets(mux, LISTENER))
+    assert len(learned) >= 1000
+    mismatches = [
+        (flow, kernel) for flow, kernel in learned.items()
+        if flow_bucket(flow[0], flow[1], 6, flow[2], flow[3], seed=HASH_SEED, table_size=TABLE_SIZE) != kernel
+    ]
+    assert mismatches == [], f"{len(mismatches)} of {len(learned)} flows hashed differently: {mismatches[:5]}"
+
+
+def test_a_bad_config_file_is_refused_and_the_applied_state_kept(cluster, weighted_vip):
+    mux = cluster.muxes[0]
+    errors_before = mux.metric("lbagent_config_errors_total")
+    applied = mux.metric("lbagent_config_generation")
+    good = mux.config.read_text()
+    try:
+        write_atomically(mux.config, good.replace('"table_size": 65537', '"table_size": 65536'))
+        deadline = time.monotonic() + 10
+        while mux.metric("lbagent_config_errors_total") == errors_before:
+            assert time.monotonic() < deadline, "the daemon did not report the refused config"
+            time.sleep(0.05)
+        assert "table_size" in mux.log_tail(), "the log does not name the offending field"
+        assert mux.metric("lbagent_config_generation") == applied
+        client = cluster.lab.clients[0]
+        names = {connect_and_ask(client.netns, VIP)[2] for _ in range(50)}
+        assert names <= {b.name for b in weighted_vip[0]}
+    finally:
+        write_atomically(mux.config, good)
+
+
+def test_a_dead_exabgp_is_restarted_and_the_route_comes_back(cluster, weighted_vip):
+    lab = cluster.lab
+    mux = cluster.muxes[0]
+    pid = int((mux.dir / "bgp" / "exabgp.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    # The session drops (the router loses this mux's route), the daemon notices, starts a new
+    # ExaBGP and re-announces; ECMP over both muxes again.
+    wait_route(lab, VIP, [m.address for m in lab.muxes], timeout_s=30)
+    deadline = time.monotonic() + 10
+    while mux.metric("lbagent_bgp_speaker_restarts_total") < 1:
+        assert time.monotonic() < deadline, "the daemon did not count the ExaBGP restart"
+        time.sleep(0.05)
+    assert int((mux.dir / "bgp" / "exabgp.pid").read_text()) != pid
+    names = {connect_and_ask(lab.clients[0].netns, VIP)[2] for _ in range(30)}
+    assert names <= {b.name for b in weighted_vip[0]}
+
+
+def test_a_mux_that_cannot_apply_withdraws_until_it_can(cluster, weighted_vip):
+    """A backend whose MAC cannot be resolved (no such host on the segment) makes the apply fail:
+    the mux cannot hold the tables its peers hold, so it withdraws its routes, and announces
+    again once a config it can apply arrives."""
+    lab = cluster.lab
+    mux = cluster.muxes[0]
+    good = json.loads(mux.config.read_text())
+    broken = json.loads(json.dumps(good))
+    ghost = {"address": "10.90.0.99", "port": 80, "weight": 1, "state": "active", "mac": None,
+             "host": "ghost"}
+    broken["vips"].append(vip_doc("203.0.113.19", [listener_doc(19, [ghost])]))
+    broken["generation"] = cluster.generation + 1
+    try:
+        write_atomically(mux.config, json.dumps(broken))
+        wait_route(lab, VIP, [cluster.muxes[1].mux.address])
+        assert mux.metric("lbagent_apply_errors_total") >= 1
+    finally:
+        cluster.generation += 2  # keep the cluster's numbering ahead of what this mux saw
+        good["generation"] = cluster.generation
+        write_atomically(mux.config, json.dumps(good))
+    mux.wait_applied(cluster.generation)
+    wait_route(lab, VIP, [m.address for m in lab.muxes], timeout_s=30)

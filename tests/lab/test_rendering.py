@@ -1,0 +1,99 @@
+"""What the kernel driver, BGP control and metrics produce, checked without root (the lab tests
+prove the same text works in a real kernel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lbagent.bgp import BgpSettings, render_exabgp_conf
+from lbagent.dataplane.nft import ListenerPlan, NftDataplane
+from lbagent.dataplane.slowpath import iptables_rules
+from lbagent.lab.bird import render_bird_conf
+from lbagent.metrics import Metric, parse, render
+
+
+class RecordingNft:
+    """Stands in for libnftables only to capture the transaction text (no kernel here)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def run(self, text: str, *, json_output: bool = False, terse: bool = False) -> str:
+        self.sent.append(text)
+        return '{"nftables": []}'
+
+
+def _plan(current: np.ndarray, old: np.ndarray | None = None) -> ListenerPlan:
+    unstable = None if old is None else np.flatnonzero(current != old)
+    return ListenerPlan(7, "203.0.113.10", "tcp", 80, (("10.0.0.1", "02:00:00:00:00:01"),
+                                                       ("10.0.0.2", "02:00:00:00:00:02")),
+                        current, old, unstable)
+
+
+def test_first_apply_is_one_transaction_with_seed_and_full_tables():
+    nft = RecordingNft()
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=24301, table_size=11, nft=nft)
+    dp.apply([_plan(np.array([0, 1] * 5 + [0], dtype=np.int32))])
+    tx = nft.sent[-1]
+    assert "mod 11 seed 0x5eed" in tx
+    assert "add element netdev lbagent cur_7 { 0 : jump b7_10_0_0_1, 1 : jump b7_10_0_0_2," in tx
+    assert 'ether daddr set 02:00:00:00:00:02 fwd to "eth0"' in tx
+    assert "203.0.113.10 . tcp . 80 : jump l7" in tx
+
+
+def test_second_apply_sends_only_changed_buckets():
+    nft = RecordingNft()
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, table_size=11, nft=nft)
+    before = np.array([0] * 11, dtype=np.int32)
+    after = before.copy()
+    after[[3, 9]] = 1
+    dp.apply([_plan(before)])
+    dp.apply([_plan(after, old=before)])
+    tx = nft.sent[-1]
+    assert "delete element netdev lbagent cur_7 { 3, 9 }" in tx
+    assert "add element netdev lbagent cur_7 { 3 : jump b7_10_0_0_2, 9 : jump b7_10_0_0_2 }" in tx
+    assert "add element netdev lbagent unstable_7 { 3, 9 }" in tx
+
+
+def test_bad_plans_are_refused_with_the_reason():
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, table_size=11, nft=RecordingNft())
+    with pytest.raises(ValueError, match="table has 5 buckets, the data plane uses 11"):
+        dp.apply([_plan(np.zeros(5, dtype=np.int32))])
+    with pytest.raises(ValueError, match="protocol 'sctp'"):
+        ListenerPlan(1, "203.0.113.1", "sctp", 80, (), np.zeros(11, dtype=np.int32))
+    with pytest.raises(ValueError, match="seed"):
+        NftDataplane("eth0", "02:aa:00:00:00:01", seed=2**32, table_size=11, nft=RecordingNft())
+
+
+def test_exabgp_and_bird_configs_name_both_ends(tmp_path: Path):
+    conf = render_exabgp_conf(BgpSettings("10.90.0.1", "10.90.0.11", 65001, 65000), tmp_path)
+    assert "neighbor 10.90.0.1 {" in conf
+    assert "local-as 65001;" in conf
+    assert "peer-as 65000;" in conf
+    assert str(tmp_path / "exabgp-commands.py") in conf
+    bird = render_bird_conf("10.90.0.1", ["10.90.0.11", "10.90.0.12"], "/tmp/bird.log")
+    assert "merge paths on;" in bird
+    assert "neighbor 10.90.0.12 as 65001;" in bird
+    with pytest.raises(ValueError, match="AS number"):
+        BgpSettings("10.90.0.1", "10.90.0.11", 0, 65000)
+
+
+def test_iptables_rules_queue_each_listener_with_bypass():
+    text = iptables_rules([("203.0.113.10", "tcp", 80)], 7)
+    assert ("-A LBAGENT_SLOWPATH -d 203.0.113.10/32 -p tcp --dport 80 "
+            "-j NFQUEUE --queue-num 7 --queue-bypass") in text
+    assert text.startswith("*mangle\n")
+    assert text.endswith("COMMIT\n")
+
+
+def test_metrics_text_round_trips():
+    packets = Metric("lbagent_backend_packets_total", "x", "counter").add(5, listener="7", backend="10.0.0.1")
+    text = render([packets, Metric("lbagent_flow_records", "y").add(0)])
+    assert "# TYPE lbagent_backend_packets_total counter" in text
+    samples = parse(text)
+    assert samples[("lbagent_flow_records", frozenset())] == 0
+    labels = frozenset({("listener", "7"), ("backend", "10.0.0.1")})
+    assert samples[("lbagent_backend_packets_total", labels)] == 5

@@ -1,0 +1,234 @@
+"""Desired state from the database, acknowledgements -> provisioning_status, health reports ->
+tables and operating_status, and the VIP status tree (database only; no server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rest_framework.test import APIClient
+
+from datacenter.loadbalancing import agent_sync
+from datacenter.loadbalancing.choices import OperatingStatus, ProvisioningStatus
+from datacenter.loadbalancing.desired_state import desired_state_for, desired_state_object
+from datacenter.loadbalancing.models import AgentNode, Listener, Vip
+from datacenter.loadbalancing.models_sync import ListenerTable
+from datacenter.loadbalancing.services import replace_backends, update_listener
+from lbagent.protocol import Applied, BackendHealth, Health
+
+
+def make_mux(world, name: str, address: str) -> AgentNode:
+    agent = AgentNode(name=name, host=world.host_shared, role="mux", address=address)
+    agent.set_new_token()
+    agent.save()
+    return agent
+
+
+@pytest.fixture
+def muxes(world):
+    agents = [make_mux(world, "mux-a", "10.0.0.2"), make_mux(world, "mux-b", "10.0.0.3")]
+    agent_sync.apply_change(None)
+    for agent in agents:
+        agent_sync.agent_connected(agent, "0.1.0")
+    return agents
+
+
+def ack(agent: AgentNode) -> None:
+    state = desired_state_object(agent)
+    agent_sync.record_applied(
+        agent, Applied(generation=state.generation, ok=True, listeners=state.listener_generations())
+    )
+
+
+def status(listener) -> str:
+    return Listener.objects.get(pk=listener.pk).provisioning_status
+
+
+def test_document_describes_every_vip_and_validates(world, muxes) -> None:
+    state = desired_state_object(muxes[0])
+    assert state.node == "mux-a"
+    assert [m.name for m in state.cluster.muxes] == ["mux-a", "mux-b"]
+    vips = {v.address: v for v in state.vips}
+    web_a = vips["203.0.113.10"].listeners[0]
+    assert [(b.address, b.port, b.weight, b.host) for b in web_a.backends] == [
+        ("10.1.0.5", 8080, 1, "web-a1"),
+        ("10.1.0.6", 8080, 2, None),
+    ]
+    assert vips["203.0.113.10"].bypass is False
+    # One backend on one host: the router may send this VIP straight to it.
+    assert (vips["203.0.113.20"].bypass, vips["203.0.113.20"].bypass_next_hop) == (True, "10.2.0.5")
+    assert desired_state_for(muxes[1])["node"] == "mux-b"
+    assert len(state.cluster.peer_key) == 32
+
+
+def test_listener_active_only_when_every_mux_acknowledged(world, muxes) -> None:
+    listener = world.listener_a
+    assert status(listener) == ProvisioningStatus.PENDING_CREATE
+    ack(muxes[0])
+    ack(muxes[1])
+    assert status(listener) == ProvisioningStatus.ACTIVE
+    replace_backends(listener, [{"address": "10.1.0.7", "port": 8080}])
+    agent_sync.apply_change([listener.pk])
+    assert status(listener) == ProvisioningStatus.PENDING_UPDATE
+    ack(muxes[0])
+    assert status(listener) == ProvisioningStatus.PENDING_UPDATE  # mux-b has not applied it yet
+    ack(muxes[1])
+    assert status(listener) == ProvisioningStatus.ACTIVE
+    assert Vip.objects.get(pk=listener.vip_id).provisioning_status == ProvisioningStatus.ACTIVE
+
+
+def test_failed_apply_is_error_with_the_agents_reason(world, muxes) -> None:
+    listener = world.listener_a
+    ack(muxes[0])
+    ack(muxes[1])
+    replace_backends(listener, [{"address": "10.1.0.8", "port": 8080}])
+    agent_sync.apply_change([listener.pk])
+    ack(muxes[0])
+    agent_sync.record_applied(muxes[1], Applied(generation=99, ok=False, error="nft: map full"))
+    assert status(listener) == ProvisioningStatus.ERROR
+    ack(muxes[1])
+    assert status(listener) == ProvisioningStatus.ACTIVE
+
+
+def test_backend_marked_down_by_majority_leaves_table_and_returns(world, muxes) -> None:
+    listener = world.listener_a
+    update_listener(listener, health_check={"kind": "tcp", "interval_s": 1, "timeout_s": 1})
+    agent_sync.apply_change([listener.pk])
+    before = ListenerTable.objects.get(listener=listener)
+    down = Health(checks=(BackendHealth(listener.pk, "10.1.0.6", 8080, False, "connection refused"),))
+    agent_sync.record_health(muxes[0], down)
+    assert ListenerTable.objects.get(listener=listener).number == before.number  # one of two is no majority
+    agent_sync.record_health(muxes[1], down)
+    table = ListenerTable.objects.get(listener=listener)
+    assert table.number == before.number + 1
+    assert [b["state"] for b in table.backends] == ["active", "disabled"]
+    assert table.previous["backends"] == before.backends  # old table kept for the drain
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.DEGRADED
+    served = desired_state_object(muxes[0]).vips[0].listeners[0]
+    assert served.generation == table.number
+    up = Health(checks=(BackendHealth(listener.pk, "10.1.0.6", 8080, True),))
+    agent_sync.record_health(muxes[0], up)
+    table = ListenerTable.objects.get(listener=listener)
+    assert [b["state"] for b in table.backends] == ["active", "active"]
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.ONLINE
+
+
+def test_all_backends_down_fails_open(world, muxes) -> None:
+    listener = world.listener_b  # one backend
+    update_listener(listener, health_check={"kind": "tcp"})
+    agent_sync.apply_change([listener.pk])
+    for mux in muxes:
+        agent_sync.record_health(
+            mux, Health(checks=(BackendHealth(listener.pk, "10.2.0.5", 8443, False, "x"),))
+        )
+    assert [b["state"] for b in ListenerTable.objects.get(listener=listener).backends] == ["active"]
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.ERROR
+
+
+def test_status_tree_for_tenant_and_404_for_others(world, muxes) -> None:
+    ack(muxes[0])
+    url = f"/api/vips/{world.vip_a.pk}/status/"
+    response = world.client("a_viewer").get(url)
+    assert response.status_code == 200, response.content
+    tree = response.json()
+    listener = tree["listeners"][0]
+    assert {a["agent"]: a["status"] for a in listener["agents"]} == {"mux-a": "active", "mux-b": "pending"}
+    assert [b["address"] for b in listener["backends"]] == ["10.1.0.5", "10.1.0.6"]
+    assert all(b["in_table"] for b in listener["backends"])
+    assert {a["name"] for a in tree["agents"]} == {"mux-a", "mux-b"}
+    assert world.client("b_member").get(url).status_code == 404
+    assert world.client("operator").get(url).status_code == 200
+    assert world.client("operator").get(f"/api/vips/{10**30}/status/").status_code == 404
+    assert APIClient().get(url).status_code in (401, 403)  # anonymous
+
+
+def test_incremental_document_equals_a_full_rebuild_after_changes(world, muxes) -> None:
+    from datacenter.loadbalancing import services
+    from datacenter.loadbalancing.desired_state import build_common_document, document_cache
+
+    def matches_full_build() -> bool:
+        return document_cache.current() == build_common_document()
+
+    assert matches_full_build()
+    replace_backends(world.listener_a, [{"address": "10.1.0.9", "port": 8080}])
+    agent_sync.apply_change([world.listener_a.pk])
+    assert matches_full_build()
+    extra = services.create_listener(vip=world.vip_b, protocol="udp", port=53)
+    agent_sync.apply_change([extra.pk])
+    assert matches_full_build()
+    services.delete_listener(Listener.objects.get(pk=extra.pk))
+    agent_sync.apply_change(None)
+    document = document_cache.current()
+    assert document == build_common_document()
+    assert [li["port"] for v in document["vips"] for li in v["listeners"]] == [80, 443]
+    services.create_vip(tenant=world.tenant_a, name="new", address="203.0.113.30")
+    agent_sync.apply_change(None)
+    assert matches_full_build()
+    # An agent that received an older generation gets only the changed VIPs; merged into what it
+    # holds, that is exactly the full state.
+    from lbagent.protocol import decode_portal_message
+
+    old_generation, old_frame = document_cache.frame_for("mux-b")
+    old_state = json.loads(old_frame)["state"]
+    replace_backends(world.listener_b, [{"address": "10.2.0.9", "port": 8443}])
+    agent_sync.apply_change([world.listener_b.pk])
+    services.delete_vip(Vip.objects.get(name="new"))
+    agent_sync.apply_change(None)
+    _, delta = document_cache.frame_for("mux-b", since=old_generation)
+    assert json.loads(delta)["type"] == "delta"
+    assert len(json.loads(delta)["state"]["vips"]) == 1
+    merged = decode_portal_message(delta, base=(old_generation, old_state))
+    assert merged.raw == {**document_cache.current(), "node": "mux-b"}
+    generation, frame = document_cache.frame_for("mux-b")
+    assert json.loads(frame) == {
+        "type": "desired",
+        "protocol": 1,
+        "state": {**document_cache.current(), "node": "mux-b"},
+    }
+    assert generation == document_cache.current()["generation"]
+
+
+def test_status_changes_are_published_to_tenant_and_object_groups(world, muxes) -> None:
+    import asyncio
+
+    from asgiref.sync import async_to_sync
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    listener = world.listener_a
+    groups = {
+        "tenant": agent_sync.tenant_group(world.tenant_a.pk),
+        "vip": agent_sync.vip_group(world.vip_a.pk),
+        "listener": agent_sync.listener_group(listener.pk),
+        "other tenant": agent_sync.tenant_group(world.tenant_b.pk),
+    }
+    channels = {name: async_to_sync(layer.new_channel)() for name in groups}
+    for name, group in groups.items():
+        async_to_sync(layer.group_add)(group, channels[name])
+
+    async def drain(channel: str) -> list[dict]:
+        messages = []
+        while True:
+            try:
+                async with asyncio.timeout(0.3):
+                    messages.append(await layer.receive(channel))
+            except TimeoutError:
+                return messages
+
+    try:
+        ack(muxes[0])
+        ack(muxes[1])
+        received = {name: async_to_sync(drain)(channel) for name, channel in channels.items()}
+    finally:
+        for name, group in groups.items():
+            async_to_sync(layer.group_discard)(group, channels[name])
+    wanted = {"kind": "listener.provisioning_status", "status": "active", "listener": listener.pk}
+    for name in ("tenant", "vip", "listener"):
+        assert any(
+            m["kind"] == wanted["kind"]
+            and m["data"]["status"] == "active"
+            and m["data"]["listener"] == listener.pk
+            for m in received[name]
+        ), (name, received[name])
+    # Tenant B's group hears about its own listener only, never about tenant A's.
+    assert all(m["data"].get("listener") != listener.pk for m in received["other tenant"])
