@@ -16,10 +16,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip wheel >/dev/null
 
-# Portal-only install: enough for `make run` (no compilers, no Debian packages).
-var/.deps-portal: requirements.txt | $(BIN)/python
+# Portal install for `make run`: the Python packages, plus the libvirt binding when it can be built
+# (root on Debian: libvirt-dev); without it the portal runs and conversions report why they can't.
+var/.deps-portal: requirements.txt requirements-system.txt | $(BIN)/python
 	@mkdir -p var
+	./scripts/install-apt.sh binding
 	$(PIP) install -r requirements.txt
+	$(PIP) install "$$(grep -i '^libvirt-python' requirements-system.txt)" || echo "deps: libvirt binding not built; P2V conversions are unavailable"
 	$(PIP) install --no-deps -e .
 	@touch $@
 

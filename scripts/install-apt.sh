@@ -10,7 +10,8 @@ PKGS[virt]="qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu
 PKGS[standin]="openssh-server openssh-client busybox-static kmod cpio fdisk extlinux syslinux syslinux-common dosfstools mtools grub-efi-amd64-bin grub-common e2fsprogs smartmontools"
 PKGS[services]="postgresql redis-server"
 PKGS[browser]="chromium chromium-driver"
-if [ "$groups" = all ]; then groups="network virt standin services browser"; fi
+PKGS[binding]="libvirt-dev pkg-config gcc"
+if [ "$groups" = all ]; then groups="network virt standin services browser binding"; fi
 wanted=""
 for g in $groups; do wanted="$wanted ${PKGS[$g]}"; done
 missing=""

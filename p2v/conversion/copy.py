@@ -29,8 +29,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import libvirt
 import paramiko
+
+from .libvirt_binding import libvirt
 
 CHUNK_BYTES = 1 << 20
 SUB_BLOCK_BYTES = 1 << 16

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-import libvirt
 import paramiko
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -34,12 +33,10 @@ from . import adjust as adjust_mod
 from . import copy as copy_mod
 from . import domain_xml, verify
 from .choices import FINISHED_STATES, STAGE_ORDER, JobStage, JobState, LogLevel
+from .libvirt_binding import libvirt
 from .models import ConversionJob, Hypervisor, JobLog
 
 logger = logging.getLogger(__name__)
-# libvirt prints every error to stderr by default, even the ones we expect and handle (a lookup of a
-# name that must not exist yet); they still raise libvirtError, which is what this module acts on.
-libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 SLUG_RE = re.compile(r"[^a-z0-9-]+")
 PROGRESS_SAVE_INTERVAL_S = 0.5
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import libvirt
+from .libvirt_binding import libvirt
 
 REPORT_PREFIX = "P2V-REPORT "
 LOGIN_MARKERS = ("login:",)

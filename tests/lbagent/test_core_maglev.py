@@ -12,7 +12,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lbagent.core.maglev import is_prime, maglev_table, maglev_table_reference, moved_share, table_shares
+from lbagent.core import maglev as maglev_module
+from lbagent.core.maglev import (
+    MAX_WEIGHT,
+    backend_permutation_params,
+    is_prime,
+    maglev_table,
+    maglev_table_numba,
+    maglev_table_numpy,
+    maglev_table_reference,
+    moved_share,
+    table_shares,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 PRIMES = [p for p in (101, 251, 509, 1021, 2039, 4093, 8191, 16381, 65537) if is_prime(p)]
@@ -72,6 +83,79 @@ def test_fast_builder_equals_paper_pseudocode(names, m, seed, weights):
 def test_fast_builder_equals_reference_at_full_size(n):
     names = [f"10.1.{i // 250}.{i % 250}:80" for i in range(n)]
     assert np.array_equal(maglev_table(names), maglev_table_reference(names))
+
+
+def _numba_or_skip():
+    pytest.importorskip("numba")
+    assert maglev_module.numba_kernel() is not None
+
+
+# Names: arbitrary unicode, or many generated ones (the numpy builder's ranked finish sizes its
+# tail by the number of backends, so both few and many backends matter).
+many_names_st = st.builds(lambda n, salt: [f"10.{salt}.{i // 250}.{i % 250}:80" for i in range(n)],
+                          st.integers(1, 400), st.integers(0, 255))
+weights_for_st = st.one_of(
+    st.none(),
+    st.lists(st.integers(0, 5), min_size=400, max_size=400),
+    st.lists(st.integers(0, MAX_WEIGHT), min_size=400, max_size=400),
+    st.lists(st.sampled_from([0, 1, MAX_WEIGHT - 1, MAX_WEIGHT]), min_size=400, max_size=400),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(names_st, many_names_st), st.sampled_from(PRIMES), st.integers(0, 2**64 - 1),
+       weights_for_st)
+def test_numba_builder_equals_numpy_fallback(names, m, seed, weights):
+    _numba_or_skip()
+    if m <= len(names):
+        m = 65537
+    w = None if weights is None else weights[:len(names)]
+    if w is not None and max(w) == 0:
+        w[0] = 1
+    compiled = maglev_table_numba(names, w, m, seed=seed)
+    fallback = maglev_table_numpy(names, w, m, seed=seed)
+    assert compiled.dtype == fallback.dtype == np.int32
+    assert compiled.tobytes() == fallback.tobytes()
+    assert maglev_table(names, w, m, seed=seed).tobytes() == compiled.tobytes()
+
+
+@pytest.mark.parametrize(("n", "weighted"), [(1, False), (10, True), (1000, False), (1000, True)])
+def test_numba_builder_equals_numpy_fallback_at_full_size(n, weighted):
+    _numba_or_skip()
+    names = [f"10.1.{i // 250}.{i % 250}:80" for i in range(n)]
+    weights = [1 + (i * 7919) % 100 for i in range(n)] if weighted else None
+    assert maglev_table_numba(names, weights).tobytes() == maglev_table_numpy(names, weights).tobytes()
+
+
+@settings(max_examples=30, deadline=None)
+@given(names_st, st.sampled_from(PRIMES), st.integers(0, 2**64 - 1))
+def test_bulk_permutation_params_equal_per_name(names, m, seed):
+    offsets, skips = maglev_module._all_permutation_params(names, m, seed)
+    assert list(zip(offsets, skips, strict=True)) == [backend_permutation_params(n, m, seed) for n in names]
+
+
+def test_without_numba_maglev_table_falls_back_to_numpy_builder(monkeypatch):
+    names = [f"f{i}" for i in range(7)]
+    expected = maglev_table_numpy(names, [3, 1, 0, 2, 5, 1, 4], 4093, seed=9)
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
+    monkeypatch.setattr(maglev_module, "_kernel", None)
+    monkeypatch.setattr(maglev_module, "_kernel_loaded", False)
+    assert maglev_module.numba_kernel() is None
+    assert maglev_table(names, [3, 1, 0, 2, 5, 1, 4], 4093, seed=9).tobytes() == expected.tobytes()
+    with pytest.raises(ImportError, match="numba"):
+        maglev_table_numba(names)
+
+
+def test_numba_is_imported_only_when_a_table_is_built():
+    script = ("import sys\n"
+              "import lbagent.core.maglev as m\n"
+              "assert 'numba' not in sys.modules, 'imported at module import'\n"
+              "m.maglev_table(['a', 'b'], table_size=101)\n"
+              "print('numba' in sys.modules, m.numba_kernel() is not None)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         check=True, timeout=120).stdout.strip()
+    assert out in ("True True", "False False")  # imported by the build exactly when usable
 
 
 @settings(max_examples=12, deadline=None)

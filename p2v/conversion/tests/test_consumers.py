@@ -10,19 +10,17 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.db import connections
 
+from datacenter.routing import websocket_urlpatterns  # the project routes, so the test proves the wiring
 from p2v.conversion import services
 from p2v.conversion.models import ConversionJob, Hypervisor
-from p2v.conversion.routing import websocket_urlpatterns
 from p2v.models import Assessment, Machine
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(autouse=True)
-async def close_thread_connections():
+async def close_thread_connections() -> None:
     """database_sync_to_async runs in a worker thread whose DB connection would outlive the test
-    (CONN_MAX_AGE) and keep the test database from being dropped."""
-    yield
+    (CONN_MAX_AGE) and keep the test database from being dropped; close it from inside the test."""
     await database_sync_to_async(connections.close_all)()
 
 
@@ -55,6 +53,7 @@ async def test_operator_sees_snapshot_then_live_log_lines():
     assert line["type"] == "job.log"
     assert line["data"]["message"] == "copying sda"
     await comm.disconnect()
+    await close_thread_connections()
 
 
 async def test_non_operator_is_refused():
@@ -64,3 +63,4 @@ async def test_non_operator_is_refused():
     connected, code = await comm.connect()
     assert not connected
     assert code == 4403
+    await close_thread_connections()
