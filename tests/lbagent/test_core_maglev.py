@@ -1,6 +1,7 @@
 """Maglev tables: deterministic bytes in any process, fair and weighted shares, small disruption."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from lbagent.core.maglev import (
     moved_share,
     table_shares,
 )
+from tests.environment import need
 
 REPO = Path(__file__).resolve().parents[2]
 PRIMES = [p for p in (101, 251, 509, 1021, 2039, 4093, 8191, 16381, 65537) if is_prime(p)]
@@ -86,7 +88,7 @@ def test_fast_builder_equals_reference_at_full_size(n):
 
 
 def _numba_or_skip():
-    pytest.importorskip("numba")
+    need(importlib.util.find_spec("numba") is not None, "numba is not installed (requirements.txt has it)")
     assert maglev_module.numba_kernel() is not None
 
 
