@@ -18,21 +18,21 @@ $(BIN)/python:
 
 # Portal install for `make run`: the Python packages, plus the libvirt binding when it can be built
 # (root on Debian: libvirt-dev); without it the portal runs and conversions report why they can't.
-var/.deps-portal: requirements.txt requirements-system.txt | $(BIN)/python
+var/.deps-portal: requirements.txt requirements-system.txt constraints.txt | $(BIN)/python
 	@mkdir -p var
 	./scripts/install-apt.sh binding
-	$(PIP) install -r requirements.txt
+	$(PIP) install -c constraints.txt -r requirements.txt
 	$(PIP) install "$$(grep -i '^libvirt-python' requirements-system.txt)" || echo "deps: libvirt binding not built; P2V conversions are unavailable"
 	$(PIP) install --no-deps -e .
 	@touch $@
 
 # Everything the suite needs: Debian packages (when root), the bindings that compile against them.
-var/.deps-test: requirements.txt requirements-dev.txt requirements-system.txt scripts/install-apt.sh | $(BIN)/python
+var/.deps-test: constraints.txt requirements.txt requirements-dev.txt requirements-system.txt scripts/install-apt.sh | $(BIN)/python
 	@mkdir -p var
 	./scripts/install-apt.sh
-	$(PIP) install -r requirements-dev.txt
+	$(PIP) install -c constraints.txt -r requirements-dev.txt
 	$(PIP) install --no-deps -e .
-	$(PIP) install -r requirements-system.txt || echo "deps: system bindings did not build (tests that need them skip locally, fail in CI)"
+	$(PIP) install -c constraints.txt -r requirements-system.txt || echo "deps: system bindings did not build (tests that need them skip locally, fail in CI)"
 	@touch var/.deps-portal $@
 
 deps-portal: var/.deps-portal
