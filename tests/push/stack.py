@@ -38,21 +38,22 @@ def _stop(process: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
 
 @dataclass
 class PortalServer:
-    """uvicorn serving datacenter.asgi on a free loopback port."""
+    """uvicorn serving datacenter.asgi on a free port of `host` (loopback unless told)."""
 
     env: dict[str, str]
     workdir: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     starts: int = 0
+    host: str = "127.0.0.1"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/agents/"
+        return f"ws://{self.host}:{self.port}/ws/agents/"
 
     @property
     def logfile(self) -> Path:
@@ -69,7 +70,7 @@ class PortalServer:
             "uvicorn",
             "datacenter.asgi:application",
             "--host",
-            "127.0.0.1",
+            self.host,
             "--port",
             str(self.port),
             "--ws",
@@ -95,7 +96,7 @@ class PortalServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                with socket.create_connection((self.host, self.port), timeout=0.5):
                     return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
