@@ -300,32 +300,27 @@ class AgentNodeViewSet(OperatorViewSet):
     def create(self, request, *args, **kwargs):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        with transaction.atomic():
-            node = AgentNode(**serializer.validated_data)
-            key = node.set_new_token()
-            node.save()
-            record_change(
-                user=request.user,
-                action="create",
-                obj=node,
-                tenant_id=None,
-                before=None,
-                after=_agent_snapshot(node),
-            )
-        body = serializers.AgentNodeWithTokenSerializer(node, context=self.get_serializer_context()).data
-        body["token"] = key
+        node = AgentNode(**serializer.validated_data)
+        body = self._issue_token(request, node, action="create")
         return Response(body, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=None, responses=serializers.AgentNodeWithTokenSerializer)
     @action(detail=True, methods=["post"], url_path="rotate-token", filterset_class=None)
     def rotate_token(self, request, pk=None):
         node = self.get_object()
+        body = self._issue_token(
+            request, node, action="rotate_token", update_fields=["token_lookup", "token_hash", "updated"]
+        )
+        return Response(body)
+
+    def _issue_token(self, request, node: AgentNode, *, action: str, update_fields=None) -> dict:
+        """Give `node` a new token, save and audit it; the answer is the only place the key appears."""
         with transaction.atomic():
             key = node.set_new_token()
-            node.save(update_fields=["token_lookup", "token_hash", "updated"])
+            node.save(update_fields=update_fields)
             record_change(
                 user=request.user,
-                action="rotate_token",
+                action=action,
                 obj=node,
                 tenant_id=None,
                 before=None,
@@ -333,7 +328,7 @@ class AgentNodeViewSet(OperatorViewSet):
             )
         body = serializers.AgentNodeWithTokenSerializer(node, context=self.get_serializer_context()).data
         body["token"] = key
-        return Response(body)
+        return body
 
 
 def _agent_snapshot(node: AgentNode) -> dict:
