@@ -160,6 +160,9 @@ async def measure(
         started = time.perf_counter()
         api_s = await asyncio.to_thread(put_backends, base_url, key, listener_id, backends)
         await wait_active(layer, channel, 30)
+        if os.environ.get("BENCH_TIMELINE"):
+            print(f"change {change}: started {time.time() - (time.perf_counter() - started):.3f} "
+                  f"REST {api_s * 1000:.1f} ms, ACTIVE after {(time.perf_counter() - started) * 1000:.1f} ms")
         propagation.append(time.perf_counter() - started)
         api_only.append(api_s)
         await layer.group_discard(listener_group(listener_id), channel)
@@ -234,6 +237,10 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise SystemExit(f"agents did not sync: {agents[0].log()[-2000:]}")
             time.sleep(0.2)
+        while not agents[0].cache_file.exists():  # agents persist their state within 0.5 s
+            if time.monotonic() > deadline:
+                raise SystemExit(f"agent wrote no state cache: {agents[0].log()[-2000:]}")
+            time.sleep(0.1)
         document_bytes = agents[0].cache_file.stat().st_size
         put_backends(
             portal.http_url, key, listener_ids[0], [{"address": "10.201.0.1", "port": 8080}]

@@ -112,6 +112,18 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+_POSTGRES = DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+if _POSTGRES and os.environ.get("DATABASE_POOL", "1") != "0":
+    # Under ASGI every request runs its sync code on a fresh thread, and Django's connections
+    # are per thread: without a pool each request opened a new PostgreSQL connection (a
+    # backend process fork, several ms). psycopg's pool hands a warm one over instead.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0  # the pool keeps them; Django must not
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = False
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": int(os.environ.get("DATABASE_POOL_MIN", "2")),
+        "max_size": int(os.environ.get("DATABASE_POOL_MAX", "20")),
+        "timeout": 10,
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     # The embedded mode writes from the web server and the in-process worker threads at once:

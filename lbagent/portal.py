@@ -130,6 +130,9 @@ def _write_json_atomically(path: Path, document: dict) -> None:
     _write_atomically(path, json.dumps(document, separators=(",", ":")))
 
 
+CACHE_WRITE_INTERVAL_S = 0.5
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with jitter: a fleet of agents that lost the portal together must not
@@ -178,7 +181,8 @@ class PortalClient:
         self._applied_raw: dict | None = None  # the applied state as the portal sent it
         self._parser = StateParser()
         self._received: tuple[int, dict] | None = None  # last state the portal sent on this connection
-        self._cache_writes: set[asyncio.Task] = set()
+        self._cache_pending: dict | None = None  # applied, not yet in state_cache
+        self._cache_writer: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self._ws: ClientConnection | None = None
         self._pending: tuple[DesiredState, dict] | None = None
@@ -236,8 +240,8 @@ class PortalClient:
             applier.cancel()
             if self._health is not None:
                 self._health.stop()
-            if self._cache_writes:  # let the last applied state reach the disk
-                await asyncio.wait(set(self._cache_writes), timeout=5)
+            if self._cache_writer is not None:  # let the last applied state reach the disk
+                await asyncio.wait({self._cache_writer}, timeout=5)
 
     async def _connect_once(self) -> None:
         try:
@@ -341,13 +345,23 @@ class PortalClient:
             ack = await self._apply(state, raw)
             await self._send(ack)
             if ack.ok and self.state_cache is not None:
-                # Off the acknowledgement path: serialising thousands of VIPs takes tens of ms.
-                task = asyncio.create_task(asyncio.to_thread(_write_json_atomically, self.state_cache, raw))
-                self._cache_writes.add(task)
-                task.add_done_callback(self._cache_writes.discard)
+                self._cache_pending = raw
+                if self._cache_writer is None or self._cache_writer.done():
+                    self._cache_writer = asyncio.create_task(self._write_cache_soon())
             if ack.ok and self._health is not None:
                 self._health.update(state)
                 await self._send(Health(checks=tuple(self._health.snapshot()), full=True))
+
+    async def _write_cache_soon(self) -> None:
+        """Persist the newest applied state for a restart without the portal (fail static), at
+        most once per CACHE_WRITE_INTERVAL_S: serialising thousands of VIPs takes tens of ms of
+        CPU (holding the GIL), which on every push delayed the next acknowledgement. A crash
+        inside the interval restarts from the previous state, and the portal resyncs it."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), CACHE_WRITE_INTERVAL_S)
+        while self._cache_pending is not None:
+            raw, self._cache_pending = self._cache_pending, None
+            await asyncio.to_thread(_write_json_atomically, self.state_cache, raw)
 
     async def _apply(self, state: DesiredState, raw: dict) -> Applied:
         # A new document number with the same content (a change elsewhere) needs no data-plane work.

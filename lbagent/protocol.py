@@ -231,10 +231,15 @@ def _decode_applied(body: dict[str, Any]) -> Applied:
             f"applied.listeners: expected an object of listener id -> generation, got {_short(raw_listeners)}"
         )
     listeners: dict[int, int] = {}
+    top = 2**63 - 1
     for key, value in raw_listeners.items():
-        if not isinstance(key, str) or not key.isdigit() or len(key) > 19:
-            raise ProtocolError(f"applied.listeners: expected listener ids as keys, got {_short(key)}")
-        listeners[int(key)] = _int(value, f"applied.listeners.{key}")
+        # One cheap test per entry (an ack lists every listener, thousands of them); the
+        # precise complaint is worked out only for a bad entry. type() excludes bool.
+        if type(value) is not int or not 0 <= value <= top or not key.isdigit() or len(key) > 19:
+            if not key.isdigit() or len(key) > 19:
+                raise ProtocolError(f"applied.listeners: expected listener ids as keys, got {_short(key)}")
+            _int(value, f"applied.listeners.{key}")
+        listeners[int(key)] = value
     return Applied(
         generation=_int(body["generation"], "applied.generation"), ok=ok, listeners=listeners, error=error
     )
@@ -341,10 +346,15 @@ def _merge_delta(body: dict[str, Any], base: tuple[int, Mapping[str, Any]] | Non
     if not isinstance(removed, list) or not all(isinstance(a, str) for a in removed):
         raise ProtocolError("delta.removed: expected a list of VIP addresses")
     by_address = {vip["address"]: vip for vip in base[1]["vips"]}
+    known = len(by_address)
     for vip in state["vips"]:
         if not isinstance(vip, dict) or not isinstance(vip.get("address"), str):
             raise ProtocolError(f"delta.state.vips: expected VIP objects with an address, got {_short(vip)}")
         by_address[vip["address"]] = vip
+    if not removed and len(by_address) == known:
+        # The usual delta only replaces VIPs: keep the base's order (sorting thousands of
+        # addresses again cost more than the rest of the merge).
+        return {**state, "vips": list(by_address.values())}
     for address in removed:
         by_address.pop(address, None)
     return {**state, "vips": [by_address[a] for a in sorted(by_address, key=_address_order)]}

@@ -564,7 +564,9 @@ def parse_state(
     for index, raw in enumerate(_list(obj["vips"], "vips", MAX_VIPS)):
         address = raw.get("address") if isinstance(raw, dict) else None
         hit = known.get(address) if isinstance(address, str) else None
-        vip = hit[1] if hit is not None and hit[0] == raw else _parse_vip(raw, f"vips[{index}]")
+        # `is` first: a merged delta hands back the very same dicts for unchanged VIPs.
+        reuse = hit is not None and (hit[0] is raw or hit[0] == raw)
+        vip = hit[1] if reuse else _parse_vip(raw, f"vips[{index}]")
         vip_list.append(vip)
         if isinstance(address, str):
             parsed[address] = (raw, vip)

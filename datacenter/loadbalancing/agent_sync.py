@@ -20,16 +20,17 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, Q
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
 from lbagent.protocol import Applied, Health
 
+from . import desired_state
 from .choices import AgentRole, BackendState, OperatingStatus, ProvisioningStatus
 from .models import AgentNode, Generation, Listener, Vip
 from .models_sync import AgentListenerAck, AgentSync, ListenerTable, PushSettings
-from .signals import generation_created
+from .signals import generation_staged
 
 logger = logging.getLogger("datacenter.loadbalancing.agent_sync")
 
@@ -102,8 +103,13 @@ def publish_event(kind: str, data: dict[str, Any], **targets: int | None) -> Non
     _send_all(event_messages(kind, data, **targets))
 
 
-def notify_agents(generation: int) -> None:
-    _group_send(AGENTS_GROUP, {"type": "state.changed", "generation": generation})
+def notify_agents(generation: int, delta: dict[str, Any] | None = None) -> None:
+    """Wake every agent consumer; `delta` (desired_state.listener_delta) lets them forward the
+    change without reading the database."""
+    message: dict[str, Any] = {"type": "state.changed", "generation": generation}
+    if delta is not None:
+        message["delta"] = delta
+    _group_send(AGENTS_GROUP, message)
 
 
 # --- listener tables ------------------------------------------------------------------------------
@@ -155,22 +161,50 @@ def _health_votes() -> list[dict[str, str]]:
     )
 
 
-def refresh_tables(listener_ids: Iterable[int] | None) -> list[int]:
+def _snapshot_backends(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A Generation's backend snapshot in the table's form (what _config_backends reads)."""
+    return [
+        {
+            "address": r["address"],
+            "port": r["port"],
+            "weight": r["weight"],
+            "state": r["admin_state"],
+            "mac": None,
+            "host": r["host"],
+        }
+        for r in rows
+    ]
+
+
+def refresh_tables(
+    listener_ids: Iterable[int] | None, *, generations: Iterable[Generation] = ()
+) -> list[int]:
     """Recompute the tables of the given listeners (all when None); returns those that changed.
-    A change keeps the replaced list as `previous` until now + the listener's drain timeout."""
+    A change keeps the replaced list as `previous` until now + the listener's drain timeout.
+    `generations`: just written, in this transaction; their listeners' backends are taken from
+    the snapshot instead of being read again."""
     votes = _health_votes()
     changed = []
-    with transaction.atomic():
-        listeners = Listener.objects.prefetch_related("backends__host")
-        if listener_ids is not None:
-            listeners = listeners.filter(pk__in=list(listener_ids))
+    with transaction.atomic(savepoint=False):  # apply_change's transaction, when called from it
+        given = {g.listener_id: g for g in generations}
+        if given:
+            listeners = [g.listener for g in given.values()]
+        else:
+            listeners = Listener.objects.prefetch_related("backends__host")
+            if listener_ids is not None:
+                listeners = listeners.filter(pk__in=list(listener_ids))
         tables = {
             t.listener_id: t for t in ListenerTable.objects.select_for_update().filter(listener__in=listeners)
         }
         now = time.time()
         created = []
         for listener in listeners:
-            backends = effective_backends(_config_backends(listener), _down_backends(listener.pk, votes))
+            config = (
+                _snapshot_backends(given[listener.pk].backends)
+                if listener.pk in given
+                else _config_backends(listener)
+            )
+            backends = effective_backends(config, _down_backends(listener.pk, votes))
             table = tables.get(listener.pk)
             if table is None:
                 created.append(
@@ -235,13 +269,53 @@ def _flush_pending() -> None:
     apply_change(None if everything else ids)
 
 
+def _bump_generation() -> PushSettings:
+    """Number the next document and take the PushSettings row lock (held until commit) in one
+    statement."""
+    table = PushSettings._meta.db_table
+    for _ in range(2):
+        rows = list(
+            PushSettings.objects.raw(
+                f"UPDATE {table} SET generation = generation + 1 WHERE id = 1 RETURNING *"  # noqa: S608
+            )
+        )
+        if rows:
+            return rows[0]
+        PushSettings.objects.get_or_create(pk=1)
+    raise RuntimeError("the PushSettings row could not be created")
+
+
+def _stage(
+    ids: list[int] | None, generations: Iterable[Generation] = ()
+) -> tuple[int, dict[str, Any] | None, list[int]]:
+    """Inside a transaction: number the new document, refresh the tables and read the delta the
+    consumers will forward; returns (generation, delta, listeners whose table changed). The
+    PushSettings row lock, taken first and held until commit, serialises pushes cluster-wide,
+    so generation g's content is never older than g-1's."""
+    cluster_row = _bump_generation()
+    changed = refresh_tables(ids, generations=generations)
+    delta = desired_state.listener_delta(cluster_row, cluster_row.generation, ids) if ids else None
+    return cluster_row.generation, delta, changed
+
+
+def _publish(
+    generation: int, delta: dict[str, Any] | None, ids: list[int] | None, changed: list[int]
+) -> None:
+    notify_agents(generation, delta)
+    if ids is None:
+        evaluate_listeners(None)
+    elif unchanged := set(ids) - set(changed):
+        # A listener whose table did not change gets no new acknowledgement to settle it: do it
+        # here. Changed ones were marked pending by their change and settle on the agents' acks.
+        evaluate_listeners(unchanged, include_unsettled=False)
+
+
 def apply_change(listener_ids: Iterable[int] | None) -> int:
-    """Recompute tables, number a new document, update statuses and wake the agents."""
-    ids = None if listener_ids is None else list(listener_ids)
-    refresh_tables(ids)
-    generation = bump_generation()
-    notify_agents(generation)
-    evaluate_listeners(ids)
+    """Recompute tables, number a new document, wake the agents, update statuses."""
+    ids = None if listener_ids is None else sorted(set(listener_ids))
+    with transaction.atomic():
+        generation, delta, changed = _stage(ids)
+    _publish(generation, delta, ids, changed)
     return generation
 
 
@@ -277,51 +351,86 @@ def record_applied(
     """An agent's acknowledgement (or failure) of a document. `known` is what this connection
     acknowledged before (None: read it from the database); only listeners whose generation
     changed are written. Returns what the agent now runs."""
-    if applied.ok:
-        if known is None:
-            known = dict(
+    return record_applied_batch([(agent, applied, known)])[0]
+
+
+AppliedReport = tuple[AgentNode, Applied, "dict[int, int] | None"]
+
+
+def record_applied_batch(reports: list[AppliedReport]) -> list[dict[int, int] | None]:
+    """Several acknowledgements (in arrival order) in one transaction and one status
+    evaluation: the agents' acks of one push arrive within milliseconds of each other, and
+    recording them one by one cost a transaction and an evaluation each. Returns, per report,
+    what that agent now runs (the `known` of its next report)."""
+    results: list[dict[int, int] | None] = []
+    latest: dict[int, dict[int, int]] = {}  # agent -> what it runs, as of the reports so far
+    rows: dict[tuple[int, int], int] = {}  # (agent, listener) -> generation to write
+    touched: dict[int, AgentNode] = {}
+    for agent, applied, known in reports:
+        if not applied.ok:
+            results.append(_record_failure(agent, applied, latest.get(agent.pk, known)))
+            continue
+        before = latest.get(agent.pk, known)
+        if before is None:
+            before = dict(
                 AgentListenerAck.objects.filter(agent=agent).values_list("listener_id", "generation")
             )
-        delta = {lid: gen for lid, gen in applied.listeners.items() if known.get(lid) != gen}
-        live = (
-            set(Listener.objects.filter(pk__in=list(delta)).values_list("pk", flat=True)) if delta else set()
-        )
-        rows = [
-            AgentListenerAck(agent=agent, listener_id=lid, generation=gen)
-            for lid, gen in delta.items()
-            if lid in live
-        ]
-        with transaction.atomic():
-            if rows:
-                AgentListenerAck.objects.bulk_create(
-                    rows,
-                    update_conflicts=True,
-                    unique_fields=["agent", "listener"],
-                    update_fields=["generation", "updated"],
-                )
-            cleared = (
-                AgentSync.objects.filter(agent=agent)
-                .exclude(error="")
-                .update(error="", error_generation=None)
+        for lid, gen in applied.listeners.items():
+            if before.get(lid) != gen:
+                rows[(agent.pk, lid)] = gen
+        latest[agent.pk] = dict(applied.listeners)
+        agent.applied_generation, agent.last_seen = applied.generation, timezone.now()
+        agent.applied_at = agent.last_seen
+        touched[agent.pk] = agent
+        results.append(latest[agent.pk])
+    if not touched:
+        return results
+    live = (
+        set(Listener.objects.filter(pk__in={lid for _, lid in rows}).values_list("pk", flat=True))
+        if rows
+        else set()
+    )  # a listener deleted meanwhile must not fail the others' rows
+    written = [
+        AgentListenerAck(agent_id=agent_id, listener_id=lid, generation=gen)
+        for (agent_id, lid), gen in rows.items()
+        if lid in live
+    ]
+    with transaction.atomic():  # one BEGIN/COMMIT for all writes (the bulk calls would each open one)
+        if written:
+            AgentListenerAck.objects.bulk_create(
+                written,
+                update_conflicts=True,
+                unique_fields=["agent", "listener"],
+                update_fields=["generation", "updated"],
             )
-            touch_agent(agent.pk, applied_generation=applied.generation, applied_at=timezone.now())
-        if rows or cleared:
-            evaluate_listeners([r.listener_id for r in rows])
-        return dict(applied.listeners)
-    else:
-        AgentSync.objects.update_or_create(
-            agent=agent, defaults={"error": applied.error or "", "error_generation": applied.generation}
+        cleared = (
+            AgentSync.objects.filter(agent__in=list(touched))
+            .exclude(error="")
+            .update(error="", error_generation=None)
         )
-        touch_agent(agent.pk)
-        logger.warning(
-            "agent %s failed to apply generation %s: %s", agent.name, applied.generation, applied.error
-        )
-        publish_event(
-            "agent.apply_failed",
-            {"agent": agent.name, "generation": applied.generation, "error": applied.error},
-        )
-        evaluate_listeners([])
-        return dict(known) if known is not None else None
+        AgentNode.objects.bulk_update(touched.values(), ["last_seen", "applied_generation", "applied_at"])
+    if written or cleared:
+        # A cleared error can settle listeners this ack does not mention: look at every unsettled one.
+        evaluate_listeners({row.listener_id for row in written}, include_unsettled=bool(cleared))
+    return results
+
+
+def _record_failure(
+    agent: AgentNode, applied: Applied, known: dict[int, int] | None
+) -> dict[int, int] | None:
+    AgentSync.objects.update_or_create(
+        agent=agent, defaults={"error": applied.error or "", "error_generation": applied.generation}
+    )
+    touch_agent(agent.pk)
+    logger.warning(
+        "agent %s failed to apply generation %s: %s", agent.name, applied.generation, applied.error
+    )
+    publish_event(
+        "agent.apply_failed",
+        {"agent": agent.name, "generation": applied.generation, "error": applied.error},
+    )
+    evaluate_listeners([])
+    return dict(known) if known is not None else None
 
 
 def record_health(agent: AgentNode, health: Health) -> None:
@@ -362,31 +471,44 @@ def _muxes() -> list[dict[str, Any]]:
     return [{"pk": r["pk"], "error": r["sync__error"] or ""} for r in rows]
 
 
-def evaluate_listeners(listener_ids: Iterable[int] | None) -> None:
-    """Recompute provisioning_status of the given listeners plus every listener not ACTIVE."""
+def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled: bool = True) -> None:
+    """Recompute provisioning_status of the given listeners (all when None), and of every
+    listener not ACTIVE unless `include_unsettled` is False (the caller knows that only the
+    given listeners can have changed: their own tables or acknowledgements)."""
     muxes = _muxes()
     if not muxes:
         return  # nobody to apply anything: leave the status pending
     if listener_ids is None:
         candidates = Listener.objects.all()
-    else:
+    elif include_unsettled:
         wanted = set(listener_ids)
         candidates = Listener.objects.filter(
             Q(pk__in=wanted) | ~Q(provisioning_status=ProvisioningStatus.ACTIVE)
         )
+    else:
+        candidates = Listener.objects.filter(pk__in=set(listener_ids))
+    mux_ids = [m["pk"] for m in muxes]
     listeners = list(
-        candidates.select_related("table", "vip").only(
-            "id", "provisioning_status", "vip__id", "vip__tenant_id", "table__number"
+        candidates.select_related("table", "vip")
+        .only("id", "provisioning_status", "vip__id", "vip__tenant_id", "table__number")
+        .annotate(  # how many muxes run the current table: one query instead of reading every ack
+            acked=Count(
+                "agent_acks",
+                filter=Q(agent_acks__agent_id__in=mux_ids, agent_acks__generation__gte=F("table__number")),
+            )
         )
     )
     if not listeners:
         return
-    acks: dict[tuple[int, int], int] = {
-        (a, li): g
-        for a, li, g in AgentListenerAck.objects.filter(listener__in=[li.pk for li in listeners]).values_list(
-            "agent_id", "listener_id", "generation"
-        )
-    }
+    erring = [m["pk"] for m in muxes if m["error"]]
+    acks: dict[tuple[int, int], int] = {}
+    if erring:  # rare: which of the muxes still owing a listener failed to apply?
+        acks = {
+            (a, li): g
+            for a, li, g in AgentListenerAck.objects.filter(
+                agent_id__in=erring, listener__in=[li.pk for li in listeners]
+            ).values_list("agent_id", "listener_id", "generation")
+        }
     updates: dict[str, list[int]] = {}
     messages: list[tuple[str, dict[str, Any]]] = []
     vip_ids = set()
@@ -394,10 +516,9 @@ def evaluate_listeners(listener_ids: Iterable[int] | None) -> None:
         table = getattr(listener, "table", None)
         if table is None:
             continue
-        pending = [m for m in muxes if acks.get((m["pk"], listener.pk), 0) < table.number]
-        if not pending:
+        if listener.acked >= len(muxes):
             status = ProvisioningStatus.ACTIVE
-        elif any(m["error"] for m in pending):
+        elif any(acks.get((pk, listener.pk), 0) < table.number for pk in erring):
             status = ProvisioningStatus.ERROR
         elif listener.provisioning_status == ProvisioningStatus.PENDING_CREATE:
             status = ProvisioningStatus.PENDING_CREATE
@@ -420,35 +541,34 @@ def evaluate_listeners(listener_ids: Iterable[int] | None) -> None:
             )
     for status, ids in updates.items():
         Listener.objects.filter(pk__in=ids).update(provisioning_status=status)
-    messages += _update_vip_provisioning(vip_ids)
-    _send_all(messages)
+    _send_all(messages)  # the listeners' news first: the VIPs' needs two more queries
+    _send_all(_update_vip_provisioning(vip_ids))
 
 
 def _update_vip_provisioning(vip_ids: set[int]) -> list[tuple[str, dict[str, Any]]]:
     if not vip_ids:
         return []
-    statuses: dict[int, set[str]] = {}
-    for vip_id, status in Listener.objects.filter(vip_id__in=vip_ids).values_list(
-        "vip_id", "provisioning_status"
+    vips: dict[int, tuple[int, str, set[str]]] = {}  # id -> tenant, its status, its listeners' statuses
+    for vip_id, tenant_id, vip_status, status in Listener.objects.filter(vip_id__in=vip_ids).values_list(
+        "vip_id", "vip__tenant_id", "vip__provisioning_status", "provisioning_status"
     ):
-        statuses.setdefault(vip_id, set()).add(status)
+        vips.setdefault(vip_id, (tenant_id, vip_status, set()))[2].add(status)
     messages = []
     updates: dict[str, list[int]] = {}
-    for vip in Vip.objects.filter(pk__in=vip_ids).only("id", "tenant_id", "provisioning_status"):
-        own = statuses.get(vip.pk, set())
+    for vip_id, (tenant_id, vip_status, own) in vips.items():
         if own <= {ProvisioningStatus.ACTIVE}:
             status = ProvisioningStatus.ACTIVE
         elif ProvisioningStatus.ERROR in own:
             status = ProvisioningStatus.ERROR
         else:
             status = ProvisioningStatus.PENDING_UPDATE
-        if status != vip.provisioning_status:
-            updates.setdefault(status, []).append(vip.pk)
+        if status != vip_status:
+            updates.setdefault(status, []).append(vip_id)
             messages += event_messages(
                 "vip.provisioning_status",
-                {"vip": vip.pk, "status": status},
-                tenant_id=vip.tenant_id,
-                vip_id=vip.pk,
+                {"vip": vip_id, "status": status},
+                tenant_id=tenant_id,
+                vip_id=vip_id,
             )
     for status, ids in updates.items():
         Vip.objects.filter(pk__in=ids).update(provisioning_status=status)
@@ -515,12 +635,16 @@ _AGENT_BOOKKEEPING_FIELDS = {"last_seen", "applied_generation", "applied_at", "l
 
 
 def _on_generation(sender, generation: Generation, **kwargs) -> None:
-    apply_change([generation.listener_id])  # already sent on commit
+    """In the transaction that writes the generation: the push is staged before that commit
+    and sent right after it, with no transaction of its own on the REST call's path."""
+    ids = [generation.listener_id]
+    number, delta, changed = _stage(ids, [generation])
+    transaction.on_commit(lambda: _publish(number, delta, ids, changed))
 
 
 def _on_listener_saved(sender, instance: Listener, created: bool, update_fields=None, **kwargs) -> None:
     if update_fields is not None and set(update_fields) <= _STATUS_ONLY_FIELDS:
-        return  # new_generation's bookkeeping save; generation_created pushes that change
+        return  # new_generation's bookkeeping save; generation_staged pushes that change
     schedule_change([instance.pk])
     if not created:
         transaction.on_commit(lambda: update_operating_status([instance.pk]))
@@ -551,7 +675,7 @@ def _on_agent_deleted(sender, instance: AgentNode, **kwargs) -> None:
 
 
 def connect_signals() -> None:
-    generation_created.connect(_on_generation, dispatch_uid="agent_sync.generation")
+    generation_staged.connect(_on_generation, dispatch_uid="agent_sync.generation")
     post_save.connect(_on_listener_saved, sender=Listener, dispatch_uid="agent_sync.listener_saved")
     post_delete.connect(_on_deleted, sender=Listener, dispatch_uid="agent_sync.listener_deleted")
     post_delete.connect(_on_deleted, sender=Vip, dispatch_uid="agent_sync.vip_deleted")

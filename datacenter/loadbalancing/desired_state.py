@@ -13,6 +13,7 @@ import ipaddress
 import json
 import threading
 import time
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -143,6 +144,69 @@ def _vip_document(address: str, listeners: list[Listener], now: float) -> tuple[
     return vip_doc, min(deadlines, default=float("inf"))
 
 
+def document_head(cluster_row: PushSettings, generation: int) -> dict[str, Any]:
+    """Everything in the document but the node name and the VIPs."""
+    return {
+        "version": 1,
+        "generation": generation,
+        "cluster": {
+            "hash_seed": cluster_row.hash_seed,
+            "table_size": cluster_row.table_size,
+            "owner_seed": cluster_row.owner_seed,
+            "muxes": mux_set(),
+            "peer_key": derived_key("peer", cluster_row.key_epoch),
+            "redirect_key": derived_key("redirect", cluster_row.key_epoch),
+            "max_records": cluster_row.max_records,
+        },
+    }
+
+
+def _delta_parts(base: int, removed: list[str], head_text: str, fragments: str) -> tuple[str, str]:
+    """A delta frame's text before and after the node name (JSON-encoded) goes."""
+    return (
+        f'{{"type":"delta","protocol":{PROTOCOL_VERSION},"base":{base},"removed":{_dumps(removed)},'
+        '"state":{"node":',
+        f',{head_text[1:-1]},"vips":[{fragments}]}}}}',
+    )
+
+
+def listener_delta(
+    cluster_row: PushSettings, generation: int, listener_ids: list[int]
+) -> dict[str, Any] | None:
+    """The delta frame from generation - 1 to `generation` for a change confined to these
+    listeners, split around the node name, for the channel message that wakes the consumers:
+    they forward it without reading the database (the scan of every VIP a cache refresh needs
+    took ~40 ms at 1,000 VIPs). Call in the transaction that bumped the generation while
+    holding the PushSettings row lock: pushes are then serialised, so this read is never older
+    than the previous generation's. None when a listener is gone (consumers fall back to the
+    document cache, which also handles removals)."""
+    rows = list(
+        Listener.objects.filter(vip__in=Listener.objects.filter(pk__in=listener_ids).values("vip_id"))
+        .select_related("table", "vip")
+        .order_by("vip_id", "protocol", "port")
+        .only(*_LISTENER_FIELDS, "vip__address")
+    )
+    if not set(listener_ids) <= {li.pk for li in rows}:
+        return None
+    by_vip: dict[int, list[Listener]] = {}
+    for listener in rows:
+        by_vip.setdefault(listener.vip_id, []).append(listener)
+    now = time.time()
+    fragments = ",".join(
+        _dumps(_vip_document(own[0].vip.address, own, now)[0])
+        for _, own in sorted(by_vip.items(), key=lambda item: _address_key(item[1][0].vip.address))
+    )
+    before, after = _delta_parts(
+        generation - 1, [], _dumps(document_head(cluster_row, generation)), fragments
+    )
+    return {"base": generation - 1, "vips": sorted(by_vip), "before": before, "after": after}
+
+
+def splice_node(delta: dict[str, Any], node: str) -> str:
+    """The frame of a `listener_delta` for one agent."""
+    return f"{delta['before']}{json.dumps(node)}{delta['after']}"
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
@@ -183,15 +247,19 @@ class DocumentCache:
             self._refresh()
             return self._document
 
-    def frame_for(self, node: str, since: int | None = None) -> tuple[int, str]:
-        """(generation, the frame text for `node`). With `since` (the generation this agent
-        last received) and the history to cover it: a `delta` frame carrying only the VIPs that
-        changed; otherwise the full `desired` state. The full JSON is encoded once per
-        generation; only the node name differs between agents."""
+    def frame_for(
+        self, node: str, since: int | None = None, *, base: int | None = None, extra_vips: Iterable[int] = ()
+    ) -> tuple[int, str]:
+        """(generation, the frame text for `node`). With `since` (the generation of the last
+        frame this cache built for the agent) and the history to cover it: a `delta` frame
+        carrying only the VIPs that changed; otherwise the full `desired` state. `base` is the
+        generation the agent runs now if listener deltas (`listener_delta`) moved it past
+        `since`, and `extra_vips` the VIPs those deltas carried: they are sent again. The full
+        JSON is encoded once per generation; only the node name differs between agents."""
         with self._lock:
             self._refresh()
             if since is not None and since != self._generation:
-                delta = self._delta_since(since, node)
+                delta = self._delta_since(since, node, since if base is None else base, set(extra_vips))
                 if delta is not None:
                     return self._generation, delta
             if self._encoded is None:
@@ -202,8 +270,8 @@ class DocumentCache:
             )
             return self._generation, frame
 
-    def _delta_since(self, since: int, node: str) -> str | None:
-        changed: set[int] = set()
+    def _delta_since(self, since: int, node: str, base: int, extra_vips: set[int]) -> str | None:
+        changed: set[int] = set(extra_vips)
         removed: set[str] = set()
         generation: int | None = self._generation
         for _ in range(MAX_DELTA_STEPS):
@@ -221,11 +289,8 @@ class DocumentCache:
         removed -= {self._vips[vip_id][0]["address"] for vip_id in self._order if vip_id in changed}
         head = {key: value for key, value in self._document.items() if key != "vips"}
         fragments = ",".join(self._fragments[vip_id] for vip_id in present)
-        text = _dumps(head)
-        return (
-            f'{{"type":"delta","protocol":{PROTOCOL_VERSION},"base":{since},"removed":{_dumps(sorted(removed))},'
-            f'"state":{{"node":{json.dumps(node)},{text[1:-1]},"vips":[{fragments}]}}}}'
-        )
+        before, after = _delta_parts(base, sorted(removed), _dumps(head), fragments)
+        return f"{before}{json.dumps(node)}{after}"
 
     def _encode(self) -> str:
         """The document as JSON, reusing each VIP's encoded text from its (re)build: encoding
@@ -311,17 +376,7 @@ class DocumentCache:
             self._order = sorted(vips, key=lambda vip_id: _address_key(vips[vip_id][0]["address"]))
             ordered = [vips[vip_id] for vip_id in self._order]
             return {
-                "version": 1,
-                "generation": generation,
-                "cluster": {
-                    "hash_seed": cluster_row.hash_seed,
-                    "table_size": cluster_row.table_size,
-                    "owner_seed": cluster_row.owner_seed,
-                    "muxes": mux_set(),
-                    "peer_key": derived_key("peer", cluster_row.key_epoch),
-                    "redirect_key": derived_key("redirect", cluster_row.key_epoch),
-                    "max_records": cluster_row.max_records,
-                },
+                **document_head(cluster_row, generation),
                 "vips": [entry[0] for entry in ordered],
             }
 
@@ -338,8 +393,10 @@ def desired_state_for(agent: AgentNode) -> dict[str, Any]:
     return {**document_cache.current(), "node": agent.name}
 
 
-def desired_frame_for(agent: AgentNode, since: int | None = None) -> tuple[int, str]:
-    return document_cache.frame_for(agent.name, since)
+def desired_frame_for(
+    agent: AgentNode, since: int | None = None, *, base: int | None = None, extra_vips: Iterable[int] = ()
+) -> tuple[int, str]:
+    return document_cache.frame_for(agent.name, since, base=base, extra_vips=extra_vips)
 
 
 def desired_state_object(agent: AgentNode) -> DesiredState:

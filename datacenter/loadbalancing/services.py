@@ -32,7 +32,7 @@ from .choices import (
     ProvisioningStatus,
 )
 from .models import Backend, Generation, Listener, Vip, VipPool
-from .signals import generation_created
+from .signals import generation_created, generation_staged
 
 BACKEND_FIELDS = ("address", "port", "weight", "admin_state", "host")
 MAX_ALLOCATION_SCAN = 65536  # addresses looked at when allocating from a pool
@@ -505,26 +505,31 @@ def replace_backends(
     with transaction.atomic():
         # The row lock serialises concurrent replaces of one listener (PostgreSQL); the generation
         # check below then sees the committed winner.
-        listener = Listener.objects.select_for_update().get(pk=listener.pk)
-        listener = Listener.objects.select_related("vip__tenant").get(pk=listener.pk)
+        listener = (
+            Listener.objects.select_for_update(of=("self",)).select_related("vip__tenant").get(pk=listener.pk)
+        )
         check_generation(listener, expected_generation, via_if_match=via_if_match)
         specs = validate_backend_list(listener, items)
-        before = current_backends(listener)
+        rows = list(listener.backends.select_related("host").order_by("position"))
+        before = [backend_as_dict(b) for b in rows]
         after = [spec.as_dict() for spec in specs]
         diff = diff_backends(before, after)
         if dry_run or diff_is_empty(diff):
             return ReplaceResult(
                 listener=listener, diff=diff, dry_run=dry_run, changed=not diff_is_empty(diff), backends=after
             )
-        _write_backend_rows(listener, specs)
-        generation = new_generation(listener, user=user, changes=diff, request_id=request_id, before=before)
+        _write_backend_rows(listener, specs, rows)
+        generation = new_generation(
+            listener, user=user, changes=diff, request_id=request_id, before=before, after=after
+        )
         return ReplaceResult(
             listener=listener, diff=diff, dry_run=False, changed=True, generation=generation, backends=after
         )
 
 
-def _write_backend_rows(listener: Listener, specs: Sequence[BackendSpec]) -> None:
-    existing = {(b.address, b.port): b for b in listener.backends.all()}
+def _write_backend_rows(listener: Listener, specs: Sequence[BackendSpec], rows: Sequence[Backend]) -> None:
+    """Make the listener's backend rows match `specs`; `rows` are its rows as read in this transaction."""
+    existing = {(b.address, b.port): b for b in rows}
     wanted = {spec.key for spec in specs}
     stale_ids = [b.pk for key, b in existing.items() if key not in wanted]
     if stale_ids:
@@ -568,6 +573,7 @@ def new_generation(
     changes: dict[str, Any] | None = None,
     request_id: str | None = None,
     before: list[dict[str, Any]] | None = None,
+    after: list[dict[str, Any]] | None = None,
 ) -> Generation:
     """Snapshot the listener's current backend rows as its next immutable Generation.
 
@@ -576,8 +582,10 @@ def new_generation(
     holding the listener's row lock (replace_backends does).
     """
     request_id = current_request_id() if request_id is None else request_id
-    with transaction.atomic():
-        backends = current_backends(listener)
+    # Inside the caller's transaction (which holds the row lock) no savepoint: nothing here is
+    # retried on its own, and it saves two round trips.
+    with transaction.atomic(savepoint=False):
+        backends = current_backends(listener) if after is None else after
         if before is None:
             previous = listener.generations.order_by("-number").first()
             before = previous.backends if previous else []
@@ -614,6 +622,7 @@ def new_generation(
             },
             request_id=request_id,
         )
+        generation_staged.send(sender=Generation, generation=generation)
         transaction.on_commit(lambda: generation_created.send(sender=Generation, generation=generation))
         return generation
 

@@ -188,6 +188,48 @@ def test_incremental_document_equals_a_full_rebuild_after_changes(world, muxes) 
     assert generation == document_cache.current()["generation"]
 
 
+def test_listener_deltas_forwarded_without_the_cache_add_up_to_the_full_state(world, muxes) -> None:
+    """The fast path: a listener change carries its own delta in the channel message; an agent
+    that got such deltas and then a cache frame (covering the VIPs they carried) holds exactly
+    the full state."""
+    from datacenter.loadbalancing.desired_state import document_cache, listener_delta, splice_node
+    from datacenter.loadbalancing.models_sync import PushSettings
+    from lbagent.protocol import decode_portal_message
+
+    cache_generation, frame = document_cache.frame_for("mux-a")
+    held = (cache_generation, json.loads(frame)["state"])
+    sent = cache_generation
+    forwarded: set[int] = set()
+    for listener, backends in (
+        (world.listener_a, [{"address": "10.1.0.7", "port": 8080}, {"address": "10.1.0.8", "port": 8080}]),
+        (world.listener_b, [{"address": "10.2.0.7", "port": 8443}]),
+    ):
+        replace_backends(listener, backends)  # stages the push in its own transaction
+        row = PushSettings.objects.get(pk=1)
+        delta = listener_delta(row, row.generation, [listener.pk])
+        assert delta["base"] == sent, "each staged push follows the previous one"
+        message = decode_portal_message(splice_node(delta, "mux-a"), base=held)
+        assert json.loads(splice_node(delta, "mux-a"))["type"] == "delta"
+        sent, held = row.generation, (row.generation, message.raw)
+        forwarded |= set(delta["vips"])
+    assert held[1] == {**document_cache.current(), "node": "mux-a"}
+    # A change the fast path does not carry (a new VIP): the cache frame from the last cache
+    # generation, based on what the agent holds, re-sends the forwarded VIPs.
+    from datacenter.loadbalancing import services
+
+    services.create_vip(tenant=world.tenant_a, name="later", address="203.0.113.40")
+    agent_sync.apply_change(None)
+    generation, frame = document_cache.frame_for("mux-a", cache_generation, base=sent, extra_vips=forwarded)
+    body = json.loads(frame)
+    assert (body["type"], body["base"]) == ("delta", sent)
+    merged = decode_portal_message(frame, base=held)
+    assert merged.raw == {**document_cache.current(), "node": "mux-a"}
+    assert generation == document_cache.current()["generation"]
+    # A delta whose listener is gone is not built: consumers fall back to the cache.
+    row = PushSettings.objects.get(pk=1)
+    assert listener_delta(row, row.generation, [10**12]) is None
+
+
 def test_status_changes_are_published_to_tenant_and_object_groups(world, muxes) -> None:
     import asyncio
 
