@@ -19,7 +19,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Q
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
@@ -183,7 +183,7 @@ def refresh_tables(
     A change keeps the replaced list as `previous` until now + the listener's drain timeout.
     `generations`: just written, in this transaction; their listeners' backends are taken from
     the snapshot instead of being read again."""
-    votes = _health_votes()
+    votes: list[dict[str, str]] | None = None  # read once, and only if a listener is monitored
     changed = []
     with transaction.atomic(savepoint=False):  # apply_change's transaction, when called from it
         given = {g.listener_id: g for g in generations}
@@ -204,7 +204,11 @@ def refresh_tables(
                 if listener.pk in given
                 else _config_backends(listener)
             )
-            backends = effective_backends(config, _down_backends(listener.pk, votes))
+            down: dict[tuple[str, int], str] = {}
+            if listener.health_check:  # unmonitored: no agent checks it, so no vote counts
+                votes = _health_votes() if votes is None else votes
+                down = _down_backends(listener.pk, votes)
+            backends = effective_backends(config, down)
             table = tables.get(listener.pk)
             if table is None:
                 created.append(
@@ -385,17 +389,30 @@ def record_applied_batch(reports: list[AppliedReport]) -> list[dict[int, int] | 
         results.append(latest[agent.pk])
     if not touched:
         return results
-    live = (
-        set(Listener.objects.filter(pk__in={lid for _, lid in rows}).values_list("pk", flat=True))
-        if rows
-        else set()
-    )  # a listener deleted meanwhile must not fail the others' rows
     written = [
         AgentListenerAck(agent_id=agent_id, listener_id=lid, generation=gen)
         for (agent_id, lid), gen in rows.items()
-        if lid in live
     ]
-    with transaction.atomic():  # one BEGIN/COMMIT for all writes (the bulk calls would each open one)
+    try:
+        cleared = _write_acks(written, touched)
+    except IntegrityError:  # a listener was deleted meanwhile (rare): write the others' rows
+        live = set(
+            Listener.objects.filter(pk__in={r.listener_id for r in written}).values_list("pk", flat=True)
+        )
+        written = [row for row in written if row.listener_id in live]
+        cleared = _write_acks(written, touched)
+    if written or cleared:
+        # A cleared error can settle listeners this ack does not mention: look at every unsettled one.
+        evaluate_listeners({row.listener_id for row in written}, include_unsettled=bool(cleared))
+    # Bookkeeping for the status tree, after the statuses: not on the push's critical path.
+    AgentNode.objects.bulk_update(touched.values(), ["last_seen", "applied_generation", "applied_at"])
+    return results
+
+
+def _write_acks(written: list[AgentListenerAck], touched: dict[int, AgentNode]) -> int:
+    """Upsert the acknowledgement rows and clear the agents' apply errors in one transaction;
+    returns how many errors were cleared."""
+    with transaction.atomic():
         if written:
             AgentListenerAck.objects.bulk_create(
                 written,
@@ -403,16 +420,11 @@ def record_applied_batch(reports: list[AppliedReport]) -> list[dict[int, int] | 
                 unique_fields=["agent", "listener"],
                 update_fields=["generation", "updated"],
             )
-        cleared = (
+        return (
             AgentSync.objects.filter(agent__in=list(touched))
             .exclude(error="")
             .update(error="", error_generation=None)
         )
-        AgentNode.objects.bulk_update(touched.values(), ["last_seen", "applied_generation", "applied_at"])
-    if written or cleared:
-        # A cleared error can settle listeners this ack does not mention: look at every unsettled one.
-        evaluate_listeners({row.listener_id for row in written}, include_unsettled=bool(cleared))
-    return results
 
 
 def _record_failure(

@@ -77,6 +77,23 @@ def test_listener_active_only_when_every_mux_acknowledged(world, muxes) -> None:
     assert Vip.objects.get(pk=listener.vip_id).provisioning_status == ProvisioningStatus.ACTIVE
 
 
+def test_acks_of_several_agents_in_one_batch_settle_the_listener_despite_a_deleted_one(
+    transactional_db, world, muxes
+) -> None:
+    # transactional_db: as in production, the foreign key (deferred) is checked at the batch's COMMIT.
+    listener = world.listener_a
+    state = desired_state_object(muxes[0])
+    running = {**state.listener_generations(), 10**9: 1}  # a listener deleted since the agent applied it
+    results = agent_sync.record_applied_batch(
+        [(agent, Applied(generation=state.generation, ok=True, listeners=running), None) for agent in muxes]
+    )
+    assert results == [running, running]
+    assert status(listener) == ProvisioningStatus.ACTIVE
+    assert {a.applied_generation for a in AgentNode.objects.filter(pk__in=[m.pk for m in muxes])} == {
+        state.generation
+    }
+
+
 def test_failed_apply_is_error_with_the_agents_reason(world, muxes) -> None:
     listener = world.listener_a
     ack(muxes[0])
