@@ -4,22 +4,28 @@ measured in the same run.
 1. TCP throughput client -> VIP through a mux (nftables DSR) vs client -> backend directly
    (iperf3, same router, same backend): ratio, goal >= 0.9.
 2. Small-packet UDP (64-byte payloads) through a mux vs directly: packets/s received.
-3. Slow path: new flows per second decided in userspace during a transition (SYNs of distinct
-   flows, all in unstable buckets, sent at the mux as fast as one Python sender can), next to
-   the sender's own rate (the offered load). Goal >= 50,000 flows/s.
+3. New flows during a transition (SYNs of distinct flows, all in unstable buckets, pre-built
+   frames sent at one mux by several sender processes): the rate at which the kernel pins and
+   forwards them (decision rule 3's SYN case compiled into nft), and the rate at which they end
+   up recorded at their owner mux (nfnetlink_log -> daemon -> peer protocol), next to the
+   offered load and next to the same SYNs sent to a listener not in transition (rule 2, the
+   steady path). Goal >= 50,000 flows/s. Then the same flood with both daemons paused (the
+   kernel and the senders alone on the cores), and the records drained once they resume.
+4. The remaining userspace path: non-SYN packets of unknown flows in unstable buckets (NFQUEUE,
+   decide, ask the owner, re-inject), packets/s.
 
-Usage: sudo .venv/bin/python bench/dataplane.py [--seconds 5] [--flows 200000]
+Usage: sudo .venv/bin/python bench/dataplane.py [--seconds 3] [--flows 200000] [--senders 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import socket
+import signal
 import statistics
-import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lbagent.core.flowhash import flow_buckets, ipv4_to_int
 from lbagent.core.transition import ListenerTables, OldTable, build_generation
+from lbagent.dataplane.nft import read_counters
 from lbagent.lab import netns, topology
+from lbagent.lab.flood import TCP_ACK, send_frames, tcp_frames, unstable_flows
 from lbagent.lab.harness import (
     HASH_SEED,
     TABLE_SIZE,
@@ -42,13 +50,14 @@ from lbagent.lab.harness import (
 IPERF_PORT = 5201
 VIP_IPERF = "203.0.113.13"
 VIP_SLOW = "203.0.113.14"
-FLOOD_SOURCES = "198.18.0.0/15"  # benchmark range: backends' answers to it go nowhere
 
 
 def iperf(lab: topology.Lab, target: str, seconds: int, udp: bool = False) -> dict:
     argv = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-J"]
     if udp:
         argv += ["-u", "-b", "0", "-l", "64"]
+    else:
+        argv += ["-O", "1"]  # leave slow start out of the figure (both paths alike)
     out = netns.run(argv, netns=lab.clients[0].netns, timeout_s=seconds + 30, check=False).stdout
     result = json.loads(out)
     if "error" in result:
@@ -65,40 +74,22 @@ def udp_pps(result: dict, seconds: int) -> float:
     return (s["packets"] - s["lost_packets"]) / s["seconds"]
 
 
-def _ip_checksum(header: bytes) -> int:
-    total = sum(struct.unpack("!10H", header))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def syn_frames(dst_mac: str, src_mac: str, flows: list[tuple[int, int]], vip: str) -> list[bytes]:
-    eth = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + b"\x08\x00"
-    daddr = socket.inet_aton(vip)
-    frames = []
-    for saddr, sport in flows:
-        src = saddr.to_bytes(4, "big")
-        head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, 6, 0, src, daddr)
-        head = head[:10] + struct.pack("!H", _ip_checksum(head)) + head[12:]
-        tcp = struct.pack("!HHIIBBHHH", sport, 80, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
-        frames.append(eth + head + tcp)
-    return frames
+    return tcp_frames(dst_mac, src_mac, flows, vip)
 
 
-def unstable_flows(count: int, tables: ListenerTables) -> list[tuple[int, int]]:
-    """`count` distinct (source address, source port) whose bucket is unstable."""
-    base = ipv4_to_int(FLOOD_SOURCES.split("/")[0])
-    rng = np.random.default_rng(7)
-    out: list[tuple[int, int]] = []
-    vip = ipv4_to_int(VIP_SLOW)
-    while len(out) < count:
-        src = base + rng.integers(0, 1 << 17, size=count * 4, dtype=np.int64)
-        sport = rng.integers(1024, 65536, size=count * 4, dtype=np.int64)
-        buckets = flow_buckets(src, vip, 6, sport, 80, seed=HASH_SEED, table_size=TABLE_SIZE)
-        keep = tables.unstable[buckets]
-        pairs = set(zip(src[keep].tolist(), sport[keep].tolist(), strict=True))
-        out.extend(pairs - set(out))
-    return out[:count]
+def settle(read: Callable[[], float], start: float, idle_s: float = 1.0) -> tuple[float, float]:
+    """Poll a counter until it has not moved for `idle_s`; (final value, monotonic time of its
+    last change)."""
+    last, last_change = read(), time.monotonic()
+    if last == start:
+        last_change = time.monotonic()
+    while time.monotonic() - last_change < idle_s:
+        time.sleep(0.05)
+        now = read()
+        if now != last:
+            last, last_change = now, time.monotonic()
+    return last, last_change
 
 
 def python_cost_per_packet(tables: ListenerTables, count: int = 20_000) -> tuple[float, float]:
@@ -135,7 +126,7 @@ def python_cost_per_packet(tables: ListenerTables, count: int = 20_000) -> tuple
             pass
 
     path._out = NoSend()
-    flows = unstable_flows(count, tables)
+    flows = unstable_flows(count, tables, VIP_SLOW, seed=HASH_SEED, table_size=TABLE_SIZE)
     frames = syn_frames("02:00:00:00:00:02", "02:00:00:00:00:01", flows, VIP_SLOW)
     vip = ipv4_to_int(VIP_SLOW)
     marks = flow_buckets(np.array([f[0] for f in flows]), vip, 6, np.array([f[1] for f in flows]), 80,
@@ -154,13 +145,16 @@ def python_cost_per_packet(tables: ListenerTables, count: int = 20_000) -> tuple
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--flows", type=int, default=200_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--flows", type=int, default=200_000, help="new flows (SYNs) for the kernel path")
+    parser.add_argument("--acks", type=int, default=30_000, help="unknown non-SYN flows for NFQUEUE")
+    parser.add_argument("--senders", type=int, default=2, help="sender processes")
+    parser.add_argument("--repeats", type=int, default=7, help="alternating TCP runs per path")
     args = parser.parse_args()
 
     lab = topology.build()
-    cluster = LabCluster(lab, learn=False)
+    # Room for every flow's record at its owner and its copy at the backup.
+    cluster = LabCluster(lab, learn=False, max_records=4 * (2 * args.flows + args.acks))
     results: dict[str, float] = {}
     try:
         web1, web2, web3 = lab.backends[:3]
@@ -183,15 +177,22 @@ def main() -> int:
         wait_route(lab, VIP_IPERF, [m.address for m in lab.muxes], timeout_s=20)
         time.sleep(0.5)
 
-        # Alternate the two paths (the machine is shared: load moves during a run); medians.
+        # Alternate the two paths in ABBA order (the machine is shared: load drifts during a run,
+        # and whichever path runs first after a pause tends to gain); medians of many short runs.
         vias, directs = [], []
-        for _ in range(args.repeats):
-            vias.append(tcp_gbps(iperf(lab, VIP_IPERF, args.seconds)))
-            directs.append(tcp_gbps(iperf(lab, web1.address, args.seconds)))
+        for i in range(args.repeats):
+            order = [(vias, VIP_IPERF), (directs, web1.address)]
+            for out, target in order if i % 2 == 0 else order[::-1]:
+                out.append(tcp_gbps(iperf(lab, target, args.seconds)))
         via, direct = statistics.median(vias), statistics.median(directs)
-        results.update(tcp_via_mux_gbps=via, tcp_direct_gbps=direct, tcp_ratio=via / direct)
+        # Also the median of the back-to-back pairs' ratios: each pair ran within seconds, so slow
+        # drifts of the machine's load cancel out of it.
+        paired = statistics.median(v / d for v, d in zip(vias, directs, strict=True))
+        results.update(tcp_via_mux_gbps=via, tcp_direct_gbps=direct, tcp_ratio=via / direct,
+                       tcp_paired_ratio_median=paired)
         print(f"TCP through a mux: {via:.2f} Gbit/s; direct to the backend: {direct:.2f} Gbit/s; "
-              f"ratio {via / direct:.2f} (goal >= 0.9; medians of {args.repeats} alternating runs: "
+              f"ratio of medians {via / direct:.2f}, median of paired ratios {paired:.2f} (goal >= 0.9; "
+              f"{args.repeats} ABBA-alternating {args.seconds} s runs per path: "
               f"{[round(v, 2) for v in vias]} vs {[round(d, 2) for d in directs]})")
 
         u_via = udp_pps(iperf(lab, VIP_IPERF, args.seconds, udp=True), args.seconds)
@@ -200,47 +201,132 @@ def main() -> int:
         print(f"UDP 64-byte packets received through a mux: {u_via:,.0f}/s; direct: {u_direct:,.0f}/s; "
               f"ratio {u_via / u_direct:.2f}")
 
-        # Slow path: SYNs of distinct flows in unstable buckets, straight at mux-1's MAC.
+        # New flows: SYNs of distinct flows in unstable buckets, straight at mux-1's MAC.
         size = TABLE_SIZE
         t_old = build_generation(1, [f"{b['address']}:80" for b in gen1], None, size)
         t_new = build_generation(2, [f"{b['address']}:80" for b in gen2], None, size)
         tables = ListenerTables(current=t_new, old=(OldTable(t_old, time.time() + 600),))
-        flows = unstable_flows(args.flows, tables)
+        flows = unstable_flows(args.flows, tables, VIP_SLOW, seed=HASH_SEED, table_size=TABLE_SIZE)
         mux = cluster.muxes[0]
         frames = syn_frames(mux.mux.mac, lab.router.mac, flows, VIP_SLOW)
-        sender = netns.socket_in(lab.router.netns, socket.AF_PACKET, socket.SOCK_RAW)
-        sender.bind(("br0", 0))
-        before = mux.metric("lbagent_slowpath_packets_total")
-        pins_before = mux.metric("lbagent_kernel_reinjected_packets_total")
+
+        def kernel_new() -> float:
+            return mux.metric("lbagent_kernel_new_flows_total", listener="3")
+
+        def owner_records() -> float:  # records created at their owner, on either mux
+            return cluster.total("lbagent_records_stored_total")
+
+        # Baseline from the same run: as many SYNs of distinct flows, same senders, to a listener
+        # NOT in transition (rule 2: hash, table, forward; no pin, no report). The senders and the
+        # kernel share the 2 cores (a frame is processed by the kernel in its sender's syscall),
+        # so this is what the rig can push through the plainest kernel path.
+        steady_frames = tcp_frames(mux.mux.mac, lab.router.mac, flows, VIP_IPERF, port=IPERF_PORT)
+
+        def steady_packets() -> float:
+            return mux.metric("lbagent_listener_packets_total", listener="1")
+
+        s0 = steady_packets()
         t0 = time.monotonic()
-        for frame in frames:
-            sender.send(frame)
-        sent_s = time.monotonic() - t0
-        last, last_change = before, time.monotonic()
-        while time.monotonic() - last_change < 1.0:  # until the slow path has been idle for 1 s
-            now_count = mux.metric("lbagent_slowpath_packets_total")
-            if now_count != last:
-                last, last_change = now_count, time.monotonic()
-            time.sleep(0.05)
-        # Where the rest went: the queue (kernel side) or the mux's receive path.
+        steady_sent_s = send_frames(lab.router.netns, "br0", steady_frames, processes=args.senders)
+        s1, s_done = settle(steady_packets, s0, idle_s=0.5)
+        steady_rate = (s1 - s0) / (s_done - t0)
+        results.update(steady_syns_forwarded=s1 - s0, steady_syns_per_s=steady_rate,
+                       steady_offered_per_s=len(steady_frames) / steady_sent_s)
+        del steady_frames
+        time.sleep(1.0)  # let the backends' SYN-ACK retransmissions and the counters calm down
+
+        k0, r0, q0 = kernel_new(), owner_records(), mux.metric("lbagent_slowpath_packets_total")
+        lost0 = mux.metric("lbagent_new_flow_reports_lost_total")
+        t0 = time.monotonic()
+        sent_s = send_frames(lab.router.netns, "br0", frames, processes=args.senders)
+        k1, k_done = settle(kernel_new, k0, idle_s=0.5)
+        r1, r_done = settle(owner_records, r0, idle_s=1.0)
+        lost = mux.metric("lbagent_new_flow_reports_lost_total") - lost0
+        queued = mux.metric("lbagent_slowpath_packets_total") - q0
+        link = json.loads(netns.run(["ip", "-j", "-s", "link", "show", "eth0"],
+                                    netns=mux.mux.netns).stdout)[0]
+        kernel_rate = (k1 - k0) / (k_done - t0)
+        record_rate = (r1 - r0) / (r_done - t0)
+        offered = len(frames) / sent_s
+        results.update(new_flows_sent=len(frames), new_flows_offered_per_s=offered,
+                       kernel_new_flows=k1 - k0, kernel_new_flows_per_s=kernel_rate,
+                       owner_records=r1 - r0, owner_records_per_s=record_rate,
+                       new_flow_reports_lost=lost, new_flow_syns_queued=queued,
+                       mux_rx_dropped=link["stats64"]["rx"]["dropped"])
+        print(f"New flows during a transition, pinned and forwarded by the kernel: {k1 - k0:,.0f} of "
+              f"{len(frames):,} in {k_done - t0:.2f} s = {kernel_rate:,.0f} flows/s (goal >= 50,000); "
+              f"offered load {offered:,.0f} SYN/s from {args.senders} sender processes; SYNs sent to "
+              f"NFQUEUE: {queued:,.0f}")
+        print(f"    baseline, same run, same senders: {s1 - s0:,.0f} SYNs to a listener not in transition "
+              f"(rule 2, stateless) forwarded at {steady_rate:,.0f}/s; ratio {kernel_rate / steady_rate:.2f}")
+        print(f"... and recorded at their owner mux: {r1 - r0:,.0f} records in {r_done - t0:.2f} s = "
+              f"{record_rate:,.0f} records/s; reports lost (seq gaps): {lost:,.0f}")
+
+        # Where the gap to the steady path goes: the same flood again with both daemons paused
+        # (SIGSTOP to our own daemon processes), so the senders and the kernel have the cores to
+        # themselves; the reports wait in the socket buffer. Then the daemons resume and the
+        # records drain with Python alone on the machine.
+        paused_flows = unstable_flows(args.flows, tables, VIP_SLOW, seed=HASH_SEED, table_size=TABLE_SIZE,
+                                      rng_seed=13, exclude=set(flows))
+        paused_frames = syn_frames(mux.mux.mac, lab.router.mac, paused_flows, VIP_SLOW)
+
+        def kernel_counter() -> float:
+            # Straight from the kernel over netlink in the mux's namespace (the daemon is paused;
+            # `nft list counter` would first load every pin, seconds with 400,000 of them).
+            read = netns._executor(mux.mux.netns).submit(read_counters, "lbagent")
+            return float(read.result(timeout=10)["newflows3"][0])
+
+        r_pre = owner_records()
+        for m in cluster.muxes:
+            m.proc.send_signal(signal.SIGSTOP)
+        try:
+            c0 = kernel_counter()
+            t0 = time.monotonic()
+            paused_sent_s = send_frames(lab.router.netns, "br0", paused_frames, processes=args.senders)
+            c1, c_done = settle(kernel_counter, c0, idle_s=0.5)
+        finally:
+            t_resume = time.monotonic()
+            for m in cluster.muxes:
+                m.proc.send_signal(signal.SIGCONT)
+        alone_rate = (c1 - c0) / (c_done - t0)
+        r2, r2_done = settle(owner_records, r_pre, idle_s=1.0)
+        drain_rate = (r2 - r_pre) / (r2_done - t_resume)
+        lost2 = mux.metric("lbagent_new_flow_reports_lost_total") - lost0 - lost
+        results.update(kernel_alone_new_flows=c1 - c0, kernel_alone_new_flows_per_s=alone_rate,
+                       kernel_alone_offered_per_s=len(paused_frames) / paused_sent_s,
+                       records_drain=r2 - r_pre, records_drain_per_s=drain_rate, reports_lost_paused=lost2)
+        offered_alone = len(paused_frames) / paused_sent_s
+        print(f"    the same flood with both daemons paused (kernel and senders alone): {c1 - c0:,.0f} of "
+              f"{len(paused_frames):,} at {alone_rate:,.0f} flows/s (offered {offered_alone:,.0f}/s); "
+              f"ratio to the steady path {alone_rate / steady_rate:.2f}")
+        print(f"    then, resumed, the daemons recorded them at their owners at {drain_rate:,.0f} records/s "
+              f"({r2 - r_pre:,.0f} records, reports lost {lost2:,.0f})")
+        del paused_frames
+
+        # The remaining userspace path: non-SYN packets of unknown flows (NFQUEUE).
+        ack_flows = unstable_flows(args.acks, tables, VIP_SLOW, seed=HASH_SEED, table_size=TABLE_SIZE,
+                                   rng_seed=11, exclude=set(flows) | set(paused_flows))
+        acks = tcp_frames(mux.mux.mac, lab.router.mac, ack_flows, VIP_SLOW, flags=TCP_ACK)
+
+        def queued_packets() -> float:
+            return mux.metric("lbagent_slowpath_packets_total")
+
+        q0 = queued_packets()
+        t0 = time.monotonic()
+        ack_sent_s = send_frames(lab.router.netns, "br0", acks, processes=args.senders)
+        q1, q_done = settle(queued_packets, q0, idle_s=1.0)
         ns = mux.mux.netns
         queue_line = netns.run(["cat", "/proc/net/netfilter/nfnetlink_queue"], netns=ns).stdout.split()
         queue_dropped, user_dropped = (int(queue_line[5]), int(queue_line[6])) if len(queue_line) > 6 \
             else (-1, -1)
-        link = json.loads(netns.run(["ip", "-j", "-s", "link", "show", "eth0"], netns=ns).stdout)[0]
-        rx_dropped = link["stats64"]["rx"]["dropped"]
-        results.update(queue_dropped=queue_dropped, queue_user_dropped=user_dropped,
-                       mux_rx_dropped=rx_dropped)
-        decided = last - before
-        took_s = last_change - t0
-        pins = mux.metric("lbagent_kernel_reinjected_packets_total") - pins_before
-        rate = decided / took_s
-        results.update(slowpath_flows_per_s=rate, slowpath_offered_per_s=len(frames) / sent_s,
-                       slowpath_decided=decided, slowpath_sent=len(frames), slowpath_pins=pins)
-        print(f"Slow path: {decided:,.0f} of {len(frames):,} new flows decided, pinned ({pins:,.0f}) and "
-              f"re-sent in {took_s:.2f} s = {rate:,.0f} flows/s (goal >= 50,000); offered load "
-              f"{len(frames) / sent_s:,.0f} SYN/s from one Python sender; not decided: queue full "
-              f"{queue_dropped:,}, netlink socket full {user_dropped:,}, mux receive drops {rx_dropped:,}")
+        nfq_rate = (q1 - q0) / (q_done - t0)
+        results.update(nfqueue_sent=len(acks), nfqueue_decided=q1 - q0, nfqueue_per_s=nfq_rate,
+                       nfqueue_offered_per_s=len(acks) / ack_sent_s, queue_dropped=queue_dropped,
+                       queue_user_dropped=user_dropped)
+        print(f"Userspace path (NFQUEUE), non-SYN packets of unknown flows: {q1 - q0:,.0f} of {len(acks):,} "
+              f"decided (owner asked when it is the other mux) and re-injected in {q_done - t0:.2f} s = "
+              f"{nfq_rate:,.0f} packets/s; offered {len(acks) / ack_sent_s:,.0f}/s; queue full "
+              f"{queue_dropped:,}, netlink socket full {user_dropped:,}")
         py_us, loop_us = python_cost_per_packet(tables)
         results.update(slowpath_python_us_per_packet=py_us, empty_loop_us=loop_us)
         print(f"Slow path in Python alone (no kernel, no syscalls): {py_us:.1f} us per packet = at most "

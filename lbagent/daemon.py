@@ -31,7 +31,8 @@ from lbagent.bgp import BgpSettings, BgpSpeaker
 from lbagent.core.ownership import build_ownership
 from lbagent.core.records import RecordStore
 from lbagent.core.transition import GenerationTable, ListenerTables, OldTable, build_generation
-from lbagent.dataplane.nft import ListenerPlan, NftDataplane, NftError
+from lbagent.dataplane.nflog import NflogReader
+from lbagent.dataplane.nft import NFLOG_SNAPLEN, ListenerPlan, NftDataplane, NftError
 from lbagent.dataplane.slowpath import (
     INJECT_IFACE,
     INJECT_PEER,
@@ -123,6 +124,7 @@ class DaemonOptions:
     metrics_port: int = 9109
     run_dir: Path = Path("/run/lbagent")
     queue_num: int = 7
+    nflog_group: int = 7
     bgp: BgpSettings | None = None
     transitions: bool = True  # False: ignore previous generations (baseline for tests/benchmarks)
     learn: bool = False
@@ -142,6 +144,7 @@ class MuxDaemon:
         self._stop = threading.Event()
         self.dataplane: NftDataplane | None = None
         self.slowpath: SlowPath | None = None
+        self.nflog: NflogReader | None = None
         self.peers: PeerBridge | None = None
         self.bgp: BgpSpeaker | None = None
         self.store: RecordStore | None = None
@@ -375,7 +378,7 @@ class MuxDaemon:
         ensure_inject_veth()
         self.dataplane = NftDataplane(self.iface, self.mux_mac, seed=cluster.hash_seed,
                                       table_size=cluster.table_size, learn=self.o.learn,
-                                      inject_iface=INJECT_PEER)
+                                      inject_iface=INJECT_PEER, nflog_group=self.o.nflog_group)
         self.store = RecordStore(max_records=cluster.max_records)
         ownership = build_ownership([m.name for m in cluster.muxes] or [self.state.node],
                                     owner_seed=cluster.owner_seed, table_size=cluster.table_size)
@@ -389,6 +392,17 @@ class MuxDaemon:
             self.peers.start()
             self.slowpath.peers = self.peers
         self.slowpath.start()
+        # The kernel pins and forwards SYNs of unstable buckets itself and reports them here
+        # (nfnetlink_log): bound before the first apply, so no report of ours goes unread.
+        self.nflog = NflogReader(self.o.nflog_group, self.slowpath.on_new_flows, snaplen=NFLOG_SNAPLEN)
+        try:
+            self.nflog.start()
+        except OSError as exc:
+            # The kernel still pins and forwards new flows; only their records at the owner are
+            # missing (the stateless fallback if a flow changes mux). Serve traffic, say so loudly.
+            log.error("cannot read the kernel's new-flow reports (nfnetlink_log group %d): %s; new flows "
+                      "get no owner record", self.o.nflog_group, exc)
+            self.nflog = None
         if self.o.bgp is not None:
             self.bgp = BgpSpeaker(self.o.bgp, self.o.run_dir / "bgp")
             self.bgp.start()
@@ -396,7 +410,9 @@ class MuxDaemon:
             self._load_history(time.time())
         self.apply()
         self._applied_sig = self._signature(time.time())
-        self.metrics = MetricsServer(self.o.metrics_host, self.o.metrics_port, self.collect)
+        self.metrics = MetricsServer(self.o.metrics_host, self.o.metrics_port, self.collect,
+                                     extra={"/records": lambda: json.dumps(self.slowpath.record_dump()
+                                                                           if self.slowpath else [])})
         self.metrics.start()
 
     def run_forever(self) -> None:
@@ -425,6 +441,8 @@ class MuxDaemon:
         if self.bgp is not None:
             self.bgp.stop()
         log.info("shutdown: routes withdrawn, ExaBGP stopped (%.2f s)", time.monotonic() - t0)
+        if self.nflog is not None:
+            self.nflog.stop()
         if self.slowpath is not None:
             self.slowpath.stop()
         if self.peers is not None:
@@ -448,7 +466,11 @@ class MuxDaemon:
         bb = Metric("lbagent_backend_bytes_total", "Bytes forwarded to a backend by its table", "counter")
         pp = Metric("lbagent_pinned_packets_total", "Packets forwarded by a flow pin", "counter")
         sp = Metric("lbagent_slowpath_accepted_packets_total",
-                    "Packets the kernel handed to the slow path (unstable bucket, no pin)", "counter")
+                    "Packets the kernel handed to the slow path (unstable bucket, no pin, not a SYN)",
+                    "counter")
+        nf = Metric("lbagent_kernel_new_flows_total",
+                    "SYNs of unstable buckets the kernel pinned to the current table and forwarded",
+                    "counter")
         try:
             counters = self.dataplane.counters() if self.dataplane is not None else {}
         except NftError:
@@ -466,7 +488,28 @@ class MuxDaemon:
                 pp.add(packets, listener=name[6:])
             elif name.startswith("slow") and name[4:].isdigit():
                 sp.add(packets, listener=name[4:])
-        ms += [lp, lb, bp, bb, pp, sp]
+            elif name.startswith("newflows"):
+                nf.add(packets, listener=name[8:])
+        ms += [lp, lb, bp, bb, pp, sp, nf]
+        ks = self.slowpath.kernel_stats if self.slowpath is not None else None
+        nl = self.nflog.stats if self.nflog is not None else None
+        ms.append(Metric("lbagent_new_flow_reader_up",
+                         "1 when the daemon reads the kernel's new-flow reports (nfnetlink_log)")
+                  .add(1 if self.nflog is not None else 0))
+        ms.append(Metric("lbagent_new_flow_reports_total",
+                         "New flows the kernel reported (nfnetlink_log) and the daemon decided for their "
+                         "owner's record", "counter").add(ks.new_flows if ks else 0))
+        ms.append(Metric("lbagent_new_flow_reports_lost_total",
+                         "New-flow reports lost (sequence gaps): those flows have no record at their "
+                         "owner (stateless fallback if they move mux)", "counter").add(nl.lost if nl else 0))
+        ms.append(Metric("lbagent_new_flow_report_overruns_total",
+                         "Times the report socket overflowed (ENOBUFS)", "counter")
+                  .add(nl.overruns if nl else 0))
+        ms.append(Metric("lbagent_records_replicated_total",
+                         "Records this mux created as owner and queued for the backup owner", "counter")
+                  .add(ks.replicas_queued if ks else 0))
+        ms.append(Metric("lbagent_records_stored_total", "Records created here as their owner", "counter")
+                  .add(self.store.counters.stored if self.store else 0))
         stats = self.slowpath.stats if self.slowpath is not None else None
         ms.append(Metric("lbagent_slowpath_packets_total", "Packets decided in userspace (NFQUEUE)",
                          "counter").add(stats.packets if stats else 0))
@@ -485,7 +528,7 @@ class MuxDaemon:
         ms.append(Metric("lbagent_owner_unreachable_total", "Owner queries answered statelessly", "counter")
                   .add(stats.owner_unreachable if stats else 0))
         ms.append(Metric("lbagent_records_sent_total", "Flow records sent to their owner mux", "counter")
-                  .add(stats.records_sent if stats else 0))
+                  .add((stats.records_sent if stats else 0) + (ks.records_sent if ks else 0)))
         peer = Metric("lbagent_peer_messages_total", "Peer protocol messages by outcome", "counter")
         if self.peers is not None:
             c = self.peers.peer.counters
@@ -524,6 +567,8 @@ def _parse_args(argv: list[str] | None) -> DaemonOptions:
     p.add_argument("--metrics", default="127.0.0.1:9109", help="HOST:PORT of the Prometheus endpoint")
     p.add_argument("--run-dir", type=Path, default=Path("/run/lbagent"), help="ExaBGP files, PID files")
     p.add_argument("--queue-num", type=int, default=7, help="NFQUEUE number of the slow path")
+    p.add_argument("--nflog-group", type=int, default=7,
+                   help="nfnetlink_log group of the kernel's new-flow reports")
     p.add_argument("--bgp-neighbor", help="router address (no BGP without it)")
     p.add_argument("--bgp-local-address", help="this mux's address for BGP (default: cluster address)")
     p.add_argument("--bgp-local-as", type=int, default=65001)
@@ -538,6 +583,8 @@ def _parse_args(argv: list[str] | None) -> DaemonOptions:
         p.error(f"--metrics: expected HOST:PORT, got {a.metrics!r}")
     if not 0 <= a.queue_num <= 65535:
         p.error(f"--queue-num: {a.queue_num} is not 0..65535")
+    if not 0 <= a.nflog_group <= 65535:
+        p.error(f"--nflog-group: {a.nflog_group} is not 0..65535")
     bgp = None
     if a.bgp_neighbor:
         local = a.bgp_local_address
@@ -551,7 +598,7 @@ def _parse_args(argv: list[str] | None) -> DaemonOptions:
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return DaemonOptions(config=a.config, iface=a.iface, metrics_host=host, metrics_port=int(port),
-                         run_dir=a.run_dir, queue_num=a.queue_num, bgp=bgp,
+                         run_dir=a.run_dir, queue_num=a.queue_num, nflog_group=a.nflog_group, bgp=bgp,
                          transitions=not a.no_transitions, learn=a.learn)
 
 

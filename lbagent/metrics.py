@@ -66,17 +66,25 @@ def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 class MetricsServer:
-    """Serves `collect()` as /metrics on (host, port) from a background thread."""
+    """Serves `collect()` as /metrics on (host, port) from a background thread, and each of
+    `extra` (path -> function returning JSON text) for tests and debugging."""
 
-    def __init__(self, host: str, port: int, collect: Callable[[], str]) -> None:
+    def __init__(self, host: str, port: int, collect: Callable[[], str],
+                 extra: Mapping[str, Callable[[], str]] | None = None) -> None:
+        pages = dict(extra or {})
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
+                path = self.path.split("?")[0]
+                if path == "/metrics":
+                    body, kind = collect().encode(), "text/plain; version=0.0.4; charset=utf-8"
+                elif path in pages:
+                    body, kind = pages[path]().encode(), "application/json"
+                else:
+                    self.send_error(404, f"served here: /metrics {' '.join(sorted(pages))}")
                     return
-                body = collect().encode()
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

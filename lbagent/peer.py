@@ -10,7 +10,8 @@ Wire format (network byte order)::
     magic "LBP1" | type u8 | timestamp_ms u64 | nonce 8 bytes | request id u32 |
     sender length u8 | sender (UTF-8) | payload (JSON) | HMAC-SHA256 tag (32 bytes)
 
-The tag covers everything before it, prefixed by a domain string. Types: QUERY, RECORD and
+The tag covers everything before it, prefixed by a domain string. Types: QUERY, RECORD,
+RECORDS (a batch of RECORDs for the owner, from the kernel's new-flow notifications) and
 REPLICATE are requests; ANSWER (to QUERY/RECORD) and ACK (to REPLICATE) are responses and must
 carry the request id of a request we sent to that sender.
 """
@@ -69,6 +70,7 @@ class MsgType(IntEnum):
     RECORD = 3
     REPLICATE = 4
     ACK = 5
+    RECORDS = 6  # many RECORDs in one datagram (new flows the kernel pinned), acknowledged with ACK
 
 
 class DecodeError(ValueError):
@@ -209,6 +211,10 @@ class PeerHandler(Protocol):
 
     def on_replicate(self, sender: str, records: Sequence[ReplicatedRecord]) -> None: ...
 
+    def on_records(self, sender: str, records: Sequence[ReplicatedRecord]) -> None:
+        """New flows `sender` pinned, for this mux as their owner (first writer wins)."""
+        ...
+
 
 @dataclass
 class PeerCounters:
@@ -339,6 +345,27 @@ class PeerNode:
             ok = ok and reply is not None
         return ok
 
+    async def record_batch(self, owner: str, backup: str | None,
+                           records: Sequence[ReplicatedRecord]) -> bool:
+        """Have the owner record many new flows (RECORDS, REPLICATE_BATCH per datagram); a batch
+        the owner does not acknowledge goes to the backup. True when every batch was acked."""
+        ok = True
+        targets = [owner] + ([backup] if backup and backup != owner else [])
+        for i in range(0, len(records), REPLICATE_BATCH):
+            chunk = records[i:i + REPLICATE_BATCH]
+            payload = {"r": [[r.listener_id, list(r.flow), r.bucket, r.backend] for r in chunk]}
+            for n, target in enumerate(targets):
+                if n:
+                    self.counters.backup_retries += 1
+                if target == self.name:
+                    self._handle_request(MsgType.RECORDS, self.name, payload)
+                    break
+                if await self._request(target, MsgType.RECORDS, payload) is not None:
+                    break
+            else:
+                ok = False
+        return ok
+
     async def _ask_owners(self, mtype: MsgType, owner: str, backup: str | None,
                           payload: dict[str, Any]) -> PeerAnswer | None:
         targets = [owner] + ([backup] if backup and backup != owner else [])
@@ -415,7 +442,7 @@ class PeerNode:
             self.counters.handler_errors += 1
             log.exception("peer handler failed on %s from %s", msg.type.name, msg.sender)
             return
-        reply_type = MsgType.ACK if msg.type == MsgType.REPLICATE else MsgType.ANSWER
+        reply_type = MsgType.ACK if msg.type in (MsgType.REPLICATE, MsgType.RECORDS) else MsgType.ANSWER
         reply_to = self.peers.get(msg.sender, addr)
         self._send(reply_to, reply_type, msg.request_id, {"be": backend, "s": status})
         self.counters.answered += 1
@@ -427,7 +454,7 @@ class PeerNode:
         if mtype == MsgType.RECORD:
             return self.handler.on_record(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
                                           _str(p, "be"))
-        if mtype == MsgType.REPLICATE:
+        if mtype in (MsgType.REPLICATE, MsgType.RECORDS):
             raw = p.get("r")
             if not isinstance(raw, list) or len(raw) > REPLICATE_BATCH:
                 raise DecodeError("malformed", "bad replicate list")
@@ -438,7 +465,10 @@ class PeerNode:
                 lid, flow, bucket, backend = item
                 recs.append(ReplicatedRecord(_int({"l": lid}, "l"), _flow(flow), _int({"b": bucket}, "b"),
                                              _str({"be": backend}, "be")))
-            self.handler.on_replicate(sender, recs)
+            if mtype == MsgType.RECORDS:
+                self.handler.on_records(sender, recs)
+            else:
+                self.handler.on_replicate(sender, recs)
             return "-", "ok"
         raise DecodeError("malformed", f"{mtype.name} is not a request")
 
@@ -493,6 +523,10 @@ class FlowOwner:
         for r in records:
             replica = self.ownership is None or self.ownership.owners(r.bucket)[0] != self.name
             self.store.put_first((r.listener_id, r.flow), r.backend, r.bucket, now, replica=replica)
+
+    def on_records(self, sender: str, records: Sequence[ReplicatedRecord]) -> None:
+        for r in records:
+            self.on_record(sender, r.listener_id, r.flow, r.bucket, r.backend)
 
     def record_local(self, listener_id: int, flow: FlowKey, bucket: int, backend: str) -> str:
         """This mux is the owner of a new record: store it (first writer wins), queue its copy."""

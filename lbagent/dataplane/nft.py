@@ -8,8 +8,13 @@ Per listener `<id>` the table holds
   * one chain `b<id>_<backend>` per backend: count, rewrite the MACs, `fwd` (L2 direct server
     return: the backend answers the client itself);
   * chain `l<id>`: per-flow pins first (a miss ends that rule and evaluation goes on), then the
-    flow hash into the mark, unstable buckets `accept`ed up to the stack (where iptables-nft hands
-    them to NFQUEUE, the slow path), everything else through `cur_<id>`.
+    flow hash into the mark; packets of unstable buckets that are not a TCP SYN (syn set, ack
+    clear) `accept`ed up to the stack (where iptables-nft hands them to NFQUEUE, the slow path);
+    everything else, SYNs of unstable buckets included, through `cur_<id>`;
+  * in each backend chain of a TCP listener, before the forwarding rule, decision rule 3's SYN
+    case compiled like rule 2 is: a SYN of an unstable bucket is pinned here to this (the current
+    table's) backend, its headers go to nfnetlink_log group `nflog_group` (the daemon records
+    the flow at its owner from there, asynchronously) and it is counted in `newflows<id>`.
 Pins live in one map per protocol for the whole table (`pins_tcp`, `pins_udp`: a 4-field key,
 because nft 1.0.6 aborts on 5-field dynamic keys), value = the backend's MAC, with a timeout.
 The kernel adds them itself in chain `inject` (on the injection veth) from the packets the slow
@@ -21,6 +26,7 @@ The steady state is stateless: no pins, empty unstable sets, no packet leaves th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -37,6 +43,9 @@ import numpy as np
 TABLE = "lbagent"
 PROTOCOLS = {"tcp": 6, "udp": 17}
 PIN_MAP_SIZE = 1 << 20
+# Bytes of each new-flow SYN copied to nfnetlink_log: the IPv4 header and the TCP ports are all
+# the owner's record needs (the bucket travels in the mark).
+NFLOG_SNAPLEN = 40
 MAP_SIZE = 1 << 17  # room for a 65537-bucket table
 
 
@@ -223,7 +232,8 @@ class NftDataplane:
     """The kernel driver for one mux interface. Not thread-safe: one caller applies."""
 
     def __init__(self, iface: str, mux_mac: str, *, seed: int, table_size: int, table: str = TABLE,
-                 learn: bool = False, inject_iface: str | None = None, nft: Nft | None = None) -> None:
+                 learn: bool = False, inject_iface: str | None = None, nft: Nft | None = None,
+                 nflog_group: int | None = None) -> None:
         if not 0 <= seed <= 0xFFFFFFFF:
             raise ValueError(f"seed {seed} is not a 32-bit value")
         self.iface = iface
@@ -234,6 +244,12 @@ class NftDataplane:
         self.learn = learn  # learn each flow's bucket in the kernel (tests, debugging): costs a dynset
         self.inject_iface = inject_iface  # where the slow path re-injects decided packets
         self.nft = nft or Nft()
+        # None: SYNs of unstable buckets go to NFQUEUE like every other unknown packet (the
+        # pre-kernel-SYN behaviour, kept for drivers without an NFLOG reader).
+        if nflog_group is not None and not 0 <= nflog_group <= 0xFFFF:
+            raise ValueError(f"nflog group {nflog_group} is not 0..65535")
+        self.nflog_group = nflog_group
+        self._pin_timeout = "60s"
         self._applied: dict[int, _Applied] | None = None  # None: the kernel's content is unknown
 
     # -- rendering --------------------------------------------------------------------------
@@ -242,6 +258,7 @@ class NftDataplane:
 
     def _base(self, pin_timeout_s: float) -> list[str]:
         t = self._t()
+        self._pin_timeout = f"{max(1, int(pin_timeout_s))}s"
         out = [f"add table {t}"]
         for proto in PROTOCOLS:
             # `add` of an existing map is a no-op: pins survive a daemon restart.
@@ -285,24 +302,47 @@ class NftDataplane:
         ]
         if self.learn:
             rules.append(f"add rule {t} {chain} add @learn{lid} {{ {tuple4} : meta mark }}")
+        if self.nflog_group is not None and proto == "tcp":
+            # Unstable bucket, no pin, not a SYN: up to the stack, where iptables-nft queues it to
+            # the slow path (rule 4 needs the owner's answer). A SYN (rule 3) goes on through
+            # `cur_<id>`: its backend chain pins, logs and forwards it in the kernel.
+            unknown = f"meta mark @unstable_{lid} tcp flags & (syn | ack) != syn"
+        else:
+            # UDP has no SYN: every unknown flow of an unstable bucket goes to the slow path.
+            unknown = f"meta mark @unstable_{lid}"
         rules += [
-            # Unstable bucket, no pin: up to the stack, where iptables-nft queues it to the slow path.
-            f"add rule {t} {chain} meta mark @unstable_{lid} counter name slow{lid} accept",
+            f"add rule {t} {chain} {unknown} counter name slow{lid} accept",
             f"add rule {t} {chain} meta mark vmap @cur_{lid}",
             f"add rule {t} {chain} drop",
         ]
         return rules
 
     def _backend_chain_rules(self, plan: ListenerPlan, address: str, mac: str) -> list[str]:
-        t, name = self._t(), backend_chain(plan.listener_id, address)
-        return [f"add counter {t} c{name}", f"add chain {t} {name}", f"flush chain {t} {name}",
-                f"add rule {t} {name} counter name c{name} ether saddr set {self.mux_mac} "
-                f'ether daddr set {mac} fwd to "{self.iface}"']
+        t, lid, name = self._t(), plan.listener_id, backend_chain(plan.listener_id, address)
+        out = [f"add counter {t} c{name}", f"add chain {t} {name}", f"flush chain {t} {name}"]
+        if self.nflog_group is not None and plan.protocol == "tcp":
+            # Rule 3's SYN case, compiled: this chain is reached through `cur_<id>`, so this
+            # backend IS the current table's for the bucket (still in the mark). Pin the flow
+            # (first writer wins: `add` never overwrites), copy its headers to nfnetlink_log for
+            # the owner's record (no verdict: the packet goes on), count it, then forward below.
+            # In steady state `unstable_<id>` is empty and this rule never matches.
+            # `log` comes before `add`: if the pin map is full the `add` fails and ends the rule
+            # (the forwarding rule below still sends the SYN to this backend); the report is
+            # out by then, so the flow still gets its record, and its next packets (no pin, not a
+            # SYN) find that record through NFQUEUE instead of the old table's guess.
+            out.append(f"add rule {t} {name} meta mark @unstable_{lid} tcp flags & (syn | ack) == syn "
+                       f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN} "
+                       f"add @pins_tcp {{ ip saddr . ip daddr . th sport . th dport timeout "
+                       f"{self._pin_timeout} : {mac} }} counter name newflows{lid}")
+        out.append(f"add rule {t} {name} counter name c{name} ether saddr set {self.mux_mac} "
+                   f'ether daddr set {mac} fwd to "{self.iface}"')
+        return out
 
     def _create_objects(self, plan: ListenerPlan) -> list[str]:
         t, lid = self._t(), plan.listener_id
         out = [
             f"add counter {t} l{lid}", f"add counter {t} pinned{lid}", f"add counter {t} slow{lid}",
+            f"add counter {t} newflows{lid}",
             f"add map {t} cur_{lid} {{ type mark : verdict; size {MAP_SIZE}; }}",
             f"add map {t} old_{lid} {{ type mark : verdict; size {MAP_SIZE}; }}",
             f"add set {t} unstable_{lid} {{ type mark; size {MAP_SIZE}; }}",
@@ -314,15 +354,17 @@ class NftDataplane:
 
     def _delete_listener(self, applied: _Applied) -> list[str]:
         t, lid = self._t(), applied.plan.listener_id
-        out = [f"flush chain {t} l{lid}", f"delete chain {t} l{lid}",
+        chains = [backend_chain(lid, address) for address, _ in applied.plan.backends]
+        # References decide the order: rules use the maps, the set and the counters; the maps'
+        # verdicts jump to the backend chains. Empty the chains, drop the maps, then the chains.
+        out = [f"flush chain {t} l{lid}", *(f"flush chain {t} {c}" for c in chains),
+               f"delete chain {t} l{lid}",
                f"delete map {t} cur_{lid}", f"delete map {t} old_{lid}", f"delete set {t} unstable_{lid}",
+               *(f"delete chain {t} {c}" for c in chains), *(f"delete counter {t} c{c}" for c in chains),
                f"delete counter {t} l{lid}", f"delete counter {t} pinned{lid}",
-               f"delete counter {t} slow{lid}"]
+               f"delete counter {t} slow{lid}", f"delete counter {t} newflows{lid}"]
         if self.learn:
             out.append(f"delete map {t} learn{lid}")
-        for address, _ in applied.plan.backends:
-            name = backend_chain(lid, address)
-            out += [f"flush chain {t} {name}", f"delete chain {t} {name}", f"delete counter {t} c{name}"]
         return out
 
     # -- applying ---------------------------------------------------------------------------
@@ -408,15 +450,22 @@ class NftDataplane:
                 f"add element {t} {name} {{ {_elements(changed, after)} }}"]
 
     def _existing_objects(self) -> set[tuple[str, str]]:
-        """(kind, name) of the chains, maps, sets and counters the kernel holds in our table."""
-        if not self._table_exists():
-            return set()
-        listing = self.nft.run(f"list table {self._t()}", json_output=True, terse=True)
+        """(kind, name) of the chains, maps, sets and counters the kernel holds in our table.
+
+        Listed per kind (`list chains|maps|sets`, terse) and counters over netlink: `list table`,
+        `list tables` and `list counters` make nft 1.0.6 load every element of every map first,
+        which takes ~25 s with 400,000 pins (a restarted or stopping daemon during a busy
+        transition); these listings take ~10 ms whatever the maps hold."""
         found: set[tuple[str, str]] = set()
-        for item in json.loads(listing)["nftables"]:
-            for kind in ("chain", "map", "set", "counter"):
-                if kind in item:
-                    found.add((kind, item[kind]["name"]))
+        for what, kind in (("chains", "chain"), ("maps", "map"), ("sets", "set")):
+            out = self.nft.run(f"list {what} netdev", json_output=True, terse=True)
+            for item in json.loads(out)["nftables"]:
+                obj = item.get(kind)
+                if obj is not None and obj.get("table") == self.table:
+                    found.add((kind, obj["name"]))
+        if found:
+            with contextlib.suppress(NftError):  # the table went away meanwhile: nothing to keep
+                found |= {("counter", name) for name in read_counters(self.table)}
         return found
 
     def _delete_stale(self, existing: set[tuple[str, str]], plans: Sequence[ListenerPlan]) -> list[str]:
@@ -427,7 +476,7 @@ class NftDataplane:
             lid = plan.listener_id
             keep |= {("chain", f"l{lid}"), ("map", f"cur_{lid}"), ("map", f"old_{lid}"),
                      ("map", f"learn{lid}"), ("set", f"unstable_{lid}"), ("counter", f"l{lid}"),
-                     ("counter", f"pinned{lid}"), ("counter", f"slow{lid}")}
+                     ("counter", f"pinned{lid}"), ("counter", f"slow{lid}"), ("counter", f"newflows{lid}")}
             for address, _ in plan.backends:
                 name = backend_chain(lid, address)
                 keep |= {("chain", name), ("counter", f"c{name}")}
@@ -441,8 +490,7 @@ class NftDataplane:
                 + [f"delete counter {t} {n}" for k, n in sorted(stale) if k == "counter"])
 
     def _table_exists(self) -> bool:
-        out = self.nft.run("list tables netdev", json_output=True)
-        return any(i.get("table", {}).get("name") == self.table for i in json.loads(out)["nftables"])
+        return bool(self._existing_objects())  # a table of ours always holds its pin maps
 
     def remove(self) -> None:
         """Delete the whole table (shutdown)."""

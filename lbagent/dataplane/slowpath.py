@@ -1,5 +1,7 @@
-"""The slow path: during a transition, packets of unstable buckets that have no pin yet reach the
-mux's IP stack (the netdev table `accept`s them), where an iptables-nft rule queues them to
+"""The slow path: during a transition, packets of unstable buckets that have no pin yet and are
+not a TCP SYN (SYNs are pinned and forwarded by the kernel itself, decision rule 3 compiled into
+nft; their records reach the owner through `on_new_flows`, fed by lbagent.dataplane.nflog) reach
+the mux's IP stack (the netdev table `accept`s them), where an iptables-nft rule queues them to
 NFQUEUE. Here each one is decided by lbagent.core.decide, and the packet is re-injected with the
 chosen backend's MAC (destination) and the mux's (source) into the injection veth; the kernel's
 netdev table on the veth's peer pins the flow (`add @pins_<proto>`, first writer wins) and
@@ -81,6 +83,8 @@ class SlowPathStats:
     send_errors: int = 0
     unknown_listener: int = 0
     malformed: int = 0
+    new_flows: int = 0  # SYNs the kernel pinned and reported (NFLOG), decided here for their record
+    replicas_queued: int = 0  # owner answers and records copied to the backup owner
 
 
 class CoreDecider:
@@ -162,12 +166,22 @@ class PeerBridge:
 
     def send_records(self, records: list[tuple[str, str | None, int, FlowKey, int, str]],
                      replicas: dict[str, list[ReplicatedRecord]]) -> None:
+        """Records for other owners, grouped per (owner, backup) into RECORDS batches (one
+        datagram per 200 flows: the kernel pins tens of thousands of new flows a second), and
+        replicas for backups."""
+        grouped: dict[tuple[str, str | None], list[ReplicatedRecord]] = {}
+        for owner, backup, lid, flow, bucket, backend in records:
+            grouped.setdefault((owner, backup), []).append(ReplicatedRecord(lid, flow, bucket, backend))
+
         async def send() -> None:
-            for owner, backup, lid, flow, bucket, backend in records:
-                await self.peer.record(owner, backup, lid, flow, bucket, backend)
-            for to, recs in replicas.items():
-                await self.peer.replicate(to, recs)
+            await asyncio.gather(*(self.peer.record_batch(owner, backup, recs)
+                                   for (owner, backup), recs in grouped.items()),
+                                 *(self.peer.replicate(to, recs) for to, recs in replicas.items()))
         asyncio.run_coroutine_threadsafe(send(), self._loop)
+
+    def call_soon(self, fn: Callable[[], None], delay_s: float) -> None:
+        """Run `fn` on the peer thread after `delay_s` (coalescing replicas of owner answers)."""
+        self._loop.call_soon_threadsafe(self._loop.call_later, delay_s, fn)
 
 
 def iptables_rules(listeners: Sequence[tuple[str, str, int]], queue_num: int) -> str:
@@ -232,6 +246,8 @@ class SlowPath:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # guards the record store against update()'s forget()
         self._now = time.time()
+        self.kernel_stats = SlowPathStats()  # the kernel's new flows (NFLOG), apart from NFQUEUE's
+        self._ship_scheduled = False
 
     def update(self, listeners: Sequence[SlowListener]) -> None:
         """Swap in the listeners now in transition (others are answered by the kernel alone)."""
@@ -345,7 +361,54 @@ class SlowPath:
 
         self.peers.query(action, listener.listener_id, flow, bucket, answered)
 
+    # -- new flows the kernel pinned itself (rule 3's SYN case in nft), from nfnetlink_log ------
+    def on_new_flows(self, flows: Sequence[tuple[int, int, int, int, int, int]]) -> None:
+        """Record each flow at its owner: the same `decide` call the NFQUEUE path makes for a SYN
+        (RecordAndForward: record here if this mux owns it, else a RECORD for the owner, and a
+        replica for the backup). The packet itself is already forwarded by the kernel."""
+        now = time.time()
+        stats = self.kernel_stats
+        with self._lock:
+            listeners = self._listeners
+            decide_one = self.decider.decide
+            for saddr, daddr, proto, sport, dport, bucket in flows:
+                listener = listeners.get((daddr, proto, dport))
+                if listener is None:
+                    stats.unknown_listener += 1  # transition just ended: nothing to record
+                    continue
+                stats.new_flows += 1
+                decide_one(listener, (saddr, daddr, proto, sport, dport), bucket, True, now, stats)
+            records, replicas = self.decider.outbox_records, self.decider.outbox_replicas
+            self.decider.outbox_records, self.decider.outbox_replicas = [], {}
+        stats.batches += 1
+        if self.peers is not None and (records or replicas):
+            self.peers.send_records(records, replicas)
+
     # -- the owner's side: what other muxes ask this one (called on the peer thread) ----------
+    def _replicate_to_backup(self, sender: str, listener_id: int, flow: FlowKey, bucket: int,
+                             backend: str) -> None:
+        """Queue a copy of a record this mux just created as owner for the bucket's backup owner
+        (not back to the mux that sent it: that one already holds a copy). Called under _lock."""
+        primary, backup = self.decider.ownership.owners(bucket)
+        other = backup if primary == self.decider.node else primary
+        if other is None or other in (sender, self.decider.node):
+            return
+        self.decider.outbox_replicas.setdefault(other, []).append(
+            ReplicatedRecord(listener_id, flow, bucket, backend))
+        self.kernel_stats.replicas_queued += 1
+        if not self._ship_scheduled and self.peers is not None:
+            # Coalesce: one REPLICATE batch for the answers of the next few milliseconds.
+            self._ship_scheduled = True
+            self.peers.call_soon(self._ship, 0.005)
+
+    def _ship(self) -> None:
+        with self._lock:
+            self._ship_scheduled = False
+            records, replicas = self.decider.outbox_records, self.decider.outbox_replicas
+            self.decider.outbox_records, self.decider.outbox_replicas = [], {}
+        if self.peers is not None and (records or replicas):
+            self.peers.send_records(records, replicas)
+
     def on_query(self, sender: str, listener_id: int, flow: FlowKey, bucket: int,
                  hint: str) -> tuple[str, str]:
         with self._lock:
@@ -355,6 +418,8 @@ class SlowPath:
                 return hint, "unknown"
             result = owner_answer(self.decider.store, listener.tables, (listener_id, flow), bucket, hint,
                                   time.time())
+            if result.stored:
+                self._replicate_to_backup(sender, listener_id, flow, bucket, result.backend)
         status = "found" if result.found else ("stored" if result.stored else "degraded")
         return result.backend, status
 
@@ -364,7 +429,20 @@ class SlowPath:
             if listener_id not in self._by_id:
                 return backend, "unknown"
             winner, stored = self.decider.store.put_first((listener_id, flow), backend, bucket, time.time())
+            if stored:
+                self._replicate_to_backup(sender, listener_id, flow, bucket, winner)
         return winner, "stored" if stored else "found"
+
+    def on_records(self, sender: str, records: Sequence[ReplicatedRecord]) -> None:
+        now = time.time()
+        with self._lock:
+            put = self.decider.store.put_first
+            for r in records:
+                if r.listener_id not in self._by_id:
+                    continue
+                winner, stored = put((r.listener_id, r.flow), r.backend, r.bucket, now)
+                if stored:
+                    self._replicate_to_backup(sender, r.listener_id, r.flow, r.bucket, winner)
 
     def on_replicate(self, sender: str, records: Sequence[ReplicatedRecord]) -> None:
         now = time.time()
@@ -373,3 +451,9 @@ class SlowPath:
                 if r.listener_id in self._by_id:
                     self.decider.store.put_first((r.listener_id, r.flow), r.backend, r.bucket, now,
                                                  replica=True)
+
+    def record_dump(self) -> list[list]:
+        """Every record held: [listener, [saddr, daddr, proto, sport, dport], bucket, backend,
+        replica] (tests and debugging, served on /records)."""
+        with self._lock:
+            return [[k[0], list(k[1]), r.bucket, r.backend, r.replica] for k, r in self.decider.store]

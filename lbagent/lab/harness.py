@@ -69,7 +69,8 @@ class MuxProcess:
     """One `lbagent run` inside a mux namespace of the lab."""
 
     def __init__(self, lab: Lab, mux: Node, *, transitions: bool = True, learn: bool = False,
-                 bgp: bool = True) -> None:
+                 bgp: bool = True, max_records: int = 100000) -> None:
+        self.max_records = max_records
         self.lab = lab
         self.mux = mux
         self.dir = Path(lab.run_dir) / mux.name
@@ -82,7 +83,7 @@ class MuxProcess:
         self.key = f"daemon-{mux.name}"
 
     def write_state(self, vips: list[dict], generation: int) -> None:
-        doc = state_doc(self.lab, self.mux.name, vips, generation=generation)
+        doc = state_doc(self.lab, self.mux.name, vips, generation=generation, max_records=self.max_records)
         write_atomically(self.config, json.dumps(doc))
 
     def start(self) -> None:
@@ -126,6 +127,11 @@ class MuxProcess:
 
     def metrics(self) -> dict:
         return parse(http_get(self.mux.netns, "127.0.0.1", METRICS_PORT, "/metrics"))
+
+    def records(self) -> list[list]:
+        """The daemon's flow records: [listener, [saddr, daddr, proto, sport, dport], bucket,
+        backend, replica] each."""
+        return json.loads(http_get(self.mux.netns, "127.0.0.1", METRICS_PORT, "/records", timeout_s=10))
 
     def metric(self, name: str, **labels: str) -> float:
         want = frozenset(labels.items())
@@ -202,10 +208,10 @@ class LabCluster:
     """Both muxes of a lab running `lbagent run` on one shared desired state; tests add and remove
     their VIPs and publish a new generation to every running mux."""
 
-    def __init__(self, lab: Lab, *, learn: bool = True) -> None:
+    def __init__(self, lab: Lab, *, learn: bool = True, max_records: int = 100000) -> None:
         self.lab = lab
         self.learn = learn
-        self.muxes = [MuxProcess(lab, m, learn=learn) for m in lab.muxes]
+        self.muxes = [MuxProcess(lab, m, learn=learn, max_records=max_records) for m in lab.muxes]
         self.vips: dict[str, dict] = {}
         self.generation = 0
 
@@ -272,6 +278,20 @@ def learned_buckets(mux: Node, listener_id: int) -> dict[tuple[str, str, int, in
         for key, value in item.get("map", {}).get("elem", []):
             s, d, sp, dp = key["concat"]
             result[(s, d, int(sp), int(dp))] = int(value)
+    return result
+
+
+def pins(mux: Node, protocol: str = "tcp") -> dict[tuple[str, str, int, int], str]:
+    """The mux's kernel pins: (saddr, daddr, sport, dport) -> backend MAC."""
+    out = netns.run(["nft", "-j", "list", "map", "netdev", "lbagent", f"pins_{protocol}"],
+                    netns=mux.netns, timeout_s=60).stdout
+    result: dict[tuple[str, str, int, int], str] = {}
+    for item in json.loads(out)["nftables"]:
+        for key, value in item.get("map", {}).get("elem", []):
+            if isinstance(key, dict) and "elem" in key:  # elements with a timeout: {"elem": {"val": ...}}
+                key = key["elem"]["val"]
+            s, d, sp, dp = key["concat"]
+            result[(s, d, int(sp), int(dp))] = value
     return result
 
 

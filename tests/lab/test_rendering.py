@@ -97,3 +97,34 @@ def test_metrics_text_round_trips():
     assert samples[("lbagent_flow_records", frozenset())] == 0
     labels = frozenset({("listener", "7"), ("backend", "10.0.0.1")})
     assert samples[("lbagent_backend_packets_total", labels)] == 5
+
+
+def test_syns_of_unstable_buckets_are_pinned_logged_and_forwarded_by_the_kernel():
+    """Rule 3's SYN case compiled: in each backend chain, before the forwarding rule, a SYN of an
+    unstable bucket is pinned to that backend, reported to nfnetlink_log and counted; the listener
+    chain sends only non-SYN unknown packets up to NFQUEUE. UDP (no SYN) keeps queueing all."""
+    nft = RecordingNft()
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=24301, table_size=11, nft=nft, nflog_group=9)
+    current = np.array([0, 1] * 5 + [0], dtype=np.int32)
+    zeros = np.zeros(11, dtype=np.int32)
+    udp = ListenerPlan(8, "203.0.113.10", "udp", 53, (("10.0.0.1", "02:00:00:00:00:01"),),
+                       zeros, zeros, np.array([], dtype=np.int64))
+    dp.apply([_plan(current, np.zeros(11, dtype=np.int32)), udp], pin_timeout_s=125)
+    lines = nft.sent[-1].splitlines()
+
+    def chain(name: str) -> list[str]:
+        return [ln for ln in lines if ln.startswith(f"add rule netdev lbagent {name} ")]
+
+    for address, mac in (("10_0_0_1", "02:00:00:00:00:01"), ("10_0_0_2", "02:00:00:00:00:02")):
+        syn, fwd = chain(f"b7_{address}")
+        assert "meta mark @unstable_7 tcp flags & (syn | ack) == syn" in syn
+        assert f"add @pins_tcp {{ ip saddr . ip daddr . th sport . th dport timeout 125s : {mac} }}" in syn
+        assert "log group 9 snaplen 40 add @pins_tcp" in syn, "report first: a full pin map must not lose it"
+        assert syn.endswith("counter name newflows7")
+        assert fwd.endswith(f'ether daddr set {mac} fwd to "eth0"')
+    listener = chain("l7")
+    slow = next(i for i, ln in enumerate(listener) if "counter name slow7 accept" in ln)
+    assert "meta mark @unstable_7 tcp flags & (syn | ack) != syn" in listener[slow]
+    assert slow < next(i for i, ln in enumerate(listener) if "vmap @cur_7" in ln)
+    assert [ln for ln in chain("b8_10_0_0_1") if "@pins_" in ln] == [], "UDP has no SYN rule"
+    assert any(ln.endswith("meta mark @unstable_8 counter name slow8 accept") for ln in chain("l8"))

@@ -1,0 +1,61 @@
+"""Parsing of nfnetlink_log new-flow reports (no root): the messages are laid out as the kernel
+sends them from a netdev `log group` rule (attributes seen on kernel 6.18); the lab test
+tests/lab/test_kernel_syn.py reads the real thing."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from lbagent.dataplane.nflog import _PACKET_TYPE, NflogReader, _nla
+
+
+def _report(saddr: str, sport: int, seq: int, mark: int | None, *, with_uid: bool = False) -> bytes:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 60, 0, 0x4000, 64, 6, 0, socket.inet_aton(saddr),
+                     socket.inet_aton("203.0.113.14"))
+    tcp = struct.pack("!HHIIBBHHH", sport, 80, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    attrs = _nla(1, b"\x08\x00\x00\x00") + _nla(10, b"\0") + _nla(4, struct.pack("!I", 2))
+    if mark is not None:
+        attrs += _nla(2, struct.pack("!I", mark))
+    attrs += _nla(8, bytes(12)) + _nla(15, b"\x00\x01") + _nla(17, b"\x00\x0e") + _nla(16, bytes(14))
+    attrs += _nla(3, bytes(16))
+    if with_uid:
+        attrs += _nla(11, bytes(4)) + _nla(14, bytes(4))
+    attrs += _nla(12, struct.pack("!I", seq)) + _nla(21, bytes(14)) + _nla(9, (ip + tcp)[:40])
+    body = struct.pack("=BBH", 2, 0, socket.htons(7)) + attrs
+    return struct.pack("=IHHII", 16 + len(body), _PACKET_TYPE, 0, 0, 0) + body
+
+
+def _ip(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, "big"))
+
+
+def test_reports_become_flows_with_their_bucket_and_gaps_are_counted():
+    reader = NflogReader(7, lambda flows: None)
+    batch = (_report("198.18.0.1", 1000, 5, 1234) + _report("198.18.0.2", 1001, 6, 99)
+             + _report("198.18.0.3", 1002, 7, None)  # bucket 0: the kernel sends no mark
+             + _report("198.18.0.4", 1003, 10, 7, with_uid=True)  # another layout; 8, 9 lost
+             + struct.pack("=IHHII", 16, 3, 0, 0, 0))  # NLMSG_DONE ends the kernel's batch
+    flows: list = []
+    reader.parse(batch, len(batch), flows)
+    assert [(_ip(f[0]), _ip(f[1]), f[2], f[3], f[4], f[5]) for f in flows] == [
+        ("198.18.0.1", "203.0.113.14", 6, 1000, 80, 1234),
+        ("198.18.0.2", "203.0.113.14", 6, 1001, 80, 99),
+        ("198.18.0.3", "203.0.113.14", 6, 1002, 80, 0),
+        ("198.18.0.4", "203.0.113.14", 6, 1003, 80, 7),
+    ]
+    assert reader.stats.lost == 2
+    assert reader.stats.messages == 4
+    assert reader.stats.malformed == 0
+
+
+def test_a_truncated_or_foreign_report_is_counted_not_parsed():
+    reader = NflogReader(7, lambda flows: None)
+    good = _report("198.18.0.1", 1000, 1, 5)
+    ipv6ish = bytearray(good)
+    ipv6ish[-40] = 0x60  # version 6 in the payload's first byte
+    flows: list = []
+    data = bytes(ipv6ish) + good[:-8]  # and a message cut short: ignored, not read past the end
+    reader.parse(data, len(data), flows)
+    assert flows == []
+    assert reader.stats.malformed == 1

@@ -1,0 +1,119 @@
+"""The kernel slow path's owner side over the real peer protocol (UDP on 127.0.0.1, three muxes):
+what an owner records — answering a query for a flow it never saw, or taking a batch of new flows
+the kernel pinned on another mux — is copied to the bucket's backup owner, never back to the
+sender; and `on_new_flows` (the NFLOG reports) records exactly `decide`'s backend at the owner."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lbagent.core.decide import RecordAndForward, decide
+from lbagent.core.ownership import build_ownership
+from lbagent.core.records import RecordStore
+from lbagent.core.transition import ListenerTables, OldTable, build_generation
+from lbagent.dataplane.slowpath import CoreDecider, PeerBridge, SlowListener, SlowPath
+
+SIZE = 257
+NAMES = ["mux-a", "mux-b", "mux-c"]
+KEY = b"k" * 32
+VIP = 0xCB00710E  # 203.0.113.14
+
+
+@pytest.fixture
+def muxes():
+    old = build_generation(1, ["10.0.0.1:80", "10.0.0.2:80"], None, SIZE)
+    new = build_generation(2, ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], None, SIZE)
+    tables = ListenerTables(current=new, old=(OldTable(old, time.time() + 600),))
+    ownership = build_ownership(NAMES, owner_seed=7919, table_size=SIZE)
+    paths: dict[str, SlowPath] = {}
+    bridges: dict[str, PeerBridge] = {}
+    try:
+        for name in NAMES:
+            path = SlowPath("lo", "02:00:00:00:00:01", 0,
+                            decider=CoreDecider(name, RecordStore(max_records=10_000), ownership))
+            path.update([SlowListener(3, "203.0.113.14", "tcp", 80, tables,
+                                      {n: "02:00:00:00:00:02" for n in tables.names}, time.time() + 600)])
+            bridge = PeerBridge(name, KEY, {}, ("127.0.0.1", 0), handler=path, timeout_s=1.0)
+            bridge.start()
+            path.peers = bridge
+            paths[name], bridges[name] = path, bridge
+        addresses = {n: b.peer.address for n, b in bridges.items()}
+        for n, b in bridges.items():
+            b.peer.peers.update({o: a for o, a in addresses.items() if o != n})
+        yield paths, bridges, tables, ownership
+    finally:
+        for b in bridges.values():
+            b.stop()
+
+
+def _records(path: SlowPath) -> dict[tuple, tuple[str, bool]]:
+    return {tuple(r[1]): (r[3], r[4]) for r in path.record_dump()}
+
+
+def _wait_for(check, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _buckets_owned(ownership, tables, owner: str, backup: str, count: int) -> list[int]:
+    out = [b for b in np.flatnonzero(tables.unstable).tolist() if ownership.owners(b) == (owner, backup)]
+    assert len(out) >= count, f"only {len(out)} unstable buckets owned by ({owner}, {backup})"
+    return out[:count]
+
+
+def test_an_owner_answer_is_replicated_to_the_backup(muxes):
+    paths, bridges, tables, ownership = muxes
+    buckets = _buckets_owned(ownership, tables, "mux-b", "mux-c", 5)
+    answers: list[str | None] = []
+    done = threading.Event()
+    for i, bucket in enumerate(buckets):
+        flow = (0x0A000001 + i, VIP, 6, 40000 + i, 80)
+        action = decide(tables=tables, bucket=bucket, is_syn=False, pin=None, local_record=None,
+                        owners=ownership.owners(bucket), self_mux="mux-a")
+
+        def got(backend: str | None) -> None:
+            answers.append(backend)
+            if len(answers) == len(buckets):
+                done.set()
+        bridges["mux-a"].query(action, 3, flow, bucket, got)
+    assert done.wait(10), f"answers: {answers}"
+    want = {(0x0A000001 + i, VIP, 6, 40000 + i, 80): tables.fallback_backend(b)
+            for i, b in enumerate(buckets)}
+    assert sorted(answers) == sorted(want.values()), "the owner answers the oldest table's backend"
+    _wait_for(lambda: set(want) <= set(_records(paths["mux-c"])))
+    owner, backup = _records(paths["mux-b"]), _records(paths["mux-c"])
+    assert {f: owner[f] for f in want} == {f: (b, False) for f, b in want.items()}
+    assert {f: backup[f] for f in want} == {f: (b, True) for f, b in want.items()}, "backup has no copy"
+    assert not set(want) & set(_records(paths["mux-a"])), "the asker holds no copy (it did not store)"
+
+
+def test_kernel_new_flows_are_recorded_at_their_owner_with_a_backup_copy(muxes):
+    paths, _bridges, tables, ownership = muxes
+    unstable = np.flatnonzero(tables.unstable).tolist()
+    flows = [(0x0B000000 + i, VIP, 6, 1024 + i, 80, unstable[i % len(unstable)]) for i in range(600)]
+    paths["mux-a"].on_new_flows(flows)  # what the NFLOG reader hands over on mux-a
+
+    want = {}
+    for saddr, daddr, proto, sport, dport, bucket in flows:
+        action = decide(tables=tables, bucket=bucket, is_syn=True, pin=None, local_record=None,
+                        owners=ownership.owners(bucket), self_mux="mux-a")
+        assert isinstance(action, RecordAndForward)
+        want[(saddr, daddr, proto, sport, dport)] = (action.backend, action.owner, action.backup)
+
+    def complete() -> bool:
+        held = {n: _records(p) for n, p in paths.items()}
+        return all(f in held[o] and (b is None or f in held[b]) for f, (_, o, b) in want.items())
+
+    _wait_for(complete)
+    held = {n: _records(p) for n, p in paths.items()}
+    wrong = [(f, w) for f, w in want.items()
+             if held[w[1]].get(f) != (w[0], False)
+             or (w[2] is not None and held[w[2]].get(f, ("",))[0] != w[0])]
+    assert wrong == [], f"{len(wrong)} of {len(want)} flows not recorded as decide() says: {wrong[:3]}"
+    assert {w[1] for w in want.values()} == set(NAMES), "every mux should own some of these flows"
+    assert paths["mux-a"].kernel_stats.new_flows == len(flows)
