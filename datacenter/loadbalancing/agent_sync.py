@@ -19,8 +19,8 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
-from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Q
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Count, Exists, F, Q, Subquery
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
@@ -389,41 +389,47 @@ def record_applied_batch(reports: list[AppliedReport]) -> list[dict[int, int] | 
         results.append(latest[agent.pk])
     if not touched:
         return results
-    written = [
-        AgentListenerAck(agent_id=agent_id, listener_id=lid, generation=gen)
-        for (agent_id, lid), gen in rows.items()
-    ]
+    acks = [(agent_id, lid, gen) for (agent_id, lid), gen in rows.items()]
     try:
-        cleared = _write_acks(written, touched)
+        _upsert_acks(acks)
     except IntegrityError:  # a listener was deleted meanwhile (rare): write the others' rows
-        live = set(
-            Listener.objects.filter(pk__in={r.listener_id for r in written}).values_list("pk", flat=True)
-        )
-        written = [row for row in written if row.listener_id in live]
-        cleared = _write_acks(written, touched)
-    if written or cleared:
-        # A cleared error can settle listeners this ack does not mention: look at every unsettled one.
-        evaluate_listeners({row.listener_id for row in written}, include_unsettled=bool(cleared))
-    # Bookkeeping for the status tree, after the statuses: not on the push's critical path.
+        live = set(Listener.objects.filter(pk__in={lid for _, lid, _ in acks}).values_list("pk", flat=True))
+        acks = [ack for ack in acks if ack[1] in live]
+        _upsert_acks(acks)
+    if acks:
+        evaluate_listeners({lid for _, lid, _ in acks}, include_unsettled=False)
+    # Off the critical path, after the statuses were published: an agent that applied a document
+    # is no longer in error (which can settle other listeners: look at every unsettled one), and
+    # the status tree's bookkeeping.
+    cleared = (
+        AgentSync.objects.filter(agent__in=list(touched))
+        .exclude(error="")
+        .update(error="", error_generation=None)
+    )
+    if cleared:
+        evaluate_listeners([], include_unsettled=True)
     AgentNode.objects.bulk_update(touched.values(), ["last_seen", "applied_generation", "applied_at"])
     return results
 
 
-def _write_acks(written: list[AgentListenerAck], touched: dict[int, AgentNode]) -> int:
-    """Upsert the acknowledgement rows and clear the agents' apply errors in one transaction;
-    returns how many errors were cleared."""
-    with transaction.atomic():
-        if written:
-            AgentListenerAck.objects.bulk_create(
-                written,
-                update_conflicts=True,
-                unique_fields=["agent", "listener"],
-                update_fields=["generation", "updated"],
-            )
-        return (
-            AgentSync.objects.filter(agent__in=list(touched))
-            .exclude(error="")
-            .update(error="", error_generation=None)
+def _upsert_acks(acks: list[tuple[int, int, int]]) -> None:
+    """(agent, listener, generation) rows, inserted or updated in one statement. Written as SQL
+    because bulk_create(update_conflicts=True) wraps itself in a transaction: two more round
+    trips on the acknowledgement path. PostgreSQL and SQLite (3.24+) share this syntax."""
+    if not acks:
+        return
+    table = connection.ops.quote_name(AgentListenerAck._meta.db_table)
+    now = connection.ops.adapt_datetimefield_value(timezone.now())
+    values = ", ".join(["(%s, %s, %s, %s)"] * len(acks))
+    params: list[Any] = []
+    for agent_id, listener_id, generation in acks:
+        params += [agent_id, listener_id, generation, now]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} (agent_id, listener_id, generation, updated) VALUES {values} "  # noqa: S608
+            "ON CONFLICT (agent_id, listener_id) DO UPDATE "
+            "SET generation = excluded.generation, updated = excluded.updated",
+            params,
         )
 
 
@@ -487,9 +493,6 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
     """Recompute provisioning_status of the given listeners (all when None), and of every
     listener not ACTIVE unless `include_unsettled` is False (the caller knows that only the
     given listeners can have changed: their own tables or acknowledgements)."""
-    muxes = _muxes()
-    if not muxes:
-        return  # nobody to apply anything: leave the status pending
     if listener_ids is None:
         candidates = Listener.objects.all()
     elif include_unsettled:
@@ -499,22 +502,36 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
         )
     else:
         candidates = Listener.objects.filter(pk__in=set(listener_ids))
-    mux_ids = [m["pk"] for m in muxes]
+    live_mux = Q(role=AgentRole.MUX, enabled=True)
+    mux_count = (
+        AgentNode.objects.filter(live_mux).order_by().values("role").annotate(n=Count("pk")).values("n")
+    )
+    # One query answers "how many live muxes run each listener's current table, out of how
+    # many, and is any mux in error?": it is on the path of every acknowledgement.
     listeners = list(
         candidates.select_related("table", "vip")
         .only("id", "provisioning_status", "vip__id", "vip__tenant_id", "table__number")
-        .annotate(  # how many muxes run the current table: one query instead of reading every ack
+        .annotate(
             acked=Count(
                 "agent_acks",
-                filter=Q(agent_acks__agent_id__in=mux_ids, agent_acks__generation__gte=F("table__number")),
-            )
+                filter=Q(
+                    agent_acks__agent__role=AgentRole.MUX,
+                    agent_acks__agent__enabled=True,
+                    agent_acks__generation__gte=F("table__number"),
+                ),
+            ),
+            muxes=Subquery(mux_count[:1]),
+            any_error=Exists(
+                AgentSync.objects.filter(agent__role=AgentRole.MUX, agent__enabled=True).exclude(error="")
+            ),
         )
     )
-    if not listeners:
-        return
-    erring = [m["pk"] for m in muxes if m["error"]]
+    if not listeners or not listeners[0].muxes:
+        return  # nothing to settle, or nobody to apply anything: leave the status pending
+    erring: list[int] = []
     acks: dict[tuple[int, int], int] = {}
-    if erring:  # rare: which of the muxes still owing a listener failed to apply?
+    if listeners[0].any_error:  # rare: which of the muxes still owing a listener failed to apply?
+        erring = [m["pk"] for m in _muxes() if m["error"]]
         acks = {
             (a, li): g
             for a, li, g in AgentListenerAck.objects.filter(
@@ -528,7 +545,7 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
         table = getattr(listener, "table", None)
         if table is None:
             continue
-        if listener.acked >= len(muxes):
+        if listener.acked >= listener.muxes:
             status = ProvisioningStatus.ACTIVE
         elif any(acks.get((pk, listener.pk), 0) < table.number for pk in erring):
             status = ProvisioningStatus.ERROR

@@ -216,8 +216,12 @@ def test_a_tenant_replaces_backends_over_rest_and_lab_traffic_follows(portal_lab
             (web2.address, True), (web3.address, True)]
         assert node["draining_until"] is not None  # the old table stays for the drain
         for mux in portal_lab.muxes:  # what the kernel daemons report applying
+            # The portal may push a newer document meanwhile (a health report): wait until the
+            # config file and the applied generation agree, then check its content.
+            wait_for(lambda mux=mux: mux.metric("lbagent_config_generation")
+                     == json.loads(mux.config.read_text())["generation"], 10,
+                     f"{mux.mux.name} to apply the configuration it wrote")
             applied = json.loads(mux.config.read_text())
-            assert mux.metric("lbagent_config_generation") == applied["generation"]
             listener = next(li for v in applied["vips"] for li in v["listeners"]
                             if li["id"] == portal_lab.listener_id)
             assert [b["address"] for b in listener["backends"]] == [web2.address, web3.address]
