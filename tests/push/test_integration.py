@@ -435,6 +435,55 @@ def test_unhealthy_backend_leaves_the_table_and_returns(stack) -> None:
             service.stop()
 
 
+def test_concurrent_changes_from_many_clients_converge_on_every_agent(stack) -> None:
+    """Listener changes travel as deltas carried by the channel message, anything else through
+    the document cache; under concurrent requests (and a VIP created among them, which takes the
+    cache path) every agent must end up running exactly the portal's document."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from datacenter.loadbalancing.desired_state import build_common_document
+    from datacenter.loadbalancing.models import Listener
+    from lbagent.state import parse_state
+
+    listeners = [stack.world.listener_a.pk, stack.world.listener_b.pk]
+
+    def change(index: int) -> None:
+        if index == 6:
+            vip = {"tenant": stack.world.tenant_a.pk, "pool": stack.world.pool.pk, "name": "burst"}
+            code, body = stack.api("a_admin", "POST", "/api/vips/", vip)
+            assert code == 201, body
+            return
+        listener_id, port, role = (
+            (listeners[0], 8080, "a_member") if index % 2 else (listeners[1], 8443, "b_member")
+        )
+        _replace(
+            stack, listener_id, [{"address": f"10.9.{index}.{n + 1}", "port": port} for n in range(2)], role
+        )
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(change, range(13)))
+
+    def converged() -> bool:
+        document = build_common_document()
+        states = {name: agent.applied() for name, agent in stack.agents.items()}
+        return all(
+            state is not None
+            and parse_state({**document, "node": name, "generation": state["generation"]})
+            == parse_state(state)
+            for name, state in states.items()
+        )
+
+    wait_for(converged, 10, "every agent to run the portal's document")
+    wait_for(
+        lambda: (
+            set(Listener.objects.filter(pk__in=listeners).values_list("provisioning_status", flat=True))
+            == {"active"}
+        ),
+        10,
+        "the changed listeners ACTIVE",
+    )
+
+
 def test_idle_connections_stay_up_and_the_portal_logged_no_crash(stack) -> None:
     from datacenter.loadbalancing.models import AgentNode
 
