@@ -92,6 +92,23 @@ def settle(read: Callable[[], float], start: float, idle_s: float = 1.0) -> tupl
     return last, last_change
 
 
+def settle_together(reads: dict[str, Callable[[], float]],
+                    idle_s: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """`settle` for several counters polled side by side: {name: (final value, monotonic time
+    of its last change)} once each has not moved for its `idle_s`. Settling them one after the
+    other would date a counter that finished during the first one's idle wait at the moment its
+    own polling began, not when it really stopped moving."""
+    now = time.monotonic()
+    state = {name: (read(), now) for name, read in reads.items()}
+    while any(time.monotonic() - changed < idle_s[name] for name, (_, changed) in state.items()):
+        time.sleep(0.05)
+        for name, read in reads.items():
+            value = read()
+            if value != state[name][0]:
+                state[name] = (value, time.monotonic())
+    return state
+
+
 def python_cost_per_packet(tables: ListenerTables, count: int = 20_000) -> tuple[float, float]:
     """(us per slow-path packet in Python alone: parse, decide, record, build the frame; us per
     iteration of an empty Python loop on this machine, to compare machines)."""
@@ -239,8 +256,9 @@ def main() -> int:
         lost0 = mux.metric("lbagent_new_flow_reports_lost_total")
         t0 = time.monotonic()
         sent_s = send_frames(lab.router.netns, "br0", frames, processes=args.senders)
-        k1, k_done = settle(kernel_new, k0, idle_s=0.5)
-        r1, r_done = settle(owner_records, r0, idle_s=1.0)
+        settled = settle_together({"kernel": kernel_new, "records": owner_records},
+                                  {"kernel": 0.5, "records": 1.0})
+        (k1, k_done), (r1, r_done) = settled["kernel"], settled["records"]
         lost = mux.metric("lbagent_new_flow_reports_lost_total") - lost0
         queued = mux.metric("lbagent_slowpath_packets_total") - q0
         link = json.loads(netns.run(["ip", "-j", "-s", "link", "show", "eth0"],

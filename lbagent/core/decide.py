@@ -21,6 +21,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from lbagent.core.ownership import Ownership
 from lbagent.core.records import QueryResult, RecordKey, RecordStore
 from lbagent.core.transition import ListenerTables
 
@@ -31,6 +32,7 @@ __all__ = [
     "Reason",
     "RecordAndForward",
     "decide",
+    "decide_new_flows_batch",
     "decide_owner_unreachable",
     "decide_stable_batch",
     "owner_answer",
@@ -132,3 +134,22 @@ def decide_stable_batch(tables: ListenerTables, buckets: np.ndarray) -> tuple[np
     if not tables.in_transition:
         return np.zeros(len(ids), dtype=bool), ids
     return tables.unstable[buckets], ids
+
+
+def decide_new_flows_batch(tables: ListenerTables, buckets: np.ndarray,
+                           ownership: Ownership) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rule 3's SYN case for many new flows (no pin) at once: (record mask, backend id, primary
+    owner index, backup owner index), one entry per flow.
+
+    Where `record` is True, `decide(..., is_syn=True, pin=None)` returns
+    RecordAndForward(``tables.names[backend]``, ``ownership.muxes[primary]``, backup's name or
+    None when its index is -1, NEW_FLOW). Where it is False the bucket is stable (or the listener
+    is not in transition) and `decide` returns Forward(``tables.names[backend]``, STABLE): no
+    record; its owner indexes are still filled in but mean nothing. The local record and the
+    deciding mux play no part in a SYN's decision, so they are not inputs.
+    """
+    buckets = np.asarray(buckets, dtype=np.intp)
+    if buckets.size and (buckets.min() < 0 or buckets.max() >= len(tables.current_ids)):
+        raise ValueError(f"bucket outside 0..{len(tables.current_ids) - 1}")
+    record, backend = decide_stable_batch(tables, buckets)
+    return record, backend, ownership.primary[buckets], ownership.backup[buckets]

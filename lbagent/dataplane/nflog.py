@@ -4,15 +4,18 @@ During a transition the kernel handles a SYN of an unstable bucket itself (decis
 compiled into each backend chain by lbagent.dataplane.nft): it pins the flow to the current
 table's backend, forwards it, and copies its first `NFLOG_SNAPLEN` bytes to nfnetlink_log group G
 with no verdict. This module reads those copies and hands each flow (addresses, ports, bucket from
-the mark) to a callback in batches; the daemon turns every one into the same `decide(...)` call
-the NFQUEUE path makes and records it at the owner. Nothing here decides.
+the mark) to a callback in batches (numpy arrays); the daemon decides each batch with
+`decide_new_flows_batch` (rule 3's SYN case, equal to `decide(...)` flow by flow) and records it
+at the owners. Nothing here decides.
 
 Why a raw netlink socket and not a per-packet callback library (libnetfilter_log bindings):
 the whole point is rate. The kernel batches up to `qthreshold` messages into one netlink skb
-(or flushes after `flush_timeout_cs`); one `recv_into` then returns dozens of notifications, and
-each is parsed with `struct.unpack_from` at offsets learned once per message layout and verified
-by one attribute-type comparison each (a full attribute walk only when the layout changes). A
-library callback costs a Python call per packet plus its own parsing, for the same result.
+(or flushes after `flush_timeout_cs`); one `recv_into` then returns hundreds of notifications,
+nearly always of one layout (same length, same attributes). The attribute offsets are learned
+once per layout (a full attribute walk only when it changes) and every run of same-layout
+messages in the buffer is parsed at once with numpy, verified by its attribute-type bytes; a lone
+message of another layout is parsed on its own with `struct`. A library callback costs a Python
+call per packet plus its own parsing, for the same result.
 
 Losing a notification is not fatal and is counted: the flow is pinned and forwarded by the kernel
 anyway; only its record at the owner is missing, so if the flow later moves to another mux (mux
@@ -32,6 +35,8 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 log = logging.getLogger("lbagent.nflog")
 
@@ -96,9 +101,10 @@ def _attr_offsets(buf: bytes | memoryview, start: int, end: int) -> tuple[int, i
 
 class NflogReader:
     """Reads nfnetlink_log group `group` in a thread and calls `on_batch(flows)` once per receive
-    batch (on the reader thread). Must be created in the network namespace of the mux."""
+    batch (on the reader thread), `flows` an (n, 6) int64 array of NewFlow rows. Must be created
+    in the network namespace of the mux."""
 
-    def __init__(self, group: int, on_batch: Callable[[list[NewFlow]], None], *, snaplen: int = 40,
+    def __init__(self, group: int, on_batch: Callable[[np.ndarray], None], *, snaplen: int = 40,
                  qthreshold: int = 512, flush_timeout_cs: int = 1, nlbufsiz: int = 131072,
                  rcvbuf: int = 64 << 20) -> None:
         self.group = group
@@ -180,7 +186,7 @@ class NflogReader:
             ready, _, _ = select.select([sock], [], [], 0.1)
             if not ready:
                 continue
-            flows: list[NewFlow] = []
+            chunks: list[np.ndarray] = []
             # Drain what is there now (several kernel skbs), then hand over one batch.
             for _ in range(64):
                 try:
@@ -199,55 +205,139 @@ class NflogReader:
                 if n == 0:
                     break
                 self.stats.batches += 1
-                self.parse(buf, n, flows)
-            if flows:
+                parsed = self.parse(buf, n)
+                if len(parsed):
+                    # parse returns new arrays: the next recv_into may reuse `buf`
+                    chunks.append(parsed)
+            if chunks:
+                flows = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
                 try:
                     self.on_batch(flows)
                 except Exception:  # a bug in bookkeeping must not stop the reader
                     log.exception("new-flow batch of %d failed", len(flows))
 
-    def parse(self, buf: bytes | bytearray, n: int, out: list[NewFlow]) -> None:
-        """Append the flows of the netlink messages in buf[:n] to `out`."""
+    def parse(self, buf: bytes | bytearray, n: int) -> np.ndarray:
+        """The flows of the netlink messages in buf[:n]: an (k, 6) int64 array of saddr, daddr,
+        protocol, sport, dport, bucket (the NewFlow fields)."""
         pos = 0
         unpack = struct.unpack_from
-        layouts = self._layouts
-        stats = self.stats
+        runs: list[np.ndarray] = []
+        singles: list[NewFlow] = []
         while pos + 16 <= n:
             length, kind = unpack("=IH", buf, pos)
             if length < 16 or pos + length > n:
                 break
-            if kind == _PACKET_TYPE:
-                offs = layouts.get(length)
-                # The offsets learned for this message length hold if the attribute types there
-                # match (the type sits 2 bytes before each value); otherwise walk the attributes.
-                if (offs is None
-                        or (offs[0] >= 0 and buf[pos + offs[0] - 2] != _NFULA_MARK)
-                        or (offs[1] >= 0 and buf[pos + offs[1] - 2] != _NFULA_SEQ)
-                        or buf[pos + offs[2] - 2] != _NFULA_PAYLOAD):
-                    offs = _attr_offsets(buf, pos, pos + length)
-                    if offs[2] < 0:
-                        stats.malformed += 1
-                        pos += (length + 3) & ~3
-                        continue
-                    layouts[length] = offs
-                mark_off, seq_off, p = offs
-                if seq_off >= 0:
-                    (seq,) = unpack("!I", buf, pos + seq_off)
-                    expected = self._next_seq
-                    if expected is not None and seq != expected:
-                        stats.lost += (seq - expected) & 0xFFFFFFFF
-                    self._next_seq = (seq + 1) & 0xFFFFFFFF
-                bucket = unpack("!I", buf, pos + mark_off)[0] if mark_off >= 0 else 0  # no mark: 0
-                p += pos
-                vihl = buf[p]
-                proto = buf[p + 9]
-                # Headers with IP options long enough to push the ports past the snapshot: no record
-                # (the kernel pinned the flow anyway), counted.
-                if vihl >> 4 != 4 or proto not in (6, 17) or (vihl & 0x0F) * 4 + 4 > self.snaplen:
-                    stats.malformed += 1
-                else:
-                    saddr, daddr = unpack("!II", buf, p + 12)
-                    sport, dport = unpack("!HH", buf, p + (vihl & 0x0F) * 4)
-                    out.append((saddr, daddr, proto, sport, dport, bucket))
-                    stats.messages += 1
-            pos += (length + 3) & ~3
+            stride = (length + 3) & ~3
+            if kind != _PACKET_TYPE:
+                pos += stride
+                continue
+            offs = self._layout(buf, pos, length)
+            if offs is None:
+                self.stats.malformed += 1
+                pos += stride
+                continue
+            # The kernel fills a receive buffer with hundreds of reports of one layout: parse
+            # those with numpy, all at once (a per-message Python parse costs a microsecond or
+            # more each); a lone report of another layout is parsed on its own.
+            if pos + 2 * stride <= n and buf[pos:pos + 6] == buf[pos + stride:pos + stride + 6]:
+                if singles:
+                    runs.append(np.array(singles, dtype=np.int64).reshape(-1, 6))
+                    singles = []
+                count, flows = self._parse_run(buf, pos, n, length, offs)
+                runs.append(flows)
+                pos += count * stride
+            else:
+                self._parse_one(buf, pos, offs, singles)
+                pos += stride
+        if singles:
+            runs.append(np.array(singles, dtype=np.int64).reshape(-1, 6))
+        if not runs:
+            return np.empty((0, 6), dtype=np.int64)
+        return runs[0] if len(runs) == 1 else np.concatenate(runs)
+
+    def _layout(self, buf: bytes | bytearray, pos: int, length: int) -> tuple[int, int, int] | None:
+        """Attribute offsets of the message at `pos`: learned once per message length and
+        verified by the attribute types (the type sits 2 bytes before each value); a full walk
+        only when they do not match. None if it carries no payload."""
+        offs = self._layouts.get(length)
+        if (offs is None
+                or (offs[0] >= 0 and buf[pos + offs[0] - 2] != _NFULA_MARK)
+                or (offs[1] >= 0 and buf[pos + offs[1] - 2] != _NFULA_SEQ)
+                or buf[pos + offs[2] - 2] != _NFULA_PAYLOAD):
+            offs = _attr_offsets(buf, pos, pos + length)
+            if offs[2] < 0:
+                return None
+            self._layouts[length] = offs
+        return offs
+
+    def _count_seq(self, seqs: np.ndarray) -> None:
+        """Count the gaps in nfnetlink_log's sequence numbers (int64 array, in order)."""
+        expected = np.empty_like(seqs)
+        expected[0] = seqs[0] if self._next_seq is None else self._next_seq
+        expected[1:] = (seqs[:-1] + 1) & 0xFFFFFFFF
+        self.stats.lost += int(((seqs - expected) & 0xFFFFFFFF).sum())
+        self._next_seq = int(seqs[-1] + 1) & 0xFFFFFFFF
+
+    def _parse_run(self, buf: bytes | bytearray, pos: int, n: int, length: int,
+                   offs: tuple[int, int, int]) -> tuple[int, np.ndarray]:
+        """Parse the consecutive messages from `pos` that share the first one's length, type and
+        attribute layout: (how many, their flows)."""
+        stride = (length + 3) & ~3
+        rows = np.ndarray(((n - pos) // stride, stride), dtype=np.uint8, buffer=buf, offset=pos,
+                          strides=(stride, 1))
+        same = np.all(rows[:, :6] == rows[0, :6], axis=1)  # length and message type
+        mark_off, seq_off, p = offs
+        for off, kind in ((mark_off, _NFULA_MARK), (seq_off, _NFULA_SEQ), (p, _NFULA_PAYLOAD)):
+            if off >= 0:
+                same &= rows[:, off - 2] == kind
+        count = len(same) if same.all() else int(np.argmin(same))  # row 0 is known good
+        rows = rows[:count]
+
+        def be32(off: int) -> np.ndarray:
+            r = rows[:, off:off + 4].astype(np.int64)
+            return (r[:, 0] << 24) | (r[:, 1] << 16) | (r[:, 2] << 8) | r[:, 3]
+
+        if seq_off >= 0:
+            self._count_seq(be32(seq_off))
+        vihl, proto = rows[:, p], rows[:, p + 9]
+        ihl = (vihl & 0x0F).astype(np.int64) * 4
+        # Headers with IP options long enough to push the ports past the snapshot: no record (the
+        # kernel pinned the flow anyway), counted.
+        good = ((vihl >> 4) == 4) & ((proto == 6) | (proto == 17)) & (ihl + 4 <= self.snaplen) \
+            & (p + ihl + 4 <= length)
+        ports_at = np.where(good, p + ihl, p)  # stay inside the row for the bad ones
+        at = np.arange(count)
+
+        def be16(off: np.ndarray) -> np.ndarray:
+            return (rows[at, off].astype(np.int64) << 8) | rows[at, off + 1]
+
+        flows = np.stack([be32(p + 12), be32(p + 16), proto.astype(np.int64), be16(ports_at),
+                          be16(ports_at + 2),
+                          be32(mark_off) if mark_off >= 0 else np.zeros(count, dtype=np.int64)], axis=1)
+        n_good = int(np.count_nonzero(good))
+        self.stats.messages += n_good
+        self.stats.malformed += count - n_good
+        return count, (flows if n_good == count else flows[good])
+
+    def _parse_one(self, buf: bytes | bytearray, pos: int, offs: tuple[int, int, int],
+                   out: list[NewFlow]) -> None:
+        unpack = struct.unpack_from
+        stats = self.stats
+        mark_off, seq_off, p = offs
+        if seq_off >= 0:
+            (seq,) = unpack("!I", buf, pos + seq_off)
+            expected = self._next_seq
+            if expected is not None and seq != expected:
+                stats.lost += (seq - expected) & 0xFFFFFFFF
+            self._next_seq = (seq + 1) & 0xFFFFFFFF
+        bucket = unpack("!I", buf, pos + mark_off)[0] if mark_off >= 0 else 0  # no mark: 0
+        p += pos
+        vihl = buf[p]
+        proto = buf[p + 9]
+        if vihl >> 4 != 4 or proto not in (6, 17) or (vihl & 0x0F) * 4 + 4 > self.snaplen:
+            stats.malformed += 1
+            return
+        saddr, daddr = unpack("!II", buf, p + 12)
+        sport, dport = unpack("!HH", buf, p + (vihl & 0x0F) * 4)
+        out.append((saddr, daddr, proto, sport, dport, bucket))
+        stats.messages += 1

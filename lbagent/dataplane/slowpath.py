@@ -32,11 +32,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lbagent.core.decide import AskOwner, RecordAndForward, decide, decide_owner_unreachable, owner_answer
+import numpy as np
+
+from lbagent.core.decide import (
+    AskOwner,
+    RecordAndForward,
+    decide,
+    decide_new_flows_batch,
+    decide_owner_unreachable,
+    owner_answer,
+)
 from lbagent.core.ownership import Ownership
 from lbagent.core.records import FlowKey, RecordStore
 from lbagent.core.transition import ListenerTables
-from lbagent.peer import PeerHandler, PeerNode, ReplicatedRecord
+from lbagent.peer import PeerHandler, PeerNode, RecordBatch, ReplicatedRecord
 
 log = logging.getLogger("lbagent.slowpath")
 
@@ -87,17 +96,40 @@ class SlowPathStats:
     replicas_queued: int = 0  # owner answers and records copied to the backup owner
 
 
+@dataclass
+class Outbox:
+    """Messages for other muxes, collected under the slow path's lock and sent after it: single
+    records and replicas from the per-packet path, record batches from the kernel's new flows."""
+
+    records: list[tuple[str, str | None, int, FlowKey, int, str]] = field(default_factory=list)
+    replicas: dict[str, list[ReplicatedRecord]] = field(default_factory=dict)
+    record_batches: dict[tuple[str, str | None], list[RecordBatch]] = field(default_factory=dict)
+    replica_batches: dict[str, list[RecordBatch]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.records or self.replicas or self.record_batches or self.replica_batches)
+
+
 class CoreDecider:
-    """Runs lbagent.core.decide for a packet and does its action's bookkeeping: records here when
-    this mux owns the flow, queues RECORD messages for flows another mux owns and replicas for
-    this mux's backup. An AskOwner is returned to the caller, which asks the owner (PeerBridge)."""
+    """Runs lbagent.core.decide for a packet (or decide_new_flows_batch for a batch of the
+    kernel's new flows) and does its action's bookkeeping: records here when this mux owns the
+    flow, queues records for flows another mux owns and replicas for this mux's backup (in
+    `outbox`). An AskOwner is returned to the caller, which asks the owner (PeerBridge)."""
 
     def __init__(self, node: str, store: RecordStore, ownership: Ownership) -> None:
         self.node = node
         self.store = store
         self.ownership = ownership
-        self.outbox_records: list[tuple[str, str | None, int, FlowKey, int, str]] = []
-        self.outbox_replicas: dict[str, list[ReplicatedRecord]] = {}
+        self.outbox = Outbox()
+        # the per-packet path appends to these (the current Outbox's lists)
+        self.outbox_records = self.outbox.records
+        self.outbox_replicas = self.outbox.replicas
+
+    def take_outbox(self) -> Outbox:
+        """What is queued for other muxes; starts a new, empty outbox."""
+        out, self.outbox = self.outbox, Outbox()
+        self.outbox_records, self.outbox_replicas = self.outbox.records, self.outbox.replicas
+        return out
 
     def decide(self, listener: SlowListener, flow_key: FlowKey, bucket: int, is_syn: bool,
                now: float, stats: SlowPathStats) -> str | AskOwner:
@@ -124,6 +156,65 @@ class CoreDecider:
                     ReplicatedRecord(lid, flow_key, bucket, backend))
             return backend
         return action.backend
+
+    def record_new_flows(self, listener: SlowListener, flows: np.ndarray, now: float,
+                         stats: SlowPathStats) -> None:
+        """Rule 3's SYN case for many new flows of one listener at once (`decide_new_flows_batch`,
+        proven equal to `decide` flow by flow): `flows` is an (n, 6) integer array of saddr,
+        daddr, proto, sport, dport, bucket. Does the bookkeeping `decide` does one by one: flows
+        this mux owns are recorded here and queued as replicas for their backup; flows another mux
+        owns are kept here as a replica (answers our own later packets) and queued for their
+        owner, grouped per (owner, backup). Flows of stable buckets need no record (rule 2)."""
+        lid = listener.listener_id
+        tables = listener.tables
+        record, backend_ids, primary, backup = decide_new_flows_batch(tables, flows[:, 5], self.ownership)
+        n_record = int(np.count_nonzero(record))
+        reasons = stats.reasons
+        if n_record < len(flows):
+            reasons["stable"] = reasons.get("stable", 0) + len(flows) - n_record
+        if not n_record:
+            return
+        reasons["new_flow"] = reasons.get("new_flow", 0) + n_record
+        if n_record < len(flows):
+            flows, backend_ids = flows[record], backend_ids[record]
+            primary, backup = primary[record], backup[record]
+        batch = RecordBatch.build(lid, flows[:, :5], flows[:, 5], backend_ids, tables.names)
+        muxes = self.ownership.muxes
+        me = muxes.index(self.node) if self.node in muxes else -1
+        mine = primary == me
+        store = self.store
+        if mine.any():
+            own = batch if mine.all() else batch.take(mine)
+            _, stored = store.put_first_many(own.keys(), own.backend_names(), own.rows["b"].tolist(), now)
+            # a new record's copy goes to the bucket's backup owner (never an existing one: its
+            # copy was sent when it was created)
+            copy = np.asarray(stored, dtype=bool) & (backup[mine] >= 0)
+            for b in np.unique(backup[mine][copy]).tolist():
+                part = own.take(copy & (backup[mine] == b))
+                self.outbox.replica_batches.setdefault(muxes[b], []).append(part)
+                stats.replicas_queued += len(part)
+        if not mine.all():
+            theirs_mask = ~mine
+            theirs = batch.take(theirs_mask)
+            winners, _ = store.put_first_many(theirs.keys(), theirs.backend_names(),
+                                              theirs.rows["b"].tolist(), now, replica=True)
+            if theirs.backend_names() != winners:
+                # An earlier writer here won for some flows: tell the owner that backend.
+                index = {n: i for i, n in enumerate(theirs.backends)}
+                rows = theirs.rows.copy()
+                names = list(theirs.backends)
+                for i, w in enumerate(winners):
+                    if w not in index:
+                        index[w] = len(names)
+                        names.append(w)
+                    rows["be"][i] = index[w]
+                theirs = RecordBatch(rows, tuple(names))
+            owners = primary[theirs_mask].astype(np.int64) * (len(muxes) + 1) + backup[theirs_mask] + 1
+            for pair in np.unique(owners).tolist():
+                p, b = divmod(pair, len(muxes) + 1)
+                key = (muxes[p], muxes[b - 1] if b > 0 else None)
+                self.outbox.record_batches.setdefault(key, []).append(theirs.take(owners == pair))
+            stats.records_sent += len(theirs)
 
     def settle(self, listener_id: int, flow_key: FlowKey, bucket: int, backend: str, now: float) -> str:
         """Keep what the owner answered (a replica: the owner holds the record)."""
@@ -164,19 +255,26 @@ class PeerBridge:
             done(answer.backend if answer is not None else None)
         asyncio.run_coroutine_threadsafe(ask(), self._loop)
 
-    def send_records(self, records: list[tuple[str, str | None, int, FlowKey, int, str]],
-                     replicas: dict[str, list[ReplicatedRecord]]) -> None:
-        """Records for other owners, grouped per (owner, backup) into RECORDS batches (one
-        datagram per 200 flows: the kernel pins tens of thousands of new flows a second), and
+    def send(self, outbox: Outbox) -> None:
+        """Records for other owners, grouped per (owner, backup) into RECORDS batches (packed, up
+        to 1,500 flows a datagram: the kernel pins tens of thousands of new flows a second), and
         replicas for backups."""
-        grouped: dict[tuple[str, str | None], list[ReplicatedRecord]] = {}
-        for owner, backup, lid, flow, bucket, backend in records:
-            grouped.setdefault((owner, backup), []).append(ReplicatedRecord(lid, flow, bucket, backend))
+        grouped: dict[tuple[str, str | None], list[RecordBatch]] = {
+            k: list(v) for k, v in outbox.record_batches.items()}
+        singles: dict[tuple[str, str | None], list[ReplicatedRecord]] = {}
+        for owner, backup, lid, flow, bucket, backend in outbox.records:
+            singles.setdefault((owner, backup), []).append(ReplicatedRecord(lid, flow, bucket, backend))
+        for k, recs in singles.items():
+            grouped.setdefault(k, []).append(RecordBatch.of(recs))
+        copies: dict[str, list[RecordBatch]] = {k: list(v) for k, v in outbox.replica_batches.items()}
+        for to, recs in outbox.replicas.items():
+            copies.setdefault(to, []).append(RecordBatch.of(recs))
 
         async def send() -> None:
-            await asyncio.gather(*(self.peer.record_batch(owner, backup, recs)
-                                   for (owner, backup), recs in grouped.items()),
-                                 *(self.peer.replicate(to, recs) for to, recs in replicas.items()))
+            await asyncio.gather(*(self.peer.record_batch(owner, backup, RecordBatch.concat(batches))
+                                   for (owner, backup), batches in grouped.items()),
+                                 *(self.peer.replicate(to, RecordBatch.concat(batches))
+                                   for to, batches in copies.items()))
         asyncio.run_coroutine_threadsafe(send(), self._loop)
 
     def call_soon(self, fn: Callable[[], None], delay_s: float) -> None:
@@ -296,11 +394,10 @@ class SlowPath:
             self._now = time.time()  # one clock read per receive batch
             with self._lock:
                 self._nfq.run(block=False)  # every packet waiting now: one receive batch
-                records, replicas = self.decider.outbox_records, self.decider.outbox_replicas
-                self.decider.outbox_records, self.decider.outbox_replicas = [], {}
+                outbox = self.decider.take_outbox()
             self.stats.batches += 1
-            if self.peers is not None and (records or replicas):
-                self.peers.send_records(records, replicas)
+            if self.peers is not None and outbox:
+                self.peers.send(outbox)
 
     def _on_packet(self, pkt) -> None:
         self.stats.packets += 1
@@ -362,27 +459,39 @@ class SlowPath:
         self.peers.query(action, listener.listener_id, flow, bucket, answered)
 
     # -- new flows the kernel pinned itself (rule 3's SYN case in nft), from nfnetlink_log ------
-    def on_new_flows(self, flows: Sequence[tuple[int, int, int, int, int, int]]) -> None:
-        """Record each flow at its owner: the same `decide` call the NFQUEUE path makes for a SYN
-        (RecordAndForward: record here if this mux owns it, else a RECORD for the owner, and a
-        replica for the backup). The packet itself is already forwarded by the kernel."""
+    def on_new_flows(self, flows: np.ndarray | Sequence[tuple[int, int, int, int, int, int]]) -> None:
+        """Record new flows the kernel pinned (one NFLOG receive batch: an (n, 6) array of saddr,
+        daddr, proto, sport, dport, bucket, or such tuples) at their owner: `decide`'s SYN case
+        (RecordAndForward: record here if this mux owns the flow, else a RECORDS batch for the
+        owner, and a replica for the backup) done for the whole batch by
+        `decide_new_flows_batch`. The packets themselves are already forwarded by the kernel."""
         now = time.time()
         stats = self.kernel_stats
+        flows = np.asarray(flows, dtype=np.int64).reshape(-1, 6)
+        if not len(flows):
+            return
         with self._lock:
             listeners = self._listeners
-            decide_one = self.decider.decide
-            for saddr, daddr, proto, sport, dport, bucket in flows:
-                listener = listeners.get((daddr, proto, dport))
+            # Usually one listener per batch (one transition at a time): split only if not.
+            daddr, proto, dport = flows[:, 1], flows[:, 2], flows[:, 4]
+            same = (daddr == daddr[0]) & (proto == proto[0]) & (dport == dport[0])
+            if same.all():
+                groups = [((int(daddr[0]), int(proto[0]), int(dport[0])), flows)]
+            else:
+                ids = np.unique(flows[:, [1, 2, 4]], axis=0)
+                groups = [((int(d), int(p), int(pt)),
+                           flows[(daddr == d) & (proto == p) & (dport == pt)]) for d, p, pt in ids]
+            for key, part in groups:
+                listener = listeners.get(key)
                 if listener is None:
-                    stats.unknown_listener += 1  # transition just ended: nothing to record
+                    stats.unknown_listener += len(part)  # transition just ended: nothing to record
                     continue
-                stats.new_flows += 1
-                decide_one(listener, (saddr, daddr, proto, sport, dport), bucket, True, now, stats)
-            records, replicas = self.decider.outbox_records, self.decider.outbox_replicas
-            self.decider.outbox_records, self.decider.outbox_replicas = [], {}
+                stats.new_flows += len(part)
+                self.decider.record_new_flows(listener, part, now, stats)
+            outbox = self.decider.take_outbox()
         stats.batches += 1
-        if self.peers is not None and (records or replicas):
-            self.peers.send_records(records, replicas)
+        if self.peers is not None and outbox:
+            self.peers.send(outbox)
 
     # -- the owner's side: what other muxes ask this one (called on the peer thread) ----------
     def _replicate_to_backup(self, sender: str, listener_id: int, flow: FlowKey, bucket: int,
@@ -396,6 +505,9 @@ class SlowPath:
         self.decider.outbox_replicas.setdefault(other, []).append(
             ReplicatedRecord(listener_id, flow, bucket, backend))
         self.kernel_stats.replicas_queued += 1
+        self._schedule_ship()
+
+    def _schedule_ship(self) -> None:
         if not self._ship_scheduled and self.peers is not None:
             # Coalesce: one REPLICATE batch for the answers of the next few milliseconds.
             self._ship_scheduled = True
@@ -404,10 +516,9 @@ class SlowPath:
     def _ship(self) -> None:
         with self._lock:
             self._ship_scheduled = False
-            records, replicas = self.decider.outbox_records, self.decider.outbox_replicas
-            self.decider.outbox_records, self.decider.outbox_replicas = [], {}
-        if self.peers is not None and (records or replicas):
-            self.peers.send_records(records, replicas)
+            outbox = self.decider.take_outbox()
+        if self.peers is not None and outbox:
+            self.peers.send(outbox)
 
     def on_query(self, sender: str, listener_id: int, flow: FlowKey, bucket: int,
                  hint: str) -> tuple[str, str]:
@@ -433,24 +544,51 @@ class SlowPath:
                 self._replicate_to_backup(sender, listener_id, flow, bucket, winner)
         return winner, "stored" if stored else "found"
 
-    def on_records(self, sender: str, records: Sequence[ReplicatedRecord]) -> None:
+    def on_records(self, sender: str, records: RecordBatch | Sequence[ReplicatedRecord]) -> None:
+        """New flows `sender` pinned, for this mux as their owner: stored in bulk (first writer
+        wins), and each new record copied to the bucket's other owner unless that is `sender`."""
+        batch = RecordBatch.of(records)
         now = time.time()
         with self._lock:
-            put = self.decider.store.put_first
-            for r in records:
-                if r.listener_id not in self._by_id:
-                    continue
-                winner, stored = put((r.listener_id, r.flow), r.backend, r.bucket, now)
-                if stored:
-                    self._replicate_to_backup(sender, r.listener_id, r.flow, r.bucket, winner)
+            batch = self._known(batch)
+            if not len(batch):
+                return
+            buckets = batch.rows["b"]
+            _, stored = self.decider.store.put_first_many(batch.keys(), batch.backend_names(),
+                                                          buckets.tolist(), now)
+            own = self.decider.ownership
+            muxes = own.muxes
+            me = muxes.index(self.decider.node) if self.decider.node in muxes else -1
+            not_to = muxes.index(sender) if sender in muxes else -1
+            # A bucket outside our table (a peer with another configuration) has no owners here:
+            # stored as sent, copied nowhere.
+            in_table = buckets < own.table_size
+            at = np.where(in_table, buckets, 0)
+            primary, backup = own.primary[at], own.backup[at]
+            other = np.where(primary == me, backup, primary)
+            copy = (np.asarray(stored, dtype=bool) & in_table & (other >= 0) & (other != me)
+                    & (other != not_to))
+            if not copy.any():
+                return
+            for to in np.unique(other[copy]).tolist():
+                part = batch.take(copy & (other == to))
+                self.decider.outbox.replica_batches.setdefault(muxes[to], []).append(part)
+                self.kernel_stats.replicas_queued += len(part)
+            self._schedule_ship()
 
-    def on_replicate(self, sender: str, records: Sequence[ReplicatedRecord]) -> None:
+    def on_replicate(self, sender: str, records: RecordBatch | Sequence[ReplicatedRecord]) -> None:
+        batch = RecordBatch.of(records)
         now = time.time()
         with self._lock:
-            for r in records:
-                if r.listener_id in self._by_id:
-                    self.decider.store.put_first((r.listener_id, r.flow), r.backend, r.bucket, now,
-                                                 replica=True)
+            batch = self._known(batch)
+            if len(batch):
+                self.decider.store.put_first_many(batch.keys(), batch.backend_names(),
+                                                  batch.rows["b"].tolist(), now, replica=True)
+
+    def _known(self, batch: RecordBatch) -> RecordBatch:
+        """The records of listeners in transition here (others: not applied yet, or ended)."""
+        known = np.isin(batch.rows["l"], np.fromiter(self._by_id, dtype=np.int64, count=len(self._by_id)))
+        return batch if known.all() else batch.take(known)
 
     def record_dump(self) -> list[list]:
         """Every record held: [listener, [saddr, daddr, proto, sport, dport], bucket, backend,

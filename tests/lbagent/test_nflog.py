@@ -7,6 +7,10 @@ from __future__ import annotations
 import socket
 import struct
 
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from lbagent.dataplane.nflog import _PACKET_TYPE, NflogReader, _nla
 
 
@@ -36,8 +40,7 @@ def test_reports_become_flows_with_their_bucket_and_gaps_are_counted():
              + _report("198.18.0.3", 1002, 7, None)  # bucket 0: the kernel sends no mark
              + _report("198.18.0.4", 1003, 10, 7, with_uid=True)  # another layout; 8, 9 lost
              + struct.pack("=IHHII", 16, 3, 0, 0, 0))  # NLMSG_DONE ends the kernel's batch
-    flows: list = []
-    reader.parse(batch, len(batch), flows)
+    flows = reader.parse(batch, len(batch)).tolist()
     assert [(_ip(f[0]), _ip(f[1]), f[2], f[3], f[4], f[5]) for f in flows] == [
         ("198.18.0.1", "203.0.113.14", 6, 1000, 80, 1234),
         ("198.18.0.2", "203.0.113.14", 6, 1001, 80, 99),
@@ -54,8 +57,46 @@ def test_a_truncated_or_foreign_report_is_counted_not_parsed():
     good = _report("198.18.0.1", 1000, 1, 5)
     ipv6ish = bytearray(good)
     ipv6ish[-40] = 0x60  # version 6 in the payload's first byte
-    flows: list = []
     data = bytes(ipv6ish) + good[:-8]  # and a message cut short: ignored, not read past the end
-    reader.parse(data, len(data), flows)
+    flows = reader.parse(data, len(data)).tolist()
     assert flows == []
     assert reader.stats.malformed == 1
+
+
+def _one_by_one(data: bytes) -> tuple[list, NflogReader]:
+    """The per-message parse (struct, one message at a time) over the same buffer."""
+    reader = NflogReader(7, lambda flows: None)
+    out: list = []
+    pos = 0
+    while pos + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, pos)
+        if kind == _PACKET_TYPE:
+            offs = reader._layout(data, pos, length)
+            reader._parse_one(data, pos, offs, out)
+        pos += (length + 3) & ~3
+    return out, reader
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 250), st.integers(0, 65535), st.integers(0, 3),
+                          st.one_of(st.none(), st.integers(0, 2**32 - 1)), st.booleans(),
+                          st.sampled_from([0x45, 0x45, 0x45, 0x46, 0x65, 0x4F])),
+                max_size=60))
+def test_the_vectorised_parse_equals_the_per_message_parse(reports):
+    """Runs of one layout (parsed with numpy) and lone reports of another (parsed with struct),
+    sequence gaps, missing marks, IP options and foreign headers, in any mix."""
+    seq, parts = 100, []
+    for host, sport, gap, mark, with_uid, vihl in reports:
+        seq += gap
+        raw = bytearray(_report(f"198.18.0.{host}", sport, seq, mark, with_uid=with_uid))
+        raw[-40] = vihl  # the IP header's first byte (version, header length)
+        parts.append(bytes(raw))
+        seq += 1
+    data = b"".join(parts) + struct.pack("=IHHII", 16, 3, 0, 0, 0)
+    want, ref = _one_by_one(data)
+    reader = NflogReader(7, lambda flows: None)
+    got = reader.parse(bytearray(data), len(data))
+    assert got.dtype == np.int64
+    assert got.shape == (len(want), 6)
+    assert [tuple(f) for f in got.tolist()] == want
+    assert reader.stats == ref.stats

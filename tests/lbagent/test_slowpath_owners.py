@@ -117,3 +117,45 @@ def test_kernel_new_flows_are_recorded_at_their_owner_with_a_backup_copy(muxes):
     assert wrong == [], f"{len(wrong)} of {len(want)} flows not recorded as decide() says: {wrong[:3]}"
     assert {w[1] for w in want.values()} == set(NAMES), "every mux should own some of these flows"
     assert paths["mux-a"].kernel_stats.new_flows == len(flows)
+
+
+def test_a_report_batch_records_what_decide_says_for_each_flow_and_nothing_else():
+    """One NFLOG batch with flows of stable buckets (rule 2: no record), unstable ones owned here
+    or elsewhere, a duplicate report and a listener not in transition here."""
+    old = build_generation(1, ["10.0.0.1:80", "10.0.0.2:80"], None, SIZE)
+    new = build_generation(2, ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], None, SIZE)
+    tables = ListenerTables(current=new, old=(OldTable(old, time.time() + 600),))
+    ownership = build_ownership(NAMES, owner_seed=7919, table_size=SIZE)
+    path = SlowPath("lo", "02:00:00:00:00:01", 0,
+                    decider=CoreDecider("mux-a", RecordStore(max_records=10_000), ownership))
+    path.update([SlowListener(3, "203.0.113.14", "tcp", 80, tables,
+                              {n: "02:00:00:00:00:02" for n in tables.names}, time.time() + 600)])
+    flows = [(0x0C000000 + b, VIP, 6, 2000 + b, 80, b) for b in range(SIZE)]
+    flows += [flows[7], (0x0D000001, VIP, 6, 3000, 81, 5)]  # a duplicate; port 81: no listener
+    path.on_new_flows(np.array(flows))
+
+    want = {}
+    for saddr, daddr, proto, sport, dport, bucket in flows[:SIZE]:
+        action = decide(tables=tables, bucket=bucket, is_syn=True, pin=None, local_record=None,
+                        owners=ownership.owners(bucket), self_mux="mux-a")
+        if isinstance(action, RecordAndForward):
+            want[(saddr, daddr, proto, sport, dport)] = (action.backend, action.owner != "mux-a")
+    assert _records(path) == want, "a record for each unstable flow (a replica when owned elsewhere)"
+    stats = path.kernel_stats
+    assert (stats.new_flows, stats.unknown_listener) == (SIZE + 1, 1)
+    stable = SIZE - int(tables.unstable.sum())
+    assert stats.reasons == {"stable": stable + (0 if tables.unstable[7] else 1),
+                             "new_flow": len(want) + (1 if tables.unstable[7] else 0)}
+    # What goes to other muxes (on_new_flows hands it to the peer bridge; this path has none):
+    # the same flows through the decider of a fresh mux-a, its outbox kept.
+    decider = CoreDecider("mux-a", RecordStore(max_records=10_000), ownership)
+    decider.record_new_flows(path._by_id[3], np.array(flows[:SIZE]), time.time(), stats)
+    outbox = decider.take_outbox()
+    sent = {f for batches in outbox.record_batches.values() for b in batches for f in b.flows()}
+    assert sent == {f for f, (_, elsewhere) in want.items() if elsewhere}
+    for (owner, backup), batches in outbox.record_batches.items():
+        for b in batches:
+            assert all(ownership.owners(r.bucket) == (owner, backup) for r in b)
+    copies = {(to, f) for to, batches in outbox.replica_batches.items() for b in batches for f in b.flows()}
+    assert copies == {(ownership.owners(f[3] - 2000)[1], f) for f, (_, elsewhere) in want.items()
+                      if not elsewhere}
