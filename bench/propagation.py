@@ -150,7 +150,7 @@ async def wait_active(layer, channel: str, timeout_s: float) -> None:
 
 
 async def measure(
-    client: TenantClient, listener_ids: list[int], changes: int
+    client: TenantClient, listener_ids: list[int], changes: int, pause_s: float = 0.0
 ) -> tuple[list[float], list[float]]:
     from channels.layers import get_channel_layer
 
@@ -173,6 +173,8 @@ async def measure(
         propagation.append(time.perf_counter() - started)
         api_only.append(api_s)
         await layer.group_discard(listener_group(listener_id), channel)
+        if pause_s:
+            await asyncio.sleep(pause_s)
     return propagation, api_only
 
 
@@ -186,6 +188,9 @@ def main() -> int:
     parser.add_argument("--vips", type=int, default=1000)
     parser.add_argument("--agents", type=int, default=4)
     parser.add_argument("--changes", type=int, default=60)
+    parser.add_argument(
+        "--pause", type=float, default=0.0, help="seconds between one change's ACTIVE and the next call"
+    )
     args = parser.parse_args()
     base_db, redis_url = os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")
     if not base_db.startswith("postgres") or not redis_url:
@@ -258,7 +263,7 @@ def main() -> int:
 
         time.sleep(REBUILD_SLACK.total_seconds() + 1)
         client = TenantClient(portal.http_url, key)  # opened now: the server closes idle ones after 5 s
-        propagation, api_only = asyncio.run(measure(client, listener_ids, args.changes))
+        propagation, api_only = asyncio.run(measure(client, listener_ids, args.changes, args.pause))
         client.close()
 
         from lbagent.core.maglev import maglev_table

@@ -130,7 +130,8 @@ def _write_json_atomically(path: Path, document: dict) -> None:
     _write_atomically(path, json.dumps(document, separators=(",", ":")))
 
 
-CACHE_WRITE_INTERVAL_S = 0.5
+CACHE_QUIET_S = 0.5  # the state cache is written once applies pause this long...
+CACHE_MAX_DELAY_S = 5.0  # ...or after this long at the latest
 
 
 @dataclass
@@ -353,12 +354,21 @@ class PortalClient:
                 await self._send(Health(checks=tuple(self._health.snapshot()), full=True))
 
     async def _write_cache_soon(self) -> None:
-        """Persist the newest applied state for a restart without the portal (fail static), at
-        most once per CACHE_WRITE_INTERVAL_S: serialising thousands of VIPs takes tens of ms of
-        CPU (holding the GIL), which on every push delayed the next acknowledgement. A crash
-        inside the interval restarts from the previous state, and the portal resyncs it."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), CACHE_WRITE_INTERVAL_S)
+        """Persist the newest applied state for a restart without the portal (fail static) once
+        applies pause for CACHE_QUIET_S, or after CACHE_MAX_DELAY_S at the latest: serialising
+        thousands of VIPs takes tens of ms of CPU (holding the GIL), which during a burst of
+        pushes competed with every acknowledgement. A crash inside that window restarts from
+        the previous state, and the portal resyncs it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CACHE_MAX_DELAY_S
+        while not self._stop.is_set():
+            seen = self._cache_pending
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stop.wait(), max(0.0, min(CACHE_QUIET_S, deadline - loop.time()))
+                )
+            if self._cache_pending is seen or loop.time() >= deadline:
+                break
         while self._cache_pending is not None:
             raw, self._cache_pending = self._cache_pending, None
             await asyncio.to_thread(_write_json_atomically, self.state_cache, raw)
