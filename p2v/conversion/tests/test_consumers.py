@@ -63,4 +63,5 @@ async def test_non_operator_is_refused():
     connected, code = await comm.connect()
     assert not connected
     assert code == 4403
+    await comm.disconnect()  # end the application instance here, not in the event loop's teardown
     await close_thread_connections()
