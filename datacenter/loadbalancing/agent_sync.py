@@ -30,6 +30,7 @@ from . import desired_state
 from .choices import AgentRole, BackendState, OperatingStatus, ProvisioningStatus
 from .models import AgentNode, Generation, Listener, Vip
 from .models_sync import AgentListenerAck, AgentSync, ListenerTable, PushSettings
+from .services import backend_as_dict
 from .signals import generation_staged
 
 logger = logging.getLogger("datacenter.loadbalancing.agent_sync")
@@ -115,20 +116,6 @@ def notify_agents(generation: int, delta: dict[str, Any] | None = None) -> None:
 # --- listener tables ------------------------------------------------------------------------------
 
 
-def _config_backends(listener: Listener) -> list[dict[str, Any]]:
-    return [
-        {
-            "address": b.address,
-            "port": b.port,
-            "weight": b.weight,
-            "state": b.admin_state,
-            "mac": None,
-            "host": b.host.name if b.host_id else None,
-        }
-        for b in sorted(listener.backends.all(), key=lambda b: b.position)
-    ]
-
-
 def _down_backends(listener_id: int, votes: list[dict[str, str]]) -> dict[tuple[str, int], str]:
     """Backends that a majority of the reporting muxes find unhealthy, with one reason."""
     prefix = f"{listener_id}|"
@@ -162,7 +149,8 @@ def _health_votes() -> list[dict[str, str]]:
 
 
 def _snapshot_backends(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A Generation's backend snapshot in the table's form (what _config_backends reads)."""
+    """Backend rows in their snapshot form (services.backend_as_dict, as a Generation stores
+    them) -> the table's form."""
     return [
         {
             "address": r["address"],
@@ -202,7 +190,9 @@ def refresh_tables(
             config = (
                 _snapshot_backends(given[listener.pk].backends)
                 if listener.pk in given
-                else _config_backends(listener)
+                else _snapshot_backends(
+                    [backend_as_dict(b) for b in sorted(listener.backends.all(), key=lambda b: b.position)]
+                )
             )
             down: dict[tuple[str, int], str] = {}
             if listener.health_check:  # unmonitored: no agent checks it, so no vote counts
@@ -244,12 +234,6 @@ def ensure_tables() -> None:
     ids = list(missing)
     if ids:
         refresh_tables(ids)
-
-
-def bump_generation() -> int:
-    PushSettings.objects.get_or_create(pk=1)
-    PushSettings.objects.filter(pk=1).update(generation=F("generation") + 1)
-    return PushSettings.objects.values_list("generation", flat=True).get(pk=1)
 
 
 # --- reacting to changes --------------------------------------------------------------------------
@@ -345,7 +329,7 @@ def agent_disconnected(agent: AgentNode) -> None:
         # Its health votes no longer count: the majority may have changed.
         changed = refresh_tables(None)
         if changed:
-            notify_agents(bump_generation())
+            notify_agents(_bump_generation().generation)
             evaluate_listeners(changed)
 
 
@@ -476,7 +460,7 @@ def record_health(agent: AgentNode, health: Health) -> None:
         return
     changed = refresh_tables(touched)
     if changed:
-        notify_agents(bump_generation())
+        notify_agents(_bump_generation().generation)
     update_operating_status(touched)
     evaluate_listeners(changed)
 
