@@ -233,11 +233,11 @@ def _decode_applied(body: dict[str, Any]) -> Applied:
     listeners: dict[int, int] = {}
     top = 2**63 - 1
     for key, value in raw_listeners.items():
-        # One cheap test per entry (an ack lists every listener, thousands of them); the
-        # precise complaint is worked out only for a bad entry. type() excludes bool.
-        if type(value) is not int or not 0 <= value <= top or not key.isdigit() or len(key) > 19:
-            if not key.isdigit() or len(key) > 19:
-                raise ProtocolError(f"applied.listeners: expected listener ids as keys, got {_short(key)}")
+        if not key.isdigit() or len(key) > 19:
+            raise ProtocolError(f"applied.listeners: expected listener ids as keys, got {_short(key)}")
+        # An ack lists every listener (thousands): the message naming the entry is only built
+        # for a bad one. type() excludes bool.
+        if type(value) is not int or not 0 <= value <= top:
             _int(value, f"applied.listeners.{key}")
         listeners[int(key)] = value
     return Applied(

@@ -1,0 +1,70 @@
+"""The portal records agents' acknowledgements in batches (consumers.AckRecorder): a batch waits
+for every agent this process sent the push to, then settles the listener once; an agent that
+stays silent delays the batch only up to the cap. Real database, real status evaluation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+
+from datacenter.loadbalancing import agent_sync, consumers
+from datacenter.loadbalancing.desired_state import desired_state_object
+from datacenter.loadbalancing.models import AgentNode, Listener
+from lbagent.protocol import Applied
+
+
+def _mux(world, name: str, address: str) -> AgentNode:
+    agent = AgentNode(name=name, host=world.host_shared, role="mux", address=address)
+    agent.set_new_token()
+    agent.save()
+    return agent
+
+
+@pytest.fixture
+def muxes(transactional_db, world):
+    # transactional_db: the batch is written from a worker thread on its own connection.
+    agents = [
+        _mux(world, "mux-a", "10.0.0.2"),
+        _mux(world, "mux-b", "10.0.0.3"),
+        _mux(world, "mux-c", "10.0.0.4"),
+    ]
+    agent_sync.apply_change(None)
+    return agents
+
+
+def _ack(agent: AgentNode) -> Applied:
+    state = desired_state_object(agent)
+    return Applied(generation=state.generation, ok=True, listeners=state.listener_generations())
+
+
+async def test_batch_waits_for_every_agent_sent_the_push_then_for_nobody_silent(world, muxes, monkeypatch):
+    listener_id = world.listener_a.pk
+    status = database_sync_to_async(lambda: Listener.objects.get(pk=listener_id).provisioning_status)
+    acks = {agent.name: await database_sync_to_async(_ack)(agent) for agent in muxes}
+    recorder = consumers.AckRecorder()
+
+    # Two agents were sent the push: the first ack waits for the second (a long cap proves it
+    # is the second ack, not the cap, that releases the batch).
+    monkeypatch.setattr(consumers, "ACK_GATHER_MAX_S", 30.0)
+    a, b, c = muxes
+    for agent in (a, b):
+        recorder.expect(agent.pk, acks[agent.name].generation)
+    first = asyncio.ensure_future(recorder.record(a, acks["mux-a"], None))
+    await asyncio.sleep(0.2)
+    assert not first.done(), "the batch must wait for mux-b, which was sent the same push"
+    second = asyncio.ensure_future(recorder.record(b, acks["mux-b"], None))
+    results = await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert results == [dict(acks["mux-a"].listeners), dict(acks["mux-b"].listeners)]
+    assert await status() != "active"  # mux-c has not applied it yet
+
+    # mux-c was sent the push too but never answers; mux-b's later ack is not held past the cap.
+    monkeypatch.setattr(consumers, "ACK_GATHER_MAX_S", 0.3)
+    recorder.expect(c.pk, acks["mux-c"].generation)
+    recorder.expect(b.pk, acks["mux-b"].generation)
+    assert await asyncio.wait_for(recorder.record(b, acks["mux-b"], results[1]), 10) == results[1]
+    # mux-c disconnects: nobody waits for it any more, and its ack (on reconnect) settles the listener.
+    recorder.forget(c.pk)
+    await asyncio.wait_for(recorder.record(c, acks["mux-c"], None), 10)
+    assert await status() == "active"
