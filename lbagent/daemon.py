@@ -18,10 +18,10 @@ import hashlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +144,12 @@ class MuxDaemon:
         self._cache = _TableCache()
         self._config_sig: tuple | None = None
         self._applied_sig: tuple | None = None
-        self._stop = threading.Event()
+        # stop() runs in the SIGTERM handler, on the main thread, possibly while that thread is
+        # inside the loop's wait. A threading.Event would deadlock there (set() needs the lock
+        # wait() holds); a flag plus a byte down a pipe takes no lock.
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self.dataplane: NftDataplane | None = None
         self.slowpath: SlowPath | None = None
         self.nflog: NflogReader | None = None
@@ -430,7 +435,7 @@ class MuxDaemon:
         gc.freeze()
 
     def run_forever(self) -> None:
-        while not self._stop.wait(self.o.poll_s):
+        while not self._wait_for_stop(self.o.poll_s):
             if self.bgp is not None:
                 self.bgp.restart_if_dead()
             changed = self._read_config()
@@ -446,8 +451,20 @@ class MuxDaemon:
                 self.withdraw_all()
                 self._applied_sig = None
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def stop(self) -> None:
-        self._stop.set()
+        """Ask run_forever to return; safe to call from a signal handler or any thread."""
+        self._stopping = True
+        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the loop
+            os.write(self._wake_w, b"\0")
+
+    def _wait_for_stop(self, timeout_s: float) -> bool:
+        if not self._stopping:
+            select.select([self._wake_r], [], [], timeout_s)
+        return self._stopping
 
     def shutdown(self) -> None:
         """Routes first (the router stops sending), then the slow path, rules and tables."""

@@ -468,7 +468,7 @@ class DaemonBridge:
         _write_json_atomically(daemon.o.config, state.to_dict())
         deadline = time.monotonic() + self.APPLY_TIMEOUT_S
         while daemon.applied_generation != state.generation:
-            if daemon._stop.is_set():  # SIGTERM mid-apply: do not hold the daemon's exit for the timeout
+            if daemon.stopping:  # SIGTERM mid-apply: do not hold the daemon's exit for the timeout
                 raise RuntimeError(f"the daemon is stopping; generation {state.generation} was not applied")
             if (daemon.apply_errors, daemon.config_errors) != errors:
                 raise RuntimeError(

@@ -317,6 +317,10 @@ class FileDrivenDaemon:
             self.applied_generation = state.generation
             self.apply_count += 1
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
