@@ -165,6 +165,10 @@ class MuxDaemon:
         self.mux_mac = ""
         self._slow_keys: list[tuple[str, str, int]] = []
         self._skipped: set[str] = set()
+        self._last_good: dict[str, Vip] = {}  # VIP address -> the last state of it that was planned
+        self._refused: dict[str, str] = {}  # VIP address -> why its desired state is not applied
+        self.running_generations: dict[int, int] = {}  # listener id -> generation in the kernel
+        self._refused_next: tuple[dict[str, str], dict[int, int]] = ({}, {})
 
     # -- config -------------------------------------------------------------------------------
     def _read_config(self) -> bool:
@@ -197,9 +201,15 @@ class MuxDaemon:
             tables = ListenerTables(current=current)
         elif held is not None and held.generation == listener.generation:
             tables = held
-        elif (held is not None and listener.previous is not None
-              and held.generation == listener.previous.generation):
-            tables = held.with_generation(current, drain_deadline=listener.previous.drain_deadline)
+        elif held is not None and listener.previous is not None:
+            # In transition from what this mux runs. When that is not the portal's previous
+            # generation (this mux refused or missed it), flows may sit on either: keep both.
+            deadline = listener.previous.drain_deadline
+            tables = held.with_generation(current, drain_deadline=deadline)
+            if held.generation != listener.previous.generation:
+                prev = self._cache.get(listener.previous.generation, listener.previous.backends, size)
+                if prev is not None and prev.generation > held.generation:
+                    tables = ListenerTables(current=current, old=(OldTable(prev, deadline), *tables.old))
         elif listener.previous is not None:
             prev = self._cache.get(listener.previous.generation, listener.previous.backends, size)
             old = (OldTable(prev, listener.previous.drain_deadline),) if prev is not None else ()
@@ -222,12 +232,20 @@ class MuxDaemon:
         return self.macs[backend.address]
 
     def _plan(self, now: float) -> tuple[list[ListenerPlan], list[SlowListener], dict[str, str | None]]:
-        """Kernel plans, slow-path listeners and routes (vip -> next hop, None = this mux)."""
+        """Kernel plans, slow-path listeners and routes (vip -> next hop, None = this mux).
+
+        Each VIP is planned on its own: one that cannot be (a backend whose MAC does not resolve,
+        a bypass without a single host) keeps running its last good state, or is not served if
+        it never had one, and is listed in `refused`. One tenant's bad backend must not take
+        every other VIP off this mux."""
         assert self.state is not None
         plans: list[ListenerPlan] = []
         slow: list[SlowListener] = []
         routes: dict[str, str | None] = {}
         new_tables: dict[int, ListenerTables] = {}
+        running: dict[int, int] = {}
+        refused: dict[str, str] = {}
+        last_good: dict[str, Vip] = {}
         for vip in self.state.vips:
             if ":" in vip.address:
                 # The kernel tables are IPv4 only (ip saddr/daddr, 4-field pin keys): never announce
@@ -236,45 +254,81 @@ class MuxDaemon:
                     log.error("VIP %s: IPv6 is not supported by the nft data plane; not served here",
                               vip.address)
                     self._skipped.add(vip.address)
+                refused[vip.address] = "IPv6 is not supported by the nft data plane"
                 continue
-            if vip.bypass:
-                hop = vip.bypass_next_hop or self._single_backend_host(vip)
-                routes[vip.address] = hop
-                for listener in vip.listeners:
-                    active = [b for b in listener.backends if b.state == "active"]
-                    if active:
-                        self.bypass_backend[listener.id] = (active[0], now)
+            served = vip
+            try:
+                planned = self._plan_vip(vip, now)
+            except (LookupError, ValueError) as exc:
+                refused[vip.address] = str(exc)
+                planned = None
+                previous = self._last_good.get(vip.address)
+                if previous is not None:
+                    with contextlib.suppress(LookupError, ValueError):
+                        planned, served = self._plan_vip(previous, now), previous
+                if self._refused.get(vip.address) != str(exc):
+                    log.error("VIP %s: cannot apply its desired state (%s); %s", vip.address, exc,
+                              "still serving its last applied state" if planned is not None
+                              else "not served by this mux")
+            if planned is None:
                 continue
-            routes[vip.address] = None
-            for listener in vip.listeners:
-                tables = self._listener_tables(vip, listener, now)
-                by_name = {backend_name(b): b for b in listener.backends}
-                if listener.previous is not None:
-                    for b in listener.previous.backends:
-                        by_name.setdefault(backend_name(b), b)
-                if listener.id in self.bypass_backend:
-                    b = self.bypass_backend[listener.id][0]
-                    by_name.setdefault(backend_name(b), b)
-                if tables is None:
-                    plans.append(ListenerPlan(listener.id, vip.address, listener.protocol, listener.port, (),
-                                              np.full(self.state.cluster.table_size, -1, dtype=np.int32)))
-                    continue
-                new_tables[listener.id] = tables
-                if not tables.in_transition:
-                    self.bypass_backend.pop(listener.id, None)
-                backends = tuple((by_name[n].address, self._mac_of(by_name[n])) for n in tables.names)
-                unstable = tables.unstable_buckets() if tables.in_transition else None
-                plans.append(ListenerPlan(
-                    listener.id, vip.address, listener.protocol, listener.port, backends,
-                    np.asarray(tables.current_ids), np.asarray(tables.fallback_ids) if unstable is not None
-                    else None, unstable))
-                if tables.in_transition:
-                    slow.append(SlowListener(
-                        listener.id, vip.address, listener.protocol, listener.port, tables,
-                        {n: self._mac_of(by_name[n]) for n in tables.names},
-                        max(o.drain_deadline for o in tables.old)))
+            vip_plans, vip_slow, hop, vip_tables = planned
+            plans += vip_plans
+            slow += vip_slow
+            routes[vip.address] = hop
+            new_tables.update(vip_tables)
+            running.update({listener.id: listener.generation for listener in served.listeners})
+            last_good[vip.address] = served
         self.tables = new_tables
+        self._last_good = last_good
+        self._refused_next = (refused, running)
         return plans, slow, routes
+
+    def _plan_vip(
+        self, vip: Vip, now: float
+    ) -> tuple[list[ListenerPlan], list[SlowListener], str | None, dict[int, ListenerTables]]:
+        """One VIP's kernel plans, slow-path listeners, route and tables; raises LookupError or
+        ValueError when it cannot be served as described."""
+        assert self.state is not None
+        plans: list[ListenerPlan] = []
+        slow: list[SlowListener] = []
+        tables_of: dict[int, ListenerTables] = {}
+        if vip.bypass:
+            hop = vip.bypass_next_hop or self._single_backend_host(vip)
+            for listener in vip.listeners:
+                active = [b for b in listener.backends if b.state == "active"]
+                if active:
+                    self.bypass_backend[listener.id] = (active[0], now)
+            return plans, slow, hop, tables_of
+        for listener in vip.listeners:
+            tables = self._listener_tables(vip, listener, now)
+            by_name = {backend_name(b): b for b in listener.backends}
+            if listener.previous is not None:
+                for b in listener.previous.backends:
+                    by_name.setdefault(backend_name(b), b)
+            if listener.id in self.bypass_backend:
+                b = self.bypass_backend[listener.id][0]
+                by_name.setdefault(backend_name(b), b)
+            if tables is None:
+                plans.append(ListenerPlan(listener.id, vip.address, listener.protocol, listener.port, (),
+                                          np.full(self.state.cluster.table_size, -1, dtype=np.int32)))
+                continue
+            backends = tuple((by_name[n].address, self._mac_of(by_name[n])) for n in tables.names)
+            tables_of[listener.id] = tables
+            unstable = tables.unstable_buckets() if tables.in_transition else None
+            plans.append(ListenerPlan(
+                listener.id, vip.address, listener.protocol, listener.port, backends,
+                np.asarray(tables.current_ids), np.asarray(tables.fallback_ids) if unstable is not None
+                else None, unstable))
+            if tables.in_transition:
+                slow.append(SlowListener(
+                    listener.id, vip.address, listener.protocol, listener.port, tables,
+                    {n: self._mac_of(by_name[n]) for n in tables.names},
+                    max(o.drain_deadline for o in tables.old)))
+        for lid, tables in tables_of.items():
+            if not tables.in_transition:
+                self.bypass_backend.pop(lid, None)
+        return plans, slow, None, tables_of
 
     @staticmethod
     def _single_backend_host(vip: Vip) -> str:
@@ -313,10 +367,17 @@ class MuxDaemon:
                 if prefix.split("/")[0] not in routes:
                     self.bgp.withdraw(prefix)
         self._save_history()
+        self._refused, self.running_generations = self._refused_next
         self.applied_generation = self.state.generation
         self.apply_count += 1
-        log.info("applied generation %d: %d listeners (%d in transition) in %.3f s",
-                 self.state.generation, len(plans), len(slow), self.last_apply_s)
+        log.info("applied generation %d: %d listeners (%d in transition) in %.3f s%s",
+                 self.state.generation, len(plans), len(slow), self.last_apply_s,
+                 f"; {len(self._refused)} VIP(s) not at their desired state" if self._refused else "")
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """VIP address -> why this mux does not run its desired state (as of the last apply)."""
+        return dict(self._refused)
 
     # -- transition history: a restarted daemon must know every live old table, not only the
     # one generation the desired state carries as `previous` (flows from two changes ago) ----------
@@ -573,6 +634,12 @@ class MuxDaemon:
                   .add(sum(1 for t in self.tables.values() if t.in_transition)))
         ms.append(Metric("lbagent_config_generation", "Generation of the applied desired state")
                   .add(self.applied_generation))
+        refused = Metric("lbagent_vip_refused",
+                         "1 per VIP whose desired state this mux does not run (it keeps its last applied "
+                         "state, or is not served); the log says why")
+        for address in sorted(self._refused):
+            refused.add(1, vip=address)
+        ms.append(refused)
         ms.append(Metric("lbagent_applies_total", "Successful applies", "counter").add(self.apply_count))
         ms.append(Metric("lbagent_apply_errors_total", "Failed applies", "counter").add(self.apply_errors))
         ms.append(Metric("lbagent_config_errors_total", "Refused config files", "counter")

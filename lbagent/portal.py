@@ -53,12 +53,27 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 
 
+@dataclass(frozen=True)
+class PartialApply:
+    """A data plane's answer when it applied a document except some VIPs, which keep running
+    their last good state (or are not served at all): what each listener runs now, and why each
+    refused VIP is not at its desired state. The acknowledgement then carries both."""
+
+    listeners: Mapping[int, int]
+    refused: Mapping[str, str]
+
+    @property
+    def error(self) -> str:
+        return "; ".join(f"VIP {vip}: {reason}" for vip, reason in sorted(self.refused.items()))
+
+
 class Driver(Protocol):
     """What the client needs from a data plane."""
 
-    def apply(self, state: DesiredState) -> None:
-        """Install `state` atomically: afterwards the data plane runs exactly `state`, or it
-        raises and still runs the state it ran before."""
+    def apply(self, state: DesiredState) -> PartialApply | None:
+        """Install `state`: afterwards the data plane runs exactly `state` (returns None), or
+        runs it except the VIPs a PartialApply names, or raises and still runs the state it ran
+        before."""
 
     def counters(self) -> Mapping[str, int]:
         """Monotonic counters to report to the portal (names: [a-z][a-z0-9_.]*)."""
@@ -180,6 +195,7 @@ class PortalClient:
         self.backoff = backoff or Backoff()
         self.applied: DesiredState | None = None
         self._applied_raw: dict | None = None  # the applied state as the portal sent it
+        self._applied_partial: PartialApply | None = None  # what of it the data plane refused
         self._parser = StateParser()
         self._received: tuple[int, dict] | None = None  # last state the portal sent on this connection
         self._cache_pending: dict | None = None  # applied, not yet in state_cache
@@ -195,6 +211,7 @@ class PortalClient:
             "desired_received": 0,
             "applied_ok": 0,
             "applied_failed": 0,
+            "applied_partial": 0,
             "protocol_errors": 0,
             "refused": 0,
         }
@@ -211,7 +228,7 @@ class PortalClient:
         except StateError as exc:
             logger.warning("ignoring state cache %s: %s", self.state_cache, exc)
             return
-        self.driver.apply(state)
+        self._applied_partial = self.driver.apply(state)
         self.applied, self._applied_raw = state, state.to_dict()
         logger.info("running cached state generation %s until the portal answers", state.generation)
 
@@ -379,10 +396,11 @@ class PortalClient:
             **self._applied_raw,
             "generation": 0,
         }
+        partial = self._applied_partial
         if not same:
             started = time.perf_counter()
             try:
-                await asyncio.to_thread(self.driver.apply, state)
+                partial = await asyncio.to_thread(self.driver.apply, state)
             except Exception as exc:  # any driver failure is reported to the portal, never fatal
                 self.counters["applied_failed"] += 1
                 logger.exception(
@@ -397,8 +415,15 @@ class PortalClient:
                 len(state.vips),
                 (time.perf_counter() - started) * 1000,
             )
-        self.applied, self._applied_raw = state, raw
+            if partial is not None:
+                logger.warning("generation %s: not applied for %s", state.generation, partial.error)
+        self.applied, self._applied_raw, self._applied_partial = state, raw, partial
         self.counters["applied_ok"] += 1
+        if partial is not None:
+            self.counters["applied_partial"] += 1
+            return Applied(
+                generation=state.generation, ok=True, listeners=dict(partial.listeners), error=partial.error
+            )
         return Applied(generation=state.generation, ok=True, listeners=state.listener_generations())
 
     # -- reporting -----------------------------------------------------------------------------
@@ -462,7 +487,7 @@ class DaemonBridge:
         self._client: PortalClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def apply(self, state: DesiredState) -> None:
+    def apply(self, state: DesiredState) -> PartialApply | None:
         daemon = self.daemon
         errors = (daemon.apply_errors, daemon.config_errors)
         _write_json_atomically(daemon.o.config, state.to_dict())
@@ -480,6 +505,8 @@ class DaemonBridge:
                     f"{self.APPLY_TIMEOUT_S:g}s"
                 )
             time.sleep(0.01)
+        refused = daemon.refused
+        return PartialApply(daemon.running_generations, refused) if refused else None
 
     def counters(self) -> Mapping[str, int]:
         daemon = self.daemon

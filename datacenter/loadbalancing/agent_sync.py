@@ -354,6 +354,7 @@ def record_applied_batch(reports: list[AppliedReport]) -> list[dict[int, int] | 
     latest: dict[int, dict[int, int]] = {}  # agent -> what it runs, as of the reports so far
     rows: dict[tuple[int, int], int] = {}  # (agent, listener) -> generation to write
     touched: dict[int, AgentNode] = {}
+    partial: dict[int, tuple[AgentNode, Applied]] = {}  # agent -> its latest ack, if it names refused VIPs
     for agent, applied, known in reports:
         if not applied.ok:
             results.append(_record_failure(agent, applied, latest.get(agent.pk, known)))
@@ -367,6 +368,10 @@ def record_applied_batch(reports: list[AppliedReport]) -> list[dict[int, int] | 
             if before.get(lid) != gen:
                 rows[(agent.pk, lid)] = gen
         latest[agent.pk] = dict(applied.listeners)
+        if applied.error:  # applied except some VIPs: their listeners report what they still run
+            partial[agent.pk] = (agent, applied)
+        else:
+            partial.pop(agent.pk, None)
         agent.applied_generation, agent.last_seen = applied.generation, timezone.now()
         agent.applied_at = agent.last_seen
         touched[agent.pk] = agent
@@ -386,11 +391,24 @@ def record_applied_batch(reports: list[AppliedReport]) -> list[dict[int, int] | 
     # is no longer in error (which can settle other listeners: look at every unsettled one), and
     # the status tree's bookkeeping.
     cleared = (
-        AgentSync.objects.filter(agent__in=list(touched))
+        AgentSync.objects.filter(agent__in=[pk for pk in touched if pk not in partial])
         .exclude(error="")
         .update(error="", error_generation=None)
     )
-    if cleared:
+    for agent, applied in partial.values():
+        # The listeners of the refused VIPs were not acknowledged at their generation: with the
+        # agent in error they show ERROR with its reason; every other listener settles normally.
+        AgentSync.objects.update_or_create(
+            agent=agent, defaults={"error": applied.error, "error_generation": applied.generation}
+        )
+        logger.warning(
+            "agent %s applied generation %s except: %s", agent.name, applied.generation, applied.error
+        )
+        publish_event(
+            "agent.apply_partial",
+            {"agent": agent.name, "generation": applied.generation, "error": applied.error},
+        )
+    if cleared or partial:
         evaluate_listeners([], include_unsettled=True)
     AgentNode.objects.bulk_update(touched.values(), ["last_seen", "applied_generation", "applied_at"])
     return results

@@ -150,25 +150,49 @@ def test_a_dead_exabgp_is_restarted_and_the_route_comes_back(cluster, weighted_v
     assert names <= {b.name for b in weighted_vip[0]}
 
 
-def test_a_mux_that_cannot_apply_withdraws_until_it_can(cluster, weighted_vip):
-    """A backend whose MAC cannot be resolved (no such host on the segment) makes the apply fail:
-    the mux cannot hold the tables its peers hold, so it withdraws its routes, and announces
-    again once a config it can apply arrives."""
+def test_a_vip_a_mux_cannot_apply_keeps_its_last_state_and_every_other_vip_stays_served(
+    cluster, weighted_vip
+):
+    """A backend whose MAC cannot be resolved (no such host on the segment) refuses only the VIP
+    that names it. A VIP that was running keeps its last applied tables and its route; a new VIP
+    is not announced; the refusal shows in the metrics; and the apply itself succeeds, so no other
+    VIP leaves this mux. A config without the bad backend clears it."""
+    backends, _ = weighted_vip
     lab = cluster.lab
     mux = cluster.muxes[0]
+    both = [m.address for m in lab.muxes]
+    ghost_vip = "203.0.113.19"
     good = json.loads(mux.config.read_text())
     broken = json.loads(json.dumps(good))
     ghost = {"address": "10.90.0.99", "port": 80, "weight": 1, "state": "active", "mac": None,
              "host": "ghost"}
-    broken["vips"].append(vip_doc("203.0.113.19", [listener_doc(19, [ghost])]))
+    listener = next(v for v in broken["vips"] if v["address"] == VIP)["listeners"][0]
+    listener["previous"] = {"generation": listener["generation"], "backends": listener["backends"],
+                            "drain_deadline": time.time() + 60}
+    listener["generation"] += 1
+    listener["backends"] = [*listener["backends"], ghost]
+    broken["vips"].append(vip_doc(ghost_vip, [listener_doc(19, [ghost])]))
     broken["generation"] = cluster.generation + 1
+    errors_before = mux.metric("lbagent_apply_errors_total")
+
+    def refused() -> set[str]:
+        return {dict(labels)["vip"] for (name, labels), value in mux.metrics().items()
+                if name == "lbagent_vip_refused" and value == 1}
+
     try:
         write_atomically(mux.config, json.dumps(broken))
-        wait_route(lab, VIP, [cluster.muxes[1].mux.address])
-        assert mux.metric("lbagent_apply_errors_total") >= 1
+        mux.wait_applied(broken["generation"])
+        assert refused() == {VIP, ghost_vip}
+        assert mux.metric("lbagent_apply_errors_total") == errors_before
+        time.sleep(1.0)  # what the router would have heard by now
+        assert lab.router_routes(VIP) == sorted(both), "the refused VIP's old state is still served"
+        assert lab.router_routes(ghost_vip) == [], "a VIP this mux cannot serve must not be announced"
+        names = {connect_and_ask(lab.clients[0].netns, VIP)[2] for _ in range(60)}
+        assert names <= {b.name for b in backends}
     finally:
         cluster.generation += 2  # keep the cluster's numbering ahead of what this mux saw
         good["generation"] = cluster.generation
         write_atomically(mux.config, json.dumps(good))
     mux.wait_applied(cluster.generation)
-    wait_route(lab, VIP, [m.address for m in lab.muxes], timeout_s=30)
+    assert refused() == set()
+    wait_route(lab, VIP, both, timeout_s=30)

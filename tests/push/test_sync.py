@@ -107,6 +107,44 @@ def test_failed_apply_is_error_with_the_agents_reason(world, muxes) -> None:
     assert status(listener) == ProvisioningStatus.ACTIVE
 
 
+def test_a_vip_one_agent_refused_is_error_and_other_tenants_listeners_settle(world, muxes) -> None:
+    # The mux applied the document except one VIP (say a new backend's MAC does not resolve): that
+    # VIP keeps running its previous tables, and its listener must show the reason while another
+    # tenant's change, acknowledged in the same document, becomes ACTIVE.
+    refused, other = world.listener_a, world.listener_b
+    ack(muxes[0])
+    ack(muxes[1])
+    before = desired_state_object(muxes[1]).listener_generations()[refused.pk]
+    replace_backends(refused, [{"address": "10.1.0.9", "port": 8080}])
+    replace_backends(other, [{"address": "10.2.0.5", "port": 9443}])
+    agent_sync.apply_change([refused.pk, other.pk])
+    ack(muxes[0])
+    state = desired_state_object(muxes[1])
+    assert state.listener_generations()[refused.pk] != before
+    reason = "VIP 203.0.113.10: no MAC for backend 10.1.0.9 on eth0 within 1.0 s"
+    agent_sync.record_applied(
+        muxes[1],
+        Applied(
+            generation=state.generation,
+            ok=True,
+            listeners={**state.listener_generations(), refused.pk: before},
+            error=reason,
+        ),
+    )
+    assert status(refused) == ProvisioningStatus.ERROR
+    assert status(other) == ProvisioningStatus.ACTIVE
+    client = world.client("a_member")
+    tree = client.get(f"/api/vips/{refused.vip_id}/status/").json()
+    assert reason in json.dumps(tree)
+    # The tenant fixes the backend; the mux applies the whole document and the error is gone.
+    replace_backends(refused, [{"address": "10.1.0.5", "port": 8080}])
+    agent_sync.apply_change([refused.pk])
+    ack(muxes[0])
+    ack(muxes[1])
+    assert status(refused) == ProvisioningStatus.ACTIVE
+    assert reason not in json.dumps(client.get(f"/api/vips/{refused.vip_id}/status/").json())
+
+
 def test_backend_marked_down_by_majority_leaves_table_and_returns(world, muxes) -> None:
     listener = world.listener_a
     update_listener(listener, health_check={"kind": "tcp", "interval_s": 1, "timeout_s": 1})
