@@ -49,6 +49,7 @@ from lbagent.dataplane.slowpath import (
 from lbagent.metrics import Metric, MetricsServer, render
 from lbagent.state import Backend, DesiredState, Listener, StateError, Vip, load_state_file
 
+REFUSED_RETRY_S = 10.0  # how often a VIP whose state could not be planned is tried again
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (CPython's default: 700)
 
 log = logging.getLogger("lbagent.daemon")
@@ -165,10 +166,12 @@ class MuxDaemon:
         self.mux_mac = ""
         self._slow_keys: list[tuple[str, str, int]] = []
         self._skipped: set[str] = set()
-        self._last_good: dict[str, Vip] = {}  # VIP address -> the last state of it that was planned
+        self._last_good: dict[str, Vip] = {}  # VIP address -> the last state of it in the kernel
         self._refused: dict[str, str] = {}  # VIP address -> why its desired state is not applied
-        self.running_generations: dict[int, int] = {}  # listener id -> generation in the kernel
-        self._refused_next: tuple[dict[str, str], dict[int, int]] = ({}, {})
+        self.running_generations: dict[int, int] = {}  # listener id -> generation in the kernel (0: none)
+        self.listener_errors: dict[int, str] = {}  # listener id -> why it is not at its generation
+        self._planned: tuple[dict, dict, dict, dict] = ({}, {}, {}, {})  # the four above, from _plan
+        self._mac_failures: dict[str, tuple[float, str]] = {}  # address -> (retry after, reason)
 
     # -- config -------------------------------------------------------------------------------
     def _read_config(self) -> bool:
@@ -201,7 +204,8 @@ class MuxDaemon:
             tables = ListenerTables(current=current)
         elif held is not None and held.generation == listener.generation:
             tables = held
-        elif held is not None and listener.previous is not None:
+        elif (held is not None and listener.previous is not None and held.generation < listener.generation
+              and held.current.table_size == current.table_size):
             # In transition from what this mux runs. When that is not the portal's previous
             # generation (this mux refused or missed it), flows may sit on either: keep both.
             deadline = listener.previous.drain_deadline
@@ -228,7 +232,17 @@ class MuxDaemon:
         if backend.mac:
             return backend.mac
         if backend.address not in self.macs:
-            self.macs[backend.address] = resolve_mac(backend.address, self.iface or "eth0")
+            # A failed lookup blocks for its timeout: remember it until the next retry, so each
+            # unresolvable backend costs one timeout per REFUSED_RETRY_S, not one per apply.
+            failed = self._mac_failures.get(backend.address)
+            if failed is not None and time.monotonic() < failed[0]:
+                raise LookupError(failed[1])
+            try:
+                self.macs[backend.address] = resolve_mac(backend.address, self.iface or "eth0")
+            except LookupError as exc:
+                self._mac_failures[backend.address] = (time.monotonic() + REFUSED_RETRY_S - 1, str(exc))
+                raise
+            self._mac_failures.pop(backend.address, None)
         return self.macs[backend.address]
 
     def _plan(self, now: float) -> tuple[list[ListenerPlan], list[SlowListener], dict[str, str | None]]:
@@ -245,32 +259,37 @@ class MuxDaemon:
         new_tables: dict[int, ListenerTables] = {}
         running: dict[int, int] = {}
         refused: dict[str, str] = {}
+        listener_errors: dict[int, str] = {}
         last_good: dict[str, Vip] = {}
         for vip in self.state.vips:
+            served: Vip | None = vip
+            planned = None
             if ":" in vip.address:
                 # The kernel tables are IPv4 only (ip saddr/daddr, 4-field pin keys): never announce
                 # what this mux cannot forward.
-                if vip.address not in self._skipped:
-                    log.error("VIP %s: IPv6 is not supported by the nft data plane; not served here",
-                              vip.address)
-                    self._skipped.add(vip.address)
-                refused[vip.address] = "IPv6 is not supported by the nft data plane"
-                continue
-            served = vip
-            try:
-                planned = self._plan_vip(vip, now)
-            except (LookupError, ValueError) as exc:
-                refused[vip.address] = str(exc)
-                planned = None
-                previous = self._last_good.get(vip.address)
-                if previous is not None:
-                    with contextlib.suppress(LookupError, ValueError):
-                        planned, served = self._plan_vip(previous, now), previous
-                if self._refused.get(vip.address) != str(exc):
-                    log.error("VIP %s: cannot apply its desired state (%s); %s", vip.address, exc,
-                              "still serving its last applied state" if planned is not None
+                reason = "IPv6 is not supported by the nft data plane"
+                served = None
+            else:
+                try:
+                    planned = self._plan_vip(vip, now)
+                except (LookupError, ValueError) as exc:
+                    reason = str(exc)
+                    served = self._last_good.get(vip.address)
+                    if served is not None:
+                        try:
+                            planned = self._plan_vip(served, now)
+                        except (LookupError, ValueError):
+                            served = None
+            if planned is None or served is not vip:
+                refused[vip.address] = reason
+                if self._refused.get(vip.address) != reason:
+                    log.error("VIP %s: cannot apply its desired state (%s); %s", vip.address, reason,
+                              "still serving its last applied state" if served is not None
                               else "not served by this mux")
-            if planned is None:
+                for listener in vip.listeners:
+                    listener_errors[listener.id] = f"VIP {vip.address}: {reason}"
+                    running[listener.id] = 0  # until `served` says otherwise: not in this kernel
+            if planned is None or served is None:
                 continue
             vip_plans, vip_slow, hop, vip_tables = planned
             plans += vip_plans
@@ -280,8 +299,7 @@ class MuxDaemon:
             running.update({listener.id: listener.generation for listener in served.listeners})
             last_good[vip.address] = served
         self.tables = new_tables
-        self._last_good = last_good
-        self._refused_next = (refused, running)
+        self._planned = (last_good, refused, running, listener_errors)  # taken once the kernel has it
         return plans, slow, routes
 
     def _plan_vip(
@@ -339,9 +357,11 @@ class MuxDaemon:
         return hosts.pop()
 
     def _signature(self, now: float) -> tuple:
-        """Changes when what the kernel should hold changes: the config, or an old table expiring."""
+        """Changes when what the kernel should hold changes: the config, an old table expiring, or
+        (while a VIP is refused) every REFUSED_RETRY_S, to try that VIP again (an ARP miss heals)."""
         expired = tuple(sorted((lid, len(t.expired(now).old)) for lid, t in self.tables.items()))
-        return (self._config_sig, expired)
+        retry = int(now // REFUSED_RETRY_S) if self._refused else None
+        return (self._config_sig, expired, retry)
 
     # -- applying ---------------------------------------------------------------------------------
     def apply(self) -> None:
@@ -367,7 +387,7 @@ class MuxDaemon:
                 if prefix.split("/")[0] not in routes:
                     self.bgp.withdraw(prefix)
         self._save_history()
-        self._refused, self.running_generations = self._refused_next
+        self._last_good, self._refused, self.running_generations, self.listener_errors = self._planned
         self.applied_generation = self.state.generation
         self.apply_count += 1
         log.info("applied generation %d: %d listeners (%d in transition) in %.3f s%s",

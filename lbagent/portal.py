@@ -56,15 +56,16 @@ CLOSE_TOO_BIG = 1009
 @dataclass(frozen=True)
 class PartialApply:
     """A data plane's answer when it applied a document except some VIPs, which keep running
-    their last good state (or are not served at all): what each listener runs now, and why each
-    refused VIP is not at its desired state. The acknowledgement then carries both."""
+    their last good state (or are not served at all): what each listener runs now (0: nothing)
+    and why each listener of a refused VIP is not at its desired generation. The
+    acknowledgement carries both, so the portal marks only those listeners."""
 
     listeners: Mapping[int, int]
-    refused: Mapping[str, str]
+    listener_errors: Mapping[int, str]
 
     @property
-    def error(self) -> str:
-        return "; ".join(f"VIP {vip}: {reason}" for vip, reason in sorted(self.refused.items()))
+    def summary(self) -> str:
+        return "; ".join(sorted(set(self.listener_errors.values())))
 
 
 class Driver(Protocol):
@@ -147,6 +148,7 @@ def _write_json_atomically(path: Path, document: dict) -> None:
 
 CACHE_QUIET_S = 0.5  # the state cache is written once applies pause this long...
 CACHE_MAX_DELAY_S = 5.0  # ...or after this long at the latest
+REFUSAL_WATCH_S = 1.0  # how often portal mode looks whether the daemon healed or lost a refused VIP
 
 
 @dataclass
@@ -196,6 +198,7 @@ class PortalClient:
         self.applied: DesiredState | None = None
         self._applied_raw: dict | None = None  # the applied state as the portal sent it
         self._applied_partial: PartialApply | None = None  # what of it the data plane refused
+        self._applying = False
         self._parser = StateParser()
         self._received: tuple[int, dict] | None = None  # last state the portal sent on this connection
         self._cache_pending: dict | None = None  # applied, not yet in state_cache
@@ -400,6 +403,7 @@ class PortalClient:
         if not same:
             started = time.perf_counter()
             try:
+                self._applying = True
                 partial = await asyncio.to_thread(self.driver.apply, state)
             except Exception as exc:  # any driver failure is reported to the portal, never fatal
                 self.counters["applied_failed"] += 1
@@ -409,6 +413,8 @@ class PortalClient:
                     self.applied.generation if self.applied else None,
                 )
                 return Applied(generation=state.generation, ok=False, error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self._applying = False
             logger.info(
                 "applied generation %s (%d VIPs) in %.1f ms",
                 state.generation,
@@ -416,15 +422,31 @@ class PortalClient:
                 (time.perf_counter() - started) * 1000,
             )
             if partial is not None:
-                logger.warning("generation %s: not applied for %s", state.generation, partial.error)
+                logger.warning("generation %s applied except: %s", state.generation, partial.summary)
         self.applied, self._applied_raw, self._applied_partial = state, raw, partial
         self.counters["applied_ok"] += 1
-        if partial is not None:
-            self.counters["applied_partial"] += 1
-            return Applied(
-                generation=state.generation, ok=True, listeners=dict(partial.listeners), error=partial.error
-            )
-        return Applied(generation=state.generation, ok=True, listeners=state.listener_generations())
+        return self._ok(state.generation, partial)
+
+    def _ok(self, generation: int, partial: PartialApply | None) -> Applied:
+        if partial is None:
+            assert self.applied is not None
+            return Applied(generation=generation, ok=True, listeners=self.applied.listener_generations())
+        self.counters["applied_partial"] += 1
+        return Applied(
+            generation=generation,
+            ok=True,
+            listeners=dict(partial.listeners),
+            listener_errors=dict(partial.listener_errors),
+        )
+
+    async def reacknowledge(self, generation: int, partial: PartialApply | None) -> None:
+        """The data plane healed (or lost) part of the running document without a new one, e.g. a
+        refused VIP's backend answered ARP on a retry: acknowledge `generation` again with what
+        runs now. Ignored if another document was applied meanwhile."""
+        if self.applied is None or self.applied.generation != generation or self._applying:
+            return
+        self._applied_partial = partial
+        await self._send(self._ok(generation, partial))
 
     # -- reporting -----------------------------------------------------------------------------
 
@@ -505,8 +527,27 @@ class DaemonBridge:
                     f"{self.APPLY_TIMEOUT_S:g}s"
                 )
             time.sleep(0.01)
-        refused = daemon.refused
-        return PartialApply(daemon.running_generations, refused) if refused else None
+        return self._partial(daemon)
+
+    @staticmethod
+    def _partial(daemon) -> PartialApply | None:
+        errors = daemon.listener_errors
+        return PartialApply(daemon.running_generations, errors) if errors else None
+
+    async def _watch_refusals(self) -> None:
+        """A refused VIP is retried by the daemon on its own; tell the portal when that changes
+        what runs, without waiting for the next document."""
+        while True:
+            await asyncio.sleep(REFUSAL_WATCH_S)
+            client, daemon = self._client, self.daemon
+            if client is None or client.applied is None:
+                continue
+            generation = daemon.applied_generation
+            if generation != client.applied.generation:
+                continue  # a document is being applied: its own ack will say
+            partial = self._partial(daemon)
+            if partial != client._applied_partial:
+                await client.reacknowledge(generation, partial)
 
     def counters(self) -> Mapping[str, int]:
         daemon = self.daemon
@@ -527,7 +568,11 @@ class DaemonBridge:
         async def serve() -> None:
             self._loop = asyncio.get_running_loop()
             self._client = PortalClient(self.url, self._token, self, node=self.node, role=self.role)
-            await self._client.run()
+            watcher = asyncio.create_task(self._watch_refusals(), name="refusals")
+            try:
+                await self._client.run()
+            finally:
+                watcher.cancel()
 
         asyncio.run(serve())
 

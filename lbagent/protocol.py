@@ -82,22 +82,28 @@ class Desired:
 @dataclass(frozen=True, slots=True)
 class Applied:
     """agent -> portal: the outcome of applying the desired state `generation`. On success
-    `listeners` maps listener id -> the listener generation now running; on failure `error`
-    says why and the agent keeps running its previous state."""
+    `listeners` maps listener id -> the listener generation now running (0: not served), and
+    `listener_errors` says why a listener is not at its desired generation (its VIP could not be
+    applied; everything else was); on failure `error` says why and the agent keeps running its
+    previous state."""
 
     generation: int
     ok: bool
     listeners: Mapping[int, int] = field(default_factory=dict)
     error: str | None = None
+    listener_errors: Mapping[int, str] = field(default_factory=dict)
     type: str = field(default="applied", init=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "generation": self.generation,
             "ok": self.ok,
             "error": self.error,
             "listeners": {str(k): v for k, v in sorted(self.listeners.items())},
         }
+        if self.listener_errors:
+            body["listener_errors"] = {str(k): v for k, v in sorted(self.listener_errors.items())}
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +224,7 @@ def _decode_hello(body: dict[str, Any]) -> Hello:
 
 
 def _decode_applied(body: dict[str, Any]) -> Applied:
-    _fields(body, "applied", ("generation", "ok"), ("error", "listeners"))
+    _fields(body, "applied", ("generation", "ok"), ("error", "listeners", "listener_errors"))
     ok = body["ok"]
     if not isinstance(ok, bool):
         raise ProtocolError(f"applied.ok: expected true or false, got {_short(ok)}")
@@ -240,8 +246,27 @@ def _decode_applied(body: dict[str, Any]) -> Applied:
         if type(value) is not int or not 0 <= value <= top:
             _int(value, f"applied.listeners.{key}")
         listeners[int(key)] = value
+    raw_errors = body.get("listener_errors")
+    raw_errors = {} if raw_errors is None else raw_errors
+    if not isinstance(raw_errors, dict) or len(raw_errors) > len(listeners):
+        raise ProtocolError(
+            "applied.listener_errors: expected an object of listener id -> reason for listeners the "
+            f"ack lists, got {_short(raw_errors)}"
+        )
+    listener_errors: dict[int, str] = {}
+    for key, value in raw_errors.items():
+        if not key.isdigit() or int(key) not in listeners:
+            raise ProtocolError(f"applied.listener_errors: {_short(key)} is not a listener this ack lists")
+        reason = _reason(value, f"applied.listener_errors.{key}")
+        if not reason:
+            raise ProtocolError(f"applied.listener_errors.{key}: the reason is empty")
+        listener_errors[int(key)] = reason
     return Applied(
-        generation=_int(body["generation"], "applied.generation"), ok=ok, listeners=listeners, error=error
+        generation=_int(body["generation"], "applied.generation"),
+        ok=ok,
+        listeners=listeners,
+        error=error,
+        listener_errors=listener_errors,
     )
 
 

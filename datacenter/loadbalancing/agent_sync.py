@@ -20,7 +20,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, Exists, F, Q, Subquery
+from django.db.models import Count, Exists, F, OuterRef, Q, Subquery
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
@@ -352,86 +352,103 @@ def record_applied_batch(reports: list[AppliedReport]) -> list[dict[int, int] | 
     what that agent now runs (the `known` of its next report)."""
     results: list[dict[int, int] | None] = []
     latest: dict[int, dict[int, int]] = {}  # agent -> what it runs, as of the reports so far
-    rows: dict[tuple[int, int], int] = {}  # (agent, listener) -> generation to write
+    rows: dict[tuple[int, int], tuple[int, str]] = {}  # (agent, listener) -> (generation, error)
     touched: dict[int, AgentNode] = {}
-    partial: dict[int, tuple[AgentNode, Applied]] = {}  # agent -> its latest ack, if it names refused VIPs
+    failed: set[int] = set()  # agents whose last report in this batch is a failure: keep their error
+    # Listeners an agent said it could not apply (their VIP refused): rewritten until it can.
+    refusing = (
+        {
+            (a, li): e
+            for a, li, e in AgentListenerAck.objects.filter(agent__in={a.pk for a, _, _ in reports})
+            .exclude(error="")
+            .values_list("agent_id", "listener_id", "error")
+        }
+        if any(applied.ok for _, applied, _ in reports)
+        else {}
+    )
     for agent, applied, known in reports:
         if not applied.ok:
             results.append(_record_failure(agent, applied, latest.get(agent.pk, known)))
+            failed.add(agent.pk)
             continue
+        failed.discard(agent.pk)
         before = latest.get(agent.pk, known)
         if before is None:
             before = dict(
                 AgentListenerAck.objects.filter(agent=agent).values_list("listener_id", "generation")
             )
+        errors = applied.listener_errors
         for lid, gen in applied.listeners.items():
-            if before.get(lid) != gen:
-                rows[(agent.pk, lid)] = gen
+            error = errors.get(lid, "")
+            if before.get(lid) != gen or error or (agent.pk, lid) in refusing:
+                rows[(agent.pk, lid)] = (gen, error)
         latest[agent.pk] = dict(applied.listeners)
-        if applied.error:  # applied except some VIPs: their listeners report what they still run
-            partial[agent.pk] = (agent, applied)
-        else:
-            partial.pop(agent.pk, None)
         agent.applied_generation, agent.last_seen = applied.generation, timezone.now()
         agent.applied_at = agent.last_seen
         touched[agent.pk] = agent
         results.append(latest[agent.pk])
     if not touched:
         return results
-    acks = [(agent_id, lid, gen) for (agent_id, lid), gen in rows.items()]
+    acks = [(agent_id, lid, gen, error) for (agent_id, lid), (gen, error) in rows.items()]
     try:
         _upsert_acks(acks)
     except IntegrityError:  # a listener was deleted meanwhile (rare): write the others' rows
-        live = set(Listener.objects.filter(pk__in={lid for _, lid, _ in acks}).values_list("pk", flat=True))
+        live = set(Listener.objects.filter(pk__in={ack[1] for ack in acks}).values_list("pk", flat=True))
         acks = [ack for ack in acks if ack[1] in live]
         _upsert_acks(acks)
     if acks:
-        evaluate_listeners({lid for _, lid, _ in acks}, include_unsettled=False)
+        evaluate_listeners({ack[1] for ack in acks}, include_unsettled=False)
+    _report_refusals(touched, acks, refusing)
     # Off the critical path, after the statuses were published: an agent that applied a document
     # is no longer in error (which can settle other listeners: look at every unsettled one), and
     # the status tree's bookkeeping.
     cleared = (
-        AgentSync.objects.filter(agent__in=[pk for pk in touched if pk not in partial])
+        AgentSync.objects.filter(agent__in=[pk for pk in touched if pk not in failed])
         .exclude(error="")
         .update(error="", error_generation=None)
     )
-    for agent, applied in partial.values():
-        # The listeners of the refused VIPs were not acknowledged at their generation: with the
-        # agent in error they show ERROR with its reason; every other listener settles normally.
-        AgentSync.objects.update_or_create(
-            agent=agent, defaults={"error": applied.error, "error_generation": applied.generation}
-        )
-        logger.warning(
-            "agent %s applied generation %s except: %s", agent.name, applied.generation, applied.error
-        )
-        publish_event(
-            "agent.apply_partial",
-            {"agent": agent.name, "generation": applied.generation, "error": applied.error},
-        )
-    if cleared or partial:
+    if cleared:
         evaluate_listeners([], include_unsettled=True)
     AgentNode.objects.bulk_update(touched.values(), ["last_seen", "applied_generation", "applied_at"])
     return results
 
 
-def _upsert_acks(acks: list[tuple[int, int, int]]) -> None:
-    """(agent, listener, generation) rows, inserted or updated in one statement. Written as SQL
-    because bulk_create(update_conflicts=True) wraps itself in a transaction: two more round
-    trips on the acknowledgement path. PostgreSQL and SQLite (3.24+) share this syntax."""
+def _upsert_acks(acks: list[tuple[int, int, int, str]]) -> None:
+    """(agent, listener, generation, error) rows, inserted or updated in one statement. Written
+    as SQL because bulk_create(update_conflicts=True) wraps itself in a transaction: two more
+    round trips on the acknowledgement path. PostgreSQL and SQLite (3.24+) share this syntax."""
     if not acks:
         return
     table = connection.ops.quote_name(AgentListenerAck._meta.db_table)
     now = connection.ops.adapt_datetimefield_value(timezone.now())
-    values = ", ".join(["(%s, %s, %s, %s)"] * len(acks))
+    values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(acks))
     params: list[Any] = []
-    for agent_id, listener_id, generation in acks:
-        params += [agent_id, listener_id, generation, now]
+    for agent_id, listener_id, generation, error in acks:
+        params += [agent_id, listener_id, generation, error, now]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"INSERT INTO {table} (agent_id, listener_id, generation, updated) VALUES {values} "  # noqa: S608
-            "ON CONFLICT (agent_id, listener_id) DO UPDATE "
-            "SET generation = excluded.generation, updated = excluded.updated",
+            f"INSERT INTO {table} (agent_id, listener_id, generation, error, updated) "  # noqa: S608
+            f"VALUES {values} ON CONFLICT (agent_id, listener_id) DO UPDATE "
+            "SET generation = excluded.generation, error = excluded.error, updated = excluded.updated",
             params,
+        )
+
+
+def _report_refusals(
+    agents: dict[int, AgentNode], acks: list[tuple[int, int, int, str]], before: dict[tuple[int, int], str]
+) -> None:
+    """Log and publish a listener an agent newly refused (or healed), once, not on every ack."""
+    for agent_id, listener_id, generation, error in acks:
+        if error == before.get((agent_id, listener_id), ""):
+            continue
+        name = agents[agent_id].name
+        if error:
+            logger.warning("agent %s cannot apply listener %s: %s", name, listener_id, error)
+        else:
+            logger.info("agent %s now runs listener %s at generation %s", name, listener_id, generation)
+        publish_event(
+            "agent.listener_refused" if error else "agent.listener_applied",
+            {"agent": name, "listener": listener_id, "generation": generation, "error": error or None},
         )
 
 
@@ -526,6 +543,11 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
             any_error=Exists(
                 AgentSync.objects.filter(agent__role=AgentRole.MUX, agent__enabled=True).exclude(error="")
             ),
+            refused=Exists(
+                AgentListenerAck.objects.filter(
+                    listener=OuterRef("pk"), agent__role=AgentRole.MUX, agent__enabled=True
+                ).exclude(error="")
+            ),
         )
     )
     if not listeners or not listeners[0].muxes:
@@ -549,7 +571,7 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
             continue
         if listener.acked >= listener.muxes:
             status = ProvisioningStatus.ACTIVE
-        elif any(acks.get((pk, listener.pk), 0) < table.number for pk in erring):
+        elif listener.refused or any(acks.get((pk, listener.pk), 0) < table.number for pk in erring):
             status = ProvisioningStatus.ERROR
         elif listener.provisioning_status == ProvisioningStatus.PENDING_CREATE:
             status = ProvisioningStatus.PENDING_CREATE

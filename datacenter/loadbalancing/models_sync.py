@@ -65,11 +65,13 @@ class AgentSync(models.Model):
 
 
 class AgentListenerAck(models.Model):
-    """The listener generation (ListenerTable.number) an agent last acknowledged."""
+    """The listener generation (ListenerTable.number) an agent last acknowledged (0: it does not
+    serve the listener), and why it is not at the listener's generation when it said so."""
 
     agent = models.ForeignKey(AgentNode, on_delete=models.CASCADE, related_name="listener_acks")
     listener = models.ForeignKey(Listener, on_delete=models.CASCADE, related_name="agent_acks")
     generation = models.PositiveBigIntegerField()
+    error = models.TextField(blank=True, default="")
     updated = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -366,8 +366,8 @@ def read_records(read_exact: Callable[[int], bytes]) -> Iterator[tuple[bytes, in
             return
         if kind == b"D":
             offset, length = DATA.unpack(read_exact(DATA.size))
-            if length == 0:
-                raise CopyError(f"the source reader sent an empty data record at {offset}")
+            if not 0 < length <= CHUNK_BYTES:  # the reader sends runs within one chunk
+                raise CopyError(f"the source reader sent a data record of {length} bytes at {offset}")
             yield kind, offset, read_exact(length)
         elif kind == b"S":
             seg_end, digest = SEGMENT.unpack(read_exact(SEGMENT.size))

@@ -62,8 +62,11 @@ def test_short_connections_follow_weights_and_the_table(cluster, weighted_vip):
     for backend, weight in zip(backends, WEIGHTS, strict=True):
         share = counts[backend.name] / len(answers)
         expected = weight / sum(WEIGHTS)
-        assert abs(share - expected) < 0.05, (
-            f"{backend.name}: {share:.3f} of connections, weight share {expected:.3f}")
+        # Four standard deviations of a share of 1,000 independent flows (0.047-0.063): the table
+        # is exact, only the sample of client ports varies.
+        tolerance = 4 * (expected * (1 - expected) / len(answers)) ** 0.5
+        assert abs(share - expected) < tolerance, (
+            f"{backend.name}: {share:.3f} of connections, weight share {expected:.3f} (+-{tolerance:.3f})")
     # Both muxes carried traffic (ECMP on ports), and the per-backend counters saw it.
     per_mux = [m.metric("lbagent_listener_packets_total", listener=str(LISTENER)) for m in cluster.muxes]
     assert all(p > 0 for p in per_mux), f"listener packets per mux: {per_mux}"

@@ -147,7 +147,7 @@ def test_transition_ends_at_the_drain_deadline_and_state_goes(cluster, restore_m
     web1, web2, web3 = lab.backends[:3]
     gen1 = [backend_doc(web1), backend_doc(web2)]
     gen2 = [*gen1, backend_doc(web3)]
-    drain_s = 4
+    drain_s = 8  # long enough that applying, announcing and opening connections fit inside it
     previous = {"generation": 1, "backends": gen1, "drain_deadline": time.time() + drain_s}
     cluster.set_vip(vip_doc(vip, [listener_doc(16, gen2, generation=2, drain_timeout_s=drain_s,
                                                previous=previous)]))

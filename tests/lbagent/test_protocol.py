@@ -36,6 +36,7 @@ from tests.lbagent.test_state import example_document
         Hello(node="host-1", role="host", version="0.1.0+dev", applied_generation=42),
         Applied(generation=3, ok=True, listeners={12: 5, 7: 1}),
         Applied(generation=4, ok=False, error="nft: map dips: out of memory"),
+        Applied(generation=5, ok=True, listeners={12: 0, 7: 1}, listener_errors={12: "VIP 203.0.113.10: x"}),
         Stats(counters={"packets": 10, "records": 0, "peer.queries": 3}),
         Health(checks=(BackendHealth(12, "10.1.0.5", 80, False, "connect refused"),), full=True),
         Health(checks=()),
@@ -67,6 +68,18 @@ def test_desired_round_trips_and_carries_a_valid_state() -> None:
         ('{"type":"applied","protocol":1,"generation":-1,"ok":true}', "applied.generation"),
         ('{"type":"applied","protocol":1,"generation":1,"ok":false}', "must say why"),
         ('{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"x":1}}', "listener ids"),
+        (
+            '{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"1":1},"listener_errors":{"2":"x"}}',
+            "applied.listener_errors: '2' is not a listener this ack lists",
+        ),
+        (
+            '{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"1":1},"listener_errors":{"1":5}}',
+            "applied.listener_errors.1",
+        ),
+        (
+            '{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"1":1},"listener_errors":[]}',
+            "applied.listener_errors: expected an object",
+        ),
         ('{"type":"stats","protocol":1,"counters":{"Bad Name":1}}', "bad counter name"),
         ('{"type":"stats","protocol":1,"counters":{"a":-5}}', "stats.counters.a"),
         (

@@ -109,40 +109,65 @@ def test_failed_apply_is_error_with_the_agents_reason(world, muxes) -> None:
 
 def test_a_vip_one_agent_refused_is_error_and_other_tenants_listeners_settle(world, muxes) -> None:
     # The mux applied the document except one VIP (say a new backend's MAC does not resolve): that
-    # VIP keeps running its previous tables, and its listener must show the reason while another
-    # tenant's change, acknowledged in the same document, becomes ACTIVE.
+    # VIP keeps running its previous tables. Its listener shows the reason; another tenant's
+    # listener is neither held in ERROR by it nor shown its reason.
     refused, other = world.listener_a, world.listener_b
     ack(muxes[0])
     ack(muxes[1])
     before = desired_state_object(muxes[1]).listener_generations()[refused.pk]
     replace_backends(refused, [{"address": "10.1.0.9", "port": 8080}])
-    replace_backends(other, [{"address": "10.2.0.5", "port": 9443}])
-    agent_sync.apply_change([refused.pk, other.pk])
+    agent_sync.apply_change([refused.pk])
     ack(muxes[0])
     state = desired_state_object(muxes[1])
     assert state.listener_generations()[refused.pk] != before
     reason = "VIP 203.0.113.10: no MAC for backend 10.1.0.9 on eth0 within 1.0 s"
-    agent_sync.record_applied(
-        muxes[1],
-        Applied(
+
+    def partial_ack(state) -> Applied:
+        return Applied(
             generation=state.generation,
             ok=True,
             listeners={**state.listener_generations(), refused.pk: before},
-            error=reason,
-        ),
-    )
+            listener_errors={refused.pk: reason},
+        )
+
+    agent_sync.record_applied(muxes[1], partial_ack(state))
     assert status(refused) == ProvisioningStatus.ERROR
-    assert status(other) == ProvisioningStatus.ACTIVE
-    client = world.client("a_member")
-    tree = client.get(f"/api/vips/{refused.vip_id}/status/").json()
-    assert reason in json.dumps(tree)
-    # The tenant fixes the backend; the mux applies the whole document and the error is gone.
-    replace_backends(refused, [{"address": "10.1.0.5", "port": 8080}])
-    agent_sync.apply_change([refused.pk])
+    tree = world.client("a_member").get(f"/api/vips/{refused.vip_id}/status/").json()
+    agents = {a["agent"]: a for a in tree["listeners"][0]["agents"]}
+    assert (agents["mux-b"]["status"], agents["mux-b"]["error"]) == ("error", reason)
+    assert agents["mux-a"]["status"] == "active"
+    # Another tenant changes its listener while mux-b still refuses tenant A's VIP: pending until
+    # both muxes acknowledged (not ERROR), then ACTIVE; tenant B never sees tenant A's reason.
+    replace_backends(other, [{"address": "10.2.0.5", "port": 9443}])
+    agent_sync.apply_change([other.pk])
     ack(muxes[0])
+    assert status(other) == ProvisioningStatus.PENDING_UPDATE
+    agent_sync.record_applied(muxes[1], partial_ack(desired_state_object(muxes[1])))
+    assert status(other) == ProvisioningStatus.ACTIVE
+    assert status(refused) == ProvisioningStatus.ERROR
+    tree_b = world.client("b_member").get(f"/api/vips/{other.vip_id}/status/").json()
+    assert "10.1.0.9" not in json.dumps(tree_b)
+    # The mux heals (its retry resolved the MAC) and acknowledges everything: the error is gone.
     ack(muxes[1])
     assert status(refused) == ProvisioningStatus.ACTIVE
-    assert reason not in json.dumps(client.get(f"/api/vips/{refused.vip_id}/status/").json())
+    tree = world.client("a_member").get(f"/api/vips/{refused.vip_id}/status/").json()
+    assert reason not in json.dumps(tree)
+
+
+def test_a_failure_after_a_success_in_one_batch_keeps_the_agents_error(world, muxes) -> None:
+    listener = world.listener_a
+    ack(muxes[0])
+    replace_backends(listener, [{"address": "10.1.0.8", "port": 8080}])
+    agent_sync.apply_change([listener.pk])
+    ack(muxes[0])
+    state = desired_state_object(muxes[1])
+    agent_sync.record_applied_batch(
+        [
+            (muxes[1], Applied(generation=state.generation - 1, ok=True, listeners={}), None),
+            (muxes[1], Applied(generation=state.generation, ok=False, error="nft: map full"), None),
+        ]
+    )
+    assert status(listener) == ProvisioningStatus.ERROR  # the newer report is the failure
 
 
 def test_backend_marked_down_by_majority_leaves_table_and_returns(world, muxes) -> None:

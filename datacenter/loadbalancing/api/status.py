@@ -32,10 +32,12 @@ def vip_status_tree(vip: Vip) -> dict[str, Any]:
     listeners = list(
         vip.listeners.select_related("table").prefetch_related("backends").order_by("protocol", "port")
     )
-    acks = {
-        (a.agent_id, a.listener_id): a.generation
-        for a in AgentListenerAck.objects.filter(listener__in=listeners)
-    }
+    acks = {}
+    refusals = {}  # (agent, listener) -> why the agent cannot run this listener's generation
+    for a in AgentListenerAck.objects.filter(listener__in=listeners):
+        acks[(a.agent_id, a.listener_id)] = a.generation
+        if a.error:
+            refusals[(a.agent_id, a.listener_id)] = a.error
     muxes = [a for a in agents if a.role == AgentRole.MUX]
     votes = [syncs[a.pk].unhealthy for a in muxes if a.pk in syncs and syncs[a.pk].connected]
 
@@ -78,19 +80,18 @@ def vip_status_tree(vip: Vip) -> dict[str, Any]:
         for mux in muxes:
             sync = syncs.get(mux.pk)
             applied = acks.get((mux.pk, listener.pk))
+            refusal = refusals.get((mux.pk, listener.pk))
+            error = None
             if number is not None and applied is not None and applied >= number:
                 state = "active"
+            elif refusal:  # this listener's own VIP: the reason concerns only this tenant
+                state, error = "error", refusal
             elif sync is not None and sync.error:
-                state = "error"
+                state, error = "error", sync.error
             else:
                 state = "pending"
             agent_nodes.append(
-                {
-                    "agent": mux.name,
-                    "applied_generation": applied,
-                    "status": state,
-                    "error": sync.error if sync and state == "error" else None,
-                }
+                {"agent": mux.name, "applied_generation": applied, "status": state, "error": error}
             )
         listener_nodes.append(
             {
