@@ -89,6 +89,10 @@ class _TableCache:
         return self._cache[key]
 
 
+class BackendUnreachable(LookupError):
+    """A backend's MAC cannot be resolved on the mux's segment (may heal: retried)."""
+
+
 def resolve_mac(address: str, iface: str, timeout_s: float = 1.0) -> str:
     """The MAC of a neighbour on `iface`, from the neighbour table (probing it when unknown)."""
     deadline = time.monotonic() + timeout_s
@@ -101,8 +105,8 @@ def resolve_mac(address: str, iface: str, timeout_s: float = 1.0) -> str:
             if mac and "FAILED" not in entry.get("state", []) and "INCOMPLETE" not in entry.get("state", []):
                 return mac
         if time.monotonic() > deadline:
-            raise LookupError(f"no MAC for backend {address} on {iface} within {timeout_s} s (is it on the "
-                              f"mux's L2 segment?)")
+            raise BackendUnreachable(f"no MAC for backend {address} on {iface} within {timeout_s} s (is it "
+                                     f"on the mux's L2 segment?)")
         if not probed:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
                 s.sendto(b"", (address, 9))  # makes the kernel ARP for it
@@ -170,7 +174,8 @@ class MuxDaemon:
         self._refused: dict[str, str] = {}  # VIP address -> why its desired state is not applied
         self.running_generations: dict[int, int] = {}  # listener id -> generation in the kernel (0: none)
         self.listener_errors: dict[int, str] = {}  # listener id -> why it is not at its generation
-        self._planned: tuple[dict, dict, dict, dict] = ({}, {}, {}, {})  # the four above, from _plan
+        self._retry_refused = False  # a refused VIP may heal on a retry (unresolved MAC)
+        self._planned: tuple = ({}, {}, {}, {}, False)  # the five above, from _plan
         self._mac_failures: dict[str, tuple[float, str]] = {}  # address -> (retry after, reason)
 
     # -- config -------------------------------------------------------------------------------
@@ -236,10 +241,10 @@ class MuxDaemon:
             # unresolvable backend costs one timeout per REFUSED_RETRY_S, not one per apply.
             failed = self._mac_failures.get(backend.address)
             if failed is not None and time.monotonic() < failed[0]:
-                raise LookupError(failed[1])
+                raise BackendUnreachable(failed[1])
             try:
                 self.macs[backend.address] = resolve_mac(backend.address, self.iface or "eth0")
-            except LookupError as exc:
+            except BackendUnreachable as exc:
                 self._mac_failures[backend.address] = (time.monotonic() + REFUSED_RETRY_S - 1, str(exc))
                 raise
             self._mac_failures.pop(backend.address, None)
@@ -259,6 +264,7 @@ class MuxDaemon:
         new_tables: dict[int, ListenerTables] = {}
         running: dict[int, int] = {}
         refused: dict[str, str] = {}
+        retryable = False  # a refusal that may heal by itself (an ARP miss), not one the config causes
         listener_errors: dict[int, str] = {}
         last_good: dict[str, Vip] = {}
         for vip in self.state.vips:
@@ -272,13 +278,14 @@ class MuxDaemon:
             else:
                 try:
                     planned = self._plan_vip(vip, now)
-                except (LookupError, ValueError) as exc:
+                except (BackendUnreachable, ValueError) as exc:
                     reason = str(exc)
+                    retryable = retryable or isinstance(exc, BackendUnreachable)
                     served = self._last_good.get(vip.address)
                     if served is not None:
                         try:
                             planned = self._plan_vip(served, now)
-                        except (LookupError, ValueError):
+                        except (BackendUnreachable, ValueError):
                             served = None
             if planned is None or served is not vip:
                 refused[vip.address] = reason
@@ -299,14 +306,14 @@ class MuxDaemon:
             running.update({listener.id: listener.generation for listener in served.listeners})
             last_good[vip.address] = served
         self.tables = new_tables
-        self._planned = (last_good, refused, running, listener_errors)  # taken once the kernel has it
+        self._planned = (last_good, refused, running, listener_errors, retryable)  # once the kernel has it
         return plans, slow, routes
 
     def _plan_vip(
         self, vip: Vip, now: float
     ) -> tuple[list[ListenerPlan], list[SlowListener], str | None, dict[int, ListenerTables]]:
-        """One VIP's kernel plans, slow-path listeners, route and tables; raises LookupError or
-        ValueError when it cannot be served as described."""
+        """One VIP's kernel plans, slow-path listeners, route and tables; raises BackendUnreachable
+        or ValueError when it cannot be served as described."""
         assert self.state is not None
         plans: list[ListenerPlan] = []
         slow: list[SlowListener] = []
@@ -360,7 +367,7 @@ class MuxDaemon:
         """Changes when what the kernel should hold changes: the config, an old table expiring, or
         (while a VIP is refused) every REFUSED_RETRY_S, to try that VIP again (an ARP miss heals)."""
         expired = tuple(sorted((lid, len(t.expired(now).old)) for lid, t in self.tables.items()))
-        retry = int(now // REFUSED_RETRY_S) if self._refused else None
+        retry = int(now // REFUSED_RETRY_S) if self._retry_refused else None
         return (self._config_sig, expired, retry)
 
     # -- applying ---------------------------------------------------------------------------------
@@ -387,7 +394,8 @@ class MuxDaemon:
                 if prefix.split("/")[0] not in routes:
                     self.bgp.withdraw(prefix)
         self._save_history()
-        self._last_good, self._refused, self.running_generations, self.listener_errors = self._planned
+        (self._last_good, self._refused, self.running_generations, self.listener_errors,
+         self._retry_refused) = self._planned
         self.applied_generation = self.state.generation
         self.apply_count += 1
         log.info("applied generation %d: %d listeners (%d in transition) in %.3f s%s",

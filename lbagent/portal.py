@@ -505,6 +505,7 @@ class DaemonBridge:
     def __init__(self, url: str, token: str, node: str, role: str = "mux") -> None:
         self.url, self._token, self.node, self.role = url, token, node, role
         self.daemon = None
+        self._confirmed: int | None = None  # the last generation the daemon reported applied to us
         self._thread: threading.Thread | None = None
         self._client: PortalClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -527,6 +528,7 @@ class DaemonBridge:
                     f"{self.APPLY_TIMEOUT_S:g}s"
                 )
             time.sleep(0.01)
+        self._confirmed = state.generation
         return self._partial(daemon)
 
     @staticmethod
@@ -540,14 +542,15 @@ class DaemonBridge:
         while True:
             await asyncio.sleep(REFUSAL_WATCH_S)
             client, daemon = self._client, self.daemon
-            if client is None or client.applied is None:
+            if client is None or client.applied is None or self._confirmed is None:
                 continue
-            generation = daemon.applied_generation
-            if generation != client.applied.generation:
+            if daemon.applied_generation != self._confirmed:
                 continue  # a document is being applied: its own ack will say
             partial = self._partial(daemon)
             if partial != client._applied_partial:
-                await client.reacknowledge(generation, partial)
+                # The running document's number (content the portal re-sent under a new number
+                # is acknowledged without reaching the daemon).
+                await client.reacknowledge(client.applied.generation, partial)
 
     def counters(self) -> Mapping[str, int]:
         daemon = self.daemon

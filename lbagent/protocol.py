@@ -223,6 +223,12 @@ def _decode_hello(body: dict[str, Any]) -> Hello:
     return Hello(node=node, role=role, version=version, applied_generation=applied)
 
 
+def _is_id(key: str) -> bool:
+    """A listener id as JSON object key: ASCII digits, no leading zero, at most 19 of them
+    (str.isdigit alone accepts "²" and "０", which int() refuses or reads as another id)."""
+    return key.isascii() and key.isdigit() and len(key) <= 19 and (key[0] != "0" or key == "0")
+
+
 def _decode_applied(body: dict[str, Any]) -> Applied:
     _fields(body, "applied", ("generation", "ok"), ("error", "listeners", "listener_errors"))
     ok = body["ok"]
@@ -239,7 +245,7 @@ def _decode_applied(body: dict[str, Any]) -> Applied:
     listeners: dict[int, int] = {}
     top = 2**63 - 1
     for key, value in raw_listeners.items():
-        if not key.isdigit() or len(key) > 19:
+        if not _is_id(key):
             raise ProtocolError(f"applied.listeners: expected listener ids as keys, got {_short(key)}")
         # An ack lists every listener (thousands): the message naming the entry is only built
         # for a bad one. type() excludes bool.
@@ -255,7 +261,7 @@ def _decode_applied(body: dict[str, Any]) -> Applied:
         )
     listener_errors: dict[int, str] = {}
     for key, value in raw_errors.items():
-        if not key.isdigit() or int(key) not in listeners:
+        if not _is_id(key) or int(key) not in listeners:
             raise ProtocolError(f"applied.listener_errors: {_short(key)} is not a listener this ack lists")
         reason = _reason(value, f"applied.listener_errors.{key}")
         if not reason:

@@ -76,9 +76,13 @@ class AgentListenerAck(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["agent", "listener"], name="agentlistenerack_unique")]
-        # Every ack batch asks which listeners its agents refused: almost none, out of thousands.
+        # Every ack batch asks which listeners its agents refused, and every status evaluation
+        # whether anyone refused a listener: almost no rows, out of thousands.
         indexes = [
-            models.Index(fields=["agent"], condition=~models.Q(error=""), name="agentlistenerack_refused")
+            models.Index(fields=["agent"], condition=~models.Q(error=""), name="agentlistenerack_refused"),
+            models.Index(
+                fields=["listener"], condition=~models.Q(error=""), name="agentlistenerack_refused_l"
+            ),
         ]
 
     def __str__(self) -> str:

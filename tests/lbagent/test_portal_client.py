@@ -405,18 +405,22 @@ async def test_daemon_bridge_acknowledges_only_what_the_daemon_applied(portal, t
         assert ack["ok"] is False
         assert "refused generation 41" in ack["error"]
         assert daemon.applied_generation == 40
+        # Generation 40's content again under a new number: acknowledged without the daemon.
+        await ws.send(desired_frame(42))
+        _, ack = await portal.next_message("applied")
+        assert (ack["ok"], ack["generation"], daemon.applied_generation) == (True, 42, 40)
         # The daemon's own retry changes what runs (a refused VIP, then healed) without a new
-        # document: the bridge acknowledges generation 40 again each time.
+        # document: the bridge acknowledges the running document (42) again each time.
         daemon.running_generations, daemon.listener_errors = {12: 0}, {12: "VIP 203.0.113.10: no MAC"}
         _, ack = await portal.next_message("applied")
         assert (ack["generation"], ack["listeners"], ack["listener_errors"]) == (
-            40,
+            42,
             {"12": 0},
             {"12": "VIP 203.0.113.10: no MAC"},
         )
         daemon.listener_errors = {}
         _, ack = await portal.next_message("applied")
-        assert (ack["generation"], ack["listeners"], "listener_errors" in ack) == (40, {"12": 5}, False)
+        assert (ack["generation"], ack["listeners"], "listener_errors" in ack) == (42, {"12": 5}, False)
     finally:
         await asyncio.to_thread(bridge.stop)
         daemon.stop()

@@ -68,6 +68,8 @@ def test_desired_round_trips_and_carries_a_valid_state() -> None:
         ('{"type":"applied","protocol":1,"generation":-1,"ok":true}', "applied.generation"),
         ('{"type":"applied","protocol":1,"generation":1,"ok":false}', "must say why"),
         ('{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"x":1}}', "listener ids"),
+        ('{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"\u00b2":1}}', "listener ids"),
+        ('{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"012":1}}', "listener ids"),
         (
             '{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"1":1},"listener_errors":{"2":"x"}}',
             "applied.listener_errors: '2' is not a listener this ack lists",
