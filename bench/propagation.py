@@ -60,8 +60,9 @@ def seed(vips: int, agents: int) -> tuple[str, list[int], dict[str, str]]:
     from django.core.management import call_command
 
     from datacenter.inventory.models import Host
-    from datacenter.loadbalancing.models import AgentNode, Backend, Generation, Listener, Vip, VipPool
+    from datacenter.loadbalancing.models import Backend, Generation, Listener, Vip, VipPool
     from datacenter.tenancy.models import ApiToken, Membership, Tenant
+    from datacenter.testing import new_agent
 
     call_command("migrate", verbosity=0, interactive=False)
     tenant = Tenant.objects.create(name="Bench", slug="bench", max_vips=vips + 10)
@@ -107,9 +108,7 @@ def seed(vips: int, agents: int) -> tuple[str, list[int], dict[str, str]]:
     host = Host.objects.create(name="lb-bench", management_address="10.0.0.1", roles=["lb-node"])
     tokens = {}
     for n in range(agents):
-        node = AgentNode(name=f"mux-{n}", host=host, role="mux", address=f"10.0.0.{n + 10}")
-        tokens[node.name] = node.set_new_token()
-        node.save()
+        tokens[f"mux-{n}"] = new_agent(f"mux-{n}", host, f"10.0.0.{n + 10}")[1]
     from datacenter.loadbalancing import agent_sync
 
     agent_sync.apply_change(None)

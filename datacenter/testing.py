@@ -15,7 +15,7 @@ from rest_framework.test import APIClient
 
 from datacenter.inventory.models import Host
 from datacenter.loadbalancing import services
-from datacenter.loadbalancing.models import Listener, Vip, VipPool
+from datacenter.loadbalancing.models import AgentNode, Listener, Vip, VipPool
 from datacenter.tenancy.choices import MembershipRole
 from datacenter.tenancy.models import ApiToken, Membership, Tenant
 
@@ -100,3 +100,11 @@ def build_world() -> World:
         vip_b=vip_b,
         listener_b=Listener.objects.get(pk=listener_b.pk),
     )
+
+
+def new_agent(name: str, host: Host, address: str | None, role: str = "mux") -> tuple[AgentNode, str]:
+    """An enabled agent node with a fresh token: the node and its token (shown once)."""
+    node = AgentNode(name=name, host=host, role=role, address=address)
+    token = node.set_new_token()
+    node.save()
+    return node, token

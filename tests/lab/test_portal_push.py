@@ -102,10 +102,10 @@ def _make_world(lab) -> tuple[str, int, int, dict[str, str]]:
     two lab muxes registered as agents (their tokens, shown once)."""
     from datacenter.inventory.models import Host
     from datacenter.loadbalancing import services
-    from datacenter.loadbalancing.models import AgentNode, VipPool
+    from datacenter.loadbalancing.models import VipPool
     from datacenter.tenancy.choices import MembershipRole
     from datacenter.tenancy.models import Membership, Tenant
-    from datacenter.testing import make_token, make_user
+    from datacenter.testing import make_token, make_user, new_agent
 
     tenant = Tenant.objects.create(name="Lab", slug="lab")
     member = make_user("lab-member")
@@ -120,9 +120,7 @@ def _make_world(lab) -> tuple[str, int, int, dict[str, str]]:
     host = Host.objects.create(name="lab-lb", management_address=lab.router.address, roles=["lb-node"])
     tokens = {}
     for mux in lab.muxes:
-        node = AgentNode(name=mux.name, host=host, role="mux", address=mux.address)
-        tokens[mux.name] = node.set_new_token()
-        node.save()
+        tokens[mux.name] = new_agent(mux.name, host, mux.address)[1]
     return key, vip.pk, listener.pk, tokens
 
 

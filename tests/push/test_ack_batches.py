@@ -12,24 +12,15 @@ from channels.db import database_sync_to_async
 from datacenter.loadbalancing import agent_sync, consumers
 from datacenter.loadbalancing.desired_state import desired_state_object
 from datacenter.loadbalancing.models import AgentNode, Listener
+from datacenter.testing import new_agent
 from lbagent.protocol import Applied
-
-
-def _mux(world, name: str, address: str) -> AgentNode:
-    agent = AgentNode(name=name, host=world.host_shared, role="mux", address=address)
-    agent.set_new_token()
-    agent.save()
-    return agent
 
 
 @pytest.fixture
 def muxes(transactional_db, world):
     # transactional_db: the batch is written from a worker thread on its own connection.
-    agents = [
-        _mux(world, "mux-a", "10.0.0.2"),
-        _mux(world, "mux-b", "10.0.0.3"),
-        _mux(world, "mux-c", "10.0.0.4"),
-    ]
+    muxes = (("mux-a", "10.0.0.2"), ("mux-b", "10.0.0.3"), ("mux-c", "10.0.0.4"))
+    agents = [new_agent(name, world.host_shared, address)[0] for name, address in muxes]
     agent_sync.apply_change(None)
     return agents
 

@@ -124,15 +124,6 @@ def committed_in_own_connection(work: Callable[[], Any]) -> Any:
     return result.get("value")
 
 
-def _make_agent(world, name: str, role: str, address: str | None):
-    from datacenter.loadbalancing.models import AgentNode
-
-    node = AgentNode(name=name, host=world.host_shared, role=role, address=address)
-    token = node.set_new_token()
-    node.save()
-    return node, token
-
-
 @pytest.fixture(scope="module")
 def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stack]:
     from django.conf import settings
@@ -145,7 +136,7 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
         "needs Redis (REDIS_URL set and answering; `make services` starts it)",
     )
     need(connection.vendor == "postgresql", "needs PostgreSQL (DATABASE_URL) shared with the portal process")
-    from datacenter.testing import build_world
+    from datacenter.testing import build_world, new_agent
 
     workdir = tmp_path_factory.mktemp("push")
     portal = agents = None
@@ -163,8 +154,8 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
             cluster.save()
             tokens = {}
             for name in ("mux-a", "mux-b"):
-                _, tokens[name] = _make_agent(world, name, "mux", f"10.0.0.{2 if name == 'mux-a' else 3}")
-            _, host_token = _make_agent(world, "host-1", "host", None)
+                _, tokens[name] = new_agent(name, world.host_shared, f"10.0.0.{2 if name == 'mux-a' else 3}")
+            _, host_token = new_agent("host-1", world.host_shared, None, role="host")
             env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
             env.update(
                 {

@@ -14,19 +14,14 @@ from datacenter.loadbalancing.desired_state import desired_state_for, desired_st
 from datacenter.loadbalancing.models import AgentNode, Listener, Vip
 from datacenter.loadbalancing.models_sync import ListenerTable
 from datacenter.loadbalancing.services import replace_backends, update_listener
+from datacenter.testing import new_agent
 from lbagent.protocol import Applied, BackendHealth, Health
-
-
-def make_mux(world, name: str, address: str) -> AgentNode:
-    agent = AgentNode(name=name, host=world.host_shared, role="mux", address=address)
-    agent.set_new_token()
-    agent.save()
-    return agent
 
 
 @pytest.fixture
 def muxes(world):
-    agents = [make_mux(world, "mux-a", "10.0.0.2"), make_mux(world, "mux-b", "10.0.0.3")]
+    muxes = (("mux-a", "10.0.0.2"), ("mux-b", "10.0.0.3"))
+    agents = [new_agent(name, world.host_shared, address)[0] for name, address in muxes]
     agent_sync.apply_change(None)
     for agent in agents:
         agent_sync.agent_connected(agent, "0.1.0")
