@@ -169,7 +169,6 @@ class MuxDaemon:
         self.iface = options.iface
         self.mux_mac = ""
         self._slow_keys: list[tuple[str, str, int]] = []
-        self._skipped: set[str] = set()
         self._last_good: dict[str, Vip] = {}  # VIP address -> the last state of it in the kernel
         self._refused: dict[str, str] = {}  # VIP address -> why its desired state is not applied
         self.running_generations: dict[int, int] = {}  # listener id -> generation in the kernel (0: none)
@@ -401,11 +400,6 @@ class MuxDaemon:
         log.info("applied generation %d: %d listeners (%d in transition) in %.3f s%s",
                  self.state.generation, len(plans), len(slow), self.last_apply_s,
                  f"; {len(self._refused)} VIP(s) not at their desired state" if self._refused else "")
-
-    @property
-    def refused(self) -> dict[str, str]:
-        """VIP address -> why this mux does not run its desired state (as of the last apply)."""
-        return dict(self._refused)
 
     # -- transition history: a restarted daemon must know every live old table, not only the
     # one generation the desired state carries as `previous` (flows from two changes ago) ----------
