@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from lbagent.bgp import BgpSettings, BgpSpeaker
+from lbagent.core.flowhash import flow_buckets
 from lbagent.core.ownership import build_ownership
 from lbagent.core.records import RecordStore
 from lbagent.core.transition import GenerationTable, ListenerTables, OldTable, build_generation
@@ -50,6 +51,10 @@ from lbagent.metrics import Metric, MetricsServer, render
 from lbagent.state import Backend, DesiredState, Listener, StateError, Vip, load_state_file
 
 REFUSED_RETRY_S = 10.0  # how often a VIP whose state could not be planned is tried again
+# Keep-alive rounds (active pins renew their owners' records) run every third of the shortest
+# idle timeout in transition, so a record is renewed at least twice before it could expire;
+# bounded so a short test timeout does not spin and a long one still notices a restarted owner.
+KEEPALIVE_MIN_S, KEEPALIVE_MAX_S = 1.0, 60.0
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (CPython's default: 700)
 
 log = logging.getLogger("lbagent.daemon")
@@ -176,6 +181,17 @@ class MuxDaemon:
         self._retry_refused = False  # a refused VIP may heal on a retry (unresolved MAC)
         self._planned: tuple = ({}, {}, {}, {}, False)  # the five above, from _plan
         self._mac_failures: dict[str, tuple[float, str]] = {}  # address -> (retry after, reason)
+        self._state_sig: tuple | None = None  # file signature of the last *valid* config
+        self._applied_state_sig: tuple | None = None
+        self._slow: list[SlowListener] = []  # listeners in transition (draining or lingering)
+        self._next_keepalive = 0.0
+        self._keepalive_interval = KEEPALIVE_MAX_S
+        self._linger_quiet_since: dict[int, float] = {}  # listener -> since when no moved flow is left
+        self._linger_epoch = 0  # bumped when a lingering table ends (forces a re-apply)
+        self._no_previous_seen: set[tuple[int, int]] = set()
+        self._bypass_waiting: set[str] = set()  # bypass VIPs kept on the muxes until their drain ends
+        self.keepalive_rounds = 0
+        self.lingers_ended = 0
 
     # -- config -------------------------------------------------------------------------------
     def _read_config(self) -> bool:
@@ -195,6 +211,7 @@ class MuxDaemon:
             log.error("config %s refused, keeping the applied one: %s", self.o.config, exc)
             return False
         self.state = state
+        self._state_sig = sig
         return True
 
     # -- planning -------------------------------------------------------------------------------
@@ -218,6 +235,17 @@ class MuxDaemon:
                 prev = self._cache.get(listener.previous.generation, listener.previous.backends, size)
                 if prev is not None and prev.generation > held.generation:
                     tables = ListenerTables(current=current, old=(OldTable(prev, deadline), *tables.old))
+        elif held is not None and held.generation < listener.generation and held.current.table_size == size:
+            # A change without `previous` (an operator's hand-written document, a portal that lost
+            # it): this mux still knows what it runs, so it drains from that, for the listener's
+            # drain timeout. Never a silent cut-over.
+            deadline = now + listener.drain_timeout_s
+            tables = held.with_generation(current, drain_deadline=deadline)
+            if (listener.id, listener.generation) not in self._no_previous_seen:
+                self._no_previous_seen.add((listener.id, listener.generation))
+                log.warning("listener %d: generation %d has no `previous`: draining from the running "
+                            "generation %d for %d s", listener.id, listener.generation, held.generation,
+                            listener.drain_timeout_s)
         elif listener.previous is not None:
             prev = self._cache.get(listener.previous.generation, listener.previous.backends, size)
             old = (OldTable(prev, listener.previous.drain_deadline),) if prev is not None else ()
@@ -230,7 +258,7 @@ class MuxDaemon:
             tables = ListenerTables(current=current, old=(OldTable(single, now + listener.drain_timeout_s),))
         else:
             tables = ListenerTables(current=current)
-        return tables.expired(now)
+        return tables.after_deadlines(now)
 
     def _mac_of(self, backend: Backend) -> str:
         if backend.mac:
@@ -317,7 +345,17 @@ class MuxDaemon:
         plans: list[ListenerPlan] = []
         slow: list[SlowListener] = []
         tables_of: dict[int, ListenerTables] = {}
-        if vip.bypass:
+        draining = [ln.id for ln in vip.listeners if vip.bypass and self._draining(vip, ln, now)]
+        if draining:
+            # Make before break on the way into bypass too: while removed backends still drain,
+            # their connections need the muxes; the route moves to the host after the last deadline.
+            if vip.address not in self._bypass_waiting:
+                self._bypass_waiting.add(vip.address)
+                log.info("VIP %s: bypass waits until listener(s) %s finish draining", vip.address, draining)
+        elif vip.address in self._bypass_waiting:
+            self._bypass_waiting.discard(vip.address)
+            log.info("VIP %s: drain over, entering bypass", vip.address)
+        if vip.bypass and not draining:
             hop = vip.bypass_next_hop or self._single_backend_host(vip)
             for listener in vip.listeners:
                 active = [b for b in listener.backends if b.state == "active"]
@@ -340,19 +378,28 @@ class MuxDaemon:
             backends = tuple((by_name[n].address, self._mac_of(by_name[n])) for n in tables.names)
             tables_of[listener.id] = tables
             unstable = tables.unstable_buckets() if tables.in_transition else None
+            alive = tables.alive_backends()
             plans.append(ListenerPlan(
                 listener.id, vip.address, listener.protocol, listener.port, backends,
                 np.asarray(tables.current_ids), np.asarray(tables.fallback_ids) if unstable is not None
-                else None, unstable))
+                else None, unstable, pin_timeout_s=listener.idle_timeout_s,
+                pin_macs=tuple(self._mac_of(by_name[n]) for n in tables.names if n in alive)))
             if tables.in_transition:
                 slow.append(SlowListener(
                     listener.id, vip.address, listener.protocol, listener.port, tables,
                     {n: self._mac_of(by_name[n]) for n in tables.names},
-                    max(o.drain_deadline for o in tables.old)))
+                    tables.next_deadline() or float("inf"), float(listener.idle_timeout_s)))
         for lid, tables in tables_of.items():
             if not tables.in_transition:
                 self.bypass_backend.pop(lid, None)
         return plans, slow, None, tables_of
+
+    def _draining(self, vip: Vip, listener: Listener, now: float) -> bool:
+        """True while some old table of the listener has its drain deadline ahead."""
+        if not self.o.transitions:
+            return False
+        tables = self._listener_tables(vip, listener, now)
+        return tables is not None and tables.draining
 
     @staticmethod
     def _single_backend_host(vip: Vip) -> str:
@@ -365,9 +412,11 @@ class MuxDaemon:
     def _signature(self, now: float) -> tuple:
         """Changes when what the kernel should hold changes: the config, an old table expiring, or
         (while a VIP is refused) every REFUSED_RETRY_S, to try that VIP again (an ARP miss heals)."""
-        expired = tuple(sorted((lid, len(t.expired(now).old)) for lid, t in self.tables.items()))
+        draining = tuple(sorted((lid, sum(1 for o in t.old if not o.lingering and o.drain_deadline > now))
+                                for lid, t in self.tables.items()))
         retry = int(now // REFUSED_RETRY_S) if self._retry_refused else None
-        return (self._config_sig, expired, retry)
+        # the last *valid* config: a refused file changes nothing, so it must not trigger an apply
+        return (self._state_sig, draining, retry, self._linger_epoch)
 
     # -- applying ---------------------------------------------------------------------------------
     def apply(self) -> None:
@@ -376,14 +425,17 @@ class MuxDaemon:
         assert self.dataplane is not None
         assert self.state is not None
         t0 = time.monotonic()
-        longest_drain = max((ln.drain_deadline - now for ln in slow), default=0.0)
-        self.dataplane.apply(plans, pin_timeout_s=max(60.0, longest_drain + 5))  # one transaction
+        self.dataplane.apply(plans)  # one transaction
         keys = sorted({(p.vip, p.protocol, p.port) for p in plans})
         if self.slowpath is not None:
             if keys != self._slow_keys:
                 install_iptables(keys, self.o.queue_num)
                 self._slow_keys = keys
             self.slowpath.update(slow)
+        self._slow = slow
+        self._keepalive_interval = min((max(KEEPALIVE_MIN_S, min(KEEPALIVE_MAX_S, ln.idle_timeout_s / 3))
+                                        for ln in slow), default=KEEPALIVE_MAX_S)
+        self._next_keepalive = min(self._next_keepalive, time.time() + self._keepalive_interval)
         self.last_apply_s = time.monotonic() - t0
         if self.bgp is not None:
             # Tables first, then routes: announce (or move the next hop) only now.
@@ -397,9 +449,75 @@ class MuxDaemon:
          self._retry_refused) = self._planned
         self.applied_generation = self.state.generation
         self.apply_count += 1
-        log.info("applied generation %d: %d listeners (%d in transition) in %.3f s%s",
-                 self.state.generation, len(plans), len(slow), self.last_apply_s,
+        what = "applied generation" if self._state_sig != self._applied_state_sig else "re-applied generation"
+        self._applied_state_sig = self._state_sig
+        log.info("%s %d: %d listeners (%d in transition, %d lingering) in %.3f s%s", what,
+                 self.state.generation, len(plans), sum(1 for ln in slow if ln.tables.draining),
+                 sum(1 for ln in slow if not ln.tables.draining), self.last_apply_s,
                  f"; {len(self._refused)} VIP(s) not at their desired state" if self._refused else "")
+
+    # -- flow state that lives as long as its flow ------------------------------------------------
+    def keepalive_round(self, now: float) -> None:
+        """Renew the owners' records of every flow this mux's kernel forwarded by a pin since the
+        last round, expire idle records, and end lingering tables no flow needs any more."""
+        self._next_keepalive = now + self._keepalive_interval
+        if self.slowpath is None or self.dataplane is None or not self._slow:
+            return
+        per_listener: dict[int, tuple[SlowListener, list[tuple[int, int, int, int, int]], list[str]]] = {}
+        by_mac: dict[int, dict[str, str]] = {}
+        protos = {ln.protocol for ln in self._slow}
+        for proto in sorted(protos):
+            number = 6 if proto == "tcp" else 17
+            try:
+                pins = self.dataplane.pins_with_idle(proto)
+            except NftError as exc:
+                log.error("keep-alive: cannot read the %s pins: %s", proto, exc)
+                continue
+            for saddr, daddr, sport, dport, mac, idle_s in pins:
+                if idle_s > self._keepalive_interval + 1:
+                    continue  # no packet since the last round: its records age like it
+                listener = self.slowpath.listener_of(daddr, number, dport)
+                if listener is None:
+                    continue
+                names = by_mac.get(listener.listener_id)
+                if names is None:
+                    alive = listener.tables.alive_backends()
+                    names = {m: n for n, m in listener.macs.items() if n in alive}
+                    by_mac[listener.listener_id] = names
+                backend = names.get(mac)
+                if backend is None:
+                    continue  # a pin to an ended backend: its flow is over
+                entry = per_listener.setdefault(listener.listener_id, (listener, [], []))
+                entry[1].append((saddr, daddr, number, sport, dport))
+                entry[2].append(backend)
+        batches = []
+        assert self.state is not None
+        for listener, flows, backends in per_listener.values():
+            arr = np.asarray(flows, dtype=np.int64)
+            cluster = self.state.cluster
+            buckets = flow_buckets(arr[:, 0], arr[:, 1], int(arr[0, 2]), arr[:, 3], arr[:, 4],
+                                   seed=cluster.hash_seed, table_size=cluster.table_size)
+            batches.append((listener, np.column_stack([arr, np.asarray(buckets, dtype=np.int64)]), backends))
+        self.slowpath.keep_alive(batches)
+        self.slowpath.expire_records(now)
+        self.keepalive_rounds += 1
+        for lid, tables in list(self.tables.items()):
+            listener = next((ln for ln in self._slow if ln.listener_id == lid), None)
+            if not tables.lingering or listener is None:
+                self._linger_quiet_since.pop(lid, None)
+                continue
+            if self.slowpath.moved_records(lid):
+                self._linger_quiet_since.pop(lid, None)
+                continue
+            since = self._linger_quiet_since.setdefault(lid, now)
+            if now - since >= listener.idle_timeout_s:
+                self.tables[lid] = tables.without_lingering()
+                self._linger_quiet_since.pop(lid, None)
+                self._linger_epoch += 1
+                self.lingers_ended += 1
+                log.info("listener %d: no flow on a moved bucket for %.0f s (its idle timeout): old tables "
+                         "dropped%s", lid, now - since,
+                         "" if self.tables[lid].in_transition else ", stateless again")
 
     # -- transition history: a restarted daemon must know every live old table, not only the
     # one generation the desired state carries as `previous` (flows from two changes ago) ----------
@@ -521,6 +639,11 @@ class MuxDaemon:
         while not self._wait_for_stop(self.o.poll_s):
             if self.bgp is not None:
                 self.bgp.restart_if_dead()
+            if time.time() >= self._next_keepalive:
+                try:
+                    self.keepalive_round(time.time())
+                except (NftError, ValueError, OSError) as exc:
+                    log.error("keep-alive round failed: %s", exc)
             changed = self._read_config()
             sig = self._signature(time.time())
             if not changed and sig == self._applied_sig:
@@ -652,8 +775,23 @@ class MuxDaemon:
         ms.append(peer)
         ms.append(Metric("lbagent_flow_records", "Flow records held")
                   .add(len(self.store) if self.store else 0))
-        ms.append(Metric("lbagent_listeners_in_transition", "Listeners with an old table")
-                  .add(sum(1 for t in self.tables.values() if t.in_transition)))
+        ms.append(Metric("lbagent_listeners_in_transition", "Listeners with an old table still draining")
+                  .add(sum(1 for t in self.tables.values() if t.draining)))
+        ms.append(Metric("lbagent_listeners_lingering",
+                         "Listeners whose drain is over but whose moved flows still live (old tables kept)")
+                  .add(sum(1 for t in self.tables.values() if t.lingering)))
+        ms.append(Metric("lbagent_flow_record_quota", "Records this mux may hold (cluster.max_records)")
+                  .add(self.store.max_records if self.store else 0))
+        ms.append(Metric("lbagent_records_quota_full_total",
+                         "Flows answered statelessly and not recorded because the record quota was full",
+                         "counter").add(self.store.counters.degraded if self.store else 0))
+        ms.append(Metric("lbagent_records_expired_total", "Records removed after their flow's idle timeout",
+                         "counter").add(self.store.counters.expired if self.store else 0))
+        ms.append(Metric("lbagent_keepalive_flows_total",
+                         "Active pinned flows whose records were renewed here and at their owners", "counter")
+                  .add(ks.keepalives if ks else 0))
+        ms.append(Metric("lbagent_lingering_ended_total", "Lingering old tables dropped (no moved flow left)",
+                         "counter").add(self.lingers_ended))
         ms.append(Metric("lbagent_config_generation", "Generation of the applied desired state")
                   .add(self.applied_generation))
         refused = Metric("lbagent_vip_refused",

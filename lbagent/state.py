@@ -32,6 +32,13 @@ MIN_KEY_BYTES = 16
 MAX_KEY_BYTES = 64
 MAX_DRAIN_TIMEOUT_S = 86_400
 MAX_HEALTH_INTERVAL_S = 3_600.0
+# How long a flow's pin and owner record live without a packet of the flow (refreshed by every
+# packet in the kernel). TCP: longer than Linux's default keepalive interval (7,200 s), so an
+# idle connection with keepalive on never loses its state; UDP has no connection, so the
+# conntrack-like 120 s. Per listener: `flow_idle_timeout_s`.
+DEFAULT_FLOW_IDLE_TIMEOUT_S = {"tcp": 7_440, "udp": 120}
+MIN_FLOW_IDLE_TIMEOUT_S = 2
+MAX_FLOW_IDLE_TIMEOUT_S = 7 * 86_400
 
 PROTOCOLS = ("tcp", "udp")
 BACKEND_STATES = ("active", "draining", "disabled")
@@ -162,9 +169,17 @@ class Listener:
     backends: tuple[Backend, ...]
     previous: PreviousGeneration | None = None
     health_check: HealthCheck | None = None
+    flow_idle_timeout_s: int | None = None  # None: DEFAULT_FLOW_IDLE_TIMEOUT_S of the protocol
+
+    @property
+    def idle_timeout_s(self) -> int:
+        """Seconds a flow's pin and record live without a packet (the default when not set)."""
+        if self.flow_idle_timeout_s is not None:
+            return self.flow_idle_timeout_s
+        return DEFAULT_FLOW_IDLE_TIMEOUT_S[self.protocol]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "protocol": self.protocol,
             "port": self.port,
@@ -174,6 +189,9 @@ class Listener:
             "previous": self.previous.to_dict() if self.previous else None,
             "health_check": self.health_check.to_dict() if self.health_check else None,
         }
+        if self.flow_idle_timeout_s is not None:
+            out["flow_idle_timeout_s"] = self.flow_idle_timeout_s
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,9 +502,12 @@ def _parse_listener(value: Any, path: str, family: int) -> Listener:
         value,
         path,
         ("id", "protocol", "port", "generation", "backends"),
-        ("drain_timeout_s", "previous", "health_check"),
+        ("drain_timeout_s", "previous", "health_check", "flow_idle_timeout_s"),
     )
     generation = _int(obj["generation"], (path, "generation"), 0, 2**63 - 1)
+    idle = obj.get("flow_idle_timeout_s")
+    if idle is not None:
+        idle = _int(idle, (path, "flow_idle_timeout_s"), MIN_FLOW_IDLE_TIMEOUT_S, MAX_FLOW_IDLE_TIMEOUT_S)
     return Listener(
         id=_int(obj["id"], (path, "id"), 1, 2**63 - 1),
         protocol=_choice(obj["protocol"], (path, "protocol"), PROTOCOLS),  # type: ignore[arg-type]
@@ -498,6 +519,7 @@ def _parse_listener(value: Any, path: str, family: int) -> Listener:
         backends=_parse_backends(obj["backends"], _join(path, "backends"), family),
         previous=_parse_previous(obj.get("previous"), _join(path, "previous"), family, generation),
         health_check=_parse_health_check(obj.get("health_check"), _join(path, "health_check")),
+        flow_idle_timeout_s=idle,
     )
 
 

@@ -165,6 +165,15 @@ class RecordStore:
         self.counters.expired += len(gone)
         return len(gone)
 
+    def expire_idle_by(self, timeout_s_of: Callable[[int], float], now: float) -> int:
+        """Remove records idle longer than their listener's timeout (`timeout_s_of(listener id)`);
+        returns how many. A record's idle timer is reset by every write, query and keep-alive."""
+        gone = [k for k, r in self._records.items() if r.last_seen_s < now - timeout_s_of(k[0])]
+        for k in gone:
+            del self._records[k]
+        self.counters.expired += len(gone)
+        return len(gone)
+
     def drop_where(self, predicate: Callable[[RecordKey, FlowRecord], bool]) -> int:
         """Remove records matching `predicate` (e.g. a listener whose transition ended)."""
         gone = [k for k, r in self._records.items() if predicate(k, r)]

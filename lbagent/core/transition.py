@@ -20,10 +20,20 @@ Composing only the pair (current, last old) would be wrong: after gen 4 -> 5 -> 
 window, a flow from gen 4 in a bucket where 5 and 6 agree but 4 differs would look stable and
 break. Keeping the chain also lets each old table expire at its own deadline (deadlines need not
 be monotonic when drain timeouts change). Backends are compared by name, not table index.
+
+What a drain deadline ends (Octavia's semantics, `after_deadlines`): the connections of backends
+that are gone (removed, or drained to weight 0) end at their deadline; every other connection
+lives on. So when an old table's deadline passes it is not simply dropped: its buckets that
+point at a backend still in service are kept as a *lingering* old table (deadline infinity), so
+flows whose bucket moved keep their pins and records and still get their owner's answer an hour
+later; its buckets of ended backends become the current table's (stable: no state). A lingering
+table goes when the daemon sees no flow of the listener left on a moved bucket
+(`without_lingering`), never on a clock.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -68,7 +78,11 @@ def build_generation(
 @dataclass(frozen=True, eq=False)
 class OldTable:
     table: GenerationTable
-    drain_deadline: float
+    drain_deadline: float  # math.inf: lingering (its drain is over, flows of moved buckets live on)
+
+    @property
+    def lingering(self) -> bool:
+        return math.isinf(self.drain_deadline)
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,7 +161,59 @@ class ListenerTables:
         return ListenerTables(current=self.current, old=keep)
 
     def next_deadline(self) -> float | None:
-        return min((o.drain_deadline for o in self.old), default=None)
+        return min((o.drain_deadline for o in self.old if not o.lingering), default=None)
+
+    @property
+    def draining(self) -> bool:
+        """Some old table's drain deadline is still ahead (not only lingering tables)."""
+        return any(not o.lingering for o in self.old)
+
+    @property
+    def lingering(self) -> bool:
+        return any(o.lingering for o in self.old)
+
+    def alive_backends(self) -> frozenset[str]:
+        """Backends whose connections may still live: those the current table gives buckets, and
+        every backend of an old table (a draining one keeps its flows until its deadline; a
+        lingering one holds only backends that were alive when its drain ended)."""
+        alive = {self.current.backends[i] for i in np.unique(self.current.table)}
+        for o in self.old:
+            alive.update(o.table.backends[i] for i in np.unique(o.table.table))
+        return frozenset(alive)
+
+    def after_deadlines(self, now: float) -> ListenerTables:
+        """Old tables whose drain deadline has passed (at `now`) become lingering tables that
+        keep only the buckets of backends still alive; the buckets of ended backends (and a
+        table left with no bucket that differs from the current one) go. Idempotent."""
+        if not any(not o.lingering and o.drain_deadline <= now for o in self.old):
+            return self
+        draining = tuple(o for o in self.old if not o.lingering and o.drain_deadline > now)
+        alive = ListenerTables(current=self.current, old=draining).alive_backends()
+        cur_names = np.asarray(self.current.backends, dtype=object)[self.current.table]
+        kept: list[OldTable] = []
+        for o in self.old:
+            if o in draining:
+                kept.append(o)
+                continue
+            names = np.asarray(o.table.backends, dtype=object)[o.table.table]
+            ended = ~np.isin(names, list(alive))
+            residual = np.where(ended, cur_names, names)
+            if np.array_equal(residual, cur_names):
+                continue  # nothing of this table outlives its drain
+            backends = tuple(dict.fromkeys(residual.tolist()))
+            index = {n: i for i, n in enumerate(backends)}
+            table = np.fromiter((index[n] for n in residual), dtype=self.current.table.dtype,
+                                count=len(residual))
+            table.setflags(write=False)
+            kept.append(OldTable(GenerationTable(o.table.generation, backends, table), math.inf))
+        return ListenerTables(current=self.current, old=tuple(kept))
+
+    def without_lingering(self) -> ListenerTables:
+        """Drop the lingering tables (no flow of a moved bucket is left): back to stateless once
+        no draining table remains either."""
+        if not self.lingering:
+            return self
+        return ListenerTables(current=self.current, old=tuple(o for o in self.old if not o.lingering))
 
     # --- per-bucket questions --------------------------------------------------------------
 

@@ -16,7 +16,11 @@ Per listener `<id>` the table holds
     table's) backend, its headers go to nfnetlink_log group `nflog_group` (the daemon records
     the flow at its owner from there, asynchronously) and it is counted in `newflows<id>`.
 Pins live in one map per protocol for the whole table (`pins_tcp`, `pins_udp`: a 4-field key,
-because nft 1.0.6 aborts on 5-field dynamic keys), value = the backend's MAC, with a timeout.
+because nft 1.0.6 aborts on 5-field dynamic keys), value = the backend's MAC, with the
+listener's idle timeout, which every packet of the flow renews in the kernel (`update`). A pin
+forwards only to a MAC in the listener's `pinok_<id>` set (backends whose connections may
+still live): at a drain deadline the ended backend's MAC leaves the set, so its flows fall
+through to the current table (whose backend answers them with a reset) at their next packet.
 The kernel adds them itself in chain `inject` (on the injection veth) from the packets the slow
 path re-injects. Counters are read over netlink (`read_counters`): `nft list` would load every
 map element first.
@@ -189,6 +193,8 @@ class ListenerPlan:
     current: np.ndarray = field(compare=False)
     old: np.ndarray | None = field(default=None, compare=False)
     unstable: np.ndarray | None = field(default=None, compare=False)  # bucket numbers
+    pin_timeout_s: int = 60  # the listener's flow idle timeout: pins live this long without a packet
+    pin_macs: tuple[str, ...] = ()  # MACs this listener's pins may forward to (alive backends)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -249,16 +255,14 @@ class NftDataplane:
         if nflog_group is not None and not 0 <= nflog_group <= 0xFFFF:
             raise ValueError(f"nflog group {nflog_group} is not 0..65535")
         self.nflog_group = nflog_group
-        self._pin_timeout = "60s"
         self._applied: dict[int, _Applied] | None = None  # None: the kernel's content is unknown
 
     # -- rendering --------------------------------------------------------------------------
     def _t(self) -> str:
         return f"netdev {self.table}"
 
-    def _base(self, pin_timeout_s: float) -> list[str]:
+    def _base(self, pin_timeout_s: dict[str, float]) -> list[str]:
         t = self._t()
-        self._pin_timeout = f"{max(1, int(pin_timeout_s))}s"
         out = [f"add table {t}"]
         for proto in PROTOCOLS:
             # `add` of an existing map is a no-op: pins survive a daemon restart.
@@ -272,10 +276,12 @@ class NftDataplane:
             # The slow path writes each decided packet, MACs already rewritten, into the injection
             # veth; arriving here, the kernel itself pins the flow (first writer wins: `add` never
             # overwrites) and forwards the packet to the backend. No nft call per flow.
-            timeout = f"{max(1, int(pin_timeout_s))}s"
             out += [f'add chain {t} inject {{ type filter hook ingress device "{self.inject_iface}" '
                     f"priority 0; policy drop; }}", f"flush chain {t} inject"]
             for proto in PROTOCOLS:
+                # The longest idle timeout of the protocol's listeners; the flow's next packet
+                # sets its own listener's timeout (rule 1's `update`).
+                timeout = f"{max(1, int(pin_timeout_s.get(proto, 60)))}s"
                 out.append(f"add rule {t} inject meta protocol ip ip protocol {proto} add @pins_{proto} "
                            f"{{ ip saddr . ip daddr . th sport . th dport timeout {timeout} : ether daddr }} "
                            f'counter name slowpath_reinjected fwd to "{self.iface}"')
@@ -291,12 +297,19 @@ class NftDataplane:
         t, lid, proto = self._t(), plan.listener_id, plan.protocol
         chain = f"l{lid}"
         tuple4 = "ip saddr . ip daddr . th sport . th dport"
+        renew = " ".join(("update", f"@pins_{proto} {{ {tuple4} timeout {max(1, int(plan.pin_timeout_s))}s "
+                                    ": ether daddr }"))
         rules = [
             f"add chain {t} {chain}",
             f"flush chain {t} {chain}",
             f"add rule {t} {chain} counter name l{lid}",
-            f"add rule {t} {chain} ether daddr set {tuple4} map @pins_{proto} counter name pinned{lid} "
-            f'ether saddr set {self.mux_mac} fwd to "{self.iface}"',
+            # Rule 1: a pin to a backend still alive forwards and renews the pin's idle timeout
+            # (the flow's packets keep its state alive, however long it lives). A pin to an
+            # ended backend (drain deadline passed) rewrote the MAC but does not match the set:
+            # the next rule puts the mux's MAC back and the packet goes on like an unpinned one.
+            f"add rule {t} {chain} ether daddr set {tuple4} map @pins_{proto} ether daddr @pinok_{lid} "
+            f'{renew} counter name pinned{lid} ether saddr set {self.mux_mac} fwd to "{self.iface}"',
+            f"add rule {t} {chain} ether daddr set {self.mux_mac}",
             f"add rule {t} {chain} meta mark set jhash ip saddr . ip daddr . ip protocol . th sport . "
             f"th dport mod {self.table_size} seed {self.seed:#x}",
         ]
@@ -333,7 +346,7 @@ class NftDataplane:
             out.append(f"add rule {t} {name} meta mark @unstable_{lid} tcp flags & (syn | ack) == syn "
                        f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN} "
                        f"add @pins_tcp {{ ip saddr . ip daddr . th sport . th dport timeout "
-                       f"{self._pin_timeout} : {mac} }} counter name newflows{lid}")
+                       f"{max(1, int(plan.pin_timeout_s))}s : {mac} }} counter name newflows{lid}")
         out.append(f"add rule {t} {name} counter name c{name} ether saddr set {self.mux_mac} "
                    f'ether daddr set {mac} fwd to "{self.iface}"')
         return out
@@ -346,6 +359,7 @@ class NftDataplane:
             f"add map {t} cur_{lid} {{ type mark : verdict; size {MAP_SIZE}; }}",
             f"add map {t} old_{lid} {{ type mark : verdict; size {MAP_SIZE}; }}",
             f"add set {t} unstable_{lid} {{ type mark; size {MAP_SIZE}; }}",
+            f"add set {t} pinok_{lid} {{ type ether_addr; size 65536; }}",
         ]
         if self.learn:
             out.append(f"add map {t} learn{lid} {{ type ipv4_addr . ipv4_addr . inet_service . inet_service "
@@ -360,6 +374,7 @@ class NftDataplane:
         out = [f"flush chain {t} l{lid}", *(f"flush chain {t} {c}" for c in chains),
                f"delete chain {t} l{lid}",
                f"delete map {t} cur_{lid}", f"delete map {t} old_{lid}", f"delete set {t} unstable_{lid}",
+               f"delete set {t} pinok_{lid}",
                *(f"delete chain {t} {c}" for c in chains), *(f"delete counter {t} c{c}" for c in chains),
                f"delete counter {t} l{lid}", f"delete counter {t} pinned{lid}",
                f"delete counter {t} slow{lid}", f"delete counter {t} newflows{lid}"]
@@ -368,9 +383,9 @@ class NftDataplane:
         return out
 
     # -- applying ---------------------------------------------------------------------------
-    def apply(self, plans: Sequence[ListenerPlan], *, pin_timeout_s: float = 60.0) -> None:
-        """Make the kernel hold exactly these listeners, in one transaction. Pins the kernel learns
-        from re-injected packets live `pin_timeout_s` (the longest drain still running)."""
+    def apply(self, plans: Sequence[ListenerPlan]) -> None:
+        """Make the kernel hold exactly these listeners, in one transaction. Pins live their
+        listener's `pin_timeout_s` without a packet; each packet of the flow renews it."""
         ids = [p.listener_id for p in plans]
         if len(set(ids)) != len(ids):
             raise ValueError(f"listener ids must be unique, got {ids}")
@@ -385,7 +400,10 @@ class NftDataplane:
             # restarted daemon never leaves a moment without tables (and keeps the pins).
             existing = self._existing_objects()
             self._applied = {}
-        cmds = self._base(pin_timeout_s)
+        longest: dict[str, float] = {}
+        for p in plans:
+            longest[p.protocol] = max(longest.get(p.protocol, 0), p.pin_timeout_s)
+        cmds = self._base(longest)
         t = self._t()
         new_applied: dict[int, _Applied] = {}
         for lid, applied in self._applied.items():
@@ -402,6 +420,9 @@ class NftDataplane:
             for address, mac in plan.backends:
                 cmds += self._backend_chain_rules(plan, address, mac)
             cmds += self._listener_rules(plan)
+            cmds.append(f"flush set {t} pinok_{lid}")
+            if plan.pin_macs:
+                cmds.append(f"add element {t} pinok_{lid} {{ {', '.join(sorted(set(plan.pin_macs)))} }}")
             if prev is None:
                 cmds += [f"flush map {t} cur_{lid}", f"flush map {t} old_{lid}",
                          f"flush set {t} unstable_{lid}"]
@@ -475,6 +496,7 @@ class NftDataplane:
         for plan in plans:
             lid = plan.listener_id
             keep |= {("chain", f"l{lid}"), ("map", f"cur_{lid}"), ("map", f"old_{lid}"),
+                     ("set", f"pinok_{lid}"),
                      ("map", f"learn{lid}"), ("set", f"unstable_{lid}"), ("counter", f"l{lid}"),
                      ("counter", f"pinned{lid}"), ("counter", f"slow{lid}"), ("counter", f"newflows{lid}")}
             for address, _ in plan.backends:
@@ -510,6 +532,23 @@ class NftDataplane:
             if "map" in item:
                 return len(item["map"].get("elem", []))
         return 0
+
+    def pins_with_idle(self, protocol: str) -> list[tuple[int, int, int, int, str, int]]:
+        """Every pin of a protocol: (saddr, daddr, sport, dport as integers, MAC, seconds since the
+        flow's last packet renewed it). Costs an `nft list` of the map (about 1.6 s per 65,000
+        pins): the keep-alive round does it once per round, only while listeners are in transition."""
+        out = self.nft.run(f"list map {self._t()} pins_{protocol}", json_output=True)
+        result: list[tuple[int, int, int, int, str, int]] = []
+        for item in json.loads(out)["nftables"]:
+            for elem in item.get("map", {}).get("elem", []):
+                key, mac = elem
+                meta = key.get("elem", {}) if isinstance(key, dict) else {}
+                parts = meta.get("val", key)["concat"] if isinstance(key, dict) else key
+                idle = int(meta.get("timeout", 0)) - int(meta.get("expires", meta.get("timeout", 0)))
+                result.append((int.from_bytes(socket.inet_aton(parts[0]), "big"),
+                               int.from_bytes(socket.inet_aton(parts[1]), "big"),
+                               int(parts[2]), int(parts[3]), str(mac), max(0, idle)))
+        return result
 
     def learned(self, listener_id: int) -> dict[tuple[str, str, int, int], int]:
         """Buckets the kernel computed per flow (only with learn=True)."""

@@ -66,7 +66,8 @@ class SlowListener:
     port: int
     tables: ListenerTables
     macs: dict[str, str]  # backend name -> MAC
-    drain_deadline: float  # unix time of the last old table's end: pins are worthless after it
+    drain_deadline: float  # unix time of the last draining old table's end (inf: only lingering)
+    idle_timeout_s: float = 7440.0  # records of this listener live this long without a packet
     headers: dict[str, bytes] = field(default_factory=dict)  # backend name -> Ethernet header
 
     def with_headers(self, mux_mac: str) -> SlowListener:
@@ -94,6 +95,7 @@ class SlowPathStats:
     malformed: int = 0
     new_flows: int = 0  # SYNs the kernel pinned and reported (NFLOG), decided here for their record
     replicas_queued: int = 0  # owner answers and records copied to the backup owner
+    keepalives: int = 0  # active pinned flows whose records were renewed here and at their owners
 
 
 @dataclass
@@ -221,8 +223,42 @@ class CoreDecider:
         winner, _ = self.store.put_first((listener_id, flow_key), backend, bucket, now, replica=True)
         return winner
 
-    def forget(self, keep_listeners: set[int]) -> None:
-        self.store.drop_where(lambda k, _r: k[0] not in keep_listeners)
+    def forget(self, alive: dict[int, frozenset[str]]) -> None:
+        """Drop the records of listeners no longer in transition, and those of backends whose
+        connections ended (drain deadline passed): their flows must not be sent there again."""
+        self.store.drop_where(lambda k, r: k[0] not in alive or r.backend not in alive[k[0]])
+
+    def keep_alive(self, listener: SlowListener, flows: np.ndarray, backends: Sequence[str],
+                   now: float) -> int:
+        """Flows this mux forwarded by a pin since the last round ((n, 6) array as in
+        `record_new_flows`, `backends` their pinned backends): renew their record here and queue
+        a renewal for each of their owners (primary as RECORDS, backup as REPLICATE), so an
+        active flow's record lives at both owners for as long as the flow does, and an owner
+        that restarted gets it back. Returns how many flows."""
+        if not len(flows):
+            return 0
+        lid = listener.listener_id
+        names = tuple(dict.fromkeys(backends))
+        index = {n: i for i, n in enumerate(names)}
+        ids = np.fromiter((index[b] for b in backends), dtype=np.int64, count=len(backends))
+        buckets = flows[:, 5]
+        batch = RecordBatch.build(lid, flows[:, :5], buckets, ids, names)
+        muxes = self.ownership.muxes
+        me = muxes.index(self.node) if self.node in muxes else -1
+        primary, backup = self.ownership.primary[buckets], self.ownership.backup[buckets]
+        mine = primary == me
+        for part, replica in ((batch.take(mine), False), (batch.take(~mine), True)):
+            if len(part):
+                self.store.put_first_many(part.keys(), part.backend_names(), part.rows["b"].tolist(), now,
+                                          replica=replica)
+        for p in np.unique(primary[~mine]).tolist():
+            if p >= 0:
+                self.outbox.record_batches.setdefault((muxes[p], None), []).append(
+                    batch.take(~mine & (primary == p)))
+        for b in np.unique(backup).tolist():
+            if b >= 0 and b != me:
+                self.outbox.replica_batches.setdefault(muxes[b], []).append(batch.take(backup == b))
+        return len(flows)
 
 
 class PeerBridge:
@@ -355,7 +391,43 @@ class SlowPath:
         with self._lock:
             self._listeners = table
             self._by_id = {ln.listener_id: ln for ln in table.values()}
-            self.decider.forget({ln.listener_id for ln in listeners})
+            self.decider.forget({ln.listener_id: ln.tables.alive_backends() for ln in listeners})
+
+    def listener_of(self, daddr: int, proto: int, dport: int) -> SlowListener | None:
+        return self._listeners.get((daddr, proto, dport))
+
+    def keep_alive(self, per_listener: Sequence[tuple[SlowListener, np.ndarray, list[str]]]) -> int:
+        """Renew the records of the flows this mux's kernel forwarded by a pin since the last
+        round, here and at their owners (see CoreDecider.keep_alive)."""
+        now = time.time()
+        n = 0
+        with self._lock:
+            for listener, flows, backends in per_listener:
+                if listener.listener_id in self._by_id:
+                    n += self.decider.keep_alive(listener, flows, backends, now)
+            outbox = self.decider.take_outbox()
+        self.kernel_stats.keepalives += n
+        if self.peers is not None and outbox:
+            self.peers.send(outbox)
+        return n
+
+    def expire_records(self, now: float) -> int:
+        """Remove records idle longer than their listener's idle timeout."""
+        with self._lock:
+            by_id = self._by_id
+            return self.decider.store.expire_idle_by(
+                lambda lid: by_id[lid].idle_timeout_s if lid in by_id else 0.0, now)
+
+    def moved_records(self, listener_id: int) -> int:
+        """Records of a listener whose backend is not the current table's for their bucket: flows
+        that still need the listener's old (lingering) tables."""
+        with self._lock:
+            listener = self._by_id.get(listener_id)
+            if listener is None:
+                return 0
+            tables = listener.tables
+            return sum(1 for k, r in self.decider.store
+                       if k[0] == listener_id and r.backend != tables.current_backend(r.bucket))
 
     @property
     def records(self) -> int:

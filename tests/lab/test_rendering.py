@@ -26,11 +26,12 @@ class RecordingNft:
         return '{"nftables": []}'
 
 
-def _plan(current: np.ndarray, old: np.ndarray | None = None) -> ListenerPlan:
+def _plan(current: np.ndarray, old: np.ndarray | None = None, *, pin_timeout_s: int = 60,
+          pin_macs: tuple[str, ...] = ()) -> ListenerPlan:
     unstable = None if old is None else np.flatnonzero(current != old)
     return ListenerPlan(7, "203.0.113.10", "tcp", 80, (("10.0.0.1", "02:00:00:00:00:01"),
                                                        ("10.0.0.2", "02:00:00:00:00:02")),
-                        current, old, unstable)
+                        current, old, unstable, pin_timeout_s=pin_timeout_s, pin_macs=pin_macs)
 
 
 def test_first_apply_is_one_transaction_with_seed_and_full_tables():
@@ -108,8 +109,8 @@ def test_syns_of_unstable_buckets_are_pinned_logged_and_forwarded_by_the_kernel(
     current = np.array([0, 1] * 5 + [0], dtype=np.int32)
     zeros = np.zeros(11, dtype=np.int32)
     udp = ListenerPlan(8, "203.0.113.10", "udp", 53, (("10.0.0.1", "02:00:00:00:00:01"),),
-                       zeros, zeros, np.array([], dtype=np.int64))
-    dp.apply([_plan(current, np.zeros(11, dtype=np.int32)), udp], pin_timeout_s=125)
+                       zeros, zeros, np.array([], dtype=np.int64), pin_timeout_s=30)
+    dp.apply([_plan(current, np.zeros(11, dtype=np.int32), pin_timeout_s=125), udp])
     lines = nft.sent[-1].splitlines()
 
     def chain(name: str) -> list[str]:
@@ -128,3 +129,24 @@ def test_syns_of_unstable_buckets_are_pinned_logged_and_forwarded_by_the_kernel(
     assert slow < next(i for i, ln in enumerate(listener) if "vmap @cur_7" in ln)
     assert [ln for ln in chain("b8_10_0_0_1") if "@pins_" in ln] == [], "UDP has no SYN rule"
     assert any(ln.endswith("meta mark @unstable_8 counter name slow8 accept") for ln in chain("l8"))
+
+
+def test_pins_are_renewed_by_their_flow_and_forward_only_to_alive_backends():
+    """Rule 1: a pin forwards (and its idle timeout is renewed by the packet, in the kernel) only
+    when its MAC is one of the listener's alive backends; otherwise the mux's MAC is put back and
+    the packet goes on like an unpinned one. The re-injection chain pins with the longest idle
+    timeout of the protocol's listeners."""
+    nft = RecordingNft()
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, table_size=11, nft=nft,
+                      inject_iface="lbinj1")
+    dp.apply([_plan(np.zeros(11, dtype=np.int32), pin_timeout_s=7440, pin_macs=("02:00:00:00:00:01",))])
+    lines = nft.sent[-1].splitlines()
+    listener = [ln for ln in lines if ln.startswith("add rule netdev lbagent l7 ")]
+    pin = next(i for i, ln in enumerate(listener) if "map @pins_tcp" in ln)
+    assert ("ether daddr @pinok_7 update @pins_tcp { ip saddr . ip daddr . th sport . th dport timeout "
+            "7440s : ether daddr }") in listener[pin]
+    assert listener[pin + 1].endswith("ether daddr set 02:aa:00:00:00:01"), "the mux's MAC is restored"
+    assert "flush set netdev lbagent pinok_7" in lines
+    assert "add element netdev lbagent pinok_7 { 02:00:00:00:00:01 }" in lines
+    inject = [ln for ln in lines if ln.startswith("add rule netdev lbagent inject ") and "tcp" in ln]
+    assert "timeout 7440s : ether daddr" in inject[0]
