@@ -780,6 +780,13 @@ class MuxDaemon:
         ms.append(Metric("lbagent_listeners_lingering",
                          "Listeners whose drain is over but whose moved flows still live (old tables kept)")
                   .add(sum(1 for t in self.tables.values() if t.lingering)))
+        phase = Metric("lbagent_listener_transition",
+                       "1 per listener, labelled with its phase: draining (an old table's drain deadline is "
+                       "ahead), lingering (drain over, flows of moved buckets still live) or stateless")
+        for lid, t in sorted(self.tables.items()):
+            phase.add(1, listener=str(lid),
+                      state="draining" if t.draining else "lingering" if t.lingering else "stateless")
+        ms.append(phase)
         ms.append(Metric("lbagent_flow_record_quota", "Records this mux may hold (cluster.max_records)")
                   .add(self.store.max_records if self.store else 0))
         ms.append(Metric("lbagent_records_quota_full_total",

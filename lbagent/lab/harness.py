@@ -36,10 +36,13 @@ def backend_doc(node: Node, *, weight: int = 1, state: str = "active", port: int
 
 def listener_doc(listener_id: int, backends: list[dict], *, generation: int = 1, protocol: str = "tcp",
                  port: int = SERVICE_TCP_PORT, drain_timeout_s: int = 60,
-                 previous: dict | None = None) -> dict[str, Any]:
-    return {"id": listener_id, "protocol": protocol, "port": port, "generation": generation,
-            "drain_timeout_s": drain_timeout_s, "backends": backends, "previous": previous,
-            "health_check": None}
+                 previous: dict | None = None, flow_idle_timeout_s: int | None = None) -> dict[str, Any]:
+    doc = {"id": listener_id, "protocol": protocol, "port": port, "generation": generation,
+           "drain_timeout_s": drain_timeout_s, "backends": backends, "previous": previous,
+           "health_check": None}
+    if flow_idle_timeout_s is not None:
+        doc["flow_idle_timeout_s"] = flow_idle_timeout_s
+    return doc
 
 
 def vip_doc(address: str, listeners: list[dict], *, bypass: bool = False,
@@ -106,6 +109,18 @@ class MuxProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=5)
         self.lab.forget_pid(self.key)
+
+    def kill9_with_bgp(self) -> None:
+        """SIGKILL the daemon and then its ExaBGP (found by its PID file, checked by its command
+        line): the BGP session drops at once and the router moves the mux's flows elsewhere. The
+        mux's kernel tables stay, as after a crash."""
+        self.kill9()
+        pid_file = self.dir / "bgp" / "exabgp.pid"
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        if str(self.dir / "bgp").encode() not in cmdline:
+            raise RuntimeError(f"PID {pid} from {pid_file} is not this mux's ExaBGP: {cmdline[:200]!r}")
+        os.kill(pid, signal.SIGKILL)
 
     def stop(self, timeout_s: float = 20.0) -> int:
         """SIGTERM and wait; returns the exit code."""
@@ -330,6 +345,9 @@ class LongConnections:
         self.backend: list[str] = []
         self.broken: dict[int, str] = {}  # index -> why
         self.broken_round: dict[int, int] = {}  # index -> exchange round in which it broke
+        self.broken_at: dict[int, float] = {}  # index -> time.time() when its break was seen
+        self.round_started: list[float] = []  # time.time() at the start of each exchange round
+        self.last_ok: dict[int, float] = {}  # index -> time.time() of its last good answer
         self.rounds = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -347,6 +365,7 @@ class LongConnections:
         """Send one line on every live connection and check every answer."""
         with self._lock:
             live = [i for i in range(len(self.socks)) if i not in self.broken]
+            self.round_started.append(time.time())
             line = f"round-{self.rounds}\n".encode()
             for i in live:
                 try:
@@ -380,10 +399,13 @@ class LongConnections:
                             self.backend[i] = name
                         elif self.backend[i] != name:
                             self.broken[i] = f"answered by {name}, started on {self.backend[i]}"
+                        if i not in self.broken:
+                            self.last_ok[i] = time.time()
             for i in pending.values():
                 self.broken[i] = f"no answer within {self.reply_timeout_s} s"
             for i in self.broken:
                 self.broken_round.setdefault(i, self.rounds)
+                self.broken_at.setdefault(i, time.time())
             self.rounds += 1
 
     def _loop(self) -> None:
