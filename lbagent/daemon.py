@@ -746,7 +746,7 @@ class MuxDaemon:
                          "Records this mux created as owner and queued for the backup owner", "counter")
                   .add(ks.replicas_queued if ks else 0))
         ms.append(Metric("lbagent_records_stored_total", "Records created here as their owner", "counter")
-                  .add(self.store.counters.stored if self.store else 0))
+                  .add(self.store.counters.stored if self.store is not None else 0))
         stats = self.slowpath.stats if self.slowpath is not None else None
         ms.append(Metric("lbagent_slowpath_packets_total", "Packets decided in userspace (NFQUEUE)",
                          "counter").add(stats.packets if stats else 0))
@@ -774,7 +774,7 @@ class MuxDaemon:
             peer.add(c.dropped(), outcome="dropped")
         ms.append(peer)
         ms.append(Metric("lbagent_flow_records", "Flow records held")
-                  .add(len(self.store) if self.store else 0))
+                  .add(len(self.store) if self.store is not None else 0))
         ms.append(Metric("lbagent_listeners_in_transition", "Listeners with an old table still draining")
                   .add(sum(1 for t in self.tables.values() if t.draining)))
         ms.append(Metric("lbagent_listeners_lingering",
@@ -788,12 +788,12 @@ class MuxDaemon:
                       state="draining" if t.draining else "lingering" if t.lingering else "stateless")
         ms.append(phase)
         ms.append(Metric("lbagent_flow_record_quota", "Records this mux may hold (cluster.max_records)")
-                  .add(self.store.max_records if self.store else 0))
+                  .add(self.store.max_records if self.store is not None else 0))
         ms.append(Metric("lbagent_records_quota_full_total",
                          "Flows answered statelessly and not recorded because the record quota was full",
-                         "counter").add(self.store.counters.degraded if self.store else 0))
+                         "counter").add(self.store.counters.degraded if self.store is not None else 0))
         ms.append(Metric("lbagent_records_expired_total", "Records removed after their flow's idle timeout",
-                         "counter").add(self.store.counters.expired if self.store else 0))
+                         "counter").add(self.store.counters.expired if self.store is not None else 0))
         ms.append(Metric("lbagent_keepalive_flows_total",
                          "Active pinned flows whose records were renewed here and at their owners", "counter")
                   .add(ks.keepalives if ks else 0))
