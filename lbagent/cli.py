@@ -5,6 +5,8 @@ own modules) run the agent daemon and the namespace lab.
     lbagent simulate [--scenario add|drain|remove|two_changes|mux_failure|mux_added|all] [--flows N]
     lbagent run ...      -> lbagent.daemon:main
     lbagent lab ...      -> lbagent.lab.cli:main
+    lbagent validate FILE...             -> lbagent.config_edit:validate_main
+    lbagent state add-backend|drain-backend|remove-backend FILE... -> lbagent.config_edit:main
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import numpy as np
 from lbagent.core.maglev import DEFAULT_TABLE_SIZE, maglev_table, moved_share
 
 # Subcommands owned by other modules, imported only when used (they pull in heavier deps).
-DELEGATED = {"run": "lbagent.daemon", "lab": "lbagent.lab.cli"}
+DELEGATED = {"run": "lbagent.daemon", "lab": "lbagent.lab.cli",
+             "validate": "lbagent.config_edit:validate_main", "state": "lbagent.config_edit"}
 
 
 def _csv(value: str) -> list[str]:
@@ -65,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="run the agent daemon (see `lbagent run --help`)", add_help=False)
     sub.add_parser("lab", help="network-namespace lab (see `lbagent lab --help`)", add_help=False)
+    sub.add_parser("validate", help="check desired-state files as the daemon does", add_help=False)
+    sub.add_parser("state", help="add, drain or remove a backend in desired-state files", add_help=False)
     return p
 
 
@@ -141,13 +146,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _delegate(command: str, argv: list[str]) -> int:
-    module_name = DELEGATED[command]
+    module_name, _, function = DELEGATED[command].partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         print(f"lbagent {command}: {module_name} is not available ({exc})", file=sys.stderr)
         return 2
-    main_fn = getattr(module, "main", None)
+    main_fn = getattr(module, function or "main", None)
     if main_fn is None:
         print(f"lbagent {command}: {module_name} has no main()", file=sys.stderr)
         return 2

@@ -5,8 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from lbagent.lab import topology
+
+
+def write_desired_states(lab: topology.Lab) -> dict[str, Path]:
+    """One ready desired-state document per mux (`<run_dir>/<mux>.state.json`): VIP 203.0.113.10,
+    listener 1 (TCP 80) on the first three backends, 30 s drain; `lbagent run --config` takes it
+    as it is, `lbagent state add-backend|drain-backend|remove-backend` edits it."""
+    from lbagent.lab.harness import backend_doc, listener_doc, state_doc, vip_doc
+
+    vip = vip_doc(lab.vips[0] if lab.vips else "203.0.113.10",
+                  [listener_doc(1, [backend_doc(b) for b in lab.backends[:3]], generation=1,
+                                drain_timeout_s=30)])
+    files: dict[str, Path] = {}
+    for mux in lab.muxes:
+        path = Path(lab.run_dir) / f"{mux.name}.state.json"
+        path.write_text(json.dumps(state_doc(lab, mux.name, [vip]), indent=1) + "\n")
+        files[mux.name] = path
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         lab = topology.build(prefix=args.prefix, mux_count=args.muxes, backend_count=args.backends,
                              client_count=args.clients)
+        files = write_desired_states(lab)
         print(json.dumps({"prefix": lab.prefix, "run_dir": lab.run_dir, "namespaces": lab.namespaces,
-                          "vips": lab.vips, "pids": lab.pids}, indent=1))
+                          "vips": lab.vips, "pids": lab.pids,
+                          "desired_state_files": {name: str(path) for name, path in files.items()},
+                          "desired_state": json.loads(next(iter(files.values())).read_text())}, indent=1))
         return 0
     if args.command == "down":
         for prefix in args.prefixes or topology.known_labs():

@@ -9,6 +9,7 @@ moment), with a generous bound; no assertion depends on how fast the machine is.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -235,3 +236,24 @@ def test_a_change_without_previous_drains_from_what_the_mux_runs(muxes_up):
     for mux in cluster.muxes:
         assert f"listener {lid}: generation 2 has no `previous`: draining from the running generation 1" \
             in mux.log_tail(200_000)
+
+
+def test_lab_up_writes_ready_documents_that_the_state_commands_edit(lab):
+    """`lbagent lab up` writes one desired-state document per mux; `lbagent validate` accepts them
+    and `lbagent state drain-backend` turns them into the next generation with `previous`."""
+    import json
+
+    from lbagent.cli import main as lbagent
+    from lbagent.lab.cli import write_desired_states
+
+    files = [str(p) for p in write_desired_states(lab).values()]
+    assert len(files) == len(lab.muxes)
+    assert lbagent(["validate", *files]) == 0
+    web1 = lab.backends[0]
+    assert lbagent(["state", "drain-backend", *files, "--listener", "1", "--address", web1.address]) == 0
+    assert lbagent(["validate", *files]) == 0
+    for path in files:
+        listener = json.loads(Path(path).read_text())["vips"][0]["listeners"][0]
+        assert listener["generation"] == 2
+        assert listener["previous"]["generation"] == 1
+        assert [b["state"] for b in listener["backends"]] == ["draining", "active", "active"]
