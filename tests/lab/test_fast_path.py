@@ -120,6 +120,7 @@ def test_a_bad_config_file_is_refused_and_the_applied_state_kept(cluster, weight
     mux = cluster.muxes[0]
     errors_before = mux.metric("lbagent_config_errors_total")
     applied = mux.metric("lbagent_config_generation")
+    applies = mux.metric("lbagent_applies_total")
     good = mux.config.read_text()
     try:
         write_atomically(mux.config, good.replace('"table_size": 65537', '"table_size": 65536'))
@@ -128,6 +129,10 @@ def test_a_bad_config_file_is_refused_and_the_applied_state_kept(cluster, weight
             assert time.monotonic() < deadline, "the daemon did not report the refused config"
             time.sleep(0.05)
         assert "table_size" in mux.log_tail(), "the log does not name the offending field"
+        # a refused file changes nothing: no apply, and no log line that reads as if it were applied
+        tail = mux.log_tail(20_000)
+        assert " INFO applied generation" not in tail[tail.rindex("refused"):], tail[-1500:]
+        assert mux.metric("lbagent_applies_total") == applies
         assert mux.metric("lbagent_config_generation") == applied
         client = cluster.lab.clients[0]
         names = {connect_and_ask(client.netns, VIP)[2] for _ in range(50)}
