@@ -508,6 +508,8 @@ class MuxDaemon:
                 continue
             if self.slowpath.moved_records(lid):
                 self._linger_quiet_since.pop(lid, None)
+                # keeps every other mux's lingering table as long as ours (see beacon_moved)
+                self.slowpath.beacon_moved(lid, [m.name for m in self.state.cluster.muxes])
                 continue
             since = self._linger_quiet_since.setdefault(lid, now)
             if now - since >= listener.idle_timeout_s:

@@ -418,6 +418,33 @@ class SlowPath:
             return self.decider.store.expire_idle_by(
                 lambda lid: by_id[lid].idle_timeout_s if lid in by_id else 0.0, now)
 
+    def beacon_moved(self, listener_id: int, to: Sequence[str]) -> bool:
+        """Copy one record of a moved flow of the listener to each mux in `to` (REPLICATE).
+
+        Why: a mux drops a lingering table when it holds no record on a moved bucket for the idle
+        timeout. With three or more muxes, one that neither owns nor forwards any moved flow would
+        drop it on its own count while the flows live on elsewhere, and send a flow that ECMP later
+        moves to it to the current table. One live record a round keeps its count honest; the copy
+        is an ordinary replica (it answers that flow correctly) and expires like one."""
+        with self._lock:
+            listener = self._by_id.get(listener_id)
+            if listener is None:
+                return False
+            tables = listener.tables
+            found = next(((k, r) for k, r in self.decider.store
+                          if k[0] == listener_id and r.backend != tables.current_backend(r.bucket)), None)
+            if found is None:
+                return False
+            (lid, flow), rec = found
+            batch = RecordBatch.of([ReplicatedRecord(lid, flow, rec.bucket, rec.backend)])
+            for mux in to:
+                if mux != self.decider.node:
+                    self.decider.outbox.replica_batches.setdefault(mux, []).append(batch)
+            outbox = self.decider.take_outbox()
+        if self.peers is not None and outbox:
+            self.peers.send(outbox)
+        return True
+
     def moved_records(self, listener_id: int) -> int:
         """Records of a listener whose backend is not the current table's for their bucket: flows
         that still need the listener's old (lingering) tables."""

@@ -159,3 +159,20 @@ def test_a_report_batch_records_what_decide_says_for_each_flow_and_nothing_else(
     copies = {(to, f) for to, batches in outbox.replica_batches.items() for b in batches for f in b.flows()}
     assert copies == {(ownership.owners(f[3] - 2000)[1], f) for f, (_, elsewhere) in want.items()
                       if not elsewhere}
+
+
+def test_a_moved_flow_is_beaconed_to_every_mux_so_none_ends_its_lingering_table_early(muxes):
+    """A mux that neither owns nor forwards a moved flow still gets one live record of the
+    listener each keep-alive round, so it keeps the lingering table as long as the owners do."""
+    paths, _bridges, tables, ownership = muxes
+    bucket = _buckets_owned(ownership, tables, "mux-a", "mux-b", 1)[0]
+    old = tables.fallback_backend(bucket)
+    assert old != tables.current_backend(bucket)
+    assert not paths["mux-b"].beacon_moved(3, NAMES), "no moved record held: nothing to beacon"
+    paths["mux-a"].decider.store.put_first((3, (0x0C000001, VIP, 6, 5000, 80)), old, bucket, time.time())
+    assert paths["mux-a"].moved_records(3) == 1
+    assert paths["mux-c"].moved_records(3) == 0
+    assert paths["mux-a"].beacon_moved(3, NAMES)
+    _wait_for(lambda: paths["mux-c"].moved_records(3) == 1 and paths["mux-b"].moved_records(3) == 1)
+    assert _records(paths["mux-c"])[(0x0C000001, VIP, 6, 5000, 80)] == (old, True)
+    assert _records(paths["mux-b"])[(0x0C000001, VIP, 6, 5000, 80)] == (old, True)
