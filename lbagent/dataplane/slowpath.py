@@ -425,14 +425,18 @@ class SlowPath:
         timeout. With three or more muxes, one that neither owns nor forwards any moved flow would
         drop it on its own count while the flows live on elsewhere, and send a flow that ECMP later
         moves to it to the current table. One live record a round keeps its count honest; the copy
-        is an ordinary replica (it answers that flow correctly) and expires like one."""
+        is an ordinary replica (it answers that flow correctly) and expires like one. Returns
+        whether this mux, as an owner, held such a record."""
         with self._lock:
             listener = self._by_id.get(listener_id)
             if listener is None:
                 return False
             tables = listener.tables
+            # Only an owner's own record (never a replica): copies must not renew each other in a
+            # circle, or a dead flow's records would never expire and the table never end.
             found = next(((k, r) for k, r in self.decider.store
-                          if k[0] == listener_id and r.backend != tables.current_backend(r.bucket)), None)
+                          if k[0] == listener_id and not r.replica
+                          and r.backend != tables.current_backend(r.bucket)), None)
             if found is None:
                 return False
             (lid, flow), rec = found

@@ -176,3 +176,6 @@ def test_a_moved_flow_is_beaconed_to_every_mux_so_none_ends_its_lingering_table_
     _wait_for(lambda: paths["mux-c"].moved_records(3) == 1 and paths["mux-b"].moved_records(3) == 1)
     assert _records(paths["mux-c"])[(0x0C000001, VIP, 6, 5000, 80)] == (old, True)
     assert _records(paths["mux-b"])[(0x0C000001, VIP, 6, 5000, 80)] == (old, True)
+    # copies never beacon again: records must not keep each other alive once the flow is gone
+    assert not paths["mux-c"].beacon_moved(3, NAMES)
+    assert not paths["mux-b"].beacon_moved(3, NAMES)
