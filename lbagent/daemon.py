@@ -192,6 +192,7 @@ class MuxDaemon:
         self._bypass_waiting: set[str] = set()  # bypass VIPs kept on the muxes until their drain ends
         self.keepalive_rounds = 0
         self.lingers_ended = 0
+        self.applied_phases: dict[int, str] = {}  # listener -> phase the kernel holds (set after the apply)
 
     # -- config -------------------------------------------------------------------------------
     def _read_config(self) -> bool:
@@ -445,6 +446,9 @@ class MuxDaemon:
                 if prefix.split("/")[0] not in routes:
                     self.bgp.withdraw(prefix)
         self._save_history()
+        # the phase shown is what the kernel now holds, not what was planned before the transaction
+        self.applied_phases = {lid: "draining" if t.draining else "lingering" if t.lingering else "stateless"
+                               for lid, t in self.tables.items()}
         (self._last_good, self._refused, self.running_generations, self.listener_errors,
          self._retry_refused) = self._planned
         self.applied_generation = self.state.generation
@@ -785,9 +789,8 @@ class MuxDaemon:
         phase = Metric("lbagent_listener_transition",
                        "1 per listener, labelled with its phase: draining (an old table's drain deadline is "
                        "ahead), lingering (drain over, flows of moved buckets still live) or stateless")
-        for lid, t in sorted(self.tables.items()):
-            phase.add(1, listener=str(lid),
-                      state="draining" if t.draining else "lingering" if t.lingering else "stateless")
+        for lid, state in sorted(self.applied_phases.items()):
+            phase.add(1, listener=str(lid), state=state)
         ms.append(phase)
         ms.append(Metric("lbagent_flow_record_quota", "Records this mux may hold (cluster.max_records)")
                   .add(self.store.max_records if self.store is not None else 0))

@@ -41,6 +41,17 @@ def _phase(cluster, listener_id: int, state: str) -> bool:
         m.metric("lbagent_listener_transition", listener=str(listener_id), state=state) == 1 for m in running)
 
 
+def _left(cluster, listener_id: int, state: str) -> bool:
+    """Every running mux reports the listener, and none of them in `state` any more."""
+    running = [m for m in cluster.muxes if m.alive()]
+    for m in running:
+        phases = {s: m.metric("lbagent_listener_transition", listener=str(listener_id), state=s)
+                  for s in ("draining", "lingering", "stateless")}
+        if sum(phases.values()) != 1 or phases[state] == 1:
+            return False
+    return bool(running)
+
+
 def _rounds_started_after(conns: LongConnections, moment: float, rounds: int) -> None:
     """Wait until `rounds` exchange rounds have started at or after `moment` (and completed)."""
     def done() -> bool:
@@ -144,7 +155,7 @@ def test_a_drained_backend_keeps_its_connections_until_the_deadline_and_no_longe
         conns.start_background()
         previous, deadline = _previous(1, gen1, drain_s)
         cluster.set_vip(doc(2, [backend_doc(web1, state="draining"), *gen1[1:]], previous))
-        wait_until(lambda: not _phase(cluster, lid, "draining") and time.time() >= deadline,
+        wait_until(lambda: time.time() >= deadline and _left(cluster, lid, "draining"),
                    timeout_s=drain_s + BOUND_S, what="both muxes past the drain deadline")
         ended_at = time.time()
         _rounds_started_after(conns, ended_at, 2)
@@ -158,7 +169,10 @@ def test_a_drained_backend_keeps_its_connections_until_the_deadline_and_no_longe
     assert early == {}, f"drained backend's connections broke before the deadline: {list(early.items())[:3]}"
     first_after = next(r for r, t in enumerate(conns.round_started) if t >= ended_at)
     late = {i for i in drained if i not in conns.broken or conns.broken_round[i] > first_after}
-    assert late == set(), f"{len(late)} drained connections still worked after the deadline"
+    assert late == set(), (f"{len(late)} drained connections still worked after the deadline: rounds "
+                           f"{sorted((conns.broken_round.get(i), conns.broken.get(i)) for i in late)[:5]}, "
+                           f"first round after the end {first_after}, rounds {conns.rounds}; "
+                           + " | ".join(m.log_tail(1500) for m in cluster.muxes))
     others = {i: why for i, why in conns.broken.items() if i not in drained}
     assert others == {}, f"connections of other backends broke: {list(others.items())[:5]}"
     delays = sorted(conns.broken_at[i] - deadline for i in drained)
