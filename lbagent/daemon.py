@@ -22,6 +22,7 @@ import select
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from lbagent.core.ownership import build_ownership
 from lbagent.core.records import RecordStore
 from lbagent.core.transition import GenerationTable, ListenerTables, OldTable, build_generation
 from lbagent.dataplane.nflog import NflogReader
-from lbagent.dataplane.nft import NFLOG_SNAPLEN, ListenerPlan, NftDataplane, NftError
+from lbagent.dataplane.nft import NFLOG_SNAPLEN, ListenerPlan, Nft, NftDataplane, NftError
 from lbagent.dataplane.slowpath import (
     INJECT_IFACE,
     INJECT_PEER,
@@ -193,6 +194,7 @@ class MuxDaemon:
         self.keepalive_rounds = 0
         self.lingers_ended = 0
         self.applied_phases: dict[int, str] = {}  # listener -> phase the kernel holds (set after the apply)
+        self._renew_wanted = threading.Event()
 
     # -- config -------------------------------------------------------------------------------
     def _read_config(self) -> bool:
@@ -462,23 +464,45 @@ class MuxDaemon:
 
     # -- flow state that lives as long as its flow ------------------------------------------------
     def keepalive_round(self, now: float) -> None:
-        """Renew the owners' records of every flow this mux's kernel forwarded by a pin since the
-        last round, expire idle records, and end lingering tables no flow needs any more."""
+        """Start a renewal of the records (on the keep-alive thread: reading a large pin map takes
+        seconds, and the main loop must stay free to apply a drain deadline on time) and end
+        lingering tables no flow needs any more."""
         self._next_keepalive = now + self._keepalive_interval
         if self.slowpath is None or self.dataplane is None or not self._slow:
             return
+        self._renew_wanted.set()
+        self.end_idle_lingers(now)
+
+    def _renewal_loop(self) -> None:
+        nft = Nft()  # its own libnftables context: the main loop's may be in a transaction
+        while not self._stopping:
+            if not self._renew_wanted.wait(0.5):
+                continue
+            self._renew_wanted.clear()
+            try:
+                self.renew_records(self._slow, self._keepalive_interval, time.time(), nft)
+            except (NftError, ValueError, OSError) as exc:
+                if not self._stopping:
+                    log.error("keep-alive round failed: %s", exc)
+
+    def renew_records(self, slow: list[SlowListener], interval_s: float, now: float,
+                      nft: Nft | None = None) -> None:
+        """Renew, here and at both owners, the records of every flow this mux's kernel forwarded
+        by a pin since the last round; then expire idle records."""
+        if self.slowpath is None or self.dataplane is None or not slow:
+            return
         per_listener: dict[int, tuple[SlowListener, list[tuple[int, int, int, int, int]], list[str]]] = {}
         by_mac: dict[int, dict[str, str]] = {}
-        protos = {ln.protocol for ln in self._slow}
+        protos = {ln.protocol for ln in slow}
         for proto in sorted(protos):
             number = 6 if proto == "tcp" else 17
             try:
-                pins = self.dataplane.pins_with_idle(proto)
+                pins = self.dataplane.pins_with_idle(proto, nft=nft)
             except NftError as exc:
                 log.error("keep-alive: cannot read the %s pins: %s", proto, exc)
                 continue
             for saddr, daddr, sport, dport, mac, idle_s in pins:
-                if idle_s > self._keepalive_interval + 1:
+                if idle_s > interval_s + 1:
                     continue  # no packet since the last round: its records age like it
                 listener = self.slowpath.listener_of(daddr, number, dport)
                 if listener is None:
@@ -505,6 +529,12 @@ class MuxDaemon:
         self.slowpath.keep_alive(batches)
         self.slowpath.expire_records(now)
         self.keepalive_rounds += 1
+
+    def end_idle_lingers(self, now: float) -> None:
+        """Drop a lingering table once no record of the listener has been on a moved bucket for
+        the listener's idle timeout (main loop: it changes the tables the next apply uses)."""
+        assert self.slowpath is not None
+        assert self.state is not None
         for lid, tables in list(self.tables.items()):
             listener = next((ln for ln in self._slow if ln.listener_id == lid), None)
             if not tables.lingering or listener is None:
@@ -637,6 +667,7 @@ class MuxDaemon:
                                      extra={"/records": lambda: json.dumps(self.slowpath.record_dump()
                                                                            if self.slowpath else [])})
         self.metrics.start()
+        threading.Thread(target=self._renewal_loop, name="keepalive", daemon=True).start()
         # Everything built so far (modules, tables, sockets) lives as long as the daemon: keep it
         # out of every later full collection.
         gc.freeze()

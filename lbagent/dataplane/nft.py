@@ -533,11 +533,13 @@ class NftDataplane:
                 return len(item["map"].get("elem", []))
         return 0
 
-    def pins_with_idle(self, protocol: str) -> list[tuple[int, int, int, int, str, int]]:
+    def pins_with_idle(self, protocol: str,
+                       nft: Nft | None = None) -> list[tuple[int, int, int, int, str, int]]:
         """Every pin of a protocol: (saddr, daddr, sport, dport as integers, MAC, seconds since the
         flow's last packet renewed it). Costs an `nft list` of the map (about 1.6 s per 65,000
-        pins): the keep-alive round does it once per round, only while listeners are in transition."""
-        out = self.nft.run(f"list map {self._t()} pins_{protocol}", json_output=True)
+        pins): the keep-alive thread does it once per round, only while listeners are in transition,
+        with its own context (`nft`) so the main loop's applies never wait for it."""
+        out = (nft or self.nft).run(f"list map {self._t()} pins_{protocol}", json_output=True)
         result: list[tuple[int, int, int, int, str, int]] = []
         for item in json.loads(out)["nftables"]:
             for elem in item.get("map", {}).get("elem", []):
