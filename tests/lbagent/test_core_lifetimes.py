@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lbagent.core.ownership import build_ownership
 from lbagent.core.records import RecordStore
@@ -151,3 +153,37 @@ def test_keep_alive_renews_here_and_queues_both_owners():
     assert "mux-a" not in sent_to_owner | copies_to
     total = sum(len(x) for v in out.record_batches.values() for x in v)
     assert total == sum(1 for b in buckets if ownership.owners(int(b))[0] != "mux-a")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sets(st.sampled_from([A, B, C, D, "10.0.0.5:80"]), min_size=1, max_size=5),
+                min_size=2, max_size=4),
+       st.data())
+def test_after_deadlines_ends_exactly_the_gone_backends(sets, data):
+    """For random chains of changes and deadlines: after a deadline no old table still names a
+    backend that is gone, every bucket whose flows must live on (an old table's backend still
+    alive and different from the current one) stays unstable, and nothing else does."""
+    gens = [build_generation(i + 1, sorted(s), None, M) for i, s in enumerate(sets)]
+    t = ListenerTables(gens[0])
+    deadlines = []
+    for i, g in enumerate(gens[1:]):
+        deadline = float(data.draw(st.integers(0, 10), label=f"deadline {i}"))
+        deadlines.append(deadline)
+        t = t.with_generation(g, drain_deadline=deadline)
+    now = float(data.draw(st.integers(0, 11), label="now"))
+    after = t.after_deadlines(now)
+    cur = np.asarray(t.current.backends, dtype=object)[t.current.table]
+    still = [o for o in t.old if o.drain_deadline > now]
+    alive = set(cur.tolist())
+    for o in still:
+        alive |= set(np.asarray(o.table.backends, dtype=object)[o.table.table].tolist())
+    assert set(after.alive_backends()) == alive
+    must = np.zeros(M, dtype=bool)
+    for o in t.old:
+        names = np.asarray(o.table.backends, dtype=object)[o.table.table]
+        must |= (names != cur) & np.isin(names, list(alive))
+    assert np.array_equal(after.unstable, must)
+    for o in after.old:
+        used = set(np.asarray(o.table.backends, dtype=object)[o.table.table].tolist())
+        assert used <= alive
+        assert o.lingering == (o.drain_deadline > 1e300)
