@@ -135,9 +135,11 @@ def test_connections_outlive_every_lifetime_after_an_add_then_survive_a_mux_kill
     assert answered > 0, "no flow reached the surviving mux without a pin: the kill moved nothing"
 
 
-def test_a_drained_backend_keeps_its_connections_until_the_deadline_and_no_longer(muxes_up):
-    """Acceptance 2 (Octavia's drain): the drained backend's connections live until the deadline
-    and end at the first exchange after the muxes reach it; no other connection breaks."""
+@pytest.mark.parametrize("how", ["drained", "removed"])
+def test_a_drained_backend_keeps_its_connections_until_the_deadline_and_no_longer(muxes_up, how):
+    """Acceptance 2 (Octavia's drain): a drained backend's (or one removed with a drain)
+    connections live until the deadline and end at the first exchange after the muxes reach it;
+    no other connection breaks."""
     cluster = muxes_up
     lab = cluster.lab
     vip, lid, drain_s = "203.0.113.14", 32, 10
@@ -154,7 +156,8 @@ def test_a_drained_backend_keeps_its_connections_until_the_deadline_and_no_longe
     try:
         conns.start_background()
         previous, deadline = _previous(1, gen1, drain_s)
-        cluster.set_vip(doc(2, [backend_doc(web1, state="draining"), *gen1[1:]], previous))
+        gen2 = gen1[1:] if how == "removed" else [backend_doc(web1, state="draining"), *gen1[1:]]
+        cluster.set_vip(doc(2, gen2, previous))
         wait_until(lambda: time.time() >= deadline and _left(cluster, lid, "draining"),
                    timeout_s=drain_s + BOUND_S, what="both muxes past the drain deadline")
         ended_at = time.time()
@@ -176,7 +179,7 @@ def test_a_drained_backend_keeps_its_connections_until_the_deadline_and_no_longe
     others = {i: why for i, why in conns.broken.items() if i not in drained}
     assert others == {}, f"connections of other backends broke: {list(others.items())[:5]}"
     delays = sorted(conns.broken_at[i] - deadline for i in drained)
-    print(f"\ndrain: {len(drained)} connections on the drained backend ended "
+    print(f"\n{how}: {len(drained)} connections on the {how} backend ended "
           f"{delays[0]:.2f}-{delays[-1]:.2f} s after the deadline (exchanges every {INTERVAL_S} s); "
           f"{len(conns.backend) - len(drained)} others intact")
 
