@@ -309,12 +309,7 @@ class PortalClient:
 
     async def _session(self, ws: ClientConnection) -> None:
         self._received = None  # a new connection starts with a full state
-        hello = Hello(
-            node=self.node,
-            role=self.role,
-            version=__version__,
-            applied_generation=self.applied.generation if self.applied else None,
-        )
+        hello = self._hello()
         await ws.send(encode(hello))
         self.connected.set()
         stats = asyncio.create_task(self._stats_loop(ws), name="stats")
@@ -351,6 +346,24 @@ class PortalClient:
                 self._pending_ready.set()
         finally:
             stats.cancel()
+
+    def _hello(self) -> Hello:
+        """The first message of a connection: who we are and what we run, in an ack's terms, so
+        the portal rebuilds our acknowledgement rows from it (what an earlier connection said, or
+        said late, does not count). While a document is being applied, it says what ran before."""
+        if self.applied is None:
+            return Hello(
+                node=self.node, role=self.role, version=__version__, applied_generation=None, listeners={}
+            )
+        partial = self._applied_partial
+        return Hello(
+            node=self.node,
+            role=self.role,
+            version=__version__,
+            applied_generation=self.applied.generation,
+            listeners=dict(partial.listeners) if partial else self.applied.listener_generations(),
+            listener_errors=dict(partial.listener_errors) if partial else {},
+        )
 
     # -- applying ------------------------------------------------------------------------------
 

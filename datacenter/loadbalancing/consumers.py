@@ -5,6 +5,13 @@ An agent authenticates with its AgentNode token in `Authorization: Bearer <token
 rest; a rotated token or a disabled node disconnects it at once). The first frame must be
 `hello`; the portal answers with the full desired state, and again after every relevant change.
 A malformed, unknown or oversized frame closes the connection with a logged reason.
+
+Every hello opens a new connection epoch (agent_sync.agent_connected): acknowledgements are
+recorded only under the current epoch, and the consumer of a replaced connection closes itself.
+Each consumer also watches its connection (`_watch`): a document counter ahead of what it sent
+with no notification (the channel layer dropped it) is logged, counted and resynced; an agent
+whose acknowledgement lags the sent document is re-sent the full state; a silent connection is
+closed as dead.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 
 from lbagent.protocol import (
     MAX_AGENT_MESSAGE_BYTES,
@@ -32,6 +40,7 @@ from lbagent.protocol import (
 from . import agent_sync
 from .desired_state import desired_frame_for, splice_node
 from .models import AgentNode
+from .models_sync import PushSettings
 
 logger = logging.getLogger("datacenter.loadbalancing.agents")
 
@@ -41,6 +50,21 @@ CLOSE_WRONG_NODE = 4403
 CLOSE_HELLO_TIMEOUT = 4408
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
+CLOSE_REPLACED = 4409  # the agent connected again: this connection is dead or dying
+CLOSE_SILENT = 4410  # nothing from the agent for too long
+
+# The connection watch (settings override them; tests shorten them).
+WATCH_INTERVAL_S = float(getattr(settings, "LB_AGENT_WATCH_INTERVAL_S", 1.0))
+ACK_LAG_S = float(getattr(settings, "LB_AGENT_ACK_LAG_S", 10.0))
+SILENCE_TIMEOUT_S = float(getattr(settings, "LB_AGENT_SILENCE_TIMEOUT_S", 30.0))
+
+# Why a connection ended, for the log and the agent API (websocket close codes).
+_CLOSE_REASONS = {
+    1000: "closed by the agent",
+    1001: "agent going away",
+    1006: "connection lost without a close frame",
+    1011: "keepalive ping timeout or server error",
+}
 
 
 def _bearer_token(scope: dict[str, Any]) -> str:
@@ -79,7 +103,7 @@ class AckRecorder:
     instead of four of each, which took 40-110 ms apiece when recorded one by one on 2 CPUs."""
 
     def __init__(self) -> None:
-        self._queue: list[tuple[AgentNode, Applied, dict[int, int] | None, asyncio.Future]] = []
+        self._queue: list[tuple[AgentNode, Applied, dict[int, int] | None, int | None, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self._awaited: dict[int, int] = {}  # agent id -> generation sent and not yet acknowledged
         self._arrived = asyncio.Event()
@@ -92,10 +116,10 @@ class AckRecorder:
         self._arrived.set()
 
     async def record(
-        self, agent: AgentNode, applied: Applied, known: dict[int, int] | None
+        self, agent: AgentNode, applied: Applied, known: dict[int, int] | None, epoch: int | None = None
     ) -> dict[int, int] | None:
         future = asyncio.get_running_loop().create_future()
-        self._queue.append((agent, applied, known, future))
+        self._queue.append((agent, applied, known, epoch, future))
         if self._awaited.get(agent.pk, applied.generation + 1) <= applied.generation:
             del self._awaited[agent.pk]
         self._arrived.set()
@@ -108,7 +132,7 @@ class AckRecorder:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ACK_GATHER_MAX_S
         while True:
-            newest = max(applied.generation for _, applied, _, _ in self._queue)
+            newest = max(applied.generation for _, applied, *_ in self._queue)
             if not any(generation <= newest for generation in self._awaited.values()):
                 return
             self._arrived.clear()
@@ -125,7 +149,7 @@ class AckRecorder:
             started = time.perf_counter()
             try:
                 results = await _record_applied_batch(
-                    [(agent, applied, known) for agent, applied, known, _ in batch]
+                    [(agent, applied, known, epoch) for agent, applied, known, epoch, _ in batch]
                 )
             except Exception as exc:  # every waiting consumer sees the failure, as if it had recorded alone
                 for *_, future in batch:
@@ -160,6 +184,16 @@ def _ack_recorder() -> AckRecorder:
 _desired_frame_for = database_sync_to_async(desired_frame_for, thread_sensitive=False)
 
 
+_agent_connected = database_sync_to_async(agent_sync.agent_connected, thread_sensitive=False)
+_agent_disconnected = database_sync_to_async(agent_sync.agent_disconnected, thread_sensitive=False)
+_count_sync_event = database_sync_to_async(agent_sync.count_sync_event, thread_sensitive=False)
+
+
+@database_sync_to_async
+def _cluster_generation() -> int:
+    return PushSettings.objects.filter(pk=1).values_list("generation", flat=True).first() or 0
+
+
 @database_sync_to_async
 def _still_authorized(agent_id: int, token_hash: str) -> bool:
     return AgentNode.objects.filter(pk=agent_id, enabled=True, token_hash=token_hash).exists()
@@ -174,6 +208,9 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     cache_generation: int | None = None
     forwarded_vips: frozenset[int] = frozenset()
     acked: dict[int, int] | None = None  # listener -> generation this connection acknowledged
+    epoch: int | None = None  # this connection's epoch (agent_sync.agent_connected)
+    acked_generation: int = -1  # the newest document the agent acknowledged on this connection
+    close_reason: str = ""
 
     async def connect(self) -> None:
         token = _bearer_token(self.scope)
@@ -189,6 +226,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             return
         self.agent = agent
         self._send_lock = asyncio.Lock()
+        self._last_received = self._sent_at = time.monotonic()
+        self._watcher: asyncio.Task | None = None
         await self.accept()
         await self.channel_layer.group_add(agent_sync.agent_group(agent.pk), self.channel_name)
         self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, self._hello_timeout)
@@ -205,21 +244,32 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         timer = getattr(self, "_hello_timer", None)
         if timer is not None:
             timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.channel_layer.group_discard(agent_sync.agent_group(self.agent.pk), self.channel_name)
-        _ack_recorder().forget(self.agent.pk)
+        reason = self.close_reason or _CLOSE_REASONS.get(code, f"close code {code}")
+        current = False
         if self.hello is not None:
             await self.channel_layer.group_discard(agent_sync.AGENTS_GROUP, self.channel_name)
-            await database_sync_to_async(agent_sync.agent_disconnected)(self.agent)
-        logger.info("agent %s disconnected (code %s)", self.agent.name, code)
+            current = await _agent_disconnected(self.agent, self.epoch, reason)
+        if current:  # a replaced connection's recorder entry belongs to the new one now
+            _ack_recorder().forget(self.agent.pk)
+        # A clean close is routine; anything else is a dead or killed connection worth a warning.
+        level = logging.INFO if code in (1000, 1001) or not current else logging.WARNING
+        logger.log(
+            level, "agent %s disconnected (epoch %s, code %s): %s", self.agent.name, self.epoch, code, reason
+        )
 
     async def _refuse(self, code: int, reason: str) -> None:
         name = self.agent.name if self.agent else "?"
         logger.warning("closing agent %s connection from %s: %s", name, _peer(self.scope), reason)
+        self.close_reason = reason[:200]
         await self.close(code=code, reason=reason[:120])
 
     # -- frames from the agent ---------------------------------------------------------------
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs) -> None:
+        self._last_received = time.monotonic()
         if bytes_data is not None and text_data is None:
             if len(bytes_data) > MAX_AGENT_MESSAGE_BYTES:
                 await self._refuse(
@@ -246,7 +296,9 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             await self._on_hello(message)
         elif isinstance(message, Applied):
             started = time.perf_counter()
-            self.acked = await _ack_recorder().record(self.agent, message, self.acked)
+            if message.ok:
+                self.acked_generation = max(self.acked_generation, message.generation)
+            self.acked = await _ack_recorder().record(self.agent, message, self.acked, self.epoch)
             logger.debug(
                 "recorded %s's ack of generation %s in %.1f ms",
                 self.agent.name,
@@ -273,17 +325,71 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             return
         self.hello = hello
         self._hello_timer.cancel()
+        # Before the epoch exists, so no ack of this connection can be recorded under an older one.
+        self.epoch = await _agent_connected(self.agent, hello.version, hello, _peer(self.scope))
+        if hello.listeners is not None:
+            self.acked = dict(hello.listeners)  # what the rows now say: the base of the next ack
         logger.info(
-            "agent %s (%s, lbagent %s) connected from %s, running generation %s",
+            "agent %s (%s, lbagent %s) connected from %s, epoch %s, running generation %s",
             hello.node,
             hello.role,
             hello.version,
             _peer(self.scope),
+            self.epoch,
             hello.applied_generation,
         )
-        await database_sync_to_async(agent_sync.agent_connected)(self.agent, hello.version)
+        # Older connections of this agent (in any web worker) close themselves.
+        await self.channel_layer.group_send(
+            agent_sync.agent_group(self.agent.pk), {"type": "agent.replaced", "epoch": self.epoch}
+        )
         await self.channel_layer.group_add(agent_sync.AGENTS_GROUP, self.channel_name)
         await self._send_desired()  # reconnect means full resync
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        """Repair what no message will: a dropped notification, a lagging agent, a dead peer."""
+        behind_since: float | None = None
+        resent_for = -1
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = time.monotonic()
+            if now - self._last_received > SILENCE_TIMEOUT_S:
+                await self._refuse(
+                    CLOSE_SILENT, f"nothing received for {SILENCE_TIMEOUT_S:g}s: connection presumed dead"
+                )
+                return
+            cluster = await _cluster_generation()
+            if cluster > self.sent_generation:
+                # Committed but not sent. Its notification may still be on its way: only a
+                # generation still unsent one interval later was dropped.
+                if behind_since is None:
+                    behind_since = now
+                else:
+                    logger.warning(
+                        "agent %s missed the notification of generation %s (sent %s): the channel "
+                        "layer dropped it (over capacity?); resyncing",
+                        self.agent.name,
+                        cluster,
+                        self.sent_generation,
+                    )
+                    await _count_sync_event(self.agent.pk, "missed_notifications")
+                    await self._send_desired()
+                    behind_since = None
+                continue
+            behind_since = None
+            lagging = self.acked_generation < self.sent_generation and now - self._sent_at > ACK_LAG_S
+            if lagging and resent_for != self.sent_generation:
+                resent_for = self.sent_generation
+                logger.warning(
+                    "agent %s has not acknowledged generation %s for %.0fs (last ack %s): re-sending "
+                    "its full state",
+                    self.agent.name,
+                    self.sent_generation,
+                    now - self._sent_at,
+                    self.acked_generation,
+                )
+                await _count_sync_event(self.agent.pk, "lag_resends")
+                await self._send_desired(force=True)
 
     # -- messages from the channel layer ------------------------------------------------------
 
@@ -295,6 +401,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             async with self._send_lock:
                 if delta["base"] == self.sent_generation:  # nothing else was sent meanwhile
                     self.sent_generation = event["generation"]
+                    self._sent_at = time.monotonic()
                     self.forwarded_vips = self.forwarded_vips | frozenset(delta["vips"])
                     _ack_recorder().expect(self.agent.pk, self.sent_generation)
                     await self.send(text_data=splice_node(delta, self.agent.name))
@@ -302,22 +409,31 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                     return
         await self._send_desired()
 
+    async def agent_replaced(self, event: dict[str, Any]) -> None:
+        if self.epoch is not None and event["epoch"] > self.epoch:
+            await self._refuse(
+                CLOSE_REPLACED, f"agent connected again (epoch {event['epoch']}); this connection is dead"
+            )
+
     async def agent_recheck(self, event: dict[str, Any]) -> None:
         if self.agent is not None and not await _still_authorized(self.agent.pk, self.agent.token_hash):
             await self._refuse(CLOSE_UNAUTHORIZED, "token revoked or agent disabled")
 
-    async def _send_desired(self) -> None:
+    async def _send_desired(self, *, force: bool = False) -> None:
+        """The next document (a delta from the cache when possible); `force`: the full state even
+        if nothing new was committed (an agent that lost or ignored what it was sent)."""
         async with self._send_lock:  # one document at a time, newest last
             started = time.perf_counter()
             generation, frame = await _desired_frame_for(
                 self.agent,
-                self.cache_generation,  # None: the full state first
+                None if force else self.cache_generation,  # None: the full state
                 base=self.sent_generation,
                 extra_vips=self.forwarded_vips,
             )
-            if generation <= self.sent_generation:
+            if generation <= self.sent_generation and not force:
                 return
             self.sent_generation = self.cache_generation = generation
+            self._sent_at = time.monotonic()
             self.forwarded_vips = frozenset()
             _ack_recorder().expect(self.agent.pk, generation)
             built = time.perf_counter()
