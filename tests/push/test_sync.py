@@ -411,3 +411,8 @@ def test_only_the_current_connection_marks_the_agent_disconnected(world, muxes) 
     sync = AgentSync.objects.get(agent=muxes[0])
     assert not sync.connected
     assert sync.disconnect_reason == "connection lost without a close frame"
+    # Shown to operators on the agent API.
+    shown = world.client("operator").get(f"/api/agent-nodes/{muxes[0].pk}/").json()["connection"]
+    assert shown["connected"] is False
+    assert shown["epoch"] == second
+    assert shown["disconnect_reason"] == "connection lost without a close frame"
