@@ -298,5 +298,9 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DATACENTER_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "filters": {"channel_overflow": {"()": "datacenter.loadbalancing.log_filters.ChannelOverflowAsWarning"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "channels_redis.core": {"filters": ["channel_overflow"]},
+    },
 }

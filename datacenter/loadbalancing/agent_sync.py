@@ -182,7 +182,9 @@ def refresh_tables(
             if listener_ids is not None:
                 listeners = listeners.filter(pk__in=list(listener_ids))
         tables = {
-            t.listener_id: t for t in ListenerTable.objects.select_for_update().filter(listener__in=listeners)
+            # In id order: two refreshes of overlapping sets lock in the same order (no deadlock).
+            t.listener_id: t
+            for t in ListenerTable.objects.select_for_update().filter(listener__in=listeners).order_by("pk")
         }
         now = time.time()
         created = []
@@ -276,12 +278,16 @@ def _bump_generation() -> PushSettings:
 def _stage(
     ids: list[int] | None, generations: Iterable[Generation] = ()
 ) -> tuple[int, dict[str, Any] | None, list[int]]:
-    """Inside a transaction: number the new document, refresh the tables and read the delta the
-    consumers will forward; returns (generation, delta, listeners whose table changed). The
-    PushSettings row lock, taken first and held until commit, serialises pushes cluster-wide,
-    so generation g's content is never older than g-1's."""
-    cluster_row = _bump_generation()
+    """Inside a transaction: refresh the tables, number the new document and read the delta the
+    consumers will forward; returns (generation, delta, listeners whose table changed).
+
+    The tables are refreshed under their own row locks first; the PushSettings row lock (which
+    numbers documents cluster-wide) is taken last and held only for the delta read and the
+    commit, so pushes for different listeners no longer wait for each other's whole request.
+    Generations still follow commit order, and the delta, read after the lock, sees every
+    earlier generation's commit: generation g's content is never older than g-1's."""
     changed = refresh_tables(ids, generations=generations)
+    cluster_row = _bump_generation()
     delta = desired_state.listener_delta(cluster_row, cluster_row.generation, ids) if ids else None
     return cluster_row.generation, delta, changed
 
