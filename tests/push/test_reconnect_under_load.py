@@ -31,7 +31,8 @@ from tests.environment import need
 from tests.push.stack import AgentProcess, CuttableProxy, PortalServer, seed_layout, seed_sqlite_layout
 from tests.services import database_url_for_test_db, redis_answers
 
-pytestmark = [pytest.mark.slow]
+# django_db: pytest-django then points the connection (and its pool) at the test database.
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
 REPETITIONS = 20
 SETTLE_BUDGET_S = 5.0  # the acceptance: every listener ACTIVE within 5 s of the last change
