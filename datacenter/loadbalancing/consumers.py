@@ -189,9 +189,12 @@ _agent_disconnected = database_sync_to_async(agent_sync.agent_disconnected, thre
 _count_sync_event = database_sync_to_async(agent_sync.count_sync_event, thread_sensitive=False)
 
 
-@database_sync_to_async
-def _cluster_generation() -> int:
+def _read_cluster_generation() -> int:
     return PushSettings.objects.filter(pk=1).values_list("generation", flat=True).first() or 0
+
+
+# Every connection asks once per watch interval: off the thread-sensitive executor as well.
+_cluster_generation = database_sync_to_async(_read_cluster_generation, thread_sensitive=False)
 
 
 @database_sync_to_async

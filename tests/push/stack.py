@@ -222,9 +222,12 @@ def seed_layout(listeners_per_vip: int = 3, agents: tuple[str, ...] = ("mux-a", 
     tokens = {}
     for index, name in enumerate(agents):
         _, tokens[name] = new_agent(name, world.host_shared, f"10.0.0.{2 + index}")
+    # A host agent (never counted for ACTIVE) that tests may drive by hand over a raw websocket.
+    _, host_token = new_agent("host-1", world.host_shared, None, role="host")
     return {
         "keys": world.keys,
         "tokens": tokens,
+        "host_token": host_token,
         "listeners_a": sorted(Listener.objects.filter(vip=world.vip_a).values_list("pk", flat=True)),
         "listener_b": world.listener_b.pk,
     }

@@ -48,6 +48,7 @@ class Layout:
     keys: dict[str, str]
     listeners: dict[int, str]  # listener id -> the role that may change it
     query: Callable[[str], list[tuple]]
+    host_token: str
     settle_times: list[float] = field(default_factory=list)
 
     def api(self, role: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -248,7 +249,7 @@ def production(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator
 def _layout(name, portal, agents, proxies, seeded, query) -> Layout:
     listeners = {lid: "a_member" for lid in seeded["listeners_a"]}
     listeners[seeded["listener_b"]] = "b_member"
-    layout = Layout(name, portal, agents, proxies, seeded["keys"], listeners, query)
+    layout = Layout(name, portal, agents, proxies, seeded["keys"], listeners, query, seeded["host_token"])
     _wait_converged(layout, START_TIMEOUT_S, "start-up")
     return layout
 
@@ -295,7 +296,7 @@ def test_overflowed_agent_channels_still_end_active(production) -> None:
     ahead of what they sent and resync, so every listener still ends ACTIVE."""
     portal = production.portal
     portal.stop()
-    portal.env = {**portal.env, "CHANNEL_LAYER_CAPACITY": "1"}
+    portal.env = {**portal.env, "CHANNEL_LAYER_CAPACITY": "1", "LB_AGENT_ACK_LAG_S": "2"}
     portal.start()
     _wait_converged(production, START_TIMEOUT_S, "reconnect after the restart with capacity 1")
     bursts = 0
@@ -312,3 +313,35 @@ def test_overflowed_agent_channels_still_end_active(production) -> None:
             assert not stream.errors, stream.errors[:3]
     assert "WARNING channels_redis.core" in portal.log()  # counted where operators look
     _wait_converged(production, SETTLE_BUDGET_S, f"after {bursts} burst(s) that overflowed a channel")
+
+
+def test_an_agent_that_does_not_acknowledge_is_resent_its_full_state(production) -> None:
+    """(After the overflow test: its portal runs with LB_AGENT_ACK_LAG_S=2.) A host agent that
+    receives its state and never acknowledges it is sent the full state again, once, and the
+    portal says why; a connection's consumer does not give up on a silent-but-alive agent."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    async def silent_agent() -> tuple[dict, dict, float]:
+        async with connect(
+            production.portal.ws_url,
+            additional_headers={"Authorization": f"Bearer {production.host_token}"},
+            max_size=16 * 1024 * 1024,
+            proxy=None,
+        ) as ws:
+            hello = {"type": "hello", "protocol": 1, "node": "host-1", "role": "host", "version": "0.1.0"}
+            await ws.send(json.dumps({**hello, "applied_generation": None, "listeners": {}}))
+            first = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            sent = time.monotonic()
+            again = json.loads(await asyncio.wait_for(ws.recv(), 60))  # no ack from us: a re-send
+            return first, again, time.monotonic() - sent
+
+    first, again, after_s = asyncio.run(silent_agent())
+    assert first["type"] == "desired"
+    assert again["type"] == "desired"  # the full state, not a delta
+    assert again["state"]["generation"] >= first["state"]["generation"]
+    assert after_s >= 2 * 0.9  # not before the configured lag (the clock of another process)
+    log = production.portal.log()
+    assert "agent host-1 has not acknowledged generation" in log
+    assert "re-sending its full state" in log
