@@ -121,6 +121,76 @@ def write_png(path: Path, series: dict[str, list[float]], width: int = 900, pane
     )
 
 
+def report(
+    args: argparse.Namespace,
+    change: int,
+    errors: list[str],
+    propagation: list[tuple[float, float]],
+    samples: list[dict],
+    agent_names: list[str],
+) -> None:
+    """Print the windows, the growth and (optionally) write the CSV and the PNG."""
+    window_s = args.window_minutes * 60
+    windows = max(1, round(args.minutes * 60 / window_s))
+    git = ["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %s"]
+    print(f"code: {subprocess.run(git, capture_output=True, text=True).stdout.strip()}")
+    load = os.getloadavg()
+    print(
+        f"soak: {args.minutes:g} min, {args.rate:g} changes/s, {args.agents} agents (protocol only), "
+        f"{args.vips} VIPs x 2 listeners; {change} changes, {len(errors)} errors; "
+        f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end"
+    )
+    for message in errors[:5]:
+        print(f"  error: {message}")
+    first_p95 = last_p95 = None
+    for w in range(windows):
+        lo, hi = w * window_s, (w + 1) * window_s
+        values = [s for t, s in propagation if lo <= t < hi]
+        rows = [r for r in samples if lo <= r["t"] < hi] or samples[-1:]
+        p50, p95 = percentile(values, 0.5) * 1000, percentile(values, 0.95) * 1000
+        first_p95 = p95 if first_p95 is None else first_p95
+        last_p95 = p95
+        agents_rss = sum(rows[-1][f"{name}_rss_mib"] for name in agent_names) / len(agent_names)
+        print(
+            f"  window {w + 1} ({lo / 60:.1f}-{hi / 60:.1f} min): n={len(values)} "
+            f"propagation p50 {p50:.1f} ms "
+            f"p95 {p95:.1f} ms; portal RSS {rows[-1]['portal_rss_mib']:.0f} MiB "
+            f"fds {rows[-1]['portal_fds']}; "
+            f"worker RSS {rows[-1]['worker_rss_mib']:.0f} MiB fds {rows[-1]['worker_fds']}; "
+            f"agent RSS (mean) {agents_rss:.0f} MiB; db connections {rows[-1]['db_connections']}"
+        )
+    if samples:
+        first, last = samples[0], samples[-1]
+        growth = ", ".join(
+            f"{name} {first[name]:.0f} -> {last[name]:.0f}"
+            for name in first
+            if name != "t" and (name.endswith("rss_mib") or name.endswith("fds") or name == "db_connections")
+        )
+        print(f"first -> last sample: {growth}")
+    if first_p95 and last_p95:
+        print(f"last window's p95 / first window's p95: {last_p95 / first_p95:.2f}")
+    if args.csv and samples:
+        with args.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(samples[0]))
+            writer.writeheader()
+            writer.writerows(samples)
+    if args.png and samples:
+        series = {
+            "portal RSS": [r["portal_rss_mib"] for r in samples],
+            "portal fds": [float(r["portal_fds"]) for r in samples],
+            "worker RSS": [r["worker_rss_mib"] for r in samples],
+            f"{agent_names[0]} RSS": [r[f"{agent_names[0]}_rss_mib"] for r in samples],
+            "db connections": [float(r["db_connections"]) for r in samples],
+            "propagation": [s * 1000 for _, s in propagation],
+        }
+        write_png(args.png, series)
+        print(
+            f"plot: {args.png} (panels top to bottom, each from 0 to its maximum: "
+            + "; ".join(f"{name} max {max(v) if v else 0:.0f}" for name, v in series.items())
+            + ")"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30)
@@ -283,66 +353,7 @@ def main() -> int:
         stop.set()
         sampler.join(timeout=30)
 
-        window_s = args.window_minutes * 60
-        windows = max(1, round(args.minutes * 60 / window_s))
-        git = ["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %s"]
-        print(f"code: {subprocess.run(git, capture_output=True, text=True).stdout.strip()}")
-        load = os.getloadavg()
-        print(
-            f"soak: {args.minutes:g} min, {args.rate:g} changes/s, {args.agents} agents (protocol only), "
-            f"{args.vips} VIPs x 2 listeners; {change} changes, {len(errors)} errors; "
-            f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end"
-        )
-        for message in errors[:5]:
-            print(f"  error: {message}")
-        first_p95 = last_p95 = None
-        for w in range(windows):
-            lo, hi = w * window_s, (w + 1) * window_s
-            values = [s for t, s in propagation if lo <= t < hi]
-            rows = [r for r in samples if lo <= r["t"] < hi] or samples[-1:]
-            p50, p95 = percentile(values, 0.5) * 1000, percentile(values, 0.95) * 1000
-            first_p95 = p95 if first_p95 is None else first_p95
-            last_p95 = p95
-            agents_rss = sum(rows[-1][f"{a.name}_rss_mib"] for a in agents) / len(agents)
-            print(
-                f"  window {w + 1} ({lo / 60:.1f}-{hi / 60:.1f} min): n={len(values)} "
-                f"propagation p50 {p50:.1f} ms "
-                f"p95 {p95:.1f} ms; portal RSS {rows[-1]['portal_rss_mib']:.0f} MiB "
-                f"fds {rows[-1]['portal_fds']}; "
-                f"worker RSS {rows[-1]['worker_rss_mib']:.0f} MiB fds {rows[-1]['worker_fds']}; "
-                f"agent RSS (mean) {agents_rss:.0f} MiB; db connections {rows[-1]['db_connections']}"
-            )
-        if samples:
-            first, last = samples[0], samples[-1]
-            growth = ", ".join(
-                f"{name} {first[name]:.0f} -> {last[name]:.0f}"
-                for name in first
-                if name != "t"
-                and (name.endswith("rss_mib") or name.endswith("fds") or name == "db_connections")
-            )
-            print(f"first -> last sample: {growth}")
-        if first_p95 and last_p95:
-            print(f"last window's p95 / first window's p95: {last_p95 / first_p95:.2f}")
-        if args.csv and samples:
-            with args.csv.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(samples[0]))
-                writer.writeheader()
-                writer.writerows(samples)
-        if args.png and samples:
-            series = {
-                "portal RSS": [r["portal_rss_mib"] for r in samples],
-                "portal fds": [float(r["portal_fds"]) for r in samples],
-                "worker RSS": [r["worker_rss_mib"] for r in samples],
-                f"{agents[0].name} RSS": [r[f"{agents[0].name}_rss_mib"] for r in samples],
-                "db connections": [float(r["db_connections"]) for r in samples],
-                "propagation": [s * 1000 for _, s in propagation],
-            }
-            write_png(args.png, series)
-            print(
-                f"plot: {args.png} (panels top to bottom, each from 0 to its maximum: "
-                + "; ".join(f"{name} max {max(v) if v else 0:.0f}" for name, v in series.items())
-                + ")"
-            )
+        report(args, change, errors, propagation, samples, [a.name for a in agents])
         db.close()
     finally:
         for agent in agents:
