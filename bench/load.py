@@ -192,25 +192,24 @@ def percentile(values: list[float], q: float) -> float:
 class Sampler(threading.Thread):
     """Once a second: the portal's database connections and the listeners not ACTIVE."""
 
-    def __init__(self, url: str, db_name: str) -> None:
+    def __init__(self, connect, db_name: str | None) -> None:
         super().__init__(daemon=True)
-        self.url, self.db_name = url, db_name
+        self.connect, self.db_name = connect, db_name
         self.connections: list[int] = []
         self.pending: list[int] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as conn:
+        with self.connect() as conn:
             while not self.stop.wait(1.0):
-                self.connections.append(
-                    conn.execute(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE datname = %s AND pid <> pg_backend_pid()",
-                        [self.db_name],
-                    ).fetchone()[0]
-                )
+                if self.db_name is not None:  # PostgreSQL; SQLite has no server connections
+                    self.connections.append(
+                        conn.execute(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE datname = %s AND pid <> pg_backend_pid()",
+                            [self.db_name],
+                        ).fetchone()[0]
+                    )
                 self.pending.append(not_active(conn))
 
 
@@ -229,17 +228,41 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     parser.add_argument("--settle-timeout", type=float, default=60)
+    parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="the embedded layout instead: SQLite file, in-memory channel layer, one process, no worker",
+    )
     args = parser.parse_args()
     base_db, redis_url = os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")
-    if not base_db.startswith("postgres") or not redis_url:
-        print("bench/load.py needs DATABASE_URL (PostgreSQL) and REDIS_URL", file=sys.stderr)
+    if not args.embedded and (not base_db.startswith("postgres") or not redis_url):
+        print("bench/load.py needs DATABASE_URL (PostgreSQL) and REDIS_URL (or --embedded)", file=sys.stderr)
         return 2
     if args.clients % args.tenants or args.vips % args.tenants:
         print("--clients and --vips must be multiples of --tenants", file=sys.stderr)
         return 2
-    db_name = f"bench_load_{os.getpid()}"
-    admin_execute(base_db, f'CREATE DATABASE "{db_name}"')
-    url = database_url(base_db, db_name)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    if args.embedded:
+        import sqlite3
+
+        db_name = None
+        sqlite_path = workdir / "db.sqlite3"
+        url = f"sqlite:///{sqlite_path}"
+        os.environ.pop("REDIS_URL", None)
+        args.workers = 1  # the in-memory channel layer lives in one process
+
+        def connect():
+            return sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True, timeout=30)
+    else:
+        import psycopg
+
+        db_name = f"bench_load_{os.getpid()}"
+        admin_execute(base_db, f'CREATE DATABASE "{db_name}"')
+        url = database_url(base_db, db_name)
+
+        def connect():
+            return psycopg.connect(url, autocommit=True)
+
     os.environ["DATABASE_URL"] = url
     os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
     os.environ["DATACENTER_LOG_LEVEL"] = os.environ.get("BENCH_LOG_LEVEL", "WARNING")
@@ -248,7 +271,6 @@ def main() -> int:
     django.setup()
     from tests.push.stack import AgentProcess, PortalServer
 
-    workdir = Path(tempfile.mkdtemp(prefix="bench-load-"))
     portal, agents, worker = None, [], None
     try:
         clients_seed, tokens = seed(args.tenants, args.vips, args.clients, args.agents)
@@ -257,28 +279,32 @@ def main() -> int:
         portal = PortalServer(env=env, workdir=workdir, workers=args.workers)
         portal.start()
         with (workdir / "worker.log").open("w") as log:
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "datacenter.celery:app",
-                    "worker",
-                    "--pool",
-                    "threads",
-                    "--concurrency",
-                    "2",
-                    "--loglevel",
-                    "WARNING",
-                    "-n",
-                    f"bench-{os.getpid()}@%h",
-                ],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            worker = (
+                None
+                if args.embedded
+                else subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "datacenter.celery:app",
+                        "worker",
+                        "--pool",
+                        "threads",
+                        "--concurrency",
+                        "2",
+                        "--loglevel",
+                        "WARNING",
+                        "-n",
+                        f"bench-{os.getpid()}@%h",
+                    ],
+                    cwd=REPO_ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
         agents = [
             AgentProcess(
@@ -293,9 +319,7 @@ def main() -> int:
         ]
         for agent in agents:
             agent.start()
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True) as conn:
+        with connect() as conn:
             deadline = time.monotonic() + 120
             while (
                 not_active(conn)
@@ -308,7 +332,7 @@ def main() -> int:
                 time.sleep(0.2)
         stop = threading.Event()
         clients = [Client(portal.http_url, key, ids, stop, n) for n, (key, ids) in enumerate(clients_seed)]
-        sampler = Sampler(url, db_name)
+        sampler = Sampler(connect, db_name)
         sampler.start()
         started = time.perf_counter()
         for client in clients:
@@ -319,7 +343,7 @@ def main() -> int:
             client.join(timeout=120)
         load_s = time.perf_counter() - started
         stopped = time.monotonic()
-        with psycopg.connect(url, autocommit=True) as conn:
+        with connect() as conn:
             while (left := not_active(conn)) and time.monotonic() - stopped < args.settle_timeout:
                 time.sleep(0.05)
             settle_s = time.monotonic() - stopped
@@ -339,8 +363,14 @@ def main() -> int:
             ["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True
         ).stdout.strip() or str(REPO_ROOT)
         print(f"code: {code}")
+        layout = (
+            "embedded: uvicorn x1, SQLite, in-memory channel layer"
+            if args.embedded
+            else f"uvicorn x{args.workers} + Celery worker + PostgreSQL + Redis"
+        )
         print(
-            f"layout: uvicorn x{args.workers} + Celery worker + PostgreSQL + Redis, {args.agents} agents "
+            f"layout: {layout}, "
+            f"{args.agents} agents "
             f"(protocol only), {args.vips} VIPs x 2 listeners in {args.tenants} tenants, "
             f"{args.clients} clients, "
             f"{load_s:.0f} s; machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} / {load[1]:.1f} / "
@@ -387,7 +417,8 @@ def main() -> int:
         from django.db import connections
 
         connections.close_all()
-        admin_execute(base_db, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        if db_name is not None:
+            admin_execute(base_db, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
     return 0
 
 
