@@ -58,6 +58,9 @@ WATCH_INTERVAL_S = float(getattr(settings, "LB_AGENT_WATCH_INTERVAL_S", 1.0))
 ACK_LAG_S = float(getattr(settings, "LB_AGENT_ACK_LAG_S", 10.0))
 SILENCE_TIMEOUT_S = float(getattr(settings, "LB_AGENT_SILENCE_TIMEOUT_S", 30.0))
 
+# Changes queued for one connection beyond which a single full resync replaces them.
+MAX_PENDING_CHANGES = 256
+
 # Why a connection ended, for the log and the agent API (websocket close codes).
 _CLOSE_REASONS = {
     1000: "closed by the agent",
@@ -231,6 +234,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         self._send_lock = asyncio.Lock()
         self._last_received = self._sent_at = time.monotonic()
         self._watcher: asyncio.Task | None = None
+        self._changes: list[dict[str, Any]] = []  # committed changes not yet sent (state_changed)
+        self._sender: asyncio.Task | None = None
         await self.accept()
         await self.channel_layer.group_add(agent_sync.agent_group(agent.pk), self.channel_name)
         self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, self._hello_timeout)
@@ -247,8 +252,9 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         timer = getattr(self, "_hello_timer", None)
         if timer is not None:
             timer.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in (self._watcher, self._sender):
+            if task is not None:
+                task.cancel()
         await self.channel_layer.group_discard(agent_sync.agent_group(self.agent.pk), self.channel_name)
         reason = self.close_reason or _CLOSE_REASONS.get(code, f"close code {code}")
         current = False
@@ -348,6 +354,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         await self.channel_layer.group_add(agent_sync.AGENTS_GROUP, self.channel_name)
         await self._send_desired()  # reconnect means full resync
         self._watcher = asyncio.ensure_future(self._watch())
+        self._watcher.add_done_callback(self._background_done)
 
     async def _watch(self) -> None:
         """Repair what no message will: a dropped notification, a lagging agent, a dead peer."""
@@ -362,7 +369,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 )
                 return
             cluster = await _cluster_generation()
-            if cluster > self.sent_generation:
+            busy = bool(self._changes) or (self._sender is not None and not self._sender.done())
+            if cluster > self.sent_generation and not busy:
                 # Committed but not sent. Its notification may still be on its way: only a
                 # generation still unsent one interval later was dropped.
                 if behind_since is None:
@@ -397,20 +405,53 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     # -- messages from the channel layer ------------------------------------------------------
 
     async def state_changed(self, event: dict[str, Any]) -> None:
+        """A change was committed. Queued for this connection's sender task and the handler
+        returns at once, so the channel drains as fast as messages arrive and cannot overflow
+        while a slow send is in progress: a burst of changes coalesces into what is pending."""
         if self.hello is None or event.get("generation", 0) <= self.sent_generation:
             return
-        delta = event.get("delta")
-        if delta is not None and delta["base"] == self.sent_generation:
-            async with self._send_lock:
-                if delta["base"] == self.sent_generation:  # nothing else was sent meanwhile
-                    self.sent_generation = event["generation"]
-                    self._sent_at = time.monotonic()
-                    self.forwarded_vips = self.forwarded_vips | frozenset(delta["vips"])
-                    _ack_recorder().expect(self.agent.pk, self.sent_generation)
-                    await self.send(text_data=splice_node(delta, self.agent.name))
-                    logger.debug("forwarded generation %s to %s", self.sent_generation, self.agent.name)
-                    return
-        await self._send_desired()
+        if len(self._changes) >= MAX_PENDING_CHANGES:
+            self._changes = [{"generation": event["generation"]}]  # too many: one full resync covers them
+        else:
+            self._changes.append(event)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.ensure_future(self._send_changes())
+            self._sender.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        """A background task of this connection (sender, watch) failed: log it and close the
+        connection, so the agent reconnects and resyncs instead of silently missing changes."""
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "agent %s connection task failed; closing the connection for a resync",
+                self.agent.name,
+                exc_info=task.exception(),
+            )
+            self._closing = asyncio.ensure_future(self._refuse(1011, "internal error; reconnect to resync"))
+
+    async def _send_changes(self) -> None:
+        while self._changes:
+            changes, self._changes = sorted(self._changes, key=lambda e: e["generation"]), []
+            for event in changes:
+                if event["generation"] <= self.sent_generation:
+                    continue  # a document sent meanwhile already covers it
+                if not await self._forward(event.get("delta"), event["generation"]):
+                    await self._send_desired()  # the cache covers everything committed so far
+
+    async def _forward(self, delta: dict[str, Any] | None, generation: int) -> bool:
+        """Forward the change's own delta if the agent holds exactly its base."""
+        if delta is None or delta["base"] != self.sent_generation:
+            return False
+        async with self._send_lock:
+            if delta["base"] != self.sent_generation:  # something else was sent meanwhile
+                return False
+            self.sent_generation = generation
+            self._sent_at = time.monotonic()
+            self.forwarded_vips = self.forwarded_vips | frozenset(delta["vips"])
+            _ack_recorder().expect(self.agent.pk, self.sent_generation)
+            await self.send(text_data=splice_node(delta, self.agent.name))
+            logger.debug("forwarded generation %s to %s", self.sent_generation, self.agent.name)
+            return True
 
     async def agent_replaced(self, event: dict[str, Any]) -> None:
         if self.epoch is not None and event["epoch"] > self.epoch:
