@@ -184,6 +184,11 @@ class Client(threading.Thread):
         conn.close()
 
 
+def current_code() -> str:
+    git = ["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %s"]
+    return subprocess.run(git, capture_output=True, text=True).stdout.strip() or str(REPO_ROOT)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
@@ -234,6 +239,7 @@ def main() -> int:
         help="the embedded layout instead: SQLite file, in-memory channel layer, one process, no worker",
     )
     args = parser.parse_args()
+    code = current_code()  # now: the checkout may move on while the bench runs
     base_db, redis_url = os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")
     if not args.embedded and (not base_db.startswith("postgres") or not redis_url):
         print("bench/load.py needs DATABASE_URL (PostgreSQL) and REDIS_URL (or --embedded)", file=sys.stderr)
@@ -359,9 +365,6 @@ def main() -> int:
         total = sum(len(v) for v in samples.values())
         total_errors = sum(len(v) for v in errors.values())
         load = os.getloadavg()
-        code = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True
-        ).stdout.strip() or str(REPO_ROOT)
         print(f"code: {code}")
         layout = (
             "embedded: uvicorn x1, SQLite, in-memory channel layer"

@@ -34,7 +34,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from load import REPO_ROOT, admin_execute, database_url, percentile, seed  # noqa: E402
+from load import REPO_ROOT, admin_execute, current_code, database_url, percentile, seed  # noqa: E402
 
 SAMPLE_EVERY_S = 10.0
 
@@ -132,8 +132,7 @@ def report(
     """Print the windows, the growth and (optionally) write the CSV and the PNG."""
     window_s = args.window_minutes * 60
     windows = max(1, round(args.minutes * 60 / window_s))
-    git = ["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %s"]
-    print(f"code: {subprocess.run(git, capture_output=True, text=True).stdout.strip()}")
+    print(f"code: {args.code}")
     load = os.getloadavg()
     print(
         f"soak: {args.minutes:g} min, {args.rate:g} changes/s, {args.agents} agents (protocol only), "
@@ -201,6 +200,7 @@ def main() -> int:
     parser.add_argument("--png", type=Path, help="write the plot here")
     parser.add_argument("--csv", type=Path, help="write the samples here")
     args = parser.parse_args()
+    args.code = current_code()  # now: the checkout may move on while the soak runs
     base_db, redis_url = os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", "")
     if not base_db.startswith("postgres") or not redis_url:
         print("bench/soak.py needs DATABASE_URL (PostgreSQL) and REDIS_URL", file=sys.stderr)
