@@ -6,95 +6,51 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     initial = True
 
     dependencies = [
-        ("tenancy", "0001_initial"),
+        ('tenancy', '0001_initial'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name="AuditEntry",
+            name='AuditEntry',
             fields=[
-                (
-                    "id",
-                    models.BigAutoField(
-                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
-                    ),
-                ),
-                ("time", models.DateTimeField(auto_now_add=True, db_index=True)),
-                (
-                    "actor",
-                    models.CharField(help_text="username (via token NAME) or 'system'", max_length=200),
-                ),
-                ("action", models.CharField(max_length=64)),
-                ("object_type", models.CharField(max_length=64)),
-                ("object_id", models.CharField(blank=True, max_length=64)),
-                ("object_repr", models.CharField(blank=True, max_length=200)),
-                ("before", models.JSONField(blank=True, null=True)),
-                ("after", models.JSONField(blank=True, null=True)),
-                ("request_id", models.CharField(blank=True, db_index=True, max_length=64)),
-                (
-                    "tenant",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="+",
-                        to="tenancy.tenant",
-                    ),
-                ),
-                (
-                    "user",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="+",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('time', models.DateTimeField(auto_now_add=True, db_index=True)),
+                ('actor', models.CharField(help_text="username (via token NAME) or 'system'", max_length=200)),
+                ('action', models.CharField(max_length=64)),
+                ('object_type', models.CharField(max_length=64)),
+                ('object_id', models.CharField(blank=True, max_length=64)),
+                ('object_repr', models.CharField(blank=True, max_length=200)),
+                ('before', models.JSONField(blank=True, null=True)),
+                ('after', models.JSONField(blank=True, null=True)),
+                ('request_id', models.CharField(blank=True, db_index=True, max_length=64)),
+                ('tenant', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='tenancy.tenant')),
+                ('user', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
             ],
             options={
-                "verbose_name_plural": "audit entries",
-                "ordering": ["-id"],
+                'verbose_name_plural': 'audit entries',
+                'ordering': ['-id'],
             },
         ),
         migrations.CreateModel(
-            name="Event",
+            name='Event',
             fields=[
-                (
-                    "id",
-                    models.BigAutoField(
-                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
-                    ),
-                ),
-                ("time", models.DateTimeField(auto_now_add=True)),
-                (
-                    "kind",
-                    models.CharField(
-                        db_index=True, help_text="e.g. listener.backends_replaced", max_length=64
-                    ),
-                ),
-                ("object_type", models.CharField(max_length=64)),
-                ("object_id", models.CharField(blank=True, max_length=64)),
-                ("data", models.JSONField(blank=True, default=dict)),
-                ("request_id", models.CharField(blank=True, max_length=64)),
-                (
-                    "tenant",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="+",
-                        to="tenancy.tenant",
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('time', models.DateTimeField(auto_now_add=True)),
+                ('kind', models.CharField(db_index=True, help_text='e.g. listener.backends_replaced', max_length=64)),
+                ('object_type', models.CharField(max_length=64)),
+                ('object_id', models.CharField(blank=True, max_length=64)),
+                ('data', models.JSONField(blank=True, default=dict)),
+                ('request_id', models.CharField(blank=True, max_length=64)),
+                ('tenant', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='tenancy.tenant')),
             ],
             options={
-                "ordering": ["id"],
-                "indexes": [models.Index(fields=["tenant", "id"], name="event_tenant_id")],
+                'ordering': ['id'],
+                'indexes': [models.Index(fields=['tenant', 'id'], name='event_tenant_id')],
             },
         ),
     ]
