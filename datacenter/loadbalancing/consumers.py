@@ -377,11 +377,12 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                     behind_since = now
                 else:
                     logger.warning(
-                        "agent %s missed the notification of generation %s (sent %s): the channel "
-                        "layer dropped it (over capacity?); resyncing",
+                        "agent %s missed the notification of generation %s (sent %s): none arrived "
+                        "within %.1fs of its commit (dropped by the channel layer, or late); resyncing",
                         self.agent.name,
                         cluster,
                         self.sent_generation,
+                        now - behind_since,
                     )
                     await _count_sync_event(self.agent.pk, "missed_notifications")
                     await self._send_desired()
