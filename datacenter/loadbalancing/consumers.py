@@ -358,7 +358,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
 
     async def _watch(self) -> None:
         """Repair what no message will: a dropped notification, a lagging agent, a dead peer."""
-        behind_since: float | None = None
+        # (cluster generation committed but unsent at the previous tick, when it was seen)
+        behind: tuple[int, float] | None = None
         resent_for = -1
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
@@ -372,23 +373,25 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             busy = bool(self._changes) or (self._sender is not None and not self._sender.done())
             if cluster > self.sent_generation and not busy:
                 # Committed but not sent. Its notification may still be on its way: only a
-                # generation still unsent one interval later was dropped.
-                if behind_since is None:
-                    behind_since = now
-                else:
+                # generation that was already committed at the previous tick and is still
+                # unsent now was dropped (under a stream of changes there is nearly always a
+                # newer one in flight, which proves nothing).
+                if behind is not None and self.sent_generation < behind[0]:
                     logger.warning(
                         "agent %s missed the notification of generation %s (sent %s): none arrived "
                         "within %.1fs of its commit (dropped by the channel layer, or late); resyncing",
                         self.agent.name,
-                        cluster,
+                        behind[0],
                         self.sent_generation,
-                        now - behind_since,
+                        now - behind[1],
                     )
                     await _count_sync_event(self.agent.pk, "missed_notifications")
                     await self._send_desired()
-                    behind_since = None
+                    behind = None
+                else:
+                    behind = (cluster, now)
                 continue
-            behind_since = None
+            behind = None
             lagging = self.acked_generation < self.sent_generation and now - self._sent_at > ACK_LAG_S
             if lagging and resent_for != self.sent_generation:
                 resent_for = self.sent_generation
