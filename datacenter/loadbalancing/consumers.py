@@ -217,6 +217,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     epoch: int | None = None  # this connection's epoch (agent_sync.agent_connected)
     acked_generation: int = -1  # the newest document the agent acknowledged on this connection
     close_reason: str = ""
+    closing: bool = False  # a close was sent: nothing more may be
 
     async def connect(self) -> None:
         token = _bearer_token(self.scope)
@@ -270,6 +271,15 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def _refuse(self, code: int, reason: str) -> None:
+        if self.closing:
+            return  # one close per connection (the server refuses a second one)
+        self.closing = True
+        # Nothing is sent after the close: stop this connection's background work (but not the
+        # task that is closing it, e.g. the watch closing a silent connection).
+        current = asyncio.current_task()
+        for task in (getattr(self, "_watcher", None), getattr(self, "_sender", None)):
+            if task is not None and task is not current:
+                task.cancel()
         name = self.agent.name if self.agent else "?"
         logger.warning("closing agent %s connection from %s: %s", name, _peer(self.scope), reason)
         self.close_reason = reason[:200]
@@ -425,7 +435,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     def _background_done(self, task: asyncio.Task) -> None:
         """A background task of this connection (sender, watch) failed: log it and close the
         connection, so the agent reconnects and resyncs instead of silently missing changes."""
-        if not task.cancelled() and task.exception() is not None:
+        if not task.cancelled() and task.exception() is not None and not self.closing:
             logger.error(
                 "agent %s connection task failed; closing the connection for a resync",
                 self.agent.name,
@@ -434,7 +444,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             self._closing = asyncio.ensure_future(self._refuse(1011, "internal error; reconnect to resync"))
 
     async def _send_changes(self) -> None:
-        while self._changes:
+        while self._changes and not self.closing:
             changes, self._changes = sorted(self._changes, key=lambda e: e["generation"]), []
             for event in changes:
                 if event["generation"] <= self.sent_generation:
@@ -447,6 +457,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         if delta is None or delta["base"] != self.sent_generation:
             return False
         async with self._send_lock:
+            if self.closing:
+                return True  # nothing to send on a closing connection, and nothing to resync
             if delta["base"] != self.sent_generation:  # something else was sent meanwhile
                 return False
             self.sent_generation = generation
@@ -478,7 +490,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 base=self.sent_generation,
                 extra_vips=self.forwarded_vips,
             )
-            if generation <= self.sent_generation and not force:
+            if (generation <= self.sent_generation and not force) or self.closing:
                 return
             self.sent_generation = self.cache_generation = generation
             self._sent_at = time.monotonic()
