@@ -435,13 +435,17 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     def _background_done(self, task: asyncio.Task) -> None:
         """A background task of this connection (sender, watch) failed: log it and close the
         connection, so the agent reconnects and resyncs instead of silently missing changes."""
-        if not task.cancelled() and task.exception() is not None and not self.closing:
-            logger.error(
-                "agent %s connection task failed; closing the connection for a resync",
-                self.agent.name,
-                exc_info=task.exception(),
-            )
-            self._closing = asyncio.ensure_future(self._refuse(1011, "internal error; reconnect to resync"))
+        if task.cancelled() or task.exception() is None or self.closing:
+            return
+        if isinstance(task.exception(), OSError):  # uvicorn's ClientDisconnected: the peer is gone
+            logger.info("agent %s connection went away while sending: %s", self.agent.name, task.exception())
+            return
+        logger.error(
+            "agent %s connection task failed; closing the connection for a resync",
+            self.agent.name,
+            exc_info=task.exception(),
+        )
+        self._closing = asyncio.ensure_future(self._refuse(1011, "internal error; reconnect to resync"))
 
     async def _send_changes(self) -> None:
         while self._changes and not self.closing:
