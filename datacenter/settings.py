@@ -129,7 +129,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The embedded mode writes from the web server and the in-process worker threads at once:
     # take the write lock at BEGIN and wait for it instead of failing with "database is locked".
     DATABASES["default"]["CONN_MAX_AGE"] = 0
-    DATABASES["default"].setdefault("OPTIONS", {}).update({"timeout": 20, "transaction_mode": "IMMEDIATE"})
+    # WAL: readers (the VIP list, status polls) no longer wait for a writer's commit, and a commit
+    # is one append instead of a rollback-journal rewrite; synchronous=NORMAL is safe with WAL
+    # (a power cut can lose the last commits, never corrupt the file).
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -177,13 +186,23 @@ if REDIS_URL:
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             # redis-py 8 defaults socket_timeout to 5 s, the same as channels_redis' BZPOPMIN wait:
             # idle consumers then die every ~5 s (django/channels_redis#422). Give reads more room.
-            "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 30}]},
+            "CONFIG": {
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                # Messages a consumer's channel holds before group_send drops new ones (the agent
+                # consumers detect a dropped notification and resync; tests shrink this).
+                "capacity": int(os.environ.get("CHANNEL_LAYER_CAPACITY", "100")),
+            },
         }
     }
     CELERY_BROKER_URL = REDIS_URL
     CELERY_RESULT_BACKEND = REDIS_URL
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": int(os.environ.get("CHANNEL_LAYER_CAPACITY", "100"))},
+        }
+    }
     # One process: the broker is kombu's in-memory transport and asgi.py starts a worker thread and
     # an embedded beat on it, so jobs still run asynchronously from the request that queued them.
     CELERY_BROKER_URL = "memory://"
@@ -195,7 +214,30 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_TASK_TRACK_STARTED = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BEAT_SCHEDULE: dict = {}
+# --- Agent connections (datacenter/loadbalancing/consumers.py) ------------------------------------
+# How often each agent connection is checked for a dropped notification, a lagging agent and
+# silence; how long an unacknowledged document may wait before it is re-sent in full; and how
+# long a connection may stay silent (agents send stats every 5 s) before it is closed as dead.
+LB_AGENT_WATCH_INTERVAL_S = float(os.environ.get("LB_AGENT_WATCH_INTERVAL_S", "1.0"))
+LB_AGENT_ACK_LAG_S = float(os.environ.get("LB_AGENT_ACK_LAG_S", "10"))
+LB_AGENT_SILENCE_TIMEOUT_S = float(os.environ.get("LB_AGENT_SILENCE_TIMEOUT_S", "30"))
+
+# --- Retention (datacenter/events/retention.py, a periodic job) -----------------------------------
+# Rows older than *_DAYS and rows beyond *_MAX (oldest first) are deleted every
+# RETENTION_INTERVAL_S. Generations: each listener always keeps its newest
+# RETENTION_GENERATIONS_KEEP (the current one included), whatever their age.
+RETENTION = {
+    "events_days": int(os.environ.get("RETENTION_EVENTS_DAYS", "30")),
+    "events_max": int(os.environ.get("RETENTION_EVENTS_MAX", "200000")),
+    "audit_days": int(os.environ.get("RETENTION_AUDIT_DAYS", "365")),
+    "audit_max": int(os.environ.get("RETENTION_AUDIT_MAX", "1000000")),
+    "generations_days": int(os.environ.get("RETENTION_GENERATIONS_DAYS", "90")),
+    "generations_keep": int(os.environ.get("RETENTION_GENERATIONS_KEEP", "20")),
+}
+RETENTION_INTERVAL_S = float(os.environ.get("RETENTION_INTERVAL_S", "3600"))
+CELERY_BEAT_SCHEDULE: dict = {
+    "prune-history": {"task": "datacenter.events.prune_history", "schedule": RETENTION_INTERVAL_S},
+}
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 EMBEDDED_WORKER_ENABLED = EMBEDDED_MODE and os.environ.get("DATACENTER_EMBEDDED_WORKER", "1") != "0"
 EMBEDDED_WORKER_CONCURRENCY = int(os.environ.get("DATACENTER_EMBEDDED_WORKER_CONCURRENCY", "2"))
@@ -256,5 +298,9 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DATACENTER_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    "filters": {"channel_overflow": {"()": "datacenter.loadbalancing.log_filters.ChannelOverflowAsWarning"}},
+    "loggers": {
+        "django.db.backends": {"level": "WARNING"},
+        "channels_redis.core": {"filters": ["channel_overflow"]},
+    },
 }

@@ -56,15 +56,26 @@ class Hello:
     role: Literal["mux", "host"]
     version: str  # agent software version
     applied_generation: int | None  # generation of the state the agent runs now (fail static)
+    # What the agent runs, in an acknowledgement's terms (listener id -> listener generation, and
+    # why a listener is not at its desired one). The portal rebuilds the agent's acknowledgement
+    # rows from it, so nothing a previous connection said (or said late) survives a reconnect.
+    # None: an older agent that does not say; the portal then keeps its rows until the next ack.
+    listeners: Mapping[int, int] | None = None
+    listener_errors: Mapping[int, str] = field(default_factory=dict)
     type: str = field(default="hello", init=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "node": self.node,
             "role": self.role,
             "version": self.version,
             "applied_generation": self.applied_generation,
         }
+        if self.listeners is not None:
+            body["listeners"] = {str(k): v for k, v in sorted(self.listeners.items())}
+        if self.listener_errors:
+            body["listener_errors"] = {str(k): v for k, v in sorted(self.listener_errors.items())}
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +220,9 @@ def _reason(value: Any, where: str) -> str | None:
 
 
 def _decode_hello(body: dict[str, Any]) -> Hello:
-    _fields(body, "hello", ("node", "role", "version"), ("applied_generation",))
+    _fields(
+        body, "hello", ("node", "role", "version"), ("applied_generation", "listeners", "listener_errors")
+    )
     node, role, version = body["node"], body["role"], body["version"]
     if not isinstance(node, str) or not _NAME_RE.match(node):
         raise ProtocolError(f"hello.node: expected a node name, got {_short(node)}")
@@ -220,13 +233,63 @@ def _decode_hello(body: dict[str, Any]) -> Hello:
     applied = body.get("applied_generation")
     if applied is not None:
         applied = _int(applied, "hello.applied_generation")
-    return Hello(node=node, role=role, version=version, applied_generation=applied)
+    listeners = None
+    listener_errors: dict[int, str] = {}
+    if body.get("listeners") is not None:
+        listeners = _listener_generations(body["listeners"], "hello.listeners")
+        listener_errors = _listener_errors(body.get("listener_errors"), listeners, "hello.listener_errors")
+    elif body.get("listener_errors"):
+        raise ProtocolError("hello.listener_errors: given without hello.listeners")
+    return Hello(
+        node=node,
+        role=role,
+        version=version,
+        applied_generation=applied,
+        listeners=listeners,
+        listener_errors=listener_errors,
+    )
 
 
 def _is_id(key: str) -> bool:
     """A listener id as JSON object key: ASCII digits, no leading zero, at most 19 of them
     (str.isdigit alone accepts "²" and "０", which int() refuses or reads as another id)."""
     return key.isascii() and key.isdigit() and len(key) <= 19 and (key[0] != "0" or key == "0")
+
+
+def _listener_generations(raw_listeners: Any, where: str) -> dict[int, int]:
+    if not isinstance(raw_listeners, dict) or len(raw_listeners) > 1_000_000:
+        raise ProtocolError(
+            f"{where}: expected an object of listener id -> generation, got {_short(raw_listeners)}"
+        )
+    listeners: dict[int, int] = {}
+    top = 2**63 - 1
+    for key, value in raw_listeners.items():
+        if not _is_id(key):
+            raise ProtocolError(f"{where}: expected listener ids as keys, got {_short(key)}")
+        # An ack lists every listener (thousands): the message naming the entry is only built
+        # for a bad one. type() excludes bool.
+        if type(value) is not int or not 0 <= value <= top:
+            _int(value, f"{where}.{key}")
+        listeners[int(key)] = value
+    return listeners
+
+
+def _listener_errors(raw_errors: Any, listeners: Mapping[int, int], where: str) -> dict[int, str]:
+    raw_errors = {} if raw_errors is None else raw_errors
+    if not isinstance(raw_errors, dict) or len(raw_errors) > len(listeners):
+        raise ProtocolError(
+            f"{where}: expected an object of listener id -> reason for listeners the "
+            f"message lists, got {_short(raw_errors)}"
+        )
+    listener_errors: dict[int, str] = {}
+    for key, value in raw_errors.items():
+        if not _is_id(key) or int(key) not in listeners:
+            raise ProtocolError(f"{where}: {_short(key)} is not a listener this message lists")
+        reason = _reason(value, f"{where}.{key}")
+        if not reason:
+            raise ProtocolError(f"{where}.{key}: the reason is empty")
+        listener_errors[int(key)] = reason
+    return listener_errors
 
 
 def _decode_applied(body: dict[str, Any]) -> Applied:
@@ -237,36 +300,8 @@ def _decode_applied(body: dict[str, Any]) -> Applied:
     error = _reason(body.get("error"), "applied.error")
     if not ok and not error:
         raise ProtocolError("applied.error: a failed apply must say why")
-    raw_listeners = body.get("listeners") or {}
-    if not isinstance(raw_listeners, dict) or len(raw_listeners) > 1_000_000:
-        raise ProtocolError(
-            f"applied.listeners: expected an object of listener id -> generation, got {_short(raw_listeners)}"
-        )
-    listeners: dict[int, int] = {}
-    top = 2**63 - 1
-    for key, value in raw_listeners.items():
-        if not _is_id(key):
-            raise ProtocolError(f"applied.listeners: expected listener ids as keys, got {_short(key)}")
-        # An ack lists every listener (thousands): the message naming the entry is only built
-        # for a bad one. type() excludes bool.
-        if type(value) is not int or not 0 <= value <= top:
-            _int(value, f"applied.listeners.{key}")
-        listeners[int(key)] = value
-    raw_errors = body.get("listener_errors")
-    raw_errors = {} if raw_errors is None else raw_errors
-    if not isinstance(raw_errors, dict) or len(raw_errors) > len(listeners):
-        raise ProtocolError(
-            "applied.listener_errors: expected an object of listener id -> reason for listeners the "
-            f"ack lists, got {_short(raw_errors)}"
-        )
-    listener_errors: dict[int, str] = {}
-    for key, value in raw_errors.items():
-        if not _is_id(key) or int(key) not in listeners:
-            raise ProtocolError(f"applied.listener_errors: {_short(key)} is not a listener this ack lists")
-        reason = _reason(value, f"applied.listener_errors.{key}")
-        if not reason:
-            raise ProtocolError(f"applied.listener_errors.{key}: the reason is empty")
-        listener_errors[int(key)] = reason
+    listeners = _listener_generations(body.get("listeners") or {}, "applied.listeners")
+    listener_errors = _listener_errors(body.get("listener_errors"), listeners, "applied.listener_errors")
     return Applied(
         generation=_int(body["generation"], "applied.generation"),
         ok=ok,

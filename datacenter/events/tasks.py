@@ -23,3 +23,12 @@ def prune_events(keep_days: int = 30) -> int:
     # A queryset delete: the append-only guard is on single-row delete(), history pruning is deliberate.
     deleted, _ = Event.objects.filter(time__lt=cutoff).delete()
     return deleted
+
+
+@shared_task(name="datacenter.events.prune_history")
+def prune_history() -> dict:
+    """Periodic (settings.CELERY_BEAT_SCHEDULE): prune events, audit entries and generations by
+    age and count (settings.RETENTION). Returns how many of each were deleted."""
+    from .retention import prune_history as run
+
+    return run()

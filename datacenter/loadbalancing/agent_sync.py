@@ -24,7 +24,7 @@ from django.db.models import Count, Exists, F, OuterRef, Q, Subquery
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
-from lbagent.protocol import Applied, Health
+from lbagent.protocol import Applied, Health, Hello
 
 from . import desired_state
 from .choices import AgentRole, BackendState, OperatingStatus, ProvisioningStatus
@@ -182,7 +182,9 @@ def refresh_tables(
             if listener_ids is not None:
                 listeners = listeners.filter(pk__in=list(listener_ids))
         tables = {
-            t.listener_id: t for t in ListenerTable.objects.select_for_update().filter(listener__in=listeners)
+            # In id order: two refreshes of overlapping sets lock in the same order (no deadlock).
+            t.listener_id: t
+            for t in ListenerTable.objects.select_for_update().filter(listener__in=listeners).order_by("pk")
         }
         now = time.time()
         created = []
@@ -276,12 +278,16 @@ def _bump_generation() -> PushSettings:
 def _stage(
     ids: list[int] | None, generations: Iterable[Generation] = ()
 ) -> tuple[int, dict[str, Any] | None, list[int]]:
-    """Inside a transaction: number the new document, refresh the tables and read the delta the
-    consumers will forward; returns (generation, delta, listeners whose table changed). The
-    PushSettings row lock, taken first and held until commit, serialises pushes cluster-wide,
-    so generation g's content is never older than g-1's."""
-    cluster_row = _bump_generation()
+    """Inside a transaction: refresh the tables, number the new document and read the delta the
+    consumers will forward; returns (generation, delta, listeners whose table changed).
+
+    The tables are refreshed under their own row locks first; the PushSettings row lock (which
+    numbers documents cluster-wide) is taken last and held only for the delta read and the
+    commit, so pushes for different listeners no longer wait for each other's whole request.
+    Generations still follow commit order, and the delta, read after the lock, sees every
+    earlier generation's commit: generation g's content is never older than g-1's."""
     changed = refresh_tables(ids, generations=generations)
+    cluster_row = _bump_generation()
     delta = desired_state.listener_delta(cluster_row, cluster_row.generation, ids) if ids else None
     return cluster_row.generation, delta, changed
 
@@ -314,61 +320,166 @@ def touch_agent(agent_id: int, **fields: Any) -> None:
     AgentNode.objects.filter(pk=agent_id).update(last_seen=timezone.now(), **fields)
 
 
-def agent_connected(agent: AgentNode, version: str) -> None:
-    AgentSync.objects.update_or_create(
-        agent=agent, defaults={"connected": True, "version": version, "connected_at": timezone.now()}
-    )
+def agent_connected(agent: AgentNode, version: str, hello: Hello | None = None, peer: str = "") -> int:
+    """A hello: open a new connection epoch for the agent and, when the hello says what the agent
+    runs, replace its acknowledgement rows with exactly that (in the same transaction, under the
+    AgentSync row lock that ack batches take too, so a late ack of the replaced connection is
+    either recorded before this or refused after it). Returns the new epoch."""
+    listeners = None if hello is None or hello.listeners is None else dict(hello.listeners)
+    errors = {} if hello is None else dict(hello.listener_errors)
+    with transaction.atomic():
+        AgentSync.objects.get_or_create(agent=agent)
+        sync = AgentSync.objects.select_for_update().get(agent=agent)
+        replaced = sync.connected
+        sync.epoch += 1
+        sync.connected, sync.version, sync.connected_at = True, version, timezone.now()
+        sync.disconnect_reason = ""
+        sync.save(update_fields=["epoch", "connected", "version", "connected_at", "disconnect_reason"])
+        before: dict[int, int] = {}
+        if listeners is not None:
+            before = dict(
+                AgentListenerAck.objects.filter(agent=agent).values_list("listener_id", "generation")
+            )
+            written = _write_acks(
+                [(agent.pk, lid, gen, errors.get(lid, "")) for lid, gen in listeners.items()]
+            )
+            AgentListenerAck.objects.filter(agent=agent).exclude(
+                listener__in=[row[1] for row in written]
+            ).delete()
+    if replaced:
+        # The previous connection never said goodbye: it is dead or dying (keepalive timeout,
+        # a network cut). Its consumer is told to close; its acks are refused from now on.
+        logger.warning(
+            "agent %s reconnected from %s while its previous connection (epoch %s) was still open: "
+            "treating that one as dead",
+            agent.name,
+            peer or "?",
+            sync.epoch - 1,
+        )
     touch_agent(agent.pk)
-    publish_event("agent.connected", {"agent": agent.name, "role": agent.role, "version": version})
+    publish_event(
+        "agent.connected", {"agent": agent.name, "role": agent.role, "version": version, "epoch": sync.epoch}
+    )
+    if listeners is not None:
+        changed = {lid for lid in set(before) | set(listeners) if before.get(lid) != listeners.get(lid)}
+        evaluate_listeners(changed, include_unsettled=False)
+    return sync.epoch
 
 
-def agent_disconnected(agent: AgentNode) -> None:
-    AgentSync.objects.filter(agent=agent).update(connected=False, disconnected_at=timezone.now())
-    publish_event("agent.disconnected", {"agent": agent.name, "role": agent.role})
+def agent_disconnected(agent: AgentNode, epoch: int | None = None, reason: str = "") -> bool:
+    """The connection of `epoch` closed. Only the agent's current connection marks it
+    disconnected: a replaced one closing late must not. Returns whether it was the current one."""
+    rows = AgentSync.objects.filter(agent=agent)
+    if epoch is not None:
+        rows = rows.filter(epoch=epoch)
+    if not rows.update(connected=False, disconnected_at=timezone.now(), disconnect_reason=reason[:200]):
+        return False
+    publish_event("agent.disconnected", {"agent": agent.name, "role": agent.role, "reason": reason})
     if AgentSync.objects.filter(agent=agent).exclude(unhealthy={}).exists():
         # Its health votes no longer count: the majority may have changed.
         changed = refresh_tables(None)
         if changed:
             notify_agents(_bump_generation().generation)
             evaluate_listeners(changed)
+    return True
+
+
+def count_sync_event(agent_id: int, counter: str) -> None:
+    """missed_notifications, lag_resends or stale_acks_ignored += 1 (shown on the agent API)."""
+    AgentSync.objects.filter(agent_id=agent_id).update(**{counter: F(counter) + 1})
 
 
 def record_applied(
-    agent: AgentNode, applied: Applied, known: dict[int, int] | None = None
+    agent: AgentNode, applied: Applied, known: dict[int, int] | None = None, epoch: int | None = None
 ) -> dict[int, int] | None:
     """An agent's acknowledgement (or failure) of a document. `known` is what this connection
     acknowledged before (None: read it from the database); only listeners whose generation
-    changed are written. Returns what the agent now runs."""
-    return record_applied_batch([(agent, applied, known)])[0]
+    changed are written. `epoch`: the connection it came on (None: do not check). Returns what
+    the agent now runs."""
+    return record_applied_batch([(agent, applied, known, epoch)])[0]
 
 
-AppliedReport = tuple[AgentNode, Applied, "dict[int, int] | None"]
+# (agent, its ack, what its connection acknowledged before, the connection's epoch or None)
+AppliedReport = tuple[AgentNode, Applied, "dict[int, int] | None", "int | None"]
+
+
+def _current_reports(reports: list[AppliedReport]) -> tuple[list[AppliedReport], list[int]]:
+    """Inside the recording transaction: lock the reporting agents' AgentSync rows (in id order,
+    the order hellos lock them too) and keep the reports of their current connection. Returns
+    (current reports, indexes of refused ones)."""
+    checked = sorted({agent.pk for agent, _, _, epoch in reports if epoch is not None})
+    if not checked:
+        return reports, []
+    epochs = dict(
+        AgentSync.objects.select_for_update()
+        .filter(agent_id__in=checked)
+        .order_by("agent_id")
+        .values_list("agent_id", "epoch")
+    )
+    kept, refused = [], []
+    for index, report in enumerate(reports):
+        agent, applied, _, epoch = report
+        if epoch is None or epochs.get(agent.pk) == epoch:
+            kept.append(report)
+            continue
+        refused.append(index)
+        logger.info(
+            "ignored agent %s's ack of generation %s from replaced connection epoch %s (current %s)",
+            agent.name,
+            applied.generation,
+            epoch,
+            epochs.get(agent.pk),
+        )
+    return kept, refused
 
 
 def record_applied_batch(reports: list[AppliedReport]) -> list[dict[int, int] | None]:
     """Several acknowledgements (in arrival order) in one transaction and one status
     evaluation: the agents' acks of one push arrive within milliseconds of each other, and
-    recording them one by one cost a transaction and an evaluation each. Returns, per report,
-    what that agent now runs (the `known` of its next report)."""
+    recording them one by one cost a transaction and an evaluation each. Reports from a
+    connection that a newer hello replaced are ignored. Returns, per report, what that agent now
+    runs (the `known` of its next report). Statuses are evaluated after the commit: two batches
+    committing concurrently (two web workers) each evaluate after their own commit, so the
+    later one sees both."""
+    with transaction.atomic():
+        current, refused = _current_reports(reports)
+        results, after_commit = _record_current(current)
+    after_commit()
+    for index in refused:  # a replaced connection's consumer keeps what it knew; it is closing
+        agent, _, known, _ = reports[index]
+        count_sync_event(agent.pk, "stale_acks_ignored")
+        results.insert(index, known)
+    return results
+
+
+def _record_current(reports: list[AppliedReport]) -> tuple[list[dict[int, int] | None], Any]:
+    """The writes of record_applied_batch; returns the results and what to do after commit."""
     results: list[dict[int, int] | None] = []
     latest: dict[int, dict[int, int]] = {}  # agent -> what it runs, as of the reports so far
     rows: dict[tuple[int, int], tuple[int, str]] = {}  # (agent, listener) -> (generation, error)
     touched: dict[int, AgentNode] = {}
+    failures: list[tuple[AgentNode, Applied]] = []
     failed: set[int] = set()  # agents whose last report in this batch is a failure: keep their error
     # Listeners an agent said it could not apply (their VIP refused): rewritten until it can.
     refusing = (
         {
             (a, li): e
-            for a, li, e in AgentListenerAck.objects.filter(agent__in={a.pk for a, _, _ in reports})
+            for a, li, e in AgentListenerAck.objects.filter(agent__in={a.pk for a, *_ in reports})
             .exclude(error="")
             .values_list("agent_id", "listener_id", "error")
         }
-        if any(applied.ok for _, applied, _ in reports)
+        if any(applied.ok for _, applied, *_ in reports)
         else {}
     )
-    for agent, applied, known in reports:
+    for agent, applied, known, _ in reports:
         if not applied.ok:
-            results.append(_record_failure(agent, applied, latest.get(agent.pk, known)))
+            AgentSync.objects.update_or_create(
+                agent=agent, defaults={"error": applied.error or "", "error_generation": applied.generation}
+            )
+            touch_agent(agent.pk)
+            failures.append((agent, applied))
+            previous = latest.get(agent.pk, known)
+            results.append(dict(previous) if previous is not None else None)
             failed.add(agent.pk)
             continue
         failed.discard(agent.pk)
@@ -387,30 +498,63 @@ def record_applied_batch(reports: list[AppliedReport]) -> list[dict[int, int] | 
         agent.applied_at = agent.last_seen
         touched[agent.pk] = agent
         results.append(latest[agent.pk])
-    if not touched:
-        return results
     acks = [(agent_id, lid, gen, error) for (agent_id, lid), (gen, error) in rows.items()]
+    cleared = 0
+    if touched:
+        acks = _write_acks(acks)
+        # An agent that applied a document is no longer in error (which can settle other
+        # listeners: every unsettled one is looked at after the commit).
+        cleared = (
+            AgentSync.objects.filter(agent__in=[pk for pk in touched if pk not in failed])
+            .exclude(error="")
+            .update(error="", error_generation=None)
+        )
+        AgentNode.objects.bulk_update(touched.values(), ["last_seen", "applied_generation", "applied_at"])
+
+    def after_commit() -> None:
+        for agent, applied in failures:
+            logger.warning(
+                "agent %s failed to apply generation %s: %s", agent.name, applied.generation, applied.error
+            )
+            publish_event(
+                "agent.apply_failed",
+                {"agent": agent.name, "generation": applied.generation, "error": applied.error},
+            )
+        if acks:
+            evaluate_listeners({ack[1] for ack in acks}, include_unsettled=False)
+        _report_refusals(touched, acks, refusing)
+        if cleared or failures:
+            evaluate_listeners([], include_unsettled=True)
+
+    return results, after_commit
+
+
+def _write_acks(acks: list[tuple[int, int, int, str]]) -> list[tuple[int, int, int, str]]:
+    """Inside a transaction: upsert the rows of listeners that still exist (an agent may ack a
+    listener deleted since). Returns the rows written. PostgreSQL: the foreign keys are checked
+    at once (they are deferred to COMMIT otherwise, which would fail the whole batch) and a
+    concurrent delete is caught in a savepoint; SQLite: the transaction holds the write lock,
+    so filtering first is enough."""
+
+    def live_only(rows: list[tuple[int, int, int, str]]) -> list[tuple[int, int, int, str]]:
+        live = set(Listener.objects.filter(pk__in={row[1] for row in rows}).values_list("pk", flat=True))
+        return [row for row in rows if row[1] in live]
+
+    if not acks:
+        return acks
+    if connection.vendor != "postgresql":
+        acks = live_only(acks)
+        _upsert_acks(acks)
+        return acks
+    with connection.cursor() as cursor:
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
     try:
-        _upsert_acks(acks)
+        with transaction.atomic():  # a savepoint: PostgreSQL aborts the transaction otherwise
+            _upsert_acks(acks)
     except IntegrityError:  # a listener was deleted meanwhile (rare): write the others' rows
-        live = set(Listener.objects.filter(pk__in={ack[1] for ack in acks}).values_list("pk", flat=True))
-        acks = [ack for ack in acks if ack[1] in live]
+        acks = live_only(acks)
         _upsert_acks(acks)
-    if acks:
-        evaluate_listeners({ack[1] for ack in acks}, include_unsettled=False)
-    _report_refusals(touched, acks, refusing)
-    # Off the critical path, after the statuses were published: an agent that applied a document
-    # is no longer in error (which can settle other listeners: look at every unsettled one), and
-    # the status tree's bookkeeping.
-    cleared = (
-        AgentSync.objects.filter(agent__in=[pk for pk in touched if pk not in failed])
-        .exclude(error="")
-        .update(error="", error_generation=None)
-    )
-    if cleared:
-        evaluate_listeners([], include_unsettled=True)
-    AgentNode.objects.bulk_update(touched.values(), ["last_seen", "applied_generation", "applied_at"])
-    return results
+    return acks
 
 
 def _upsert_acks(acks: list[tuple[int, int, int, str]]) -> None:
@@ -450,24 +594,6 @@ def _report_refusals(
             "agent.listener_refused" if error else "agent.listener_applied",
             {"agent": name, "listener": listener_id, "generation": generation, "error": error or None},
         )
-
-
-def _record_failure(
-    agent: AgentNode, applied: Applied, known: dict[int, int] | None
-) -> dict[int, int] | None:
-    AgentSync.objects.update_or_create(
-        agent=agent, defaults={"error": applied.error or "", "error_generation": applied.generation}
-    )
-    touch_agent(agent.pk)
-    logger.warning(
-        "agent %s failed to apply generation %s: %s", agent.name, applied.generation, applied.error
-    )
-    publish_event(
-        "agent.apply_failed",
-        {"agent": agent.name, "generation": applied.generation, "error": applied.error},
-    )
-    evaluate_listeners([])
-    return dict(known) if known is not None else None
 
 
 def record_health(agent: AgentNode, health: Health) -> None:

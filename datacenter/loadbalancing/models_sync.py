@@ -59,6 +59,17 @@ class AgentSync(models.Model):
     error = models.TextField(blank=True)  # reason of the last failed apply ("" after a success)
     error_generation = models.BigIntegerField(null=True, blank=True)
     unhealthy = models.JSONField(default=dict, blank=True)  # {"<listener>|<address>|<port>": reason}
+    # Connection epoch: bumped by every hello. Acknowledgements are recorded only under the epoch
+    # of the connection they came on, so a replaced (dead) connection's late acks cannot
+    # overwrite what the agent's hello on the new connection said it runs.
+    epoch = models.PositiveBigIntegerField(default=0)
+    disconnect_reason = models.CharField(max_length=200, blank=True)
+    # Times a consumer found the cluster's document counter ahead of what it had sent with no
+    # notification arriving (the channel layer dropped it) and resynced the agent.
+    missed_notifications = models.PositiveBigIntegerField(default=0)
+    # Times the agent's acknowledgements lagged the sent document so long that it was re-sent.
+    lag_resends = models.PositiveBigIntegerField(default=0)
+    stale_acks_ignored = models.PositiveBigIntegerField(default=0)
 
     def __str__(self) -> str:
         return f"sync of {self.agent_id}"

@@ -134,6 +134,7 @@ async def test_hello_apply_and_acknowledge(portal) -> None:
             "role": "mux",
             "version": hello["version"],
             "applied_generation": None,
+            "listeners": {},  # runs nothing yet: the portal clears any rows a previous run left
         }
         await ws.send(desired_frame(17))
         _, ack = await portal.next_message("applied")
@@ -230,11 +231,13 @@ async def test_malformed_frame_closes_with_reason_then_reconnects_and_resyncs(po
     async with running(make_client(portal, driver)):
         ws, _ = await portal.next_message("hello")
         await ws.send(desired_frame(5))
-        await portal.next_message("applied")
+        _, first_ack = await portal.next_message("applied")
         await ws.send('{"type": "desired", "protocol": 1')  # truncated JSON
         ws2, hello = await portal.next_message("hello")
         assert ws2 is not ws
         assert hello["applied_generation"] == 5  # it kept running generation 5 meanwhile
+        # ... and says what it runs in its acknowledgement's terms: the portal rebuilds from it.
+        assert hello["listeners"] == first_ack["listeners"] != {}
         await ws2.send(desired_frame(5))
         _, ack = await portal.next_message("applied")
         assert ack["ok"] is True

@@ -72,7 +72,7 @@ def test_desired_round_trips_and_carries_a_valid_state() -> None:
         ('{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"012":1}}', "listener ids"),
         (
             '{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"1":1},"listener_errors":{"2":"x"}}',
-            "applied.listener_errors: '2' is not a listener this ack lists",
+            "applied.listener_errors: '2' is not a listener this message lists",
         ),
         (
             '{"type":"applied","protocol":1,"generation":1,"ok":true,"listeners":{"1":1},"listener_errors":{"1":5}}',

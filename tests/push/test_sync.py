@@ -12,10 +12,10 @@ from datacenter.loadbalancing import agent_sync
 from datacenter.loadbalancing.choices import OperatingStatus, ProvisioningStatus
 from datacenter.loadbalancing.desired_state import desired_state_for, desired_state_object
 from datacenter.loadbalancing.models import AgentNode, Listener, Vip
-from datacenter.loadbalancing.models_sync import ListenerTable
+from datacenter.loadbalancing.models_sync import AgentListenerAck, AgentSync, ListenerTable
 from datacenter.loadbalancing.services import replace_backends, update_listener
 from datacenter.testing import new_agent
-from lbagent.protocol import Applied, BackendHealth, Health
+from lbagent.protocol import Applied, BackendHealth, Health, Hello
 
 
 @pytest.fixture
@@ -80,7 +80,10 @@ def test_acks_of_several_agents_in_one_batch_settle_the_listener_despite_a_delet
     state = desired_state_object(muxes[0])
     running = {**state.listener_generations(), 10**9: 1}  # a listener deleted since the agent applied it
     results = agent_sync.record_applied_batch(
-        [(agent, Applied(generation=state.generation, ok=True, listeners=running), None) for agent in muxes]
+        [
+            (agent, Applied(generation=state.generation, ok=True, listeners=running), None, None)
+            for agent in muxes
+        ]
     )
     assert results == [running, running]
     assert status(listener) == ProvisioningStatus.ACTIVE
@@ -158,8 +161,8 @@ def test_a_failure_after_a_success_in_one_batch_keeps_the_agents_error(world, mu
     state = desired_state_object(muxes[1])
     agent_sync.record_applied_batch(
         [
-            (muxes[1], Applied(generation=state.generation - 1, ok=True, listeners={}), None),
-            (muxes[1], Applied(generation=state.generation, ok=False, error="nft: map full"), None),
+            (muxes[1], Applied(generation=state.generation - 1, ok=True, listeners={}), None, None),
+            (muxes[1], Applied(generation=state.generation, ok=False, error="nft: map full"), None, None),
         ]
     )
     assert status(listener) == ProvisioningStatus.ERROR  # the newer report is the failure
@@ -349,3 +352,67 @@ def test_status_changes_are_published_to_tenant_and_object_groups(world, muxes) 
         ), (name, received[name])
     # Tenant B's group hears about its own listener only, never about tenant A's.
     assert all(m["data"].get("listener") != listener.pk for m in received["other tenant"])
+
+
+def hello_running(agent: AgentNode, listeners: dict[int, int]) -> Hello:
+    return Hello(node=agent.name, role="mux", version="0.1.0", applied_generation=1, listeners=listeners)
+
+
+def test_late_ack_of_a_replaced_connection_is_ignored_after_the_hello_rebuilt_the_rows(world, muxes) -> None:
+    """The stuck-PENDING bug: a dead connection's late acks (superseded generations) landed after
+    the new connection's and were never corrected. Now the hello's epoch refuses them."""
+    listener = world.listener_a
+    old_epoch = agent_sync.agent_connected(muxes[0], "0.1.0")
+    old_state = desired_state_object(muxes[0])
+    replace_backends(listener, [{"address": "10.1.0.8", "port": 8080}])
+    ack(muxes[1])
+    new_state = desired_state_object(muxes[0])
+    assert new_state.listener_generations()[listener.pk] > old_state.listener_generations()[listener.pk]
+    # mux-a reconnects already running the new state; its hello says so.
+    new_epoch = agent_sync.agent_connected(
+        muxes[0], "0.1.0", hello_running(muxes[0], new_state.listener_generations())
+    )
+    assert new_epoch == old_epoch + 1
+    assert status(listener) == ProvisioningStatus.ACTIVE
+    # The old connection's ack of the superseded document arrives late: ignored.
+    late = Applied(generation=old_state.generation, ok=True, listeners=old_state.listener_generations())
+    known = {listener.pk: 999}
+    assert agent_sync.record_applied(muxes[0], late, None, old_epoch) is None
+    assert agent_sync.record_applied_batch([(muxes[0], late, known, old_epoch)]) == [known]
+    assert status(listener) == ProvisioningStatus.ACTIVE
+    sync = AgentSync.objects.get(agent=muxes[0])
+    assert (sync.epoch, sync.stale_acks_ignored, sync.connected) == (new_epoch, 2, True)
+    # The same ack on the current connection is recorded (the agent really went back).
+    agent_sync.record_applied(muxes[0], late, None, new_epoch)
+    assert status(listener) == ProvisioningStatus.PENDING_UPDATE
+
+
+def test_hello_replaces_every_ack_row_with_what_the_agent_says_it_runs(world, muxes) -> None:
+    listener = world.listener_a
+    for agent in muxes:
+        ack(agent)
+    assert status(listener) == ProvisioningStatus.ACTIVE
+    # mux-b restarted from an older cache: it runs nothing of listener_a's current table.
+    agent_sync.agent_connected(muxes[1], "0.1.0", hello_running(muxes[1], {listener.pk: 0}))
+    assert status(listener) == ProvisioningStatus.PENDING_UPDATE
+    assert dict(AgentListenerAck.objects.filter(agent=muxes[1]).values_list("listener_id", "generation")) == {
+        listener.pk: 0
+    }
+    ack(muxes[1])
+    assert status(listener) == ProvisioningStatus.ACTIVE
+
+
+def test_only_the_current_connection_marks_the_agent_disconnected(world, muxes) -> None:
+    first = agent_sync.agent_connected(muxes[0], "0.1.0")
+    second = agent_sync.agent_connected(muxes[0], "0.1.0", hello_running(muxes[0], {}))
+    assert not agent_sync.agent_disconnected(muxes[0], first, "keepalive ping timeout")
+    assert AgentSync.objects.get(agent=muxes[0]).connected
+    assert agent_sync.agent_disconnected(muxes[0], second, "connection lost without a close frame")
+    sync = AgentSync.objects.get(agent=muxes[0])
+    assert not sync.connected
+    assert sync.disconnect_reason == "connection lost without a close frame"
+    # Shown to operators on the agent API.
+    shown = world.client("operator").get(f"/api/agent-nodes/{muxes[0].pk}/").json()["connection"]
+    assert shown["connected"] is False
+    assert shown["epoch"] == second
+    assert shown["disconnect_reason"] == "connection lost without a close frame"

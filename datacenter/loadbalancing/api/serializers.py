@@ -229,8 +229,30 @@ class GenerationSerializer(BaseModelSerializer):
         read_only_fields = fields
 
 
+class AgentConnectionSerializer(serializers.Serializer):
+    """The agent's control connection as the portal sees it (models_sync.AgentSync)."""
+
+    connected = serializers.BooleanField()
+    epoch = serializers.IntegerField(help_text="Bumped by every hello; older connections' acks are ignored.")
+    connected_at = serializers.DateTimeField(allow_null=True)
+    disconnected_at = serializers.DateTimeField(allow_null=True)
+    disconnect_reason = serializers.CharField(help_text="Why the last connection ended ('' while connected).")
+    missed_notifications = serializers.IntegerField(
+        help_text="Changes whose notification the channel layer dropped; each was repaired by a resync."
+    )
+    lag_resends = serializers.IntegerField(help_text="Full states re-sent because acknowledgements lagged.")
+    stale_acks_ignored = serializers.IntegerField(help_text="Late acknowledgements of replaced connections.")
+    error = serializers.CharField(help_text="Why the last apply failed ('' after a success).")
+
+
 class AgentNodeSerializer(BaseModelSerializer):
     url = url_field("loadbalancing-api:agentnode-detail")
+    connection = serializers.SerializerMethodField()
+
+    @extend_schema_field(AgentConnectionSerializer(allow_null=True))
+    def get_connection(self, node: AgentNode) -> dict | None:
+        sync = getattr(node, "sync", None)  # None until the agent's first hello
+        return None if sync is None else AgentConnectionSerializer(sync).data
 
     class Meta:
         model = AgentNode
@@ -248,10 +270,11 @@ class AgentNodeSerializer(BaseModelSerializer):
             "applied_generation",
             "applied_at",
             "last_stats",
+            "connection",
             "created",
             "updated",
         ]
-        read_only_fields = ["last_seen", "applied_generation", "applied_at", "last_stats"]
+        read_only_fields = ["last_seen", "applied_generation", "applied_at", "last_stats", "connection"]
 
 
 class AgentNodeWithTokenSerializer(AgentNodeSerializer):

@@ -291,7 +291,7 @@ class GenerationViewSet(TenantScopedReadOnlyViewSet):
 class AgentNodeViewSet(OperatorViewSet):
     """Operators register agents; the create and rotate-token answers carry the token, once."""
 
-    queryset = AgentNode.objects.select_related("host")
+    queryset = AgentNode.objects.select_related("host", "sync")
     serializer_class = serializers.AgentNodeSerializer
     filterset_class = AgentNodeFilterSet
     ordering_fields = ["name", "last_seen"]

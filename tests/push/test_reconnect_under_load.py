@@ -1,0 +1,347 @@
+"""Acceptance of issue 15, "a status that cannot stick", with real processes: the portal under
+uvicorn and two `lbagent` agent processes, each behind a proxy that kills its connection the way
+a network fault does while the agent acknowledges a stream of REST changes (the portal's side
+stays open and receives the agent's last acknowledgements late, after the agent reconnected).
+
+Two layouts: the embedded one (SQLite, in-memory channel layer, one process) and the production
+one (PostgreSQL, Redis channel layer, uvicorn with two workers, so the old and the new connection
+may live in different processes). After the changes stop, every listener must be ACTIVE, and
+every agent must really run each listener's current table, within 5 s (the issue's acceptance
+figure), in each of 20 repetitions. A second test overflows the agents' channels (capacity 1)
+under a burst of changes: the listeners still end ACTIVE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.environment import need
+from tests.push.stack import AgentProcess, CuttableProxy, PortalServer, seed_layout, seed_sqlite_layout
+from tests.services import database_url_for_test_db, redis_answers
+
+# django_db: pytest-django then points the connection (and its pool) at the test database.
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]
+
+REPETITIONS = 20
+SETTLE_BUDGET_S = 5.0  # the issue's acceptance: every listener ACTIVE within 5 s of the last change
+START_TIMEOUT_S = 60.0  # first start on a loaded 2-core machine: generous, it is not what we test
+
+
+@dataclass
+class Layout:
+    name: str
+    portal: PortalServer
+    agents: dict[str, AgentProcess]
+    proxies: dict[str, CuttableProxy]
+    keys: dict[str, str]
+    listeners: dict[int, str]  # listener id -> the role that may change it
+    query: Callable[[str], list[tuple]]
+    host_token: str
+    settle_times: list[float] = field(default_factory=list)
+
+    def api(self, role: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        request = urllib.request.Request(  # noqa: S310 (a loopback URL built here)
+            self.portal.http_url + path,
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"Token {self.keys[role]}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def statuses(self) -> dict[int, tuple[str, int]]:
+        """listener id -> (provisioning_status, current table number), from the database."""
+        rows = self.query(
+            "SELECT l.id, l.provisioning_status, t.number FROM loadbalancing_listener l "
+            "JOIN loadbalancing_listenertable t ON t.listener_id = l.id"
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+    def unsettled(self) -> list[str]:
+        """What is not yet true: listeners not ACTIVE, agents not running a listener's table."""
+        problems = []
+        statuses = self.statuses()
+        for listener_id, (status, number) in sorted(statuses.items()):
+            if status != "active":
+                problems.append(f"listener {listener_id} is {status} (table {number})")
+            for name, agent in self.agents.items():
+                running = agent.listener(listener_id)
+                if running is None or running["generation"] != number:
+                    got = None if running is None else running["generation"]
+                    problems.append(f"{name} runs listener {listener_id} at {got}, table is {number}")
+        return problems
+
+
+class ChangeStream:
+    """Tenant clients replacing their listeners' backends back to back, one thread per tenant."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.done = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        by_role: dict[str, list[int]] = {}
+        for listener_id, role in layout.listeners.items():
+            by_role.setdefault(role, []).append(listener_id)
+        self._threads = [
+            threading.Thread(target=self._run, args=(role, ids), daemon=True) for role, ids in by_role.items()
+        ]
+
+    def _run(self, role: str, listener_ids: list[int]) -> None:
+        step = 0
+        while not self._stop.is_set():
+            listener_id = listener_ids[step % len(listener_ids)]
+            step += 1
+            backends = [
+                {"address": f"10.9.{step % 200}.{i + 1}", "port": 8000 + i} for i in range(1 + step % 3)
+            ]
+            code, body = self.layout.api(
+                role, "PUT", f"/api/listeners/{listener_id}/backends/", {"backends": backends}
+            )
+            with self._lock:
+                if code == 200:
+                    self.done += 1
+                else:
+                    self.errors.append(f"PUT listener {listener_id}: HTTP {code} {str(body)[:200]}")
+
+    def __enter__(self) -> ChangeStream:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def wait_for_changes(self, count: int) -> None:
+        deadline = time.monotonic() + 120
+        while self.done < count:
+            assert not self.errors, self.errors[:3]
+            assert time.monotonic() < deadline, f"only {self.done} of {count} changes went through in 120 s"
+            time.sleep(0.01)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+def _start_agents(layout_dir: Path, portal: PortalServer, tokens: dict[str, str]) -> tuple[dict, dict]:
+    agents, proxies = {}, {}
+    for name, token in tokens.items():
+        proxies[name] = CuttableProxy(portal.port)
+        agents[name] = AgentProcess(
+            name, token, portal, layout_dir, url=f"ws://127.0.0.1:{proxies[name].port}/ws/agents/"
+        )
+        agents[name].start()
+    return agents, proxies
+
+
+def _stop_all(agents: dict, proxies: dict, portal: PortalServer | None) -> None:
+    for agent in agents.values():
+        agent.stop()
+    for proxy in proxies.values():
+        proxy.close()
+    if portal is not None:
+        portal.stop()
+
+
+def _wait_converged(layout: Layout, timeout_s: float, what: str) -> float:
+    """Poll until nothing is unsettled; returns how long it took (fails naming what was left)."""
+    started = time.monotonic()
+    while True:
+        problems = layout.unsettled()
+        if not problems:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            pytest.fail(
+                f"{layout.name}: {what}: still unsettled after {timeout_s} s: {problems[:6]}\n"
+                f"portal log tail:\n{layout.portal.log()[-4000:]}"
+            )
+        time.sleep(0.05)
+
+
+def _portal_env(extra: dict[str, str]) -> dict[str, str]:
+    from django.conf import settings
+
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env.update(
+        {
+            "DJANGO_SECRET_KEY": settings.SECRET_KEY,
+            "DATACENTER_EMBEDDED_WORKER": "0",
+            "PYTHONPATH": str(settings.BASE_DIR),
+            "LB_AGENT_WATCH_INTERVAL_S": "0.5",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory) -> Iterator[Layout]:
+    workdir = tmp_path_factory.mktemp("embedded")
+    database = workdir / "db.sqlite3"
+    seeded = seed_sqlite_layout(database)
+    env = _portal_env({"DATABASE_URL": f"sqlite:///{database}"})
+    env.pop("REDIS_URL", None)  # no Redis: the in-memory channel layer, as `make run` has it
+    portal = PortalServer(env=env, workdir=workdir)
+    agents: dict = {}
+    proxies: dict = {}
+    try:
+        portal.start()
+        agents, proxies = _start_agents(workdir, portal, seeded["tokens"])
+
+        def query(sql: str) -> list[tuple]:
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=20) as db:
+                return db.execute(sql).fetchall()
+
+        yield _layout("embedded (SQLite, in-memory layer)", portal, agents, proxies, seeded, query)
+    finally:
+        _stop_all(agents, proxies, portal)
+
+
+@pytest.fixture(scope="module")
+def production(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Layout]:
+    import psycopg
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connection
+
+    need(redis_answers(getattr(settings, "REDIS_URL", None)), "needs Redis (REDIS_URL; `make services`)")
+    need(
+        connection.vendor == "postgresql", "needs PostgreSQL (DATABASE_URL) shared with the portal processes"
+    )
+    workdir = tmp_path_factory.mktemp("production")
+    url = database_url_for_test_db()
+    agents: dict = {}
+    proxies: dict = {}
+    portal = None
+    with django_db_blocker.unblock():
+        try:
+            seeded = seed_layout()
+            env = _portal_env({"DATABASE_URL": url, "REDIS_URL": settings.REDIS_URL})
+            portal = PortalServer(env=env, workdir=workdir, workers=2)
+            portal.start()
+            agents, proxies = _start_agents(workdir, portal, seeded["tokens"])
+
+            def query(sql: str) -> list[tuple]:
+                with psycopg.connect(url, autocommit=True) as db:
+                    return db.execute(sql).fetchall()
+
+            yield _layout("PostgreSQL, Redis, 2 uvicorn workers", portal, agents, proxies, seeded, query)
+        finally:
+            _stop_all(agents, proxies, portal)
+            call_command("flush", interactive=False, verbosity=0)  # leave no rows for later tests
+
+
+def _layout(name, portal, agents, proxies, seeded, query) -> Layout:
+    listeners = {lid: "a_member" for lid in seeded["listeners_a"]}
+    listeners[seeded["listener_b"]] = "b_member"
+    layout = Layout(name, portal, agents, proxies, seeded["keys"], listeners, query, seeded["host_token"])
+    _wait_converged(layout, START_TIMEOUT_S, "start-up")
+    return layout
+
+
+def _kill_connections_while_acknowledging(layout: Layout) -> None:
+    names = sorted(layout.agents)
+    for repetition in range(REPETITIONS):
+        # Vary when the dead connection's last frames arrive: before, around and after the
+        # agent's new hello reaches the portal.
+        for proxy in layout.proxies.values():
+            proxy.late_s = (0.1, 0.3, 0.5, 1.0)[repetition % 4]
+        victims = names if repetition % 5 == 4 else [names[repetition % len(names)]]
+        with ChangeStream(layout) as stream:
+            stream.wait_for_changes(3)
+            for name in victims:
+                assert layout.proxies[name].cut() >= 1, f"{name} had no connection to cut"
+            stream.wait_for_changes(stream.done + 6)
+        assert not stream.errors, stream.errors[:3]
+        layout.settle_times.append(
+            _wait_converged(layout, SETTLE_BUDGET_S, f"repetition {repetition + 1} (cut {victims})")
+        )
+    # The cuts happened and the portal saw the dead connections for what they were.
+    assert sum(proxy.cuts for proxy in layout.proxies.values()) >= REPETITIONS
+    log = layout.portal.log()
+    assert "while its previous connection" in log, "no replaced connection was detected and logged"
+    assert "Traceback" not in log, log[-4000:]
+
+
+def test_embedded_every_listener_active_within_5s_after_connections_killed_under_changes(embedded) -> None:
+    _kill_connections_while_acknowledging(embedded)
+    print(f"\n{embedded.name}: settle times {[round(t, 2) for t in embedded.settle_times]}")
+
+
+def test_production_every_listener_active_within_5s_after_connections_killed_under_changes(
+    production,
+) -> None:
+    _kill_connections_while_acknowledging(production)
+    print(f"\n{production.name}: settle times {[round(t, 2) for t in production.settle_times]}")
+
+
+def test_overflowed_agent_channels_still_end_active(production) -> None:
+    """Channel capacity 1: a burst of changes overflows the agents' channels (channels_redis drops
+    the message and the portal logs it at WARNING); the consumers notice the document counter
+    ahead of what they sent and resync, so every listener still ends ACTIVE."""
+    portal = production.portal
+    portal.stop()
+    portal.env = {**portal.env, "CHANNEL_LAYER_CAPACITY": "1", "LB_AGENT_ACK_LAG_S": "2"}
+    portal.start()
+    _wait_converged(production, START_TIMEOUT_S, "reconnect after the restart with capacity 1")
+    bursts = 0
+    while "channels over capacity in group lb.agents" not in portal.log():
+        bursts += 1
+        assert bursts <= 20, "20 bursts of changes never overflowed a channel of capacity 1"
+        threads = [ChangeStream(production) for _ in range(3)]
+        for stream in threads:
+            stream.__enter__()
+        for stream in threads:
+            stream.wait_for_changes(4)
+        for stream in threads:
+            stream.__exit__(None, None, None)
+            assert not stream.errors, stream.errors[:3]
+    assert "WARNING channels_redis.core" in portal.log()  # counted where operators look
+    _wait_converged(production, SETTLE_BUDGET_S, f"after {bursts} burst(s) that overflowed a channel")
+
+
+def test_an_agent_that_does_not_acknowledge_is_resent_its_full_state(production) -> None:
+    """(After the overflow test: its portal runs with LB_AGENT_ACK_LAG_S=2.) A host agent that
+    receives its state and never acknowledges it is sent the full state again, once, and the
+    portal says why; a connection's consumer does not give up on a silent-but-alive agent."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    async def silent_agent() -> tuple[dict, dict, float]:
+        async with connect(
+            production.portal.ws_url,
+            additional_headers={"Authorization": f"Bearer {production.host_token}"},
+            max_size=16 * 1024 * 1024,
+            proxy=None,
+        ) as ws:
+            hello = {"type": "hello", "protocol": 1, "node": "host-1", "role": "host", "version": "0.1.0"}
+            await ws.send(json.dumps({**hello, "applied_generation": None, "listeners": {}}))
+            first = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            sent = time.monotonic()
+            again = json.loads(await asyncio.wait_for(ws.recv(), 60))  # no ack from us: a re-send
+            return first, again, time.monotonic() - sent
+
+    first, again, after_s = asyncio.run(silent_agent())
+    assert first["type"] == "desired"
+    assert again["type"] == "desired"  # the full state, not a delta
+    assert again["state"]["generation"] >= first["state"]["generation"]
+    assert after_s >= 2 * 0.9  # not before the configured lag (the clock of another process)
+    log = production.portal.log()
+    assert "agent host-1 has not acknowledged generation" in log
+    assert "re-sending its full state" in log
