@@ -19,13 +19,21 @@
   }
   localiseTimes(document);
 
-  const state = { ws: null, paused: false, attempt: 0, refreshTimer: null, refreshes: 0, events: 0 };
+  const state = { ws: null, paused: false, attempt: 0, refreshTimer: null, inflight: 0, refreshes: 0, events: 0 };
   const liveStatus = document.getElementById("live-status");
   function setStatus(text) { if (liveStatus) liveStatus.textContent = text; }
 
   // Re-render the page's live regions ([data-live] with an id) from the server's own template.
   async function refresh() {
     state.refreshTimer = null;
+    state.inflight += 1;
+    try {
+      await swapLiveRegions();
+    } finally {
+      state.inflight -= 1;
+    }
+  }
+  async function swapLiveRegions() {
     let response;
     try {
       response = await fetch(location.href, { headers: { "X-Dashboard-Live": "1" }, credentials: "same-origin" });
@@ -108,6 +116,7 @@
     get connected() { return !!state.ws && state.ws.readyState === 1 && body.dataset.live === "connected"; },
     get cursor() { return cursor; },
     get refreshes() { return state.refreshes; },
+    get idle() { return !state.refreshTimer && state.inflight === 0; },
   };
 
   // --- backend editor -----------------------------------------------------------------------
@@ -133,7 +142,8 @@
       const data = new FormData(form);
       if (event.submitter && event.submitter.name) data.set(event.submitter.name, event.submitter.value);
       result.textContent = "Working…";
-      const response = await fetch(form.action, {
+      // getAttribute: the submit buttons are named "action", which shadows form.action
+      const response = await fetch(form.getAttribute("action"), {
         method: "POST", body: data, credentials: "same-origin", headers: { "X-Dashboard-Fetch": "1" },
       });
       result.innerHTML = await response.text();
