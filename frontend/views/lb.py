@@ -4,6 +4,7 @@ shares, the backend editor), backend drain/disable with confirmation, agents, VI
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from django.core.exceptions import PermissionDenied
@@ -149,10 +150,15 @@ def listener_views(vip: Vip, muxes: list[AgentNode], table_size: int) -> list[di
                     "current": bool(ack and table and ack.generation >= table.number),
                 }
             )
+        previous = table.previous if table is not None else None
+        if previous and previous.get("drain_deadline", 0) <= time.time():
+            previous = None
         views.append(
             {
                 "listener": listener,
                 "table": table,
+                # the old table counts until its drain deadline (agents drop it then)
+                "transition": previous,
                 "rows": rows,
                 "voters": voters,
                 "history": history.get(listener.pk, []),
