@@ -80,6 +80,7 @@ def agent_summary() -> dict:
             & (Q(applied_generation__lt=desired) | Q(applied_generation__isnull=True)),
         ),
         failing=Count("pk", filter=Q(sync__connected=True) & ~Q(sync__error="")),
+        simulated=Count("pk", filter=Q(last_stats__simulated=1)),
         total=Count("pk"),
     )
     rows["offline"] = rows["total"] - rows["online"]
