@@ -436,6 +436,19 @@ def test_tenant_user_cannot_see_another_tenant_or_operator_pages(dashboard):
         assert page.goto(dashboard.url + path).status == 403, path
     viewer = dashboard.new_page()
     dashboard.login(viewer, "a_viewer")
+    for name, path, text in [
+        ("tenant-overview", "/", "Your tenants"),
+        ("tenant-vips", "/vips/", "203.0.113.10"),
+        ("tenant-hosts", "/hosts/", "web-a1"),
+        ("tenant-tenants", "/tenants/", "Acme"),
+        ("tenant-pools", "/pools/", "private-a"),
+        ("tenant-audit", "/audit/", "203.0.113.10"),
+    ]:
+        viewer.goto(dashboard.url + path)
+        assert viewer.get_by_text(text, exact=False).filter(visible=True).count() > 0, f"{name}: {text!r}"
+        assert viewer.get_by_text("Globex").count() == 0, f"{name}: another tenant's name shown"
+        wait_connected(viewer)
+        check_page(viewer, name)
     viewer.goto(dashboard.url + f"/vips/{world.vip_a.pk}/")
     assert viewer.locator("form.backend-editor").count() == 0
     assert viewer.get_by_role("link", name="Drain", exact=False).count() == 0

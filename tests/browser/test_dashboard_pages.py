@@ -270,3 +270,23 @@ def test_vip_page_query_count_does_not_grow_with_backends_or_generations(world):
     with CaptureQueriesContext(connection) as large:
         client.get(url)
     assert len(large) == len(small)
+
+
+def test_audit_log_and_vip_list_filters(world):
+    client = client_for(world, "operator")
+    services.replace_backends(
+        world.listener_b, [{"address": "10.2.0.9", "port": 8443}], user=world.users["b_member"]
+    )
+    by_actor = client.get("/audit/", {"actor": "b_member"}).content.decode()
+    assert by_actor.count('class="audit-row"') == 1
+    assert "10.2.0.9" in by_actor
+    by_action = client.get(
+        "/audit/", {"action": "create", "object_type": "loadbalancing.vip"}
+    ).content.decode()
+    assert by_action.count('class="audit-row"') == 2
+    bad_time = client.get("/audit/", {"time_after": "yesterday"})
+    assert bad_time.status_code == 200
+    assert "Filter not understood: time_after" in bad_time.content.decode()
+    vips = client.get("/vips/", {"tenant": world.tenant_b.pk}).content.decode()
+    assert world.vip_b.address in vips
+    assert world.vip_a.address not in vips

@@ -26,6 +26,7 @@
   // Re-render the page's live regions ([data-live] with an id) from the server's own template.
   async function refresh() {
     state.refreshTimer = null;
+    lastRefresh = Date.now();
     state.inflight += 1;
     try {
       await swapLiveRegions();
@@ -47,8 +48,14 @@
     state.refreshes += 1;
     body.dataset.refreshes = String(state.refreshes);
   }
+  // Coalesce bursts (one change can bring several status events): at most one re-render per
+  // REFRESH_GAP_MS, the first 50 ms after the news.
+  const REFRESH_GAP_MS = 250;
+  let lastRefresh = 0;
   function scheduleRefresh() {
-    if (!state.refreshTimer) state.refreshTimer = setTimeout(refresh, 50);
+    if (state.refreshTimer) return;
+    const wait = Math.max(50, lastRefresh + REFRESH_GAP_MS - Date.now());
+    state.refreshTimer = setTimeout(refresh, wait);
   }
 
   function appendLog(line) {
