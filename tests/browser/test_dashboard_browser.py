@@ -134,6 +134,20 @@ def check_page(page, name: str) -> None:
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=False)
 
 
+_TEST_CONNECTIONS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _remember_test_connection(_django_db_helper):
+    """The connection each test's transaction used: with Playwright's event loop running, Django
+    keeps it apart from the module fixture's, so the module closes these itself at the end
+    (otherwise the test database cannot be dropped: "being accessed by other users")."""
+    from django.db import connections
+
+    _TEST_CONNECTIONS.append(connections["default"])
+    yield
+
+
 def _p2v_objects(world) -> dict[str, int]:
     from django.utils import timezone
 
@@ -247,7 +261,10 @@ def dashboard(django_db_setup, django_db_blocker, tmp_path_factory):
             if portal is not None:
                 portal.stop()
             call_command("flush", interactive=False, verbosity=0)
+            for test_connection in _TEST_CONNECTIONS:
+                test_connection.close()
             connections.close_all()  # give the pooled connections back before the test database is dropped
+            connection.close_pool()
 
 
 def test_operator_sees_every_page_accessible_and_local(dashboard):
