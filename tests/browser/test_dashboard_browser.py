@@ -145,7 +145,7 @@ def _remember_test_connection(_django_db_helper):
     from django.db import connections
 
     _TEST_CONNECTIONS.append(connections["default"])
-    yield
+    return
 
 
 def _p2v_objects(world) -> dict[str, int]:
