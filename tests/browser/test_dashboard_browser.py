@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -435,6 +436,24 @@ def test_operator_approves_a_p2v_event(dashboard):
     assert page.locator("progress").count() == 5, "one bar per stage"
     assert "queued on hypervisor hv-test" in page.locator("#job-log").inner_text()
     wait_connected(page)
+    # a log line the job writes streams onto the open page (the job's channel group)
+    from p2v.conversion import services as conversion
+    from p2v.conversion.models import ConversionJob
+
+    job = ConversionJob.objects.get(pk=int(page.url.rstrip("/").rsplit("/", 1)[1]))
+
+    def write_log_line() -> None:  # as a worker would: its own thread (this one runs Playwright's loop)
+        from django.db import connections
+
+        try:
+            conversion.log(job, "copy: 128 MiB of 256 MiB verified")
+        finally:
+            connections.close_all()
+
+    writer = threading.Thread(target=write_log_line)
+    writer.start()
+    writer.join()
+    page.locator("#job-log").get_by_text("copy: 128 MiB of 256 MiB verified").wait_for()
     check_page(page, "p2v-job")
 
 
