@@ -21,7 +21,7 @@ def scoped_hosts(user):
 
 @dashboard_page
 def host_list(request: HttpRequest) -> HttpResponse:
-    hosts = scoped_hosts(request.user).annotate(backend_count=Count("backends"))
+    hosts = scoped_hosts(request.user).annotate(backend_count=Count("backends")).order_by("name")
     hosts, sort = sorted_by(request, hosts, {"name": "name", "address": "management_address"}, "name")
     return page(
         request, "frontend/host_list.html", {"page_obj": paginate(request, hosts), "sort": sort}, live="hosts"
@@ -48,7 +48,8 @@ def host_detail(request: HttpRequest, pk: int) -> HttpResponse:
 
 @dashboard_page
 def tenant_list(request: HttpRequest) -> HttpResponse:
-    tenants = tenants_for(request.user).annotate(vip_count=Count("vips", distinct=True))
+    # explicit order: Django drops Meta.ordering from aggregating queries
+    tenants = tenants_for(request.user).annotate(vip_count=Count("vips", distinct=True)).order_by("name")
     return page(
         request, "frontend/tenant_list.html", {"page_obj": paginate(request, tenants)}, live="tenants"
     )
@@ -57,7 +58,7 @@ def tenant_list(request: HttpRequest) -> HttpResponse:
 @dashboard_page
 def tenant_detail(request: HttpRequest, pk: int) -> HttpResponse:
     tenant = get_object_or_404(tenants_for(request.user), pk=pk)
-    vips = Vip.objects.filter(tenant=tenant).annotate(listener_count=Count("listeners"))
+    vips = Vip.objects.filter(tenant=tenant).annotate(listener_count=Count("listeners")).order_by("name")
     context = {
         "tenant": tenant,
         "vips": paginate(request, vips),

@@ -391,7 +391,9 @@ def scoped_pools(user):
 
 @dashboard_page
 def pool_list(request: HttpRequest) -> HttpResponse:
-    pools = scoped_pools(request.user).annotate(vip_count=Count("vips")).prefetch_related("tenants")
+    pools = (
+        scoped_pools(request.user).annotate(vip_count=Count("vips")).prefetch_related("tenants").order_by("name")
+    )
     return page(request, "frontend/pool_list.html", {"page_obj": paginate(request, pools)}, live="pools")
 
 
@@ -399,6 +401,7 @@ def pool_list(request: HttpRequest) -> HttpResponse:
 def pool_detail(request: HttpRequest, pk: int) -> HttpResponse:
     pool = get_object_or_404(scoped_pools(request.user), pk=pk)
     vips = restrict(pool.vips.select_related("tenant"), request.user, "tenant")
+    vips = vips.order_by("tenant__name", "name")
     size = pool.network.num_addresses
     context = {
         "pool": pool,
