@@ -307,6 +307,12 @@ def test_operator_sees_every_page_accessible_and_local(dashboard):
     assert "UTC" not in first_time.inner_text() or page.evaluate(
         "Intl.DateTimeFormat().resolvedOptions().timeZone"
     ) in ("UTC", "Etc/UTC")
+    # keyboard: the first Tab reaches "Skip to content", which moves focus past the navigation
+    page.goto(dashboard.url + f"/vips/{vip_a}/")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    page.keyboard.press("Enter")
+    assert page.evaluate("location.hash") == "#main"
     # a narrow window still works: the navigation wraps, the VIP table scrolls
     page.set_viewport_size({"width": 420, "height": 800})
     page.goto(dashboard.url + f"/vips/{vip_a}/")
