@@ -85,7 +85,8 @@ def event_decide(request: HttpRequest, pk: int) -> HttpResponse:
 
 
 def stage_bars(job: ConversionJob) -> list[dict]:
-    """One bar per stage: done, the running one at the job's percent, the rest empty."""
+    """One bar per stage: done ones full, the current one at its measured progress (copy) or
+    indeterminate (other stages while running), the rest empty."""
     order = [s for s in STAGE_ORDER if s != JobStage.DONE]
     current = order.index(job.stage) if job.stage in order else len(order)
     bars = []
@@ -93,9 +94,12 @@ def stage_bars(job: ConversionJob) -> list[dict]:
         if index < current or job.state == JobState.SUCCEEDED:
             percent, state = 100.0, "done"
         elif index == current:
-            percent = (
-                job.percent if stage == JobStage.COPY else (0.0 if job.state == JobState.QUEUED else 50.0)
-            )
+            # Only the copy stage measures its progress (job.percent); a running other stage has
+            # no measure, so its bar is indeterminate rather than a made-up number.
+            if stage == JobStage.COPY or job.state != JobState.RUNNING:
+                percent = job.percent if stage == JobStage.COPY else 0.0
+            else:
+                percent = None
             state = job.state
         else:
             percent, state = 0.0, "waiting"

@@ -290,3 +290,19 @@ def test_audit_log_and_vip_list_filters(world):
     vips = client.get("/vips/", {"tenant": world.tenant_b.pk}).content.decode()
     assert world.vip_b.address in vips
     assert world.vip_a.address not in vips
+
+
+def test_job_stage_bars_show_only_measured_progress():
+    from frontend.views.p2v import stage_bars
+    from p2v.conversion.models import ConversionJob
+
+    copying = ConversionJob(stage="copy", state="running", percent=42.0)
+    bars = {b["stage"]: b for b in stage_bars(copying)}
+    assert bars["plan"]["percent"] == 100.0
+    assert bars["copy"]["percent"] == 42.0
+    assert bars["build"]["percent"] == 0.0
+    building = ConversionJob(stage="build", state="running", percent=0.0)
+    building_bars = {b["stage"]: b for b in stage_bars(building)}
+    assert building_bars["build"]["percent"] is None, "no measure: indeterminate"
+    done = ConversionJob(stage="done", state="succeeded", percent=100.0)
+    assert all(b["percent"] == 100.0 for b in stage_bars(done))
