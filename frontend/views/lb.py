@@ -35,7 +35,17 @@ from .common import dashboard_page, operator_page, page, paginate, sorted_by
 
 GENERATIONS_SHOWN = 8
 EDITOR_BLANK_ROWS = 2
-HEADLINE_COUNTERS = ("packets", "new_flows", "slowpath_decisions", "flow_records", "applies")
+# What the demo muxes report, then what the kernel daemon's portal bridge reports today.
+HEADLINE_COUNTERS = (
+    "packets",
+    "new_flows",
+    "slowpath_decisions",
+    "flow_records",
+    "applies",
+    "daemon.applies",
+    "daemon.apply_errors",
+    "daemon.config_errors",
+)
 
 
 # --- VIP list ----------------------------------------------------------------------------------------
