@@ -9,6 +9,7 @@ PORT ?= 8000
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/datacenter
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 PYTEST_ARGS ?=
+DEMO_AGENTS ?= 1
 
 .PHONY: run test lint bench lab lab-down deps deps-portal apt services migrate seed clean
 
@@ -45,12 +46,14 @@ migrate: var/.deps-portal
 	$(BIN)/python manage.py migrate --no-input
 
 seed: migrate
-	$(BIN)/python manage.py seed_demo
+	$(BIN)/python manage.py seed_demo $(if $(filter 0,$(DEMO_AGENTS)),--no-agents,)
 
+# `make run`: the embedded portal plus two simulated demo muxes (DEMO_AGENTS=0 turns them off).
 run: seed
 	$(BIN)/python manage.py collectstatic --no-input -v 0
 	@echo "Portal on http://$(HOST):$(PORT)/  (API docs: http://$(HOST):$(PORT)/api/docs/)"
-	$(BIN)/python -m uvicorn datacenter.asgi:application --host $(HOST) --port $(PORT) --lifespan on
+	DEMO_AGENTS=$(DEMO_AGENTS) DEMO_PORTAL_URL=ws://$(HOST):$(PORT)/ws/agents/ \
+	  $(BIN)/python -m uvicorn datacenter.asgi:application --host $(HOST) --port $(PORT) --lifespan on
 
 test: deps services
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -58,6 +58,7 @@ class Lifespan:
 
     def __init__(self):
         self.jobs = None
+        self.demo_agents = None
 
     async def __call__(self, scope, receive, send):
         while True:
@@ -76,6 +77,7 @@ class Lifespan:
                 return
 
     async def _startup(self) -> None:
+        self._start_demo_agents()
         if not settings.EMBEDDED_WORKER_ENABLED:
             return
         from asgiref.sync import sync_to_async
@@ -86,7 +88,28 @@ class Lifespan:
         self.jobs = EmbeddedJobs(celery_app, concurrency=settings.EMBEDDED_WORKER_CONCURRENCY)
         await sync_to_async(self.jobs.start, thread_sensitive=False)()
 
+    def _start_demo_agents(self) -> None:
+        """`make run` sets DEMO_AGENTS=1 and DEMO_PORTAL_URL: two simulated muxes (lbagent.demo)
+        connect back to this portal; they stop with it (and die with it: PR_SET_PDEATHSIG)."""
+        if os.environ.get("DEMO_AGENTS") != "1":
+            return
+        from datacenter.loadbalancing.management.commands.seed_demo import demo_agent_dir
+        from lbagent.demo import DemoAgents
+
+        tokens = {path.stem: path for path in sorted(demo_agent_dir().glob("*.token"))}
+        url = os.environ.get("DEMO_PORTAL_URL", "ws://127.0.0.1:8000/ws/agents/")
+        if not tokens:
+            logger.warning("DEMO_AGENTS=1 but %s holds no tokens: run manage.py seed_demo", demo_agent_dir())
+            return
+        self.demo_agents = DemoAgents(url, tokens, log_dir=settings.VAR_DIR / "log")
+        self.demo_agents.start()
+        logger.info("demo muxes %s connect to %s (simulated data plane)", ", ".join(tokens), url)
+
     async def _shutdown(self) -> None:
+        if self.demo_agents is not None:
+            from asgiref.sync import sync_to_async
+
+            await sync_to_async(self.demo_agents.stop, thread_sensitive=False)()
         if self.jobs is not None:
             from asgiref.sync import sync_to_async
 

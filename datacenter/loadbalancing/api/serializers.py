@@ -207,6 +207,10 @@ class BackendListStateSerializer(serializers.Serializer):
     dry_run = serializers.BooleanField(required=False)
     changed = serializers.BooleanField(required=False)
     diff = BackendDiffSerializer(required=False)
+    bucket_movement = serializers.DictField(
+        required=False,
+        help_text="dry run only: share of buckets (new flows) that would move, per-backend shares",
+    )
 
 
 class GenerationSerializer(BaseModelSerializer):

@@ -24,6 +24,7 @@ from datacenter.services_errors import FieldErrors
 from datacenter.tenancy.scoping import is_operator, tenant_ids_for
 
 from .. import services
+from ..bucket_movement import bucket_movement, current_table_size
 from ..filtersets import (
     AgentNodeFilterSet,
     BackendFilterSet,
@@ -207,7 +208,12 @@ class ListenerViewSet(TenantScopedViewSet):
             via_if_match=via_if_match,
             dry_run=dry_run,
         )
-        return with_etag(Response(backend_list_body(result.listener, result)), result.generation_number)
+        body = backend_list_body(result.listener, result)
+        if dry_run:  # scripts see what the dashboard's preview shows: the share of new flows that move
+            body["bucket_movement"] = bucket_movement(
+                services.current_backends(result.listener), result.backends, current_table_size()
+            )
+        return with_etag(Response(body), result.generation_number)
 
 
 def _backend_item(data: dict) -> dict:

@@ -19,8 +19,9 @@ from rest_framework.exceptions import AuthenticationFailed
 
 from datacenter.inventory.choices import HostRole
 from datacenter.inventory.models import Host
-from datacenter.loadbalancing import services
-from datacenter.loadbalancing.models import Listener, Vip, VipPool
+from datacenter.loadbalancing import agent_sync, services
+from datacenter.loadbalancing.choices import AgentRole
+from datacenter.loadbalancing.models import AgentNode, Listener, Vip, VipPool
 from datacenter.tenancy.authentication import ApiTokenAuthentication
 from datacenter.tenancy.choices import MembershipRole
 from datacenter.tenancy.models import ApiToken, Membership, Tenant
@@ -33,10 +34,16 @@ HOSTS = [
     ("web-1", "10.1.0.5", [HostRole.BACKEND_HOST], True),
     ("web-2", "10.1.0.6", [HostRole.BACKEND_HOST], True),
 ]
+DEMO_MUXES = [("demo-mux-1", "lb-1", "10.0.0.2"), ("demo-mux-2", "lb-2", "10.0.0.3")]
 DEMO_BACKENDS = [
     {"address": "10.1.0.5", "port": 8080, "weight": 1, "host": "web-1"},
     {"address": "10.1.0.6", "port": 8080, "weight": 1, "host": "web-2"},
 ]
+
+
+def demo_agent_dir() -> Path:
+    """Where the demo muxes' tokens live (one file per node, mode 0600); asgi.py reads them."""
+    return Path(settings.VAR_DIR) / "demo-agents"
 
 
 def _credentials_path() -> Path:
@@ -62,6 +69,13 @@ class Command(BaseCommand):
     help = (
         "Create (or refresh) the demo operator, tenant user, token, hosts, pool, VIP, listener and backends."
     )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--no-agents",
+            action="store_true",
+            help="disable the two demo muxes (DEMO_AGENTS=0 make run): the demo VIP then stays pending",
+        )
 
     def handle(self, *args, **options):
         creds = _load_credentials()
@@ -104,8 +118,33 @@ class Command(BaseCommand):
                 user=operator,
             )
             services.replace_backends(listener, DEMO_BACKENDS, user=operator)
+            self._demo_muxes(enabled=not options["no_agents"])
+        # A new listener's operating status is only computed when it is saved again or a health
+        # report arrives; the demo listener has no health check (nothing to report), so settle
+        # it now: backends serving and no monitor -> NO_MONITOR, the VIP online.
+        agent_sync.update_operating_status([listener.pk])
         _save_credentials(creds)
         self.stdout.write(self._summary(creds, tenant, vip, listener))
+
+    def _demo_muxes(self, *, enabled: bool) -> None:
+        """The demo muxes' nodes, each with a fresh token in var/demo-agents/<node>.token (0600).
+        Disabled (not counted for ACTIVE) when the demo runs without them."""
+        directory = demo_agent_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, host_name, address in DEMO_MUXES:
+            node = AgentNode.objects.filter(name=name).first() or AgentNode(
+                name=name, host=Host.objects.get(name=host_name), role=AgentRole.MUX, address=address
+            )
+            node.enabled = enabled
+            key = node.set_new_token()  # a new token each run: the file is the only copy
+            node.save()
+            path = directory / f"{name}.token"
+            if enabled:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(key)
+            else:
+                path.unlink(missing_ok=True)
 
     def _user(self, username: str, password: str, *, staff: bool):
         user, _ = get_user_model().objects.get_or_create(username=username)

@@ -1,0 +1,7 @@
+"""Websocket routes of the dashboard (included by datacenter/routing.py)."""
+
+from django.urls import path
+
+from .consumers import DashboardConsumer
+
+websocket_urlpatterns = [path("ws/dashboard/", DashboardConsumer.as_asgi())]
