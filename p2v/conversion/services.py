@@ -584,6 +584,8 @@ def adjust_stage(job: ConversionJob) -> None:
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         raise ConversionError(f"volumes {missing} are not visible from this worker; run it on the hypervisor")
+    for note in adjust_mod.repair_filesystems(paths):
+        log(job, f"filesystem check: {note}")
     changes = adjust_mod.adjust_guest(paths, job.assessment.facts or {}, job.plan["nics"])
     job.changes = [{"path": c.path, "summary": c.summary, "after": c.after} for c in changes]
     save_progress(job, "changes")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,18 @@ class BootResult:
     report: dict | None
     console_tail: str
     session: object | None = None  # what `probe` returned (an SSH session into the guest)
+
+
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+FAILED_LINE_RE = re.compile(
+    r"FAILED|Dependency failed|Failed to|fsck|UNEXPECTED INCONSISTENCY|ALERT!|error", re.IGNORECASE
+)
+
+
+def failed_lines(console_text: str, limit: int = 8) -> list[str]:
+    """The console lines that say what went wrong (systemd's FAILED units, fsck, initramfs alerts)."""
+    lines = [ANSI_RE.sub("", line).strip() for line in console_text.splitlines()]
+    return [line[:200] for line in lines if FAILED_LINE_RE.search(line)][-limit:]
 
 
 def boot_failure(console_text: str) -> str | None:
@@ -99,7 +112,9 @@ def boot_and_wait(
             return BootResult(time.monotonic() - started, report, text[-2000:])
         failure = boot_failure(text)
         if failure:
-            raise VerifyError(f"{failure}; console ends with: {text[-800:]!r}")
+            raise VerifyError(
+                f"{failure}; what failed before it: {failed_lines(text)}; console ends with: {text[-400:]!r}"
+            )
         if probe is None and any(marker in text for marker in LOGIN_MARKERS):
             return BootResult(time.monotonic() - started, None, text[-2000:])
         if probe is not None and time.monotonic() - last_probe >= PROBE_INTERVAL_S:

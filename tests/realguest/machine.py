@@ -146,6 +146,38 @@ class RealGuest:
             f"no sshd on {self.address} within {timeout_s} s; console: {self.console()[-1500:]!r}"
         )
 
+    def ssh(self, command: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+        """Run a command on the guest as root with OpenSSH (an independent path from the product's)."""
+        return subprocess.run(
+            [
+                "ssh",
+                "-i",
+                str(self.image.client_key),
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                f"root@{self.address}",
+                command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+
+    def wait_settled(self, timeout_s: float = 300) -> str:
+        """Until systemd has started everything it will start (what an admin's server looks like)."""
+        done = self.ssh(f"timeout {int(timeout_s)} systemctl is-system-running --wait", timeout_s + 30)
+        state = done.stdout.strip()
+        if state not in ("running", "degraded"):
+            raise RealGuestError(f"the guest did not settle: {state!r} {done.stderr.strip()[-300:]}")
+        return state
+
     def stop(self) -> None:
         if self.process is None:
             return
