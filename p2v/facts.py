@@ -75,6 +75,10 @@ CMD_EDAC = (
     '[ -r "$f" ] && echo "$f $(cat "$f")"; done; else echo "@edac absent"; fi; true'
 )
 
+# Probes that read a lot on a slow machine (listing a compressed initramfs takes tens of seconds on
+# an old or emulated CPU): their own time limit, above the default per-command one.
+PROBE_TIMEOUTS_S = {CMD_INITRAMFS: 300}
+
 # Virtio drivers a guest needs to see its disk and its network on the hypervisor's virtual hardware.
 VIRTIO_DISK_DRIVERS = ("virtio_blk", "virtio_scsi")
 VIRTIO_NET_DRIVER = "virtio_net"

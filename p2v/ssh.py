@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from .facts import CommandOutput
+from .facts import PROBE_TIMEOUTS_S, CommandOutput
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_COMMAND_TIMEOUT_S = 30.0
@@ -181,7 +181,9 @@ class SSHSession:
         return transport
 
     def run(self, command: str, timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S) -> CommandOutput:
-        """Run `command` under a POSIX shell with LC_ALL=C; raise CommandTimeout past `timeout_s`."""
+        """Run `command` under a POSIX shell with LC_ALL=C; raise CommandTimeout past `timeout_s`
+        (or the probe's own longer limit, facts.PROBE_TIMEOUTS_S)."""
+        timeout_s = max(timeout_s, PROBE_TIMEOUTS_S.get(command, 0))
         deadline = time.monotonic() + timeout_s
         try:
             channel = self.transport.open_session(timeout=timeout_s)

@@ -53,6 +53,7 @@ class VolumePartition:
     offset_bytes: int
     fstype: str | None
     uuid: str | None
+    size_bytes: int | None = None
 
 
 def _run(argv: list[str], timeout_s: float = 60) -> str:
@@ -84,7 +85,9 @@ def volume_partitions(volume_path: str) -> list[VolumePartition]:
             check=False,
         )
         fields = dict(line.split("=", 1) for line in probe.stdout.splitlines() if "=" in line)
-        result.append(VolumePartition(number, offset, fields.get("TYPE"), fields.get("UUID")))
+        result.append(
+            VolumePartition(number, offset, fields.get("TYPE"), fields.get("UUID"), part["size"] * sector)
+        )
     return result
 
 
@@ -142,10 +145,26 @@ def repair_filesystems(volumes: list[str]) -> list[str]:
         for part in volume_partitions(volume):
             if part.fstype not in EXT_FSTYPES:
                 continue
-            target = f"{volume}?offset={part.offset_bytes}"
-            done = subprocess.run(
-                ["e2fsck", "-f", "-y", target], capture_output=True, text=True, timeout=900, check=False
-            )
+            # A loop device at the partition's offset: e2fsck re-opens the filesystem after replaying
+            # the journal and loses a `file?offset=` option on the way (Bad magic number).
+            loop = _run(
+                [
+                    "losetup",
+                    "--find",
+                    "--show",
+                    "--offset",
+                    str(part.offset_bytes),
+                    "--sizelimit",
+                    str(part.size_bytes),
+                    volume,
+                ]
+            ).strip()
+            try:
+                done = subprocess.run(
+                    ["e2fsck", "-f", "-y", loop], capture_output=True, text=True, timeout=900, check=False
+                )
+            finally:
+                subprocess.run(["losetup", "-d", loop], capture_output=True, timeout=60, check=False)
             where = f"{Path(volume).name} partition {part.number} ({part.fstype} {part.uuid})"
             if done.returncode > E2FSCK_FIXED_MAX:
                 raise AdjustError(
