@@ -32,7 +32,7 @@ from p2v.facts import iter_devices
 
 from . import adjust as adjust_mod
 from . import copy as copy_mod
-from . import domain_xml, isolation, verify
+from . import domain_xml, isolation, usedblocks, verify
 from .choices import FINISHED_STATES, STAGE_ORDER, JobStage, JobState, LogLevel
 from .libvirt_binding import libvirt
 from .models import ConversionJob, Hypervisor, JobLog
@@ -218,6 +218,7 @@ def run_stage(job_id: int) -> bool:
     if next_stage == JobStage.DONE:
         job.state, job.percent, job.finished = JobState.SUCCEEDED, 100.0, timezone.now()
         save_progress(job, "stage", "state", "percent", "finished")
+        _event_follows(job)
         log(job, "conversion finished: the VM boots and matches the assessment")
         return False
     save_progress(job, "stage", "percent")
@@ -231,6 +232,23 @@ def _finish_with_rollback(job: ConversionJob, state: str, reason: str) -> None:
     job.state, job.finished = state, timezone.now()
     job.error = reason + (f" (rollback problems: {'; '.join(problems)})" if problems else "")
     save_progress(job, "state", "finished", "error")
+    _event_follows(job)
+
+
+def _event_follows(job: ConversionJob) -> None:
+    """The conversion event that started this job ends the way the job did."""
+    from p2v.choices import ConversionEventStatus
+    from p2v.models import ConversionEvent
+
+    status = {
+        JobState.SUCCEEDED: ConversionEventStatus.SUCCEEDED,
+        JobState.FAILED: ConversionEventStatus.FAILED,
+        JobState.CANCELLED: ConversionEventStatus.CANCELLED,
+    }.get(job.state)
+    if job.event_id and status:
+        ConversionEvent.objects.filter(pk=job.event_id, status=ConversionEventStatus.STARTED).update(
+            status=status
+        )
 
 
 def _check_cancel(job: ConversionJob) -> None:
@@ -392,6 +410,27 @@ def _record_resource(job: ConversionJob, kind: str, value) -> None:
     job.save(update_fields=["resources", "updated"])
 
 
+def _free_space(job: ConversionJob, endpoint: ssh.Endpoint, disk_name: str) -> usedblocks.FreeSpace:
+    """What the disk's filesystems hold free (not to be sent); nothing when it cannot be asked."""
+    facts = job.assessment.facts or {}
+    disk = next((d for d in facts.get("disks") or [] if d.get("name") == disk_name), None)
+    if disk is None:
+        return usedblocks.FreeSpace([], [])
+    try:
+        with ssh.connect(endpoint) as session:
+            free = usedblocks.free_space(session.run, disk, facts.get("filesystems") or [])
+    except ssh.SSHError as exc:
+        log(
+            job,
+            f"{disk_name}: could not ask which blocks are free ({exc}); non-zero blocks copied",
+            LogLevel.WARNING,
+        )
+        return usedblocks.FreeSpace([], [])
+    for note in free.notes:
+        log(job, f"{disk_name}: {note}")
+    return free
+
+
 def copy_stage(job: ConversionJob) -> None:
     """Copy every disk into a new sparse volume; resume after breaks; verify by read-back checksum."""
     plan = job.plan
@@ -465,10 +504,11 @@ def copy_stage(job: ConversionJob) -> None:
                 }
                 save_progress(job, "bytes_done", "percent", "wire_bytes", "rate_bytes_per_s", "copy_state")
 
+            free = _free_space(job, endpoint, entry["disk"])
             log(
                 job,
                 f"{entry['disk']}: copying {entry['device']} ({entry['size_bytes']} bytes) into "
-                f"{entry['volume']}",
+                f"{entry['volume']}; {free.free_bytes} bytes free in its filesystems are not sent",
             )
             started = time.monotonic()
             try:
@@ -482,6 +522,7 @@ def copy_stage(job: ConversionJob) -> None:
                     resume=resume,
                     on_progress=on_progress,
                     retryable=retryable,
+                    free_ranges=free.ranges,
                     openssh=copy_mod.OpenSSHLogin(
                         endpoint.address, endpoint.port, endpoint.user, endpoint.private_key
                     ),

@@ -29,7 +29,13 @@ from tests.p2v_conversion.conftest import leftovers
 from tests.realguest.machine import DISK_SERIALS, SMBIOS, SOURCE_MAC
 from tests.services import wait_until
 
-pytestmark = [pytest.mark.libvirt, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.libvirt,
+    pytest.mark.slow,
+    pytest.mark.django_db(transaction=True),
+    # Under emulation on a shared machine: two boots of the VM, the probes inside it, a disk copy.
+    pytest.mark.timeout(2400),
+]
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 # Two emulated boots of a systemd guest and a 2 GiB copy on a shared 2-core machine: generous.
@@ -74,9 +80,27 @@ def assess(guest) -> Machine:
     return machine
 
 
+FREED_FILE_BYTES = 256 * MiB
+
+
+def nonzero_bytes(path, block: int = 64 * 1024) -> int:
+    """What a non-zero-block copy sends for this disk image (64 KiB blocks, as the reader cuts them)."""
+    total = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            if chunk.strip(b"\0"):
+                total += len(chunk)
+    return total
+
+
 def test_real_server_is_assessed_converted_and_proved_from_inside(
     celery_worker, hypervisor, real_guest, libvirt_conn, p2v_pool, p2v_prefix
 ):
+    # A large file written and deleted: its blocks still hold its bytes but the filesystem has freed them.
+    done = real_guest.ssh(
+        f"head -c {FREED_FILE_BYTES} /dev/urandom > /var/tmp/big && sync && rm /var/tmp/big && sync"
+    )
+    assert done.returncode == 0, done.stderr
     machine = assess(real_guest)
     assessment = machine.latest_assessment
     facts = assessment.facts
@@ -106,9 +130,10 @@ def test_real_server_is_assessed_converted_and_proved_from_inside(
     admin.force_authenticate(get_user_model().objects.create_user("p2v-admin", password="x", is_staff=True))
     response = admin.post(f"/api/p2v/machines/{machine.pk}/convert/", {"reason": "test"}, format="json")
     assert response.status_code == 201, response.content
+    job_id = response.json()["job"]["id"]  # convert/ answers with the job it started
     job = wait_until(
         lambda: ConversionJob.objects.filter(
-            event_id=response.json()["id"],
+            pk=job_id,
             state__in=[JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED],
         ).first(),
         timeout_s=JOB_TIMEOUT_S,
@@ -138,6 +163,16 @@ def test_real_server_is_assessed_converted_and_proved_from_inside(
         }
         assert guest["kernel"]["release"] == facts["kernel"]["release"]
         assert "isolated network" in logs
+        # Only used blocks crossed: at most the filesystems' used bytes + 5 %, although the disks hold
+        # the deleted file's bytes (what a non-zero-block copy sends, measured on the source's images).
+        used = sum(fs["used_bytes"] for fs in facts["filesystems"])
+        nonzero = nonzero_bytes(real_guest.system_disk) + nonzero_bytes(real_guest.data_disk)
+        print(
+            f"\nP2V-BYTES wire={job.wire_bytes} used={used} nonzero_copy={nonzero} "
+            f"ratio_used={job.wire_bytes / used:.3f} ratio_nonzero={nonzero / used:.3f}"
+        )
+        assert nonzero > used + FREED_FILE_BYTES * 0.9  # the freed file is really still on the disk
+        assert job.wire_bytes <= used * 1.05
         assert leftovers(libvirt_conn, p2v_pool, p2v_prefix) != []  # the VM and its volumes stay
 
         # The same VM, changed after the build (as an operator editing the domain might): red, naming memory.
@@ -151,6 +186,8 @@ def test_real_server_is_assessed_converted_and_proved_from_inside(
         job.refresh_from_db()
         assert job.verification["matches"] is False
         assert [d["field"] for d in job.verification["differences"]] == ["memory_bytes"]
+        job.event.refresh_from_db()
+        assert job.event.status == "succeeded"  # the event follows its job
     finally:
         assert remove_converted_vm(job) == []
     assert leftovers(libvirt_conn, p2v_pool, p2v_prefix) == []
