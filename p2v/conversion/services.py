@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import re
 import time
@@ -671,7 +672,10 @@ def _verify_domain_xml(xml: str, bridge: str) -> str:
 
 
 def _isolation_prefix(job: ConversionJob) -> str:
-    return f"p2v{job.pk}"[:11]
+    """Unique per hypervisor and job (two portals, or test sessions, may both have a job #1) and
+    short enough for Linux interface names."""
+    digest = hashlib.sha256(f"{job.hypervisor.name_prefix}{job.hypervisor_id}-{job.pk}".encode()).hexdigest()
+    return f"p2v{digest[:8]}"
 
 
 def verify_stage(job: ConversionJob) -> None:

@@ -36,6 +36,14 @@ class RealGuestError(RuntimeError):
     pass
 
 
+def _die_with_parent() -> None:
+    """In the QEMU child: SIGKILL when the test process dies (a pytest-timeout exit runs no
+    teardown); QEMU created the tap itself, so the tap goes with it."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=False)
     if check and done.returncode != 0:
@@ -119,6 +127,7 @@ class RealGuest:
         ]
         self.process = subprocess.Popen(
             argv,
+            preexec_fn=_die_with_parent,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=(self.workdir / "qemu.err").open("wb"),
@@ -245,10 +254,16 @@ def start_real_guest(memory_bytes: int = 1024 * MiB, vcpus: int = 2) -> RealGues
         for source, target in ((image.system_disk, guest.system_disk), (image.data_disk, guest.data_disk)):
             _run("cp", "--sparse=always", str(source), str(target))
         write_network_config(guest)
-        _run("ip", "tuntap", "add", "dev", guest.tap, "mode", "tap")
+        guest.start()  # QEMU creates the tap (and removes it when it exits)
+        deadline = time.monotonic() + 60
+        while _run("ip", "link", "show", guest.tap, check=False).returncode != 0:
+            if time.monotonic() > deadline or guest.process.poll() is not None:
+                raise RealGuestError(
+                    f"QEMU made no tap {guest.tap}: {(workdir / 'qemu.err').read_text()[-300:]}"
+                )
+            time.sleep(0.1)
         _run("ip", "addr", "add", f"{host_address}/30", "dev", guest.tap)
         _run("ip", "link", "set", guest.tap, "up")
-        guest.start()
         guest.wait_for_ssh()
     except BaseException:
         guest.close()
