@@ -838,7 +838,10 @@ class _PausedDomain:
         self._domain.resume()
 
     def isActive(self) -> bool:
-        return bool(self._domain.isActive())
+        try:
+            return bool(self._domain.isActive())
+        except libvirt.libvirtError:
+            return False  # a transient domain that powered off no longer exists
 
 
 def _guest_facts(job: ConversionJob, session: ssh.SSHSession) -> dict:

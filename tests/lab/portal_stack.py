@@ -81,18 +81,13 @@ class PortalLink:
         netns.run(["ip", "link", "set", self.name, "up"])
         netns.run(["ip", "-n", r, "addr", "add", f"{self.router_address}/30", "dev", ROUTER_IFACE])
         netns.run(["ip", "-n", r, "link", "set", ROUTER_IFACE, "up"])
-        netns.run(
-            ["nft", "-f", "-"],
-            netns=r,
-            input_text=(
-                f"table ip {NAT_TABLE} {{\n"
-                "  chain post {\n"
-                "    type nat hook postrouting priority srcnat; policy accept;\n"
-                f'    oifname "{ROUTER_IFACE}" masquerade\n'
-                "  }\n"
-                "}\n"
-            ),
-        )
+        netns.run(["nft", "-f", "-"], netns=r, input_text=(
+            f"table ip {NAT_TABLE} {{\n"
+            "  chain post {\n"
+            "    type nat hook postrouting priority srcnat; policy accept;\n"
+            f'    oifname "{ROUTER_IFACE}" masquerade\n'
+            "  }\n"
+            "}\n"))
 
     def down(self) -> None:
         if not self.made:
@@ -122,31 +117,12 @@ class PortalMux(MuxProcess):
 
     def start(self) -> None:
         assert self.bgp is not None
-        argv = [
-            sys.executable,
-            "-m",
-            "lbagent.daemon",
-            "--portal",
-            self.portal_url,
-            "--token-file",
-            str(self.token_file),
-            "--node",
-            self.mux.name,
-            "--config",
-            str(self.config),
-            "--metrics",
-            f"127.0.0.1:{METRICS_PORT}",
-            "--run-dir",
-            str(self.dir),
-            "--bgp-neighbor",
-            self.bgp.neighbor,
-            "--bgp-local-address",
-            self.bgp.local_address,
-            "--bgp-local-as",
-            str(self.bgp.local_as),
-            "--bgp-peer-as",
-            str(self.bgp.peer_as),
-        ]
+        argv = [sys.executable, "-m", "lbagent.daemon",
+                "--portal", self.portal_url, "--token-file", str(self.token_file), "--node", self.mux.name,
+                "--config", str(self.config), "--metrics", f"127.0.0.1:{METRICS_PORT}",
+                "--run-dir", str(self.dir),
+                "--bgp-neighbor", self.bgp.neighbor, "--bgp-local-address", self.bgp.local_address,
+                "--bgp-local-as", str(self.bgp.local_as), "--bgp-peer-as", str(self.bgp.peer_as)]
         self.proc = self.lab.spawn(self.key, self.mux.netns, argv, log_name=self.log_name)
 
     def log_tail(self, chars: int = 1500) -> str:

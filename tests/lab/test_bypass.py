@@ -41,19 +41,9 @@ def test_bypass_moves_the_route_and_scale_up_keeps_connections(cluster):
         # Scale down to one backend: the VIP goes into bypass with its host as next hop.
         one = [backend_doc(web1)]
         started = time.monotonic()
-        cluster.vips[VIP] = vip_doc(
-            VIP,
-            [
-                listener_doc(
-                    LISTENER,
-                    one,
-                    generation=2,
-                    previous={"generation": 1, "backends": two, "drain_deadline": time.time() + 60},
-                )
-            ],
-            bypass=True,
-            bypass_next_hop=web1.address,
-        )
+        cluster.vips[VIP] = vip_doc(VIP, [listener_doc(LISTENER, one, generation=2, previous={
+            "generation": 1, "backends": two, "drain_deadline": time.time() + 60})],
+            bypass=True, bypass_next_hop=web1.address)
         cluster.publish()
         wait_route(lab, VIP, [web1.address], timeout_s=5)
         moved_s = time.monotonic() - started
@@ -73,17 +63,8 @@ def test_bypass_moves_the_route_and_scale_up_keeps_connections(cluster):
 
         # Scale back up: tables first (old table = everything to web-1), then the muxes announce.
         during_bypass.start_background()
-        cluster.vips[VIP] = vip_doc(
-            VIP,
-            [
-                listener_doc(
-                    LISTENER,
-                    two,
-                    generation=3,
-                    previous={"generation": 2, "backends": one, "drain_deadline": time.time() + 60},
-                )
-            ],
-        )
+        cluster.vips[VIP] = vip_doc(VIP, [listener_doc(LISTENER, two, generation=3, previous={
+            "generation": 2, "backends": one, "drain_deadline": time.time() + 60})])
         cluster.publish()
         wait_route(lab, VIP, mux_addresses, timeout_s=5)
         during_bypass.settle(3)
@@ -92,9 +73,8 @@ def test_bypass_moves_the_route_and_scale_up_keeps_connections(cluster):
         print(f"scale-up: 0 of 50 bypass connections broken; slow path decided {slow:.0f} packets")
         after = collections.Counter(ask(client, VIP) for _ in range(200))
         assert set(after) == {web1.name, web2.name}, f"new connections after scale-up: {after}"
-        assert (
-            sum(m.metric("lbagent_listener_packets_total", listener=str(LISTENER)) for m in cluster.muxes) > 0
-        )
+        assert sum(m.metric("lbagent_listener_packets_total", listener=str(LISTENER))
+                   for m in cluster.muxes) > 0
         during_bypass.close()
     finally:
         cluster.remove_vip(VIP)

@@ -66,8 +66,7 @@ def test_short_connections_follow_weights_and_the_table(cluster, weighted_vip):
         # is exact, only the sample of client ports varies.
         tolerance = 4 * (expected * (1 - expected) / len(answers)) ** 0.5
         assert abs(share - expected) < tolerance, (
-            f"{backend.name}: {share:.3f} of connections, weight share {expected:.3f} (+-{tolerance:.3f})"
-        )
+            f"{backend.name}: {share:.3f} of connections, weight share {expected:.3f} (+-{tolerance:.3f})")
     # Both muxes carried traffic (ECMP on ports), and the per-backend counters saw it.
     per_mux = [m.metric("lbagent_listener_packets_total", listener=str(LISTENER)) for m in cluster.muxes]
     assert all(p > 0 for p in per_mux), f"listener packets per mux: {per_mux}"
@@ -76,9 +75,8 @@ def test_short_connections_follow_weights_and_the_table(cluster, weighted_vip):
 def _stateless_counters(mux) -> dict[str, float]:
     return {
         "slow-path packets": mux.metric("lbagent_slowpath_packets_total"),
-        "packets handed to the slow path": mux.metric(
-            "lbagent_slowpath_accepted_packets_total", listener=str(LISTENER)
-        ),
+        "packets handed to the slow path": mux.metric("lbagent_slowpath_accepted_packets_total",
+                                                       listener=str(LISTENER)),
         "pinned packets": mux.metric("lbagent_pinned_packets_total", listener=str(LISTENER)),
         "packets re-injected": mux.metric("lbagent_kernel_reinjected_packets_total"),
     }
@@ -112,8 +110,7 @@ def test_kernel_and_python_agree_on_buckets(cluster, weighted_vip):
         learned.update(learned_buckets(mux, LISTENER))
     assert len(learned) >= 1000
     mismatches = [
-        (flow, kernel)
-        for flow, kernel in learned.items()
+        (flow, kernel) for flow, kernel in learned.items()
         if flow_bucket(flow[0], flow[1], 6, flow[2], flow[3], seed=HASH_SEED, table_size=TABLE_SIZE) != kernel
     ]
     assert mismatches == [], f"{len(mismatches)} of {len(learned)} flows hashed differently: {mismatches[:5]}"
@@ -170,20 +167,11 @@ def test_a_vip_a_mux_cannot_apply_keeps_its_last_state_and_every_other_vip_stays
     ghost_vip = "203.0.113.19"
     good = json.loads(mux.config.read_text())
     broken = json.loads(json.dumps(good))
-    ghost = {
-        "address": "10.90.0.99",
-        "port": 80,
-        "weight": 1,
-        "state": "active",
-        "mac": None,
-        "host": "ghost",
-    }
+    ghost = {"address": "10.90.0.99", "port": 80, "weight": 1, "state": "active", "mac": None,
+             "host": "ghost"}
     listener = next(v for v in broken["vips"] if v["address"] == VIP)["listeners"][0]
-    listener["previous"] = {
-        "generation": listener["generation"],
-        "backends": listener["backends"],
-        "drain_deadline": time.time() + 60,
-    }
+    listener["previous"] = {"generation": listener["generation"], "backends": listener["backends"],
+                            "drain_deadline": time.time() + 60}
     listener["generation"] += 1
     listener["backends"] = [*listener["backends"], ghost]
     broken["vips"].append(vip_doc(ghost_vip, [listener_doc(19, [ghost])]))
@@ -191,11 +179,8 @@ def test_a_vip_a_mux_cannot_apply_keeps_its_last_state_and_every_other_vip_stays
     errors_before = mux.metric("lbagent_apply_errors_total")
 
     def refused() -> set[str]:
-        return {
-            dict(labels)["vip"]
-            for (name, labels), value in mux.metrics().items()
-            if name == "lbagent_vip_refused" and value == 1
-        }
+        return {dict(labels)["vip"] for (name, labels), value in mux.metrics().items()
+                if name == "lbagent_vip_refused" and value == 1}
 
     try:
         write_atomically(mux.config, json.dumps(broken))

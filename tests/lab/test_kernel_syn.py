@@ -55,9 +55,8 @@ def test_kernel_pins_new_flows_as_decide_says_and_owners_record_them(cluster):
     gen2 = [*gen1, backend_doc(web3)]
     deadline = time.time() + 600
     previous = {"generation": 1, "backends": gen1, "drain_deadline": deadline}
-    cluster.set_vip(
-        vip_doc(VIP, [listener_doc(LISTENER, gen2, generation=2, drain_timeout_s=600, previous=previous)])
-    )
+    cluster.set_vip(vip_doc(VIP, [listener_doc(LISTENER, gen2, generation=2, drain_timeout_s=600,
+                                               previous=previous)]))
     try:
         old = build_generation(1, [f"{b['address']}:80" for b in gen1], None, TABLE_SIZE)
         new = build_generation(2, [f"{b['address']}:80" for b in gen2], None, TABLE_SIZE)
@@ -78,15 +77,10 @@ def test_kernel_pins_new_flows_as_decide_says_and_owners_record_them(cluster):
         finally:
             sender.close()
 
-        _wait(
-            "the kernel to count every new flow",
-            lambda: (
-                mux.metric("lbagent_kernel_new_flows_total", listener=str(LISTENER)) - new_before >= FLOWS
-            ),
-        )
-        assert mux.metric("lbagent_slowpath_packets_total") == queued_before, (
+        _wait("the kernel to count every new flow", lambda: mux.metric(
+            "lbagent_kernel_new_flows_total", listener=str(LISTENER)) - new_before >= FLOWS)
+        assert mux.metric("lbagent_slowpath_packets_total") == queued_before, \
             "SYNs of unstable buckets reached NFQUEUE: the kernel should have handled them"
-        )
 
         # What the specification says for each flow.
         macs = {f"{b.address}:80": b.mac for b in lab.backends}
@@ -94,44 +88,28 @@ def test_kernel_pins_new_flows_as_decide_says_and_owners_record_them(cluster):
         vip_int = int.from_bytes(socket.inet_aton(VIP), "big")
         for saddr, sport in flows:
             bucket = flow_bucket(int_to_ipv4(saddr), VIP, 6, sport, 80, seed=HASH_SEED, table_size=TABLE_SIZE)
-            action = decide(
-                tables=tables,
-                bucket=bucket,
-                is_syn=True,
-                pin=None,
-                local_record=None,
-                owners=ownership.owners(bucket),
-                self_mux=mux.mux.name,
-            )
+            action = decide(tables=tables, bucket=bucket, is_syn=True, pin=None, local_record=None,
+                            owners=ownership.owners(bucket), self_mux=mux.mux.name)
             assert isinstance(action, RecordAndForward), action
             want[(int_to_ipv4(saddr), VIP, sport, 80)] = (action.backend, bucket, action.owner, action.backup)
 
         kernel = pins(mux.mux)
-        wrong = [
-            (f, kernel.get(f), macs[b])
-            for f, (b, _, _, _) in want.items()
-            if (kernel.get(f) or "").lower() != macs[b].lower()
-        ]
+        wrong = [(f, kernel.get(f), macs[b]) for f, (b, _, _, _) in want.items()
+                 if (kernel.get(f) or "").lower() != macs[b].lower()]
         assert wrong == [], f"{len(wrong)} of {len(want)} kernel pins differ from decide(): {wrong[:5]}"
 
         # Records: the owner holds one (not a replica) with decide()'s backend, the backup a copy.
         def held() -> dict[str, dict]:
             out = {}
             for m in cluster.muxes:
-                out[m.mux.name] = {
-                    (int_to_ipv4(r[1][0]), int_to_ipv4(r[1][1]), r[1][3], r[1][4]): r
-                    for r in m.records()
-                    if r[0] == LISTENER and r[1][1] == vip_int
-                }
+                out[m.mux.name] = {(int_to_ipv4(r[1][0]), int_to_ipv4(r[1][1]), r[1][3], r[1][4]): r
+                                   for r in m.records() if r[0] == LISTENER and r[1][1] == vip_int}
             return out
 
         def missing() -> list:
             h = held()
-            return [
-                (f, w)
-                for f, w in want.items()
-                if f not in h[w[2]] or h[w[2]][f][4] or (w[3] is not None and f not in h[w[3]])
-            ]
+            return [(f, w) for f, w in want.items()
+                    if f not in h[w[2]] or h[w[2]][f][4] or (w[3] is not None and f not in h[w[3]])]
 
         _wait("every owner and backup to hold the records", lambda: not missing())
         h = held()

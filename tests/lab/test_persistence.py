@@ -22,9 +22,8 @@ def _generation(gen: int, backends: list[dict], previous: tuple[int, list[dict]]
     prev = None
     if previous is not None:
         prev = {"generation": previous[0], "backends": previous[1], "drain_deadline": time.time() + DRAIN_S}
-    return vip_doc(
-        VIP, [listener_doc(LISTENER, backends, generation=gen, drain_timeout_s=DRAIN_S, previous=prev)]
-    )
+    return vip_doc(VIP, [listener_doc(LISTENER, backends, generation=gen, drain_timeout_s=DRAIN_S,
+                                      previous=prev)])
 
 
 def _scenario(cluster, *, transitions: bool) -> tuple[LongConnections, str]:
@@ -67,11 +66,8 @@ def _scenario(cluster, *, transitions: bool) -> tuple[LongConnections, str]:
         victim.stop()  # withdraws its route: every flow now goes through the other mux
         wait_route(lab, VIP, [cluster.muxes[1].mux.address])
         conns.settle(3)
-        conns.survivor_metrics = {
-            k: v
-            for k, v in cluster.muxes[1].metrics().items()
-            if any(w in k[0] for w in ("decision", "owner", "peer", "records"))
-        }
+        conns.survivor_metrics = {k: v for k, v in cluster.muxes[1].metrics().items()
+                                  if any(w in k[0] for w in ("decision", "owner", "peer", "records"))}
     finally:
         conns.close()
         cluster.remove_vip(VIP)
@@ -90,26 +86,20 @@ def test_connections_survive_changes_and_mux_failures(cluster, restore_muxes):
     conns, removed = _scenario(cluster, transitions=True)
     on_removed = conns.broken_on({removed})
     elsewhere = conns.broken_elsewhere({removed})
-    print(
-        f"\nwith transitions: {len(elsewhere)} broken of {CONNECTIONS}, "
-        f"{len(on_removed)} on the removed backend {removed}"
-    )
+    print(f"\nwith transitions: {len(elsewhere)} broken of {CONNECTIONS}, "
+          f"{len(on_removed)} on the removed backend {removed}")
     when = sorted({conns.broken_round[i] for i in elsewhere})
-    assert elsewhere == {}, (
-        f"{len(elsewhere)} connections broke: {list(elsewhere.items())[:5]}; in rounds "
-        f"{when}; steps began at rounds {conns.steps}; surviving mux: "
-        f"{conns.survivor_metrics}"
-    )
+    assert elsewhere == {}, (f"{len(elsewhere)} connections broke: {list(elsewhere.items())[:5]}; in rounds "
+                             f"{when}; steps began at rounds {conns.steps}; surviving mux: "
+                             f"{conns.survivor_metrics}")
     assert cluster.muxes[1].metric("lbagent_slowpath_packets_total") > 0, "the slow path never ran"
 
 
 def test_baseline_without_transitions_breaks_connections(cluster, restore_muxes):
     conns, removed = _scenario(cluster, transitions=False)
     elsewhere = conns.broken_elsewhere({removed})
-    print(
-        f"\nbaseline without transitions: {len(elsewhere)} of {CONNECTIONS} broken "
-        f"(plus {len(conns.broken_on({removed}))} on the removed backend {removed})"
-    )
+    print(f"\nbaseline without transitions: {len(elsewhere)} of {CONNECTIONS} broken "
+          f"(plus {len(conns.broken_on({removed}))} on the removed backend {removed})")
     # Adding one backend to three moves about a quarter of the buckets: without old tables and
     # pins those connections land on a backend that does not know them.
     assert len(elsewhere) >= CONNECTIONS // 10
@@ -128,9 +118,8 @@ def test_connections_opened_during_a_transition_survive_losing_their_mux(cluster
     gen1 = [backend_doc(web1), backend_doc(web2)]
     gen2 = [*gen1, backend_doc(web3)]
     previous = {"generation": 1, "backends": gen1, "drain_deadline": time.time() + DRAIN_S}
-    cluster.set_vip(
-        vip_doc(vip, [listener_doc(15, gen2, generation=2, drain_timeout_s=DRAIN_S, previous=previous)])
-    )
+    cluster.set_vip(vip_doc(vip, [listener_doc(15, gen2, generation=2, drain_timeout_s=DRAIN_S,
+                                               previous=previous)]))
     wait_route(lab, vip, [m.address for m in lab.muxes])
     conns = LongConnections(lab.clients[0].netns, vip, CONNECTIONS)
     try:
@@ -143,10 +132,8 @@ def test_connections_opened_during_a_transition_survive_losing_their_mux(cluster
         conns.close()
         cluster.remove_vip(vip)
     on_web3 = sum(1 for b in conns.backend if b == web3.name)
-    print(
-        f"\nopened during a transition: {len(conns.broken)} of {CONNECTIONS} broken after losing a mux "
-        f"({on_web3} on the new backend)"
-    )
+    print(f"\nopened during a transition: {len(conns.broken)} of {CONNECTIONS} broken after losing a mux "
+          f"({on_web3} on the new backend)")
     assert on_web3 > 0
     assert conns.broken == {}, f"{len(conns.broken)} broke: {list(conns.broken.items())[:5]}"
 
@@ -162,23 +149,20 @@ def test_transition_ends_at_the_drain_deadline_and_state_goes(cluster, restore_m
     gen2 = [*gen1, backend_doc(web3)]
     drain_s = 8  # long enough that applying, announcing and opening connections fit inside it
     previous = {"generation": 1, "backends": gen1, "drain_deadline": time.time() + drain_s}
-    cluster.set_vip(
-        vip_doc(vip, [listener_doc(16, gen2, generation=2, drain_timeout_s=drain_s, previous=previous)])
-    )
+    cluster.set_vip(vip_doc(vip, [listener_doc(16, gen2, generation=2, drain_timeout_s=drain_s,
+                                               previous=previous)]))
     wait_route(lab, vip, [m.address for m in lab.muxes])
     conns = LongConnections(lab.clients[0].netns, vip, 50)
     try:
         assert cluster.total("lbagent_listeners_in_transition") >= 2
         assert cluster.total("lbagent_flow_records") > 0, "new flows in unstable buckets were not recorded"
         deadline = time.monotonic() + drain_s + 10
-        while (
-            cluster.total("lbagent_listeners_in_transition") > 0 or cluster.total("lbagent_flow_records") > 0
-        ):
+        while (cluster.total("lbagent_listeners_in_transition") > 0
+               or cluster.total("lbagent_flow_records") > 0):
             assert time.monotonic() < deadline, (
                 "the transition did not end at its drain deadline: "
                 f"{cluster.total('lbagent_listeners_in_transition')} listeners in transition, "
-                f"{cluster.total('lbagent_flow_records')} records"
-            )
+                f"{cluster.total('lbagent_flow_records')} records")
             time.sleep(0.1)
         conns.exchange_round()
         assert conns.broken == {}, f"connections broke when the transition ended: {conns.broken}"

@@ -85,13 +85,9 @@ class PortalLab:
         """The listener's status node once a table generation above `newer_than` is ACTIVE,
         acknowledged by every mux."""
         node = self.listener_status()
-        if (
-            (node["generation"] or 0) > newer_than
-            and node["provisioning_status"] == "active"
-            and all(
-                a["status"] == "active" and (a["applied_generation"] or 0) >= node["generation"]
-                for a in node["agents"]
-            )
+        if (node["generation"] or 0) > newer_than and node["provisioning_status"] == "active" and all(
+            a["status"] == "active" and (a["applied_generation"] or 0) >= node["generation"]
+            for a in node["agents"]
         ):
             return node
         return None
@@ -118,9 +114,8 @@ def _make_world(lab) -> tuple[str, int, int, dict[str, str]]:
     pool = VipPool.objects.create(name="lab-public", prefix="203.0.113.0/24")
     pool.tenants.add(tenant)
     vip = services.create_vip(tenant=tenant, name="lab-web", address=VIP, user=member)
-    listener = services.create_listener(
-        vip=vip, protocol="tcp", port=80, drain_timeout_s=DRAIN_S, user=member
-    )
+    listener = services.create_listener(vip=vip, protocol="tcp", port=80, drain_timeout_s=DRAIN_S,
+                                        user=member)
     services.replace_backends(listener, [_backend(b) for b in lab.backends[:2]], user=member)
     host = Host.objects.create(name="lab-lb", management_address=lab.router.address, roles=["lb-node"])
     tokens = {}
@@ -135,10 +130,8 @@ def portal_lab(lab, cluster, django_db_setup, django_db_blocker, tmp_path_factor
     from django.core.management import call_command
     from django.db import connection
 
-    need(
-        redis_answers(getattr(settings, "REDIS_URL", None)),
-        "needs Redis (REDIS_URL set and answering; `make services` starts it)",
-    )
+    need(redis_answers(getattr(settings, "REDIS_URL", None)),
+         "needs Redis (REDIS_URL set and answering; `make services` starts it)")
     need(connection.vendor == "postgresql", "needs PostgreSQL (DATABASE_URL) shared with the portal process")
     with django_db_blocker.unblock(), ExitStack() as cleanup:  # cleanup runs with the DB unblocked
         # Registered in reverse order of need: the last one registered runs first.
@@ -149,19 +142,16 @@ def portal_lab(lab, cluster, django_db_setup, django_db_blocker, tmp_path_factor
         key, vip_id, listener_id, tokens = _make_world(lab)
 
         env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-        env.update(
-            {
-                "DATABASE_URL": database_url_for_test_db(),
-                "REDIS_URL": settings.REDIS_URL,
-                "DJANGO_SECRET_KEY": settings.SECRET_KEY,
-                "DJANGO_ALLOWED_HOSTS": f"127.0.0.1,localhost,{link.portal_address}",
-                "DATACENTER_EMBEDDED_WORKER": "0",
-                "PYTHONPATH": str(settings.BASE_DIR),
-            }
-        )
-        portal = PortalServer(
-            env=env, workdir=tmp_path_factory.mktemp("lab-portal"), host=link.portal_address
-        )
+        env.update({
+            "DATABASE_URL": database_url_for_test_db(),
+            "REDIS_URL": settings.REDIS_URL,
+            "DJANGO_SECRET_KEY": settings.SECRET_KEY,
+            "DJANGO_ALLOWED_HOSTS": f"127.0.0.1,localhost,{link.portal_address}",
+            "DATACENTER_EMBEDDED_WORKER": "0",
+            "PYTHONPATH": str(settings.BASE_DIR),
+        })
+        portal = PortalServer(env=env, workdir=tmp_path_factory.mktemp("lab-portal"),
+                              host=link.portal_address)
         cleanup.callback(portal.stop)
         portal.start()
 
@@ -180,9 +170,8 @@ def portal_lab(lab, cluster, django_db_setup, django_db_blocker, tmp_path_factor
         for mux in muxes:
             cleanup.callback(mux.stop)
             mux.start()
-        stack = PortalLab(
-            lab=lab, portal=portal, muxes=muxes, key=key, vip_id=vip_id, listener_id=listener_id
-        )
+        stack = PortalLab(lab=lab, portal=portal, muxes=muxes, key=key, vip_id=vip_id,
+                          listener_id=listener_id)
         try:
             wait_for(stack.settled, 30, "the listener to become ACTIVE on both portal-mode muxes")
             for mux in muxes:
@@ -213,40 +202,26 @@ def test_a_tenant_replaces_backends_over_rest_and_lab_traffic_follows(portal_lab
         conns.start_background()
 
         started = time.monotonic()
-        code, body = portal_lab.api(
-            "PUT",
-            f"/api/listeners/{portal_lab.listener_id}/backends/",
-            {"backends": [_backend(web2), _backend(web3)]},
-        )
+        code, body = portal_lab.api("PUT", f"/api/listeners/{portal_lab.listener_id}/backends/",
+                                    {"backends": [_backend(web2), _backend(web3)]})
         assert code == 200, body
-        node = wait_for(
-            lambda: portal_lab.settled(newer_than=generation_before),
-            PROPAGATION_BUDGET_S,
-            "both muxes to apply and acknowledge the new backends (listener ACTIVE)",
-        )
+        node = wait_for(lambda: portal_lab.settled(newer_than=generation_before), PROPAGATION_BUDGET_S,
+                        "both muxes to apply and acknowledge the new backends (listener ACTIVE)")
         propagation_s = time.monotonic() - started
         apply_s = {m.mux.name: round(m.metric("lbagent_last_apply_seconds"), 3) for m in portal_lab.muxes}
         assert {a["agent"]: a["status"] for a in node["agents"]} == {m.name: "active" for m in lab.muxes}
         assert [(b["address"], b["in_table"]) for b in node["backends"]] == [
-            (web2.address, True),
-            (web3.address, True),
-        ]
+            (web2.address, True), (web3.address, True)]
         assert node["draining_until"] is not None  # the old table stays for the drain
         for mux in portal_lab.muxes:  # what the kernel daemons report applying
             # The portal may push a newer document meanwhile (a health report): wait until the
             # config file and the applied generation agree, then check its content.
-            wait_for(
-                lambda mux=mux: (
-                    mux.metric("lbagent_config_generation")
-                    == json.loads(mux.config.read_text())["generation"]
-                ),
-                10,
-                f"{mux.mux.name} to apply the configuration it wrote",
-            )
+            wait_for(lambda mux=mux: mux.metric("lbagent_config_generation")
+                     == json.loads(mux.config.read_text())["generation"], 10,
+                     f"{mux.mux.name} to apply the configuration it wrote")
             applied = json.loads(mux.config.read_text())
-            listener = next(
-                li for v in applied["vips"] for li in v["listeners"] if li["id"] == portal_lab.listener_id
-            )
+            listener = next(li for v in applied["vips"] for li in v["listeners"]
+                            if li["id"] == portal_lab.listener_id)
             assert [b["address"] for b in listener["backends"]] == [web2.address, web3.address]
 
         # The acknowledgement means "in the kernel": new connections go to B and C only, at once.
@@ -255,12 +230,10 @@ def test_a_tenant_replaces_backends_over_rest_and_lab_traffic_follows(portal_lab
         conns.settle(3)
     finally:
         conns.close()
-    print(
-        f"\nREST call -> ACTIVE on both muxes in {propagation_s:.3f} s (kernel apply {apply_s} s); "
-        f"before {dict(before)}, "
-        f"after {dict(after)}; long-lived connections per backend "
-        f"{dict(collections.Counter(conns.backend))}"
-    )
+    print(f"\nREST call -> ACTIVE on both muxes in {propagation_s:.3f} s (kernel apply {apply_s} s); "
+          f"before {dict(before)}, "
+          f"after {dict(after)}; long-lived connections per backend "
+          f"{dict(collections.Counter(conns.backend))}")
     assert conns.broken_on({web2.name}) == {}, "connections to the kept backend broke"
     # Connections on the replaced backend drain on their old backend (old table + pins) and the
     # ones on the kept backend never moved: none of the connections opened before the change broke.

@@ -28,16 +28,9 @@ class RecordingNft:
 
 def _plan(current: np.ndarray, old: np.ndarray | None = None) -> ListenerPlan:
     unstable = None if old is None else np.flatnonzero(current != old)
-    return ListenerPlan(
-        7,
-        "203.0.113.10",
-        "tcp",
-        80,
-        (("10.0.0.1", "02:00:00:00:00:01"), ("10.0.0.2", "02:00:00:00:00:02")),
-        current,
-        old,
-        unstable,
-    )
+    return ListenerPlan(7, "203.0.113.10", "tcp", 80, (("10.0.0.1", "02:00:00:00:00:01"),
+                                                       ("10.0.0.2", "02:00:00:00:00:02")),
+                        current, old, unstable)
 
 
 def test_first_apply_is_one_transaction_with_seed_and_full_tables():
@@ -90,9 +83,8 @@ def test_exabgp_and_bird_configs_name_both_ends(tmp_path: Path):
 
 def test_iptables_rules_queue_each_listener_with_bypass():
     text = iptables_rules([("203.0.113.10", "tcp", 80)], 7)
-    assert (
-        "-A LBAGENT_SLOWPATH -d 203.0.113.10/32 -p tcp --dport 80 -j NFQUEUE --queue-num 7 --queue-bypass"
-    ) in text
+    assert ("-A LBAGENT_SLOWPATH -d 203.0.113.10/32 -p tcp --dport 80 "
+            "-j NFQUEUE --queue-num 7 --queue-bypass") in text
     assert text.startswith("*mangle\n")
     assert text.endswith("COMMIT\n")
 
@@ -115,16 +107,8 @@ def test_syns_of_unstable_buckets_are_pinned_logged_and_forwarded_by_the_kernel(
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=24301, table_size=11, nft=nft, nflog_group=9)
     current = np.array([0, 1] * 5 + [0], dtype=np.int32)
     zeros = np.zeros(11, dtype=np.int32)
-    udp = ListenerPlan(
-        8,
-        "203.0.113.10",
-        "udp",
-        53,
-        (("10.0.0.1", "02:00:00:00:00:01"),),
-        zeros,
-        zeros,
-        np.array([], dtype=np.int64),
-    )
+    udp = ListenerPlan(8, "203.0.113.10", "udp", 53, (("10.0.0.1", "02:00:00:00:00:01"),),
+                       zeros, zeros, np.array([], dtype=np.int64))
     dp.apply([_plan(current, np.zeros(11, dtype=np.int32)), udp], pin_timeout_s=125)
     lines = nft.sent[-1].splitlines()
 

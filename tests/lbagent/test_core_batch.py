@@ -25,14 +25,8 @@ MUXES = [f"mux-{i}" for i in range(5)]
 def listener_tables(draw) -> ListenerTables:
     """A listener with 0, 1 or 2 old tables still draining, random backend sets per generation."""
     n_gens = draw(st.integers(1, 3))
-    gens = [
-        build_generation(
-            g + 1,
-            draw(st.lists(st.sampled_from(BACKENDS), min_size=1, max_size=5, unique=True)),
-            table_size=M,
-        )
-        for g in range(n_gens)
-    ]
+    gens = [build_generation(g + 1, draw(st.lists(st.sampled_from(BACKENDS), min_size=1, max_size=5,
+                                                  unique=True)), table_size=M) for g in range(n_gens)]
     tables = ListenerTables(gens[0])
     for g in gens[1:]:
         tables = tables.with_generation(g, drain_deadline=100.0)
@@ -40,33 +34,22 @@ def listener_tables(draw) -> ListenerTables:
 
 
 @settings(max_examples=150, deadline=None)
-@given(
-    listener_tables(),
-    st.lists(st.sampled_from(MUXES), min_size=1, max_size=5, unique=True),
-    st.lists(st.integers(0, M - 1), min_size=1, max_size=80),
-    st.data(),
-)
+@given(listener_tables(), st.lists(st.sampled_from(MUXES), min_size=1, max_size=5, unique=True),
+       st.lists(st.integers(0, M - 1), min_size=1, max_size=80), st.data())
 def test_new_flow_batch_equals_decide_flow_by_flow(tables, muxes, buckets, data):
     ownership = build_ownership(muxes, owner_seed=data.draw(st.integers(0, 1000)), table_size=M)
     record, backend_ids, primary, backup = decide_new_flows_batch(tables, np.array(buckets), ownership)
     assert len(record) == len(backend_ids) == len(primary) == len(backup) == len(buckets)
     for i, bucket in enumerate(buckets):
         # What the mux is and what it may hold play no part in a SYN's decision: draw them anyway.
-        action = decide(
-            tables=tables,
-            bucket=bucket,
-            is_syn=True,
-            pin=None,
-            local_record=data.draw(st.one_of(st.none(), st.sampled_from(BACKENDS))),
-            owners=ownership.owners(bucket),
-            self_mux=data.draw(st.sampled_from(muxes)),
-        )
+        action = decide(tables=tables, bucket=bucket, is_syn=True, pin=None,
+                        local_record=data.draw(st.one_of(st.none(), st.sampled_from(BACKENDS))),
+                        owners=ownership.owners(bucket), self_mux=data.draw(st.sampled_from(muxes)))
         name = tables.names[backend_ids[i]]
         if record[i]:
             b = int(backup[i])
-            assert action == RecordAndForward(
-                name, ownership.muxes[primary[i]], ownership.muxes[b] if b >= 0 else None, Reason.NEW_FLOW
-            )
+            assert action == RecordAndForward(name, ownership.muxes[primary[i]],
+                                              ownership.muxes[b] if b >= 0 else None, Reason.NEW_FLOW)
         else:
             # stable bucket or no transition: rule 2, no record
             assert action == Forward(name, Reason.STABLE)
@@ -74,8 +57,7 @@ def test_new_flow_batch_equals_decide_flow_by_flow(tables, muxes, buckets, data)
 
 def test_new_flow_batch_covers_stable_and_unstable_buckets_and_refuses_strangers():
     tables = ListenerTables(build_generation(1, ["b1", "b2"], table_size=M)).with_generation(
-        build_generation(2, ["b1", "b2", "b3"], table_size=M), drain_deadline=100.0
-    )
+        build_generation(2, ["b1", "b2", "b3"], table_size=M), drain_deadline=100.0)
     ownership = build_ownership(MUXES, owner_seed=3, table_size=M)
     record, _, _, _ = decide_new_flows_batch(tables, np.arange(M), ownership)
     assert np.array_equal(record, tables.unstable)
@@ -89,43 +71,34 @@ def test_new_flow_batch_covers_stable_and_unstable_buckets_and_refuses_strangers
 # --- put_first_many ----------------------------------------------------------------------
 
 # (listener, flow, backend, bucket) of one write
-write = st.tuples(
-    st.integers(0, 1), st.integers(0, 12), st.sampled_from(["x", "y", "z"]), st.integers(0, M - 1)
-)
+write = st.tuples(st.integers(0, 1), st.integers(0, 12), st.sampled_from(["x", "y", "z"]),
+                  st.integers(0, M - 1))
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.lists(st.lists(write, max_size=12), max_size=6),
-    st.lists(st.booleans(), min_size=6, max_size=6),
-    st.integers(0, 20),
-)
+@given(st.lists(st.lists(write, max_size=12), max_size=6), st.lists(st.booleans(), min_size=6, max_size=6),
+       st.integers(0, 20))
 def test_put_first_many_equals_put_first_in_turn(batches, replica_flags, cap):
     one, many = RecordStore(max_records=cap), RecordStore(max_records=cap)
     for n, (batch, replica) in enumerate(zip(batches, replica_flags, strict=False)):
         keys = [(lid, (flow, 9, 6, 1000 + flow, 80)) for lid, flow, _, _ in batch]
         backends = [backend for _, _, backend, _ in batch]
         buckets = [bucket for *_, bucket in batch]
-        want = [
-            one.put_first(k, be, bu, float(n), replica=replica)
-            for k, be, bu in zip(keys, backends, buckets, strict=True)
-        ]
+        want = [one.put_first(k, be, bu, float(n), replica=replica)
+                for k, be, bu in zip(keys, backends, buckets, strict=True)]
         winners, stored = many.put_first_many(keys, backends, buckets, float(n), replica=replica)
         assert list(zip(winners, stored, strict=True)) == want
         assert many.counters == one.counters
         assert len(many) <= cap
-    assert [(k, r.backend, r.bucket, r.created_s, r.last_seen_s, r.replica) for k, r in many] == [
-        (k, r.backend, r.bucket, r.created_s, r.last_seen_s, r.replica) for k, r in one
-    ]
+    assert [(k, r.backend, r.bucket, r.created_s, r.last_seen_s, r.replica) for k, r in many] == \
+        [(k, r.backend, r.bucket, r.created_s, r.last_seen_s, r.replica) for k, r in one]
 
 
 def test_put_first_many_keeps_the_first_writer_and_counts_the_quota():
     s = RecordStore(max_records=2)
     k = [(1, (i, 2, 6, 3, 80)) for i in range(4)]
     assert s.put_first_many([k[0], k[0], k[1], k[2]], ["a", "b", "c", "d"], [5, 5, 6, 7], 1.0) == (
-        ["a", "a", "c", "d"],
-        [True, False, True, False],
-    )
+        ["a", "a", "c", "d"], [True, False, True, False])
     assert (s.counters.stored, s.counters.conflicts, s.counters.degraded) == (2, 1, 1)
     assert s.put_first_many([k[1]], ["z"], [6], 2.0, replica=True) == (["c"], [False])
     assert s.peek(k[1]).last_seen_s == 2.0
@@ -134,19 +107,10 @@ def test_put_first_many_keeps_the_first_writer_and_counts_the_quota():
 
 # --- the packed record batch ---------------------------------------------------------------
 
-record = st.builds(
-    ReplicatedRecord,
-    st.integers(0, 2**32 - 1),
-    st.tuples(
-        st.integers(0, 2**32 - 1),
-        st.integers(0, 2**32 - 1),
-        st.sampled_from([6, 17]),
-        st.integers(0, 65535),
-        st.integers(0, 65535),
-    ),
-    st.integers(0, 2**32 - 1),
-    st.sampled_from(["10.0.0.1:80", "10.0.0.2:80", "w3"]),
-)
+record = st.builds(ReplicatedRecord, st.integers(0, 2**32 - 1),
+                   st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.sampled_from([6, 17]),
+                             st.integers(0, 65535), st.integers(0, 65535)),
+                   st.integers(0, 2**32 - 1), st.sampled_from(["10.0.0.1:80", "10.0.0.2:80", "w3"]))
 
 
 @settings(max_examples=100, deadline=None)
@@ -164,13 +128,11 @@ def test_record_batch_round_trips_and_concatenates(records, cut):
 
 def test_record_batch_refuses_what_it_cannot_carry():
     good = RecordBatch.of([ReplicatedRecord(1, (1, 2, 6, 3, 80), 4, "a")]).encode()
-    for bad in (
-        {**good, "rb": good["rb"][:-4]},  # not a whole record
-        {**good, "rb": "!!"},  # not base64
-        {**good, "n": []},  # backend index outside the names
-        {**good, "n": [""]},
-        {"rb": good["rb"]},
-    ):
+    for bad in ({**good, "rb": good["rb"][:-4]},  # not a whole record
+                {**good, "rb": "!!"},  # not base64
+                {**good, "n": []},  # backend index outside the names
+                {**good, "n": [""]},
+                {"rb": good["rb"]}):
         with pytest.raises(DecodeError):
             RecordBatch.decode(bad)
     with pytest.raises(DecodeError, match="out of range"):

@@ -28,84 +28,46 @@ def reference_jhash(k: bytes, initval: int) -> int:
         b = (b + (k[i + 4] | k[i + 5] << 8 | k[i + 6] << 16 | k[i + 7] << 24)) & 0xFFFFFFFF
         c = (c + (k[i + 8] | k[i + 9] << 8 | k[i + 10] << 16 | k[i + 11] << 24)) & 0xFFFFFFFF
         # __jhash_mix
-        a = (a - c) & 0xFFFFFFFF
-        a ^= _rol(c, 4)
-        c = (c + b) & 0xFFFFFFFF  # noqa: E702
-        b = (b - a) & 0xFFFFFFFF
-        b ^= _rol(a, 6)
-        a = (a + c) & 0xFFFFFFFF  # noqa: E702
-        c = (c - b) & 0xFFFFFFFF
-        c ^= _rol(b, 8)
-        b = (b + a) & 0xFFFFFFFF  # noqa: E702
-        a = (a - c) & 0xFFFFFFFF
-        a ^= _rol(c, 16)
-        c = (c + b) & 0xFFFFFFFF  # noqa: E702
-        b = (b - a) & 0xFFFFFFFF
-        b ^= _rol(a, 19)
-        a = (a + c) & 0xFFFFFFFF  # noqa: E702
-        c = (c - b) & 0xFFFFFFFF
-        c ^= _rol(b, 4)
-        b = (b + a) & 0xFFFFFFFF  # noqa: E702
+        a = (a - c) & 0xFFFFFFFF; a ^= _rol(c, 4); c = (c + b) & 0xFFFFFFFF  # noqa: E702
+        b = (b - a) & 0xFFFFFFFF; b ^= _rol(a, 6); a = (a + c) & 0xFFFFFFFF  # noqa: E702
+        c = (c - b) & 0xFFFFFFFF; c ^= _rol(b, 8); b = (b + a) & 0xFFFFFFFF  # noqa: E702
+        a = (a - c) & 0xFFFFFFFF; a ^= _rol(c, 16); c = (c + b) & 0xFFFFFFFF  # noqa: E702
+        b = (b - a) & 0xFFFFFFFF; b ^= _rol(a, 19); a = (a + c) & 0xFFFFFFFF  # noqa: E702
+        c = (c - b) & 0xFFFFFFFF; c ^= _rol(b, 4); b = (b + a) & 0xFFFFFFFF  # noqa: E702
         length -= 12
         i += 12
     if length == 0:
         return c
     # the switch with fallthrough
-    if length >= 12:
-        c += k[i + 11] << 24  # noqa: E701
-    if length >= 11:
-        c += k[i + 10] << 16  # noqa: E701
-    if length >= 10:
-        c += k[i + 9] << 8  # noqa: E701
-    if length >= 9:
-        c += k[i + 8]  # noqa: E701
-    if length >= 8:
-        b += k[i + 7] << 24  # noqa: E701
-    if length >= 7:
-        b += k[i + 6] << 16  # noqa: E701
-    if length >= 6:
-        b += k[i + 5] << 8  # noqa: E701
-    if length >= 5:
-        b += k[i + 4]  # noqa: E701
-    if length >= 4:
-        a += k[i + 3] << 24  # noqa: E701
-    if length >= 3:
-        a += k[i + 2] << 16  # noqa: E701
-    if length >= 2:
-        a += k[i + 1] << 8  # noqa: E701
+    if length >= 12: c += k[i + 11] << 24  # noqa: E701
+    if length >= 11: c += k[i + 10] << 16  # noqa: E701
+    if length >= 10: c += k[i + 9] << 8  # noqa: E701
+    if length >= 9: c += k[i + 8]  # noqa: E701
+    if length >= 8: b += k[i + 7] << 24  # noqa: E701
+    if length >= 7: b += k[i + 6] << 16  # noqa: E701
+    if length >= 6: b += k[i + 5] << 8  # noqa: E701
+    if length >= 5: b += k[i + 4]  # noqa: E701
+    if length >= 4: a += k[i + 3] << 24  # noqa: E701
+    if length >= 3: a += k[i + 2] << 16  # noqa: E701
+    if length >= 2: a += k[i + 1] << 8  # noqa: E701
     a += k[i]
-    a &= 0xFFFFFFFF
-    b &= 0xFFFFFFFF
-    c &= 0xFFFFFFFF  # noqa: E702
+    a &= 0xFFFFFFFF; b &= 0xFFFFFFFF; c &= 0xFFFFFFFF  # noqa: E702
     # __jhash_final
-    c ^= b
-    c = (c - _rol(b, 14)) & 0xFFFFFFFF  # noqa: E702
-    a ^= c
-    a = (a - _rol(c, 11)) & 0xFFFFFFFF  # noqa: E702
-    b ^= a
-    b = (b - _rol(a, 25)) & 0xFFFFFFFF  # noqa: E702
-    c ^= b
-    c = (c - _rol(b, 16)) & 0xFFFFFFFF  # noqa: E702
-    a ^= c
-    a = (a - _rol(c, 4)) & 0xFFFFFFFF  # noqa: E702
-    b ^= a
-    b = (b - _rol(a, 14)) & 0xFFFFFFFF  # noqa: E702
-    c ^= b
-    c = (c - _rol(b, 24)) & 0xFFFFFFFF  # noqa: E702
+    c ^= b; c = (c - _rol(b, 14)) & 0xFFFFFFFF  # noqa: E702
+    a ^= c; a = (a - _rol(c, 11)) & 0xFFFFFFFF  # noqa: E702
+    b ^= a; b = (b - _rol(a, 25)) & 0xFFFFFFFF  # noqa: E702
+    c ^= b; c = (c - _rol(b, 16)) & 0xFFFFFFFF  # noqa: E702
+    a ^= c; a = (a - _rol(c, 4)) & 0xFFFFFFFF  # noqa: E702
+    b ^= a; b = (b - _rol(a, 14)) & 0xFFFFFFFF  # noqa: E702
+    c ^= b; c = (c - _rol(b, 24)) & 0xFFFFFFFF  # noqa: E702
     return c
 
 
 def reference_bucket(src: str, dst: str, proto: int, sport: int, dport: int, seed: int, m: int) -> int:
     # nft registers: saddr(4) daddr(4) proto(1)+pad(3) sport(2)+pad(2) dport(2)+pad(2)
-    key = (
-        ipaddress.IPv4Address(src).packed
-        + ipaddress.IPv4Address(dst).packed
-        + bytes([proto, 0, 0, 0])
-        + struct.pack("!H", sport)
-        + b"\0\0"
-        + struct.pack("!H", dport)
-        + b"\0\0"
-    )
+    key = (ipaddress.IPv4Address(src).packed + ipaddress.IPv4Address(dst).packed
+           + bytes([proto, 0, 0, 0]) + struct.pack("!H", sport) + b"\0\0"
+           + struct.pack("!H", dport) + b"\0\0")
     return (reference_jhash(key, seed) * m) >> 32  # reciprocal_scale
 
 
@@ -119,14 +81,12 @@ sizes = st.sampled_from([1, 2, 251, 4099, 65537, 131071, 2**32 - 1])
 @given(ipv4, ipv4, st.integers(0, 255), ports, ports, seeds, sizes)
 def test_flow_bucket_matches_reference_jhash(src, dst, proto, sport, dport, seed, m):
     assert flow_bucket(src, dst, proto, sport, dport, seed=seed, table_size=m) == reference_bucket(
-        src, dst, proto, sport, dport, seed, m
-    )
+        src, dst, proto, sport, dport, seed, m)
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    st.lists(st.tuples(ipv4, ipv4, st.sampled_from([6, 17]), ports, ports), min_size=1, max_size=50), seeds
-)
+@given(st.lists(st.tuples(ipv4, ipv4, st.sampled_from([6, 17]), ports, ports), min_size=1, max_size=50),
+       seeds)
 def test_vectorised_matches_scalar(flows, seed):
     src = np.array([ipv4_to_int(f[0]) for f in flows])
     dst = np.array([ipv4_to_int(f[1]) for f in flows])
@@ -149,28 +109,18 @@ def test_mod_is_reciprocal_scale_not_remainder():
 def test_address_forms_agree():
     as_str = flow_bucket("10.0.0.1", "203.0.113.10", 6, 1234, 80, seed=1, table_size=65537)
     as_int = flow_bucket(0x0A000001, ipv4_to_int("203.0.113.10"), 6, 1234, 80, seed=1, table_size=65537)
-    as_obj = flow_bucket(
-        ipaddress.IPv4Address("10.0.0.1"),
-        ipaddress.IPv4Address("203.0.113.10"),
-        6,
-        1234,
-        80,
-        seed=1,
-        table_size=65537,
-    )
+    as_obj = flow_bucket(ipaddress.IPv4Address("10.0.0.1"), ipaddress.IPv4Address("203.0.113.10"), 6,
+                         1234, 80, seed=1, table_size=65537)
     assert as_str == as_int == as_obj
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (("10.0.0.300", "10.0.0.1", 6, 1, 2), "src_ip"),
-        (("10.0.0.1", "::1", 6, 1, 2), "different IP versions"),
-        (("10.0.0.1", "10.0.0.2", 256, 1, 2), "proto"),
-        (("10.0.0.1", "10.0.0.2", 6, 70000, 2), "sport"),
-        (("10.0.0.1", "10.0.0.2", 6, 1, -1), "dport"),
-    ],
-)
+@pytest.mark.parametrize(("args", "message"), [
+    (("10.0.0.300", "10.0.0.1", 6, 1, 2), "src_ip"),
+    (("10.0.0.1", "::1", 6, 1, 2), "different IP versions"),
+    (("10.0.0.1", "10.0.0.2", 256, 1, 2), "proto"),
+    (("10.0.0.1", "10.0.0.2", 6, 70000, 2), "sport"),
+    (("10.0.0.1", "10.0.0.2", 6, 1, -1), "dport"),
+])
 def test_bad_input_names_the_field(args, message):
     with pytest.raises(ValueError, match=message):
         flow_bucket(*args, seed=1, table_size=65537)

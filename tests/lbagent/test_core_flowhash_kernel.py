@@ -36,34 +36,23 @@ def test_kernel_jhash_mod_matches_flow_bucket(netns):
     rng = random.Random(7)
     seed = rng.randrange(2**32)
     flows = sorted({(rng.randrange(1024, 65535), rng.randrange(1, 65535)) for _ in range(60)})
-    rules = [
-        "table ip dccore {",
-        " chain out {",
-        "  type filter hook output priority 0;",
-        "  meta mark set jhash ip saddr . ip daddr . ip protocol . th sport . th dport "
-        f"mod 65537 seed {seed};",
-    ]
+    rules = ["table ip dccore {", " chain out {", "  type filter hook output priority 0;",
+             "  meta mark set jhash ip saddr . ip daddr . ip protocol . th sport . th dport "
+             f"mod 65537 seed {seed};"]
     for sport, dport in flows:
-        b = flow_bucket(
-            "127.0.0.1", "127.0.0.2", socket.IPPROTO_UDP, sport, dport, seed=seed, table_size=65537
-        )
+        b = flow_bucket("127.0.0.1", "127.0.0.2", socket.IPPROTO_UDP, sport, dport, seed=seed,
+                        table_size=65537)
         rules.append(f"  udp sport {sport} udp dport {dport} meta mark {b} counter;")
     rules += [" }", "}"]
-    subprocess.run(
-        ["ip", "netns", "exec", netns, "nft", "-f", "-"], input="\n".join(rules) + "\n", text=True, check=True
-    )
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input="\n".join(rules) + "\n",
+                   text=True, check=True)
     sender = (
         "import socket, sys\n"
         f"for sp, dp in {flows!r}:\n"
         "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-        "    s.bind(('127.0.0.1', sp)); s.sendto(b'x', ('127.0.0.2', dp)); s.close()\n"
-    )
+        "    s.bind(('127.0.0.1', sp)); s.sendto(b'x', ('127.0.0.2', dp)); s.close()\n")
     subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", sender], check=True, timeout=30)
-    listing = subprocess.run(
-        ["ip", "netns", "exec", netns, "nft", "list", "table", "ip", "dccore"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    listing = subprocess.run(["ip", "netns", "exec", netns, "nft", "list", "table", "ip", "dccore"],
+                             capture_output=True, text=True, check=True).stdout
     matched = sum(1 for line in listing.splitlines() if "meta mark" in line and "packets 1 " in line)
     assert matched == len(flows), listing

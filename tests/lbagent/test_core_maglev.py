@@ -45,28 +45,14 @@ print(json.dumps(out))
 
 def _digests_in_subprocess(cases, hash_seed: str):
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", DIGEST_SCRIPT],
-        input=json.dumps(cases),
-        text=True,
-        capture_output=True,
-        env=env,
-        check=True,
-        timeout=120,
-    )
+    proc = subprocess.run([sys.executable, "-c", DIGEST_SCRIPT], input=json.dumps(cases), text=True,
+                          capture_output=True, env=env, check=True, timeout=120)
     return json.loads(proc.stdout)
 
 
 @settings(max_examples=1, deadline=None, suppress_health_check=list(HealthCheck))
-@given(
-    st.lists(
-        st.tuples(
-            names_st, st.sampled_from(PRIMES), st.integers(0, 2**32), st.booleans(), st.integers(0, 2**16)
-        ),
-        min_size=15,
-        max_size=15,
-    )
-)
+@given(st.lists(st.tuples(names_st, st.sampled_from(PRIMES), st.integers(0, 2**32), st.booleans(),
+                          st.integers(0, 2**16)), min_size=15, max_size=15))
 def test_same_input_same_bytes_across_processes_and_hash_seeds(raw_cases):
     cases = []
     for names, m, seed, weighted, wseed in raw_cases:
@@ -83,16 +69,12 @@ def test_same_input_same_bytes_across_processes_and_hash_seeds(raw_cases):
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    names_st,
-    st.sampled_from(PRIMES[:6]),
-    st.integers(0, 2**32),
-    st.one_of(st.none(), st.lists(st.integers(0, 5), min_size=12, max_size=12)),
-)
+@given(names_st, st.sampled_from(PRIMES[:6]), st.integers(0, 2**32),
+       st.one_of(st.none(), st.lists(st.integers(0, 5), min_size=12, max_size=12)))
 def test_fast_builder_equals_paper_pseudocode(names, m, seed, weights):
     if m <= len(names):
         return
-    w = None if weights is None else weights[: len(names)]
+    w = None if weights is None else weights[:len(names)]
     if w is not None and max(w) == 0:
         w[0] = 1
     fast = maglev_table(names, w, m, seed=seed)
@@ -112,11 +94,8 @@ def _numba_or_skip():
 
 # Names: arbitrary unicode, or many generated ones (the numpy builder's ranked finish sizes its
 # tail by the number of backends, so both few and many backends matter).
-many_names_st = st.builds(
-    lambda n, salt: [f"10.{salt}.{i // 250}.{i % 250}:80" for i in range(n)],
-    st.integers(1, 400),
-    st.integers(0, 255),
-)
+many_names_st = st.builds(lambda n, salt: [f"10.{salt}.{i // 250}.{i % 250}:80" for i in range(n)],
+                          st.integers(1, 400), st.integers(0, 255))
 weights_for_st = st.one_of(
     st.none(),
     st.lists(st.integers(0, 5), min_size=400, max_size=400),
@@ -126,12 +105,13 @@ weights_for_st = st.one_of(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(names_st, many_names_st), st.sampled_from(PRIMES), st.integers(0, 2**64 - 1), weights_for_st)
+@given(st.one_of(names_st, many_names_st), st.sampled_from(PRIMES), st.integers(0, 2**64 - 1),
+       weights_for_st)
 def test_numba_builder_equals_numpy_fallback(names, m, seed, weights):
     _numba_or_skip()
     if m <= len(names):
         m = 65537
-    w = None if weights is None else weights[: len(names)]
+    w = None if weights is None else weights[:len(names)]
     if w is not None and max(w) == 0:
         w[0] = 1
     compiled = maglev_table_numba(names, w, m, seed=seed)
@@ -169,17 +149,14 @@ def test_without_numba_maglev_table_falls_back_to_numpy_builder(monkeypatch):
 
 
 def test_numba_is_imported_only_when_a_table_is_built():
-    script = (
-        "import sys\n"
-        "import lbagent.core.maglev as m\n"
-        "assert 'numba' not in sys.modules, 'imported at module import'\n"
-        "m.maglev_table(['a', 'b'], table_size=101)\n"
-        "print('numba' in sys.modules, m.numba_kernel() is not None)\n"
-    )
+    script = ("import sys\n"
+              "import lbagent.core.maglev as m\n"
+              "assert 'numba' not in sys.modules, 'imported at module import'\n"
+              "m.maglev_table(['a', 'b'], table_size=101)\n"
+              "print('numba' in sys.modules, m.numba_kernel() is not None)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True, timeout=120
-    ).stdout.strip()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         check=True, timeout=120).stdout.strip()
     assert out in ("True True", "False False")  # imported by the build exactly when usable
 
 
@@ -214,7 +191,7 @@ def test_weight_zero_gets_no_buckets():
 def test_removing_one_moves_its_buckets_and_almost_nothing_else(n, data):
     names = [f"r{i}" for i in range(n)]
     gone = data.draw(st.integers(0, n - 1))
-    rest = names[:gone] + names[gone + 1 :]
+    rest = names[:gone] + names[gone + 1:]
     before = np.asarray(names, dtype=object)[maglev_table(names)]
     after = np.asarray(rest, dtype=object)[maglev_table(rest)]
     assert not np.any(after == names[gone])
@@ -234,20 +211,17 @@ def test_adding_one_moves_about_one_in_n_plus_one(n, salt):
     assert ideal - 0.001 <= share <= ideal + 0.008, (share, ideal)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"names": []}, "at least one"),
-        ({"names": ["a", "a"]}, "unique"),
-        ({"names": ["a", ""]}, "non-empty"),
-        ({"names": ["a", "b"], "table_size": 65536}, "not prime"),
-        ({"names": ["a", "b", "c"], "table_size": 3}, "larger than the number"),
-        ({"names": ["a", "b"], "weights": [1]}, "1 weights for 2"),
-        ({"names": ["a", "b"], "weights": [1, -1]}, "integer in 0..1000000"),
-        ({"names": ["a", "b"], "weights": [1, 10**12]}, "integer in 0..1000000"),
-        ({"names": ["a", "b"], "weights": [0, 0]}, "positive weight"),
-    ],
-)
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"names": []}, "at least one"),
+    ({"names": ["a", "a"]}, "unique"),
+    ({"names": ["a", ""]}, "non-empty"),
+    ({"names": ["a", "b"], "table_size": 65536}, "not prime"),
+    ({"names": ["a", "b", "c"], "table_size": 3}, "larger than the number"),
+    ({"names": ["a", "b"], "weights": [1]}, "1 weights for 2"),
+    ({"names": ["a", "b"], "weights": [1, -1]}, "integer in 0..1000000"),
+    ({"names": ["a", "b"], "weights": [1, 10**12]}, "integer in 0..1000000"),
+    ({"names": ["a", "b"], "weights": [0, 0]}, "positive weight"),
+])
 def test_bad_input_is_refused_with_the_reason(kwargs, message):
     with pytest.raises(ValueError, match=message):
         maglev_table(**kwargs)

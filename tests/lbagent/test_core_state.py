@@ -25,7 +25,6 @@ MUXES = [f"mux-{i}" for i in range(5)]
 
 # --- ownership ---------------------------------------------------------------------------
 
-
 def test_owners_are_distinct_live_and_independent_of_order():
     own = build_ownership(MUXES, owner_seed=7919, table_size=M)
     again = build_ownership(list(reversed(MUXES)), owner_seed=7919, table_size=M)
@@ -171,15 +170,8 @@ STABLE = int(np.flatnonzero(~TRANS.unstable)[0])
 
 
 def d(**kw):
-    args = {
-        "tables": TRANS,
-        "bucket": UNSTABLE,
-        "is_syn": False,
-        "pin": None,
-        "local_record": None,
-        "owners": ("mux-1", "mux-2"),
-        "self_mux": "mux-0",
-    }
+    args = {"tables": TRANS, "bucket": UNSTABLE, "is_syn": False, "pin": None, "local_record": None,
+            "owners": ("mux-1", "mux-2"), "self_mux": "mux-0"}
     args.update(kw)
     return decide(**args)
 
@@ -188,27 +180,19 @@ def test_decision_rules_in_order():
     assert d(pin="bX") == Forward("bX", Reason.PINNED)
     assert d(bucket=STABLE) == Forward(TRANS.current_backend(STABLE), Reason.STABLE)
     assert d(tables=ListenerTables(G5)) == Forward(G5.backends[G5.table[UNSTABLE]], Reason.STABLE)
-    assert d(is_syn=True) == RecordAndForward(
-        TRANS.current_backend(UNSTABLE), "mux-1", "mux-2", Reason.NEW_FLOW
-    )
+    assert d(is_syn=True) == RecordAndForward(TRANS.current_backend(UNSTABLE), "mux-1", "mux-2",
+                                              Reason.NEW_FLOW)
     assert d(local_record="bR") == Forward("bR", Reason.LOCAL_RECORD, pin=True)
     assert d() == AskOwner("mux-1", "mux-2", TRANS.fallback_backend(UNSTABLE))
-    assert d(self_mux="mux-1") == RecordAndForward(
-        TRANS.fallback_backend(UNSTABLE), "mux-1", "mux-2", Reason.OWNER_OLD_TABLE
-    )
-    assert decide_owner_unreachable(d()) == Forward(
-        TRANS.fallback_backend(UNSTABLE), Reason.OWNER_UNREACHABLE, pin=True
-    )
+    assert d(self_mux="mux-1") == RecordAndForward(TRANS.fallback_backend(UNSTABLE), "mux-1", "mux-2",
+                                                   Reason.OWNER_OLD_TABLE)
+    assert decide_owner_unreachable(d()) == Forward(TRANS.fallback_backend(UNSTABLE),
+                                                    Reason.OWNER_UNREACHABLE, pin=True)
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    st.integers(0, M - 1),
-    st.booleans(),
-    st.one_of(st.none(), st.just("pinned")),
-    st.one_of(st.none(), st.just("recorded")),
-    st.sampled_from(["mux-0", "mux-1", "mux-2"]),
-)
+@given(st.integers(0, M - 1), st.booleans(), st.one_of(st.none(), st.just("pinned")),
+       st.one_of(st.none(), st.just("recorded")), st.sampled_from(["mux-0", "mux-1", "mux-2"]))
 def test_decision_properties(bucket, syn, pin, record, me):
     action = d(bucket=bucket, is_syn=syn, pin=pin, local_record=record, self_mux=me)
     if pin:

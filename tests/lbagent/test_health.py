@@ -64,11 +64,7 @@ def test_rise_and_fall_hysteresis() -> None:
     assert state.healthy is False
     assert state.reason == "down"
     assert [state.record(None), state.record("down"), state.record(None), state.record(None)] == [
-        False,
-        False,
-        False,
-        True,
-    ]
+        False, False, False, True]
     assert state.healthy is True
 
 

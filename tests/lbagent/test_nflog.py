@@ -15,19 +15,8 @@ from lbagent.dataplane.nflog import _PACKET_TYPE, NflogReader, _nla
 
 
 def _report(saddr: str, sport: int, seq: int, mark: int | None, *, with_uid: bool = False) -> bytes:
-    ip = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x45,
-        0,
-        60,
-        0,
-        0x4000,
-        64,
-        6,
-        0,
-        socket.inet_aton(saddr),
-        socket.inet_aton("203.0.113.14"),
-    )
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 60, 0, 0x4000, 64, 6, 0, socket.inet_aton(saddr),
+                     socket.inet_aton("203.0.113.14"))
     tcp = struct.pack("!HHIIBBHHH", sport, 80, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
     attrs = _nla(1, b"\x08\x00\x00\x00") + _nla(10, b"\0") + _nla(4, struct.pack("!I", 2))
     if mark is not None:
@@ -47,13 +36,10 @@ def _ip(value: int) -> str:
 
 def test_reports_become_flows_with_their_bucket_and_gaps_are_counted():
     reader = NflogReader(7, lambda flows: None)
-    batch = (
-        _report("198.18.0.1", 1000, 5, 1234)
-        + _report("198.18.0.2", 1001, 6, 99)
-        + _report("198.18.0.3", 1002, 7, None)  # bucket 0: the kernel sends no mark
-        + _report("198.18.0.4", 1003, 10, 7, with_uid=True)  # another layout; 8, 9 lost
-        + struct.pack("=IHHII", 16, 3, 0, 0, 0)
-    )  # NLMSG_DONE ends the kernel's batch
+    batch = (_report("198.18.0.1", 1000, 5, 1234) + _report("198.18.0.2", 1001, 6, 99)
+             + _report("198.18.0.3", 1002, 7, None)  # bucket 0: the kernel sends no mark
+             + _report("198.18.0.4", 1003, 10, 7, with_uid=True)  # another layout; 8, 9 lost
+             + struct.pack("=IHHII", 16, 3, 0, 0, 0))  # NLMSG_DONE ends the kernel's batch
     flows = reader.parse(batch, len(batch)).tolist()
     assert [(_ip(f[0]), _ip(f[1]), f[2], f[3], f[4], f[5]) for f in flows] == [
         ("198.18.0.1", "203.0.113.14", 6, 1000, 80, 1234),
@@ -92,19 +78,10 @@ def _one_by_one(data: bytes) -> tuple[list, NflogReader]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    st.lists(
-        st.tuples(
-            st.integers(1, 250),
-            st.integers(0, 65535),
-            st.integers(0, 3),
-            st.one_of(st.none(), st.integers(0, 2**32 - 1)),
-            st.booleans(),
-            st.sampled_from([0x45, 0x45, 0x45, 0x46, 0x65, 0x4F]),
-        ),
-        max_size=60,
-    )
-)
+@given(st.lists(st.tuples(st.integers(1, 250), st.integers(0, 65535), st.integers(0, 3),
+                          st.one_of(st.none(), st.integers(0, 2**32 - 1)), st.booleans(),
+                          st.sampled_from([0x45, 0x45, 0x45, 0x46, 0x65, 0x4F])),
+                max_size=60))
 def test_the_vectorised_parse_equals_the_per_message_parse(reports):
     """Runs of one layout (parsed with numpy) and lone reports of another (parsed with struct),
     sequence gaps, missing marks, IP options and foreign headers, in any mix."""

@@ -35,12 +35,8 @@ class Owner:
     def __init__(self, name: str) -> None:
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, str(HELPER), name, KEY.hex()],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
+            [sys.executable, str(HELPER), name, KEY.hex()], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         line = self.proc.stdout.readline().split()
         assert line[0] == "PORT", line
         self.port = int(line[1])
@@ -168,25 +164,17 @@ datagrams = st.one_of(
 def test_fuzz_random_truncated_replayed_wrong_key(raw, data):
     """Whatever arrives, the node keeps serving and every datagram lands in exactly one counter."""
     now = time.time()
-    valid = [
-        encode_message(KEY, MsgType.QUERY, "mux-x", i, {"l": 1, "f": list(FLOW), "b": 2, "h": "a:1"}, now=now)
-        for i in range(3)
-    ]
+    valid = [encode_message(KEY, MsgType.QUERY, "mux-x", i, {"l": 1, "f": list(FLOW), "b": 2, "h": "a:1"},
+                            now=now) for i in range(3)]
     cut = data.draw(st.integers(1, len(valid[0]) - 1))
     flipped = bytearray(valid[1])
     flipped[data.draw(st.integers(0, len(flipped) - 1))] ^= 0xFF
-    hostile = [
-        *raw,
-        valid[0][:cut],
-        bytes(flipped),
-        valid[2],
-        valid[2],
-        encode_message(b"w" * 32, MsgType.QUERY, "mux-x", 9, {}, now=now),
-        encode_message(KEY, MsgType.QUERY, "stranger", 9, {}, now=now),
-        encode_message(KEY, MsgType.ANSWER, "mux-x", 12345, {"be": "a", "s": "found"}, now=now),
-        encode_message(KEY, MsgType.QUERY, "mux-x", 10, {"l": -1}, now=now),
-        encode_message(KEY, MsgType.QUERY, "mux-x", 11, {}, now=now - 3600),
-    ]
+    hostile = [*raw, valid[0][:cut], bytes(flipped), valid[2], valid[2],
+               encode_message(b"w" * 32, MsgType.QUERY, "mux-x", 9, {}, now=now),
+               encode_message(KEY, MsgType.QUERY, "stranger", 9, {}, now=now),
+               encode_message(KEY, MsgType.ANSWER, "mux-x", 12345, {"be": "a", "s": "found"}, now=now),
+               encode_message(KEY, MsgType.QUERY, "mux-x", 10, {"l": -1}, now=now),
+               encode_message(KEY, MsgType.QUERY, "mux-x", 11, {}, now=now - 3600)]
 
     class Handler:
         def on_query(self, sender, lid, flow, bucket, hint):
@@ -261,14 +249,12 @@ def test_flow_owner_answers_queues_copies_and_hands_over():
 
     m = 101
     tables = ListenerTables(build_generation(1, ["old-a", "old-b"], table_size=m)).with_generation(
-        build_generation(2, ["new-a", "new-b", "new-c"], table_size=m), drain_deadline=1e9
-    )
+        build_generation(2, ["new-a", "new-b", "new-c"], table_size=m), drain_deadline=1e9)
     bucket = int(tables.unstable_buckets()[0])
     own = build_ownership(["m1", "m2", "m3"], owner_seed=1, table_size=m)
     primary, backup = own.owners(bucket)
-    owner = FlowOwner(
-        primary, RecordStore(max_records=100), lambda lid: tables if lid == 1 else None, clock=lambda: 5.0
-    )
+    owner = FlowOwner(primary, RecordStore(max_records=100), lambda lid: tables if lid == 1 else None,
+                      clock=lambda: 5.0)
     owner.ownership = own
     assert owner.on_query("x", 1, FLOW, bucket, "hint") == (tables.fallback_backend(bucket), "stored")
     assert owner.on_query("x", 1, FLOW, bucket, "hint") == (tables.fallback_backend(bucket), "found")
@@ -304,27 +290,18 @@ def test_decode_only_raises_decode_error_even_when_authenticated(payload, mtype,
     body = struct_mod.pack("!4sBQ8sIB", b"LBP1", mtype, int(now * 1000), os.urandom(8), 1, sender_len)
     body += sender + payload
     datagram = body + hmac_mod.new(KEY, b"lbagent-peer-v1\x00" + body, hashlib.sha256).digest()
-    kind, value = _outcome(
-        lambda: decode_message(datagram, KEY, now=now, known_senders=lambda s: True, replay=ReplayGuard())
-    )
+    kind, value = _outcome(lambda: decode_message(datagram, KEY, now=now, known_senders=lambda s: True,
+                                                   replay=ReplayGuard()))
     assert (kind, value) == ("refused", "malformed") or isinstance(value.payload, dict)
 
 
 @settings(max_examples=80, deadline=None)
-@given(
-    st.sampled_from([MsgType.QUERY, MsgType.RECORD, MsgType.REPLICATE]),
-    st.dictionaries(
-        st.sampled_from(["l", "f", "b", "h", "be", "r"]),
-        st.recursive(
-            st.none() | st.booleans() | st.integers(-2, 2**40) | st.text(max_size=5),
-            lambda kids: st.lists(kids, max_size=5),
-            max_leaves=12,
-        ),
-    ),
-)
+@given(st.sampled_from([MsgType.QUERY, MsgType.RECORD, MsgType.REPLICATE]),
+       st.dictionaries(st.sampled_from(["l", "f", "b", "h", "be", "r"]),
+                       st.recursive(st.none() | st.booleans() | st.integers(-2, 2**40) | st.text(max_size=5),
+                                    lambda kids: st.lists(kids, max_size=5), max_leaves=12)))
 def test_request_fields_are_validated(mtype, payload):
     """Authenticated requests with wrong field types are refused with DecodeError, not a crash."""
-
     class Handler:
         def on_query(self, *a):
             return "x", "found"

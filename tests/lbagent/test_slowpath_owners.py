@@ -33,25 +33,10 @@ def muxes():
     bridges: dict[str, PeerBridge] = {}
     try:
         for name in NAMES:
-            path = SlowPath(
-                "lo",
-                "02:00:00:00:00:01",
-                0,
-                decider=CoreDecider(name, RecordStore(max_records=10_000), ownership),
-            )
-            path.update(
-                [
-                    SlowListener(
-                        3,
-                        "203.0.113.14",
-                        "tcp",
-                        80,
-                        tables,
-                        {n: "02:00:00:00:00:02" for n in tables.names},
-                        time.time() + 600,
-                    )
-                ]
-            )
+            path = SlowPath("lo", "02:00:00:00:00:01", 0,
+                            decider=CoreDecider(name, RecordStore(max_records=10_000), ownership))
+            path.update([SlowListener(3, "203.0.113.14", "tcp", 80, tables,
+                                      {n: "02:00:00:00:00:02" for n in tables.names}, time.time() + 600)])
             bridge = PeerBridge(name, KEY, {}, ("127.0.0.1", 0), handler=path, timeout_s=1.0)
             bridge.start()
             path.peers = bridge
@@ -88,26 +73,17 @@ def test_an_owner_answer_is_replicated_to_the_backup(muxes):
     done = threading.Event()
     for i, bucket in enumerate(buckets):
         flow = (0x0A000001 + i, VIP, 6, 40000 + i, 80)
-        action = decide(
-            tables=tables,
-            bucket=bucket,
-            is_syn=False,
-            pin=None,
-            local_record=None,
-            owners=ownership.owners(bucket),
-            self_mux="mux-a",
-        )
+        action = decide(tables=tables, bucket=bucket, is_syn=False, pin=None, local_record=None,
+                        owners=ownership.owners(bucket), self_mux="mux-a")
 
         def got(backend: str | None) -> None:
             answers.append(backend)
             if len(answers) == len(buckets):
                 done.set()
-
         bridges["mux-a"].query(action, 3, flow, bucket, got)
     assert done.wait(10), f"answers: {answers}"
-    want = {
-        (0x0A000001 + i, VIP, 6, 40000 + i, 80): tables.fallback_backend(b) for i, b in enumerate(buckets)
-    }
+    want = {(0x0A000001 + i, VIP, 6, 40000 + i, 80): tables.fallback_backend(b)
+            for i, b in enumerate(buckets)}
     assert sorted(answers) == sorted(want.values()), "the owner answers the oldest table's backend"
     _wait_for(lambda: set(want) <= set(_records(paths["mux-c"])))
     owner, backup = _records(paths["mux-b"]), _records(paths["mux-c"])
@@ -124,15 +100,8 @@ def test_kernel_new_flows_are_recorded_at_their_owner_with_a_backup_copy(muxes):
 
     want = {}
     for saddr, daddr, proto, sport, dport, bucket in flows:
-        action = decide(
-            tables=tables,
-            bucket=bucket,
-            is_syn=True,
-            pin=None,
-            local_record=None,
-            owners=ownership.owners(bucket),
-            self_mux="mux-a",
-        )
+        action = decide(tables=tables, bucket=bucket, is_syn=True, pin=None, local_record=None,
+                        owners=ownership.owners(bucket), self_mux="mux-a")
         assert isinstance(action, RecordAndForward)
         want[(saddr, daddr, proto, sport, dport)] = (action.backend, action.owner, action.backup)
 
@@ -142,11 +111,9 @@ def test_kernel_new_flows_are_recorded_at_their_owner_with_a_backup_copy(muxes):
 
     _wait_for(complete)
     held = {n: _records(p) for n, p in paths.items()}
-    wrong = [
-        (f, w)
-        for f, w in want.items()
-        if held[w[1]].get(f) != (w[0], False) or (w[2] is not None and held[w[2]].get(f, ("",))[0] != w[0])
-    ]
+    wrong = [(f, w) for f, w in want.items()
+             if held[w[1]].get(f) != (w[0], False)
+             or (w[2] is not None and held[w[2]].get(f, ("",))[0] != w[0])]
     assert wrong == [], f"{len(wrong)} of {len(want)} flows not recorded as decide() says: {wrong[:3]}"
     assert {w[1] for w in want.values()} == set(NAMES), "every mux should own some of these flows"
     assert paths["mux-a"].kernel_stats.new_flows == len(flows)
@@ -159,47 +126,26 @@ def test_a_report_batch_records_what_decide_says_for_each_flow_and_nothing_else(
     new = build_generation(2, ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], None, SIZE)
     tables = ListenerTables(current=new, old=(OldTable(old, time.time() + 600),))
     ownership = build_ownership(NAMES, owner_seed=7919, table_size=SIZE)
-    path = SlowPath(
-        "lo", "02:00:00:00:00:01", 0, decider=CoreDecider("mux-a", RecordStore(max_records=10_000), ownership)
-    )
-    path.update(
-        [
-            SlowListener(
-                3,
-                "203.0.113.14",
-                "tcp",
-                80,
-                tables,
-                {n: "02:00:00:00:00:02" for n in tables.names},
-                time.time() + 600,
-            )
-        ]
-    )
+    path = SlowPath("lo", "02:00:00:00:00:01", 0,
+                    decider=CoreDecider("mux-a", RecordStore(max_records=10_000), ownership))
+    path.update([SlowListener(3, "203.0.113.14", "tcp", 80, tables,
+                              {n: "02:00:00:00:00:02" for n in tables.names}, time.time() + 600)])
     flows = [(0x0C000000 + b, VIP, 6, 2000 + b, 80, b) for b in range(SIZE)]
     flows += [flows[7], (0x0D000001, VIP, 6, 3000, 81, 5)]  # a duplicate; port 81: no listener
     path.on_new_flows(np.array(flows))
 
     want = {}
     for saddr, daddr, proto, sport, dport, bucket in flows[:SIZE]:
-        action = decide(
-            tables=tables,
-            bucket=bucket,
-            is_syn=True,
-            pin=None,
-            local_record=None,
-            owners=ownership.owners(bucket),
-            self_mux="mux-a",
-        )
+        action = decide(tables=tables, bucket=bucket, is_syn=True, pin=None, local_record=None,
+                        owners=ownership.owners(bucket), self_mux="mux-a")
         if isinstance(action, RecordAndForward):
             want[(saddr, daddr, proto, sport, dport)] = (action.backend, action.owner != "mux-a")
     assert _records(path) == want, "a record for each unstable flow (a replica when owned elsewhere)"
     stats = path.kernel_stats
     assert (stats.new_flows, stats.unknown_listener) == (SIZE + 1, 1)
     stable = SIZE - int(tables.unstable.sum())
-    assert stats.reasons == {
-        "stable": stable + (0 if tables.unstable[7] else 1),
-        "new_flow": len(want) + (1 if tables.unstable[7] else 0),
-    }
+    assert stats.reasons == {"stable": stable + (0 if tables.unstable[7] else 1),
+                             "new_flow": len(want) + (1 if tables.unstable[7] else 0)}
     # What goes to other muxes (on_new_flows hands it to the peer bridge; this path has none):
     # the same flows through the decider of a fresh mux-a, its outbox kept.
     decider = CoreDecider("mux-a", RecordStore(max_records=10_000), ownership)
@@ -211,6 +157,5 @@ def test_a_report_batch_records_what_decide_says_for_each_flow_and_nothing_else(
         for b in batches:
             assert all(ownership.owners(r.bucket) == (owner, backup) for r in b)
     copies = {(to, f) for to, batches in outbox.replica_batches.items() for b in batches for f in b.flows()}
-    assert copies == {
-        (ownership.owners(f[3] - 2000)[1], f) for f, (_, elsewhere) in want.items() if not elsewhere
-    }
+    assert copies == {(ownership.owners(f[3] - 2000)[1], f) for f, (_, elsewhere) in want.items()
+                      if not elsewhere}

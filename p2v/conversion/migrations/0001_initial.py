@@ -7,298 +7,81 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
+
     initial = True
 
     dependencies = [
-        ("p2v", "0001_initial"),
+        ('p2v', '0001_initial'),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name="Hypervisor",
+            name='Hypervisor',
             fields=[
-                (
-                    "id",
-                    models.BigAutoField(
-                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
-                    ),
-                ),
-                ("name", models.CharField(max_length=100, unique=True)),
-                (
-                    "uri",
-                    models.CharField(
-                        default="qemu:///system", help_text="libvirt connection URI.", max_length=255
-                    ),
-                ),
-                (
-                    "storage_pool",
-                    models.CharField(
-                        help_text="Name of the libvirt storage pool for volumes.", max_length=100
-                    ),
-                ),
-                (
-                    "network",
-                    models.CharField(
-                        default="user",
-                        help_text="'user', 'network:<libvirt network>' or 'bridge:<bridge>'.",
-                        max_length=120,
-                        validators=[
-                            django.core.validators.RegexValidator(
-                                "^(user|network:[A-Za-z0-9_.-]+|bridge:[A-Za-z0-9_.-]+)$",
-                                "Use 'user', 'network:<libvirt network>' or 'bridge:<bridge>'.",
-                            )
-                        ],
-                    ),
-                ),
-                (
-                    "domain_type",
-                    models.CharField(
-                        choices=[("qemu", "QEMU (software emulation)"), ("kvm", "KVM")],
-                        default="qemu",
-                        help_text="qemu unless KVM really works for ordinary guests here.",
-                        max_length=16,
-                    ),
-                ),
-                (
-                    "memory_cap_bytes",
-                    models.PositiveBigIntegerField(
-                        default=4294967296,
-                        help_text="Largest memory a converted VM gets.",
-                        validators=[django.core.validators.MinValueValidator(67108864)],
-                    ),
-                ),
-                (
-                    "memory_overcommit",
-                    models.FloatField(
-                        default=1.0,
-                        help_text="Running VMs may use up to host memory x this.",
-                        validators=[
-                            django.core.validators.MinValueValidator(0.1),
-                            django.core.validators.MaxValueValidator(10.0),
-                        ],
-                    ),
-                ),
-                (
-                    "vcpu_overcommit",
-                    models.FloatField(
-                        default=4.0,
-                        help_text="A VM may have up to host CPUs x this vCPUs.",
-                        validators=[
-                            django.core.validators.MinValueValidator(0.1),
-                            django.core.validators.MaxValueValidator(64.0),
-                        ],
-                    ),
-                ),
-                (
-                    "name_prefix",
-                    models.CharField(
-                        default="p2v-",
-                        help_text="Prefix of every domain and volume this portal creates.",
-                        max_length=16,
-                        validators=[
-                            django.core.validators.RegexValidator(
-                                "^[a-z][a-z0-9-]{0,15}$", "1-16 of a-z, 0-9, '-', starting with a letter."
-                            )
-                        ],
-                    ),
-                ),
-                (
-                    "console_dir",
-                    models.CharField(
-                        blank=True,
-                        help_text="Where serial-console logs go; empty: <var>/p2v-console.",
-                        max_length=255,
-                    ),
-                ),
-                (
-                    "boot_timeout_s",
-                    models.PositiveIntegerField(
-                        default=180, validators=[django.core.validators.MinValueValidator(5)]
-                    ),
-                ),
-                ("created", models.DateTimeField(auto_now_add=True)),
-                ("updated", models.DateTimeField(auto_now=True)),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('name', models.CharField(max_length=100, unique=True)),
+                ('uri', models.CharField(default='qemu:///system', help_text='libvirt connection URI.', max_length=255)),
+                ('storage_pool', models.CharField(help_text='Name of the libvirt storage pool for volumes.', max_length=100)),
+                ('network', models.CharField(default='user', help_text="'user', 'network:<libvirt network>' or 'bridge:<bridge>'.", max_length=120, validators=[django.core.validators.RegexValidator('^(user|network:[A-Za-z0-9_.-]+|bridge:[A-Za-z0-9_.-]+)$', "Use 'user', 'network:<libvirt network>' or 'bridge:<bridge>'.")])),
+                ('domain_type', models.CharField(choices=[('qemu', 'QEMU (software emulation)'), ('kvm', 'KVM')], default='qemu', help_text='qemu unless KVM really works for ordinary guests here.', max_length=16)),
+                ('memory_cap_bytes', models.PositiveBigIntegerField(default=4294967296, help_text='Largest memory a converted VM gets.', validators=[django.core.validators.MinValueValidator(67108864)])),
+                ('memory_overcommit', models.FloatField(default=1.0, help_text='Running VMs may use up to host memory x this.', validators=[django.core.validators.MinValueValidator(0.1), django.core.validators.MaxValueValidator(10.0)])),
+                ('vcpu_overcommit', models.FloatField(default=4.0, help_text='A VM may have up to host CPUs x this vCPUs.', validators=[django.core.validators.MinValueValidator(0.1), django.core.validators.MaxValueValidator(64.0)])),
+                ('name_prefix', models.CharField(default='p2v-', help_text='Prefix of every domain and volume this portal creates.', max_length=16, validators=[django.core.validators.RegexValidator('^[a-z][a-z0-9-]{0,15}$', "1-16 of a-z, 0-9, '-', starting with a letter.")])),
+                ('console_dir', models.CharField(blank=True, help_text='Where serial-console logs go; empty: <var>/p2v-console.', max_length=255)),
+                ('boot_timeout_s', models.PositiveIntegerField(default=180, validators=[django.core.validators.MinValueValidator(5)])),
+                ('created', models.DateTimeField(auto_now_add=True)),
+                ('updated', models.DateTimeField(auto_now=True)),
             ],
             options={
-                "ordering": ["name"],
+                'ordering': ['name'],
             },
         ),
         migrations.CreateModel(
-            name="ConversionJob",
+            name='ConversionJob',
             fields=[
-                (
-                    "id",
-                    models.BigAutoField(
-                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
-                    ),
-                ),
-                (
-                    "state",
-                    models.CharField(
-                        choices=[
-                            ("queued", "Queued"),
-                            ("running", "Running"),
-                            ("succeeded", "Succeeded"),
-                            ("failed", "Failed (rolled back)"),
-                            ("cancelled", "Cancelled (rolled back)"),
-                        ],
-                        db_index=True,
-                        default="queued",
-                        max_length=16,
-                    ),
-                ),
-                (
-                    "stage",
-                    models.CharField(
-                        choices=[
-                            ("plan", "Plan"),
-                            ("copy", "Copy disks"),
-                            ("build", "Build VM"),
-                            ("adjust", "Adjust guest"),
-                            ("verify", "Verify boot"),
-                            ("done", "Done"),
-                        ],
-                        default="plan",
-                        max_length=16,
-                    ),
-                ),
-                ("percent", models.FloatField(default=0.0)),
-                (
-                    "bytes_done",
-                    models.PositiveBigIntegerField(default=0, help_text="Disk bytes copied (logical)."),
-                ),
-                ("bytes_total", models.PositiveBigIntegerField(default=0)),
-                (
-                    "wire_bytes",
-                    models.PositiveBigIntegerField(default=0, help_text="Bytes that crossed SSH."),
-                ),
-                ("rate_bytes_per_s", models.FloatField(default=0.0)),
-                ("error", models.TextField(blank=True)),
-                ("cancel_requested", models.BooleanField(default=False)),
-                (
-                    "plan",
-                    models.JSONField(
-                        blank=True, default=dict, help_text="Names, sizes, memory, vCPUs decided by plan."
-                    ),
-                ),
-                (
-                    "resources",
-                    models.JSONField(
-                        blank=True,
-                        default=dict,
-                        help_text="What this job created on the hypervisor (removed on rollback).",
-                    ),
-                ),
-                (
-                    "copy_state",
-                    models.JSONField(blank=True, default=dict, help_text="Per-disk checkpoints and digests."),
-                ),
-                (
-                    "changes",
-                    models.JSONField(blank=True, default=list, help_text="Guest changes made by adjust."),
-                ),
-                (
-                    "verification",
-                    models.JSONField(blank=True, default=dict, help_text="What the booted guest reported."),
-                ),
-                ("created", models.DateTimeField(auto_now_add=True)),
-                ("started", models.DateTimeField(blank=True, null=True)),
-                ("finished", models.DateTimeField(blank=True, null=True)),
-                ("updated", models.DateTimeField(auto_now=True)),
-                (
-                    "assessment",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.PROTECT,
-                        related_name="conversion_jobs",
-                        to="p2v.assessment",
-                    ),
-                ),
-                (
-                    "event",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="conversion_jobs",
-                        to="p2v.conversionevent",
-                    ),
-                ),
-                (
-                    "machine",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.PROTECT,
-                        related_name="conversion_jobs",
-                        to="p2v.machine",
-                    ),
-                ),
-                (
-                    "requested_by",
-                    models.ForeignKey(
-                        blank=True,
-                        null=True,
-                        on_delete=django.db.models.deletion.SET_NULL,
-                        related_name="+",
-                        to=settings.AUTH_USER_MODEL,
-                    ),
-                ),
-                (
-                    "hypervisor",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.PROTECT,
-                        related_name="jobs",
-                        to="p2v_conversion.hypervisor",
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('state', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed (rolled back)'), ('cancelled', 'Cancelled (rolled back)')], db_index=True, default='queued', max_length=16)),
+                ('stage', models.CharField(choices=[('plan', 'Plan'), ('copy', 'Copy disks'), ('build', 'Build VM'), ('adjust', 'Adjust guest'), ('verify', 'Verify boot'), ('done', 'Done')], default='plan', max_length=16)),
+                ('percent', models.FloatField(default=0.0)),
+                ('bytes_done', models.PositiveBigIntegerField(default=0, help_text='Disk bytes copied (logical).')),
+                ('bytes_total', models.PositiveBigIntegerField(default=0)),
+                ('wire_bytes', models.PositiveBigIntegerField(default=0, help_text='Bytes that crossed SSH.')),
+                ('rate_bytes_per_s', models.FloatField(default=0.0)),
+                ('error', models.TextField(blank=True)),
+                ('cancel_requested', models.BooleanField(default=False)),
+                ('plan', models.JSONField(blank=True, default=dict, help_text='Names, sizes, memory, vCPUs decided by plan.')),
+                ('resources', models.JSONField(blank=True, default=dict, help_text='What this job created on the hypervisor (removed on rollback).')),
+                ('copy_state', models.JSONField(blank=True, default=dict, help_text='Per-disk checkpoints and digests.')),
+                ('changes', models.JSONField(blank=True, default=list, help_text='Guest changes made by adjust.')),
+                ('verification', models.JSONField(blank=True, default=dict, help_text='What the booted guest reported.')),
+                ('created', models.DateTimeField(auto_now_add=True)),
+                ('started', models.DateTimeField(blank=True, null=True)),
+                ('finished', models.DateTimeField(blank=True, null=True)),
+                ('updated', models.DateTimeField(auto_now=True)),
+                ('assessment', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='conversion_jobs', to='p2v.assessment')),
+                ('event', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='conversion_jobs', to='p2v.conversionevent')),
+                ('machine', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='conversion_jobs', to='p2v.machine')),
+                ('requested_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
+                ('hypervisor', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='jobs', to='p2v_conversion.hypervisor')),
             ],
             options={
-                "ordering": ["-id"],
+                'ordering': ['-id'],
             },
         ),
         migrations.CreateModel(
-            name="JobLog",
+            name='JobLog',
             fields=[
-                (
-                    "id",
-                    models.BigAutoField(
-                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
-                    ),
-                ),
-                ("at", models.DateTimeField(auto_now_add=True, db_index=True)),
-                (
-                    "stage",
-                    models.CharField(
-                        choices=[
-                            ("plan", "Plan"),
-                            ("copy", "Copy disks"),
-                            ("build", "Build VM"),
-                            ("adjust", "Adjust guest"),
-                            ("verify", "Verify boot"),
-                            ("done", "Done"),
-                        ],
-                        max_length=16,
-                    ),
-                ),
-                (
-                    "level",
-                    models.CharField(
-                        choices=[("info", "Info"), ("warning", "Warning"), ("error", "Error")],
-                        default="info",
-                        max_length=8,
-                    ),
-                ),
-                ("message", models.TextField()),
-                (
-                    "job",
-                    models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE,
-                        related_name="logs",
-                        to="p2v_conversion.conversionjob",
-                    ),
-                ),
+                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
+                ('at', models.DateTimeField(auto_now_add=True, db_index=True)),
+                ('stage', models.CharField(choices=[('plan', 'Plan'), ('copy', 'Copy disks'), ('build', 'Build VM'), ('adjust', 'Adjust guest'), ('verify', 'Verify boot'), ('done', 'Done')], max_length=16)),
+                ('level', models.CharField(choices=[('info', 'Info'), ('warning', 'Warning'), ('error', 'Error')], default='info', max_length=8)),
+                ('message', models.TextField()),
+                ('job', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='logs', to='p2v_conversion.conversionjob')),
             ],
             options={
-                "ordering": ["id"],
+                'ordering': ['id'],
             },
         ),
     ]
