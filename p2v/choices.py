@@ -27,6 +27,10 @@ class ConversionEventStatus(models.TextChoices):
     APPROVED = "approved", "Approved"
     STARTED = "started", "Conversion started"
     REJECTED = "rejected", "Rejected"
+    # Once its job has ended, the event says how (the job's own state; set by the job's last stage).
+    SUCCEEDED = "succeeded", "Converted"
+    FAILED = "failed", "Conversion failed"
+    CANCELLED = "cancelled", "Conversion cancelled"
 
 
 class ConversionMode(models.TextChoices):

@@ -26,11 +26,12 @@ FACTS_SCHEMA = 1
 
 # Probe commands, exactly as run on the machine (each is also the name used in error messages).
 CMD_TOOLS = (
-    "for t in lscpu lsblk blkid sfdisk df ip dpkg-query rpm systemctl smartctl dmesg uname; do "
+    "for t in lscpu lsblk blkid sfdisk df ip dpkg-query rpm systemctl smartctl dmesg uname python3 "
+    "dmidecode lsinitramfs lsinitrd; do "
     'command -v "$t" >/dev/null 2>&1 && echo "$t"; done; true'
 )
 CMD_LSCPU = "lscpu -J"
-CMD_LSBLK = "lsblk -J -b -o NAME,PATH,SIZE,TYPE,FSTYPE,UUID,MOUNTPOINT,MODEL,PTTYPE,RO"
+CMD_LSBLK = "lsblk -J -b -o NAME,PATH,SIZE,TYPE,FSTYPE,UUID,MOUNTPOINT,MODEL,PTTYPE,RO,TRAN,SERIAL"
 CMD_DF = "df -B1 --output=source,fstype,size,used,avail,target"
 CMD_IP_ADDR = "ip -j addr"
 CMD_IP_LINK = "ip -j -d link"
@@ -47,12 +48,36 @@ CMD_VIRTIO = (
 CMD_DPKG = "dpkg-query -W -f='${db:Status-Abbrev} ${Package}\\n'"
 CMD_RPM = "rpm -qa --qf '%{NAME}\\n'"
 CMD_SERVICES = "systemctl list-unit-files --type=service --state=enabled --no-legend --no-pager"
+CMD_RUNNING = "systemctl list-units --type=service --state=running --no-legend --no-pager --plain"
+CMD_HOSTNAME = "cat /proc/sys/kernel/hostname"
+CMD_DMI = (
+    "for f in sys_vendor product_name product_serial; do if [ -r /sys/class/dmi/id/$f ]; then "
+    'echo "$f=$(cat /sys/class/dmi/id/$f)"; fi; done; true'
+)
+# Installed memory as the firmware lists it (SMBIOS type 17: one entry per memory device).
+CMD_DMI_MEMORY = "dmidecode -t 17"
+CMD_ROUTE = "ip -j route show default"
+CMD_NIC_DRIVERS = (
+    'for d in /sys/class/net/*; do if [ -e "$d/device/driver" ]; then '
+    'echo "${d##*/} $(basename "$(readlink -f "$d/device/driver")")"; fi; done; true'
+)
+# Which drivers the running kernel's initramfs holds (what the VM must find its disk with).
+CMD_INITRAMFS = (
+    'r=$(uname -r); for f in "/boot/initrd.img-$r" "/boot/initramfs-$r.img"; do if [ -r "$f" ]; then '
+    'echo "@initramfs $f"; if command -v lsinitramfs >/dev/null 2>&1; then lsinitramfs "$f"; '
+    'elif command -v lsinitrd >/dev/null 2>&1; then lsinitrd "$f"; fi | grep -E "\\.ko"; fi; done; true'
+)
 CMD_DMESG = "dmesg"
 CMD_EDAC = (
-    "if [ -d /sys/devices/system/edac/mc ]; then echo '@edac present'; "
+    # The edac core alone creates .../edac/mc; only mcN directories are memory controllers.
+    "if ls -d /sys/devices/system/edac/mc/mc[0-9]* >/dev/null 2>&1; then echo '@edac present'; "
     "for f in /sys/devices/system/edac/mc/mc*/ce_count /sys/devices/system/edac/mc/mc*/ue_count; do "
     '[ -r "$f" ] && echo "$f $(cat "$f")"; done; else echo "@edac absent"; fi; true'
 )
+
+# Probes that read a lot on a slow machine (listing a compressed initramfs takes tens of seconds on
+# an old or emulated CPU): their own time limit, above the default per-command one.
+PROBE_TIMEOUTS_S = {CMD_INITRAMFS: 300}
 
 # Virtio drivers a guest needs to see its disk and its network on the hypervisor's virtual hardware.
 VIRTIO_DISK_DRIVERS = ("virtio_blk", "virtio_scsi")
@@ -87,6 +112,27 @@ SOFTWARE_LINK_KINDS = frozenset(
         "vrf",
     }
 )
+# Kernel config symbols of virtio drivers → the module each builds (CONFIG_VIRTIO_MENU and the like
+# are menus and options, not modules, and are left out).
+VIRTIO_CONFIG_MODULES = {
+    "VIRTIO": "virtio",
+    "VIRTIO_PCI": "virtio_pci",
+    "VIRTIO_PCI_LIB": "virtio_pci_modern_dev",
+    "VIRTIO_PCI_LIB_LEGACY": "virtio_pci_legacy_dev",
+    "VIRTIO_BLK": "virtio_blk",
+    "SCSI_VIRTIO": "virtio_scsi",
+    "VIRTIO_NET": "virtio_net",
+    "VIRTIO_CONSOLE": "virtio_console",
+    "VIRTIO_BALLOON": "virtio_balloon",
+    "VIRTIO_INPUT": "virtio_input",
+    "VIRTIO_MMIO": "virtio_mmio",
+    "VIRTIO_MEM": "virtio_mem",
+    "VIRTIO_FS": "virtiofs",
+    "DRM_VIRTIO_GPU": "virtio_gpu",
+    "HW_RANDOM_VIRTIO": "virtio_rng",
+    "VIRTIO_VSOCKETS": "vmw_vsock_virtio_transport",
+}
+MEMORY_SIZE_UNITS = {"kB": 1024, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
 IO_ERROR_RE = re.compile(r"I/O error|blk_update_request: .*error|critical medium error", re.IGNORECASE)
 VIRTIO_NAME_RE = re.compile(r"\bvirtio[a-z0-9_]*", re.IGNORECASE)
 
@@ -213,6 +259,66 @@ def parse_meminfo(text: str, command: str = CMD_MEMINFO) -> int:
     raise FactsParseError(command, "no MemTotal line", text)
 
 
+@parser
+def parse_dmidecode_memory(text: str, command: str = CMD_DMI_MEMORY) -> int | None:
+    """`dmidecode -t 17` → installed memory in bytes (sum of the memory devices' sizes); None when the
+    firmware lists no memory device."""
+    total, devices = 0, 0
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line.startswith("Size:"):
+            continue
+        value = line.removeprefix("Size:").strip()
+        parts = value.split()
+        if len(parts) == 2 and parts[1] in MEMORY_SIZE_UNITS:
+            total += _int(command, parts[0], "memory device size", text) * MEMORY_SIZE_UNITS[parts[1]]
+            devices += 1
+        elif not value.startswith(("No Module", "Unknown", "Not ")):
+            raise FactsParseError(command, f"memory device size is not '<n> <unit>': {line!r}", text)
+    return total if devices else None
+
+
+KERNEL_MEMORY_RE = re.compile(r"Memory: (\d+)K/(\d+)K available")
+
+
+def kernel_memory_bytes(dmesg_text: str) -> int | None:
+    """The kernel's view of installed memory from its boot line `Memory: <free>K/<total>K available`
+    (None once the line has left the kernel log)."""
+    match = KERNEL_MEMORY_RE.search(dmesg_text)
+    return int(match.group(2)) * 1024 if match else None
+
+
+# --- identity -------------------------------------------------------------------------------------
+
+
+@parser
+def parse_hostname(text: str, command: str = CMD_HOSTNAME) -> str:
+    name = text.strip()
+    if not name or any(c.isspace() for c in name):
+        raise FactsParseError(command, "expected one host name", text)
+    return name
+
+
+@parser
+def parse_dmi(text: str, command: str = CMD_DMI) -> dict | None:
+    """`sys_vendor=...` lines from /sys/class/dmi/id → vendor, model, serial (None: no DMI)."""
+    values = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or key not in ("sys_vendor", "product_name", "product_serial"):
+            raise FactsParseError(command, f"line is not '<dmi field>=<value>': {line!r}", text)
+        values[key] = value.strip() or None
+    if not values:
+        return None
+    return {
+        "vendor": values.get("sys_vendor"),
+        "model": values.get("product_name"),
+        "serial": values.get("product_serial"),
+    }
+
+
 # --- disks ----------------------------------------------------------------------------------------
 
 
@@ -263,6 +369,8 @@ def parse_lsblk(text: str, command: str = CMD_LSBLK) -> list[dict]:
         disk["model"] = (node.get("model") or "").strip() or None
         disk["pttype"] = node.get("pttype")
         disk["read_only"] = bool(node.get("ro"))
+        disk["transport"] = node.get("tran") or None
+        disk["serial"] = (node.get("serial") or "").strip() or None
         disk["partitions"] = children_of(node)
         disks.append(disk)
     return disks
@@ -397,6 +505,8 @@ def parse_ip_link(text: str, command: str = CMD_IP_LINK) -> list[dict]:
                 "mtu": link.get("mtu"),
                 "state": str(link.get("operstate", "unknown")).lower(),
                 "kind": kind,
+                "altnames": list(link.get("altnames") or []),
+                "driver": None,
                 "addresses": [],
             }
         )
@@ -418,6 +528,29 @@ def parse_ip_addr(text: str, command: str = CMD_IP_ADDR) -> dict[str, list[str]]
                 addresses.append(f"{info['local']}/{info['prefixlen']}")
         out[link["ifname"]] = addresses
     return out
+
+
+@parser
+def parse_default_route(text: str, command: str = CMD_ROUTE) -> dict | None:
+    """`ip -j route show default` → {"gateway", "dev"} of the first default route (None: none)."""
+    for route in _json_list(command, text):
+        if isinstance(route, dict) and route.get("dst") == "default":
+            return {"gateway": route.get("gateway"), "dev": route.get("dev")}
+    return None
+
+
+@parser
+def parse_nic_drivers(text: str, command: str = CMD_NIC_DRIVERS) -> dict[str, str]:
+    """`<ifname> <driver>` lines → {ifname: driver} (software links have no driver and no line)."""
+    drivers = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise FactsParseError(command, f"line is not '<interface> <driver>': {line!r}", text)
+        drivers[parts[0]] = parts[1]
+    return drivers
 
 
 # --- OS, kernel, firmware -------------------------------------------------------------------------
@@ -486,11 +619,8 @@ def parse_virtio_probe(text: str, command: str = CMD_VIRTIO) -> tuple[list[str],
             raise FactsParseError(command, f"driver line before any '@source' line: {line!r}", text)
         if line.startswith("CONFIG_"):
             match = re.fullmatch(r"CONFIG_([A-Z0-9_]+)=([ym])", line)
-            if match:
-                symbol = match.group(1).lower()
-                name = "virtio_scsi" if symbol == "scsi_virtio" else symbol
-                if name.startswith("virtio"):
-                    names.add(name)
+            if match and match.group(1) in VIRTIO_CONFIG_MODULES:
+                names.add(VIRTIO_CONFIG_MODULES[match.group(1)])
             continue
         if line.startswith("#"):
             continue  # "# CONFIG_VIRTIO_X is not set"
@@ -502,6 +632,22 @@ def parse_virtio_probe(text: str, command: str = CMD_VIRTIO) -> tuple[list[str],
     if not sources:
         return None
     return sorted(names), sources
+
+
+def builtin_virtio(text: str) -> list[str]:
+    """The virtio drivers listed in the kernel's modules.builtin (in the kernel image: no initramfs
+    needs them)."""
+    names, in_builtin = set(), False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("@source "):
+            in_builtin = line.endswith("/modules.builtin")
+            continue
+        if in_builtin and line:
+            base = re.sub(r"\.ko(\.(xz|zst|gz))?$", "", line.rsplit("/", 1)[-1])
+            if VIRTIO_NAME_RE.fullmatch(base):
+                names.add(base.replace("-", "_"))
+    return sorted(names)
 
 
 # --- software -------------------------------------------------------------------------------------
@@ -547,6 +693,45 @@ def parse_enabled_services(text: str, command: str = CMD_SERVICES) -> list[str]:
             raise FactsParseError(command, f"line is not '<unit> <state> ...': {line!r}", text)
         units.append(parts[0])
     return sorted(units)
+
+
+@parser
+def parse_running_services(text: str, command: str = CMD_RUNNING) -> list[str]:
+    """`systemctl list-units --type=service --state=running --plain` → running service names."""
+    units = []
+    for line in text.splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 4 or not parts[0].endswith(".service"):
+            raise FactsParseError(command, f"line is not '<unit> <load> <active> <sub> ...': {line!r}", text)
+        units.append(parts[0])
+    return sorted(units)
+
+
+@parser
+def parse_initramfs(text: str, command: str = CMD_INITRAMFS) -> dict | None:
+    """The running kernel's initramfs and the kernel modules inside it (None: no initramfs found)."""
+    path, modules = None, set()
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("@initramfs "):
+            path = path or line.removeprefix("@initramfs ")
+            continue
+        if not line:
+            continue
+        if path is None:
+            raise FactsParseError(command, f"module line before any '@initramfs' line: {line!r}", text)
+        name = re.sub(r"\.ko(\.(xz|zst|gz))?$", "", line.rsplit("/", 1)[-1])
+        modules.add(name.replace("-", "_"))
+    if path is None:
+        return None
+    return {
+        "path": path,
+        "modules_count": len(modules),
+        "virtio_modules": sorted(m for m in modules if VIRTIO_NAME_RE.fullmatch(m)),
+        "has_modules": bool(modules),
+    }
 
 
 # --- health ---------------------------------------------------------------------------------------
@@ -631,7 +816,7 @@ def collect_facts(run: Runner, run_many: BatchRunner | None = None) -> dict:
     direct_run = run
 
     def run(command: str) -> CommandOutput:
-        return prefetched.pop(command) if command in prefetched else direct_run(command)
+        return prefetched[command] if command in prefetched else direct_run(command)
 
     def probe(tool: str, command: str) -> str | None:
         """stdout of `command`, or None (with the reason recorded) when the tool is absent or failed."""
@@ -652,8 +837,17 @@ def collect_facts(run: Runner, run_many: BatchRunner | None = None) -> dict:
     text = probe("lscpu", CMD_LSCPU)
     facts["cpu"] = parse_lscpu(text) if text is not None else None
 
+    facts["tools"] = sorted(tools)
+    text = probe("", CMD_HOSTNAME)
+    facts["hostname"] = parse_hostname(text) if text is not None else None
+    text = probe("", CMD_DMI)
+    facts["dmi"] = parse_dmi(text) if text is not None else None
+    if facts["dmi"] is None:
+        unknown.append("DMI: /sys/class/dmi is absent (vendor, model and serial unknown)")
+
     text = probe("", CMD_MEMINFO)
-    facts["memory_bytes"] = parse_meminfo(text) if text is not None else None
+    facts["memory_total_bytes"] = parse_meminfo(text) if text is not None else None
+    facts["memory_bytes"], facts["memory_source"] = _installed_memory(run, tools, facts["memory_total_bytes"])
 
     facts["disks"], facts["filesystems"], facts["encrypted_volumes"] = _collect_storage(
         run, tools, probe, unknown
@@ -669,8 +863,16 @@ def collect_facts(run: Runner, run_many: BatchRunner | None = None) -> dict:
     facts["kernel"] = _collect_kernel(probe, unknown)
     facts["packages"] = _collect_packages(probe, tools, unknown)
 
+    text = probe("systemctl", CMD_RUNNING)
+    facts["services"] = parse_running_services(text) if text is not None else None
     text = probe("systemctl", CMD_SERVICES)
-    facts["services"] = parse_enabled_services(text) if text is not None else None
+    facts["enabled_services"] = parse_enabled_services(text) if text is not None else None
+    text = probe("ip", CMD_ROUTE)
+    facts["default_route"] = parse_default_route(text) if text is not None else None
+    text = probe("", CMD_INITRAMFS)
+    facts["initramfs"] = parse_initramfs(text) if text is not None else None
+    if facts["initramfs"] is not None and not facts["initramfs"]["has_modules"]:
+        unknown.append(f"initramfs {facts['initramfs']['path']}: its module list could not be read")
 
     facts["health"] = _collect_health(run, tools, probe, facts["disks"] or [], unknown)
     for key in ("cpu", "memory_bytes", "disks", "nics", "firmware", "os"):
@@ -697,7 +899,14 @@ def _independent_probes(tools: set[str]) -> list[tuple[str, str]]:
         ("uname", CMD_UNAME),
         ("", CMD_VIRTIO),
         *packages,
+        ("systemctl", CMD_RUNNING),
         ("systemctl", CMD_SERVICES),
+        ("", CMD_HOSTNAME),
+        ("", CMD_DMI),
+        ("dmidecode", CMD_DMI_MEMORY),
+        ("ip", CMD_ROUTE),
+        ("", CMD_NIC_DRIVERS),
+        ("", CMD_INITRAMFS),
         ("dmesg", CMD_DMESG),
         ("", CMD_EDAC),
     ]
@@ -783,11 +992,33 @@ def _partitions_from_table(run: Runner, disk: dict, tools: set[str], unknown: li
     return partitions
 
 
+def _installed_memory(run: Runner, tools: set[str], mem_total: int | None) -> tuple[int | None, str | None]:
+    """Installed memory and where it was read: the firmware's memory devices (dmidecode), else the
+    kernel's boot-time count of RAM, else MemTotal (which is less than installed: the kernel keeps
+    its own reservations out of it)."""
+    if "dmidecode" in tools:
+        output = run(CMD_DMI_MEMORY)
+        if output.exit_status == 0:
+            installed = parse_dmidecode_memory(output.stdout)
+            if installed:
+                return installed, "dmi"
+    if "dmesg" in tools:
+        output = run(CMD_DMESG)
+        installed = kernel_memory_bytes(output.stdout) if output.exit_status == 0 else None
+        if installed:
+            return installed, "kernel"
+    return mem_total, ("meminfo" if mem_total else None)
+
+
 def _collect_nics(probe) -> list[dict] | None:
     text = probe("ip", CMD_IP_LINK)
     if text is None:
         return None
     nics = parse_ip_link(text)
+    text = probe("", CMD_NIC_DRIVERS)
+    drivers = parse_nic_drivers(text) if text is not None else {}
+    for nic in nics:
+        nic["driver"] = drivers.get(nic["name"])
     text = probe("ip", CMD_IP_ADDR)
     if text is not None:
         addresses = parse_ip_addr(text)
@@ -810,6 +1041,7 @@ def _collect_kernel(probe, unknown: list[str]) -> dict | None:
         unknown.append("kernel virtio drivers: no module list, kernel config or /sys/module to read")
     else:
         kernel["virtio_modules"], kernel["virtio_sources"] = found
+        kernel["virtio_builtin"] = builtin_virtio(text)
     return kernel
 
 

@@ -235,6 +235,79 @@ def rule_partitions_known(facts: dict, target: TargetProfile) -> list[Finding]:
     return []
 
 
+def rule_python3(facts: dict, target: TargetProfile) -> list[Finding]:
+    """The disk copy runs a small Python reader on the source (it skips zeros and checksums what it
+    sends); without python3 the copy stage would fail after the VM's volumes were created."""
+    tools = facts.get("tools")
+    if tools is None or "python3" in tools:
+        return []
+    return [
+        _blocker(
+            "python3",
+            "python3 is not installed on the source: the disk copy runs its reader with python3 "
+            "(install the python3 package, or convert another way)",
+        )
+    ]
+
+
+def rule_initramfs_virtio(facts: dict, target: TargetProfile) -> list[Finding]:
+    """A host-only initramfs (`MODULES=dep`, dracut's hostonly) holds only the drivers of the disk
+    controller in use (ahci, megaraid...): the VM's virtio disk is invisible to it and the guest stops
+    in the initramfs shell. Built-in drivers need no initramfs."""
+    initramfs = facts.get("initramfs")
+    kernel = facts.get("kernel") or {}
+    if not initramfs or not initramfs.get("has_modules"):
+        return []
+    inside = set(initramfs.get("virtio_modules") or [])
+    builtin = set(kernel.get("virtio_builtin") or [])
+    if (inside | builtin) & set(VIRTIO_DISK_DRIVERS):
+        return []
+    return [
+        _blocker(
+            "initramfs_virtio",
+            f"the initramfs {initramfs['path']} has no virtio disk driver (virtio_blk or virtio_scsi): "
+            "the VM would stop in the initramfs shell; rebuild it on the source with the virtio "
+            "drivers (MODULES=most, or add virtio_blk to /etc/initramfs-tools/modules) and re-assess",
+        )
+    ]
+
+
+ADJUSTABLE_ROOT_FILESYSTEMS = ("ext2", "ext3", "ext4")
+
+
+def rule_root_filesystem(facts: dict, target: TargetProfile) -> list[Finding]:
+    """The adjust stage edits the copied root (fstab, NIC names) with e2fsprogs, from the partition
+    table: a root on LVM or device-mapper, or of another filesystem, cannot be edited there."""
+    filesystems = facts.get("filesystems")
+    if filesystems is None:
+        return []
+    root = next((fs for fs in filesystems if fs.get("mountpoint") == "/"), None)
+    if root is None:
+        return []  # nothing to judge (rule_initramfs_space already says the root was not seen)
+    devices = {d["path"]: d for d in iter_devices(facts.get("disks") or [])}
+    device = devices.get(root["device"], {})
+    findings = []
+    if device.get("type") in ("lvm", "crypt", "dm", "raid1", "raid0", "raid5", "raid10") or root[
+        "device"
+    ].startswith("/dev/mapper/"):
+        findings.append(
+            _blocker(
+                "root_filesystem",
+                f"the root filesystem {root['device']} is on {device.get('type') or 'device-mapper'}: "
+                "the adjust stage can only edit a root on a plain partition",
+            )
+        )
+    if root.get("fstype") not in ADJUSTABLE_ROOT_FILESYSTEMS:
+        findings.append(
+            _blocker(
+                "root_filesystem",
+                f"the root filesystem is {root.get('fstype')}: the adjust stage can only edit "
+                f"{'/'.join(ADJUSTABLE_ROOT_FILESYSTEMS)}",
+            )
+        )
+    return findings
+
+
 RULES: tuple[Callable[[dict, TargetProfile], list[Finding]], ...] = (
     rule_known_os,
     rule_architecture,
@@ -246,6 +319,9 @@ RULES: tuple[Callable[[dict, TargetProfile], list[Finding]], ...] = (
     rule_disk_capacity,
     rule_disk_health,
     rule_partitions_known,
+    rule_python3,
+    rule_initramfs_virtio,
+    rule_root_filesystem,
 )
 
 

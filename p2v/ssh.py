@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import re
 import socket
 import time
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import paramiko
 
-from .facts import CommandOutput
+from .facts import PROBE_TIMEOUTS_S, CommandOutput
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_COMMAND_TIMEOUT_S = 30.0
@@ -122,6 +123,43 @@ class Endpoint:
     user: str
     private_key: str
     host_key_fingerprint: str | None = None
+    # A network namespace to connect from (the verify stage reaches a converted VM on an isolated
+    # network that only a namespace of its own can see); None: this process's network.
+    netns: str | None = None
+
+
+def open_socket(endpoint: Endpoint, timeout_s: float) -> socket.socket:
+    """A TCP connection to the endpoint, made inside `endpoint.netns` when one is given."""
+    if endpoint.netns is None:
+        return socket.create_connection((endpoint.address, endpoint.port), timeout=timeout_s)
+    return _socket_in_netns(endpoint.netns, endpoint.address, endpoint.port, timeout_s)
+
+
+def _socket_in_netns(netns: str, address: str, port: int, timeout_s: float) -> socket.socket:
+    """setns(2) applies to the calling thread only: a short-lived thread enters the namespace and
+    connects; the socket stays in that namespace after the thread ends, and no other thread moves."""
+    import ctypes
+    import threading
+
+    result: dict[str, object] = {}
+
+    def connect_inside() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/run/netns/{netns}") as handle:
+                if libc.setns(handle.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, f"setns into network namespace {netns!r}: {os.strerror(errno)}")
+            result["socket"] = socket.create_connection((address, port), timeout=timeout_s)
+        except OSError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=connect_inside, name=f"p2v-netns-{netns}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["socket"]  # type: ignore[return-value]
 
 
 class SSHSession:
@@ -143,7 +181,9 @@ class SSHSession:
         return transport
 
     def run(self, command: str, timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S) -> CommandOutput:
-        """Run `command` under a POSIX shell with LC_ALL=C; raise CommandTimeout past `timeout_s`."""
+        """Run `command` under a POSIX shell with LC_ALL=C; raise CommandTimeout past `timeout_s`
+        (or the probe's own longer limit, facts.PROBE_TIMEOUTS_S)."""
+        timeout_s = max(timeout_s, PROBE_TIMEOUTS_S.get(command, 0))
         deadline = time.monotonic() + timeout_s
         try:
             channel = self.transport.open_session(timeout=timeout_s)
@@ -236,7 +276,7 @@ def _family_presenting(endpoint: Endpoint, fingerprint: str, timeout_s: float) -
     """
     for family in HOST_KEY_FAMILIES:
         try:
-            with socket.create_connection((endpoint.address, endpoint.port), timeout=timeout_s) as sock:
+            with open_socket(endpoint, timeout_s) as sock:
                 transport = paramiko.Transport(sock, disabled_algorithms=_only(family))
                 try:
                     transport.banner_timeout = timeout_s
@@ -274,8 +314,10 @@ def _connect(
     client.set_missing_host_key_policy(policy)  # known-hosts store stays empty: policy sees every key
     where = f"{endpoint.address}:{endpoint.port}"
     try:
+        sock = open_socket(endpoint, connect_timeout_s) if endpoint.netns else None
         client.connect(
             endpoint.address,
+            sock=sock,
             port=endpoint.port,
             username=endpoint.user,
             pkey=pkey,

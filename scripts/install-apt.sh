@@ -8,10 +8,12 @@ declare -A PKGS
 PKGS[network]="nftables iptables iproute2 bird2 iperf3 curl tcpdump ethtool libnetfilter-queue-dev build-essential"
 PKGS[virt]="qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config ovmf"
 PKGS[standin]="openssh-server openssh-client busybox-static kmod cpio fdisk extlinux syslinux syslinux-common dosfstools mtools grub-efi-amd64-bin grub-common e2fsprogs smartmontools"
+# A real Debian guest as the P2V source (tests/realguest): built with debootstrap; XFS/LVM roots.
+PKGS[realguest]="debootstrap xfsprogs lvm2 bubblewrap"
 PKGS[services]="postgresql redis-server"
 PKGS[browser]="chromium chromium-driver"
 PKGS[binding]="libvirt-dev pkg-config gcc"
-if [ "$groups" = all ]; then groups="network virt standin services browser binding"; fi
+if [ "$groups" = all ]; then groups="network virt standin realguest services browser binding"; fi
 wanted=""
 for g in $groups; do wanted="$wanted ${PKGS[$g]}"; done
 missing=""

@@ -116,7 +116,14 @@ class MachineViewSet(viewsets.ModelViewSet):
             details={"reason": params.validated_data["reason"]},
             user=request.user,
         )
-        body = serializers.ConversionEventSerializer(event, context={"request": request}).data
+        body = dict(serializers.ConversionEventSerializer(event, context={"request": request}).data)
+        # The job it started (none while it waits for approval), so a client need not look it up.
+        job = event.conversion_jobs.order_by("-id").first() if hasattr(event, "conversion_jobs") else None
+        body["job"] = (
+            {"id": job.pk, "state": job.state, "url": request.build_absolute_uri(f"/api/p2v/jobs/{job.pk}/")}
+            if job is not None
+            else None
+        )
         return Response(body, status=status.HTTP_201_CREATED)
 
 

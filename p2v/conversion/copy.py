@@ -54,6 +54,11 @@ READ_BUFFER_BYTES = 8 << 20
 SOURCE_READER = r"""
 import errno, fcntl, hashlib, os, struct, sys
 dev, pos, seg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# argv[4] (optional): "start+length,..." byte ranges a filesystem reports free: never sent, they
+# count as zeros (on the volume they are holes, so the read-back digests agree).
+FREE = [tuple(int(x) for x in r.split("+")) for r in sys.argv[4].split(",") if r] if len(sys.argv) > 4 else []
+FREE = [(a, a + n) for a, n in sorted(FREE)]
+fi = 0
 CH, SUB = %(chunk)d, %(sub)d
 out = sys.stdout.buffer
 try:  # a bigger pipe to sshd: fewer wake-ups on both sides (a socket or an old kernel: no matter)
@@ -83,9 +88,20 @@ while pos < size:
             digests.update(ZD)
             pos += n
             continue
+        while fi < len(FREE) and FREE[fi][1] <= pos:
+            fi += 1
+        if fi < len(FREE) and FREE[fi][0] <= pos and FREE[fi][1] >= pos + n:
+            digests.update(ZD)  # wholly free: not even read
+            pos += n
+            continue
         chunk = os.pread(fd, n, pos)
         if len(chunk) != n:
             raise SystemExit("short read at %%d" %% pos)
+        j = fi
+        while j < len(FREE) and FREE[j][0] < pos + n:
+            a, b = max(FREE[j][0], pos) - pos, min(FREE[j][1], pos + n) - pos
+            chunk = chunk[:a] + ZERO[: b - a] + chunk[b:]
+            j += 1
         if chunk == ZERO[:n]:
             digests.update(ZD)
             pos += n
@@ -197,7 +213,12 @@ class _ChannelReader:
 
 
 def _open_reader(
-    ssh: paramiko.SSHClient, device: str, start: int, segment_bytes: int, progress: CopyProgress
+    ssh: paramiko.SSHClient,
+    device: str,
+    start: int,
+    segment_bytes: int,
+    progress: CopyProgress,
+    free_arg: str = "",
 ) -> _ChannelReader:
     transport = ssh.get_transport()
     if transport is None or not transport.is_active():
@@ -207,7 +228,8 @@ def _open_reader(
     channel = transport.open_session(window_size=SSH_WINDOW_BYTES, timeout=30)
     channel.settimeout(READ_TIMEOUT_S)
     command = " ".join(
-        shlex.quote(a) for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes))
+        shlex.quote(a)
+        for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes), free_arg)
     )
     channel.exec_command(command)
     channel.shutdown_write()
@@ -296,6 +318,7 @@ def _open_openssh_reader(
     start: int,
     segment_bytes: int,
     progress: CopyProgress,
+    free_arg: str = "",
 ) -> _ProcessReader:
     """The reader behind the OpenSSH client: its C transport moves dense data several times faster
     than paramiko. Key and known_hosts live in a 0700 directory removed when the reader closes."""
@@ -307,7 +330,8 @@ def _open_openssh_reader(
     entry = f"{host_key.get_name()} {host_key.get_base64()}"
     known_hosts.write_text(f"{login.address} {entry}\n[{login.address}]:{login.port} {entry}\n")
     command = " ".join(
-        shlex.quote(a) for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes))
+        shlex.quote(a)
+        for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes), free_arg)
     )
     argv = [
         "ssh",
@@ -451,6 +475,7 @@ def copy_disk(
     retryable: tuple[type[BaseException], ...] = (),
     on_retry: Callable[[CopyProgress, BaseException], None] | None = None,
     openssh: OpenSSHLogin | None = None,
+    free_ranges: list[tuple[int, int]] | None = None,
 ) -> CopyProgress:
     """Copy `device` on the source into `vol`; resume at the last checkpoint after a break.
 
@@ -458,7 +483,10 @@ def copy_disk(
     broken connection. With `openssh` (and an `ssh` binary), the data itself streams through the
     OpenSSH client, pinned to the host key that paramiko session verified; otherwise through
     paramiko. Raises CopyError when the attempts are used up or the data is wrong.
+    free_ranges: (offset, length) byte ranges of the disk its filesystems report free (see
+    p2v.conversion.usedblocks): never read or sent; the volume keeps holes there.
     """
+    free_arg = ",".join(f"{start}+{length}" for start, length in free_ranges or [] if length > 0)
     if segment_bytes % CHUNK_BYTES:
         raise ValueError(f"segment_bytes must be a multiple of {CHUNK_BYTES}, got {segment_bytes}")
     progress = resume or CopyProgress(
@@ -476,10 +504,10 @@ def copy_disk(
                 host_key = ssh.get_transport().get_remote_server_key()
                 ssh.close()  # the verified key is all the bulk stream needs from this session
                 reader = _open_openssh_reader(
-                    openssh, host_key, device, progress.checkpoint, segment_bytes, progress
+                    openssh, host_key, device, progress.checkpoint, segment_bytes, progress, free_arg
                 )
             else:
-                reader = _open_reader(ssh, device, progress.checkpoint, segment_bytes, progress)
+                reader = _open_reader(ssh, device, progress.checkpoint, segment_bytes, progress, free_arg)
             _copy_from(reader, vol, lambda: conn.newStream(0), progress, on_progress, seen_data_until)
             break
         except (ConnectionBroken, paramiko.SSHException, OSError, EOFError, *retryable) as exc:

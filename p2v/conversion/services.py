@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import re
 import time
@@ -28,10 +29,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from p2v import ssh
+from p2v.facts import iter_devices
 
 from . import adjust as adjust_mod
 from . import copy as copy_mod
-from . import domain_xml, verify
+from . import domain_xml, isolation, usedblocks, verify
 from .choices import FINISHED_STATES, STAGE_ORDER, JobStage, JobState, LogLevel
 from .libvirt_binding import libvirt
 from .models import ConversionJob, Hypervisor, JobLog
@@ -217,6 +219,7 @@ def run_stage(job_id: int) -> bool:
     if next_stage == JobStage.DONE:
         job.state, job.percent, job.finished = JobState.SUCCEEDED, 100.0, timezone.now()
         save_progress(job, "stage", "state", "percent", "finished")
+        _event_follows(job)
         log(job, "conversion finished: the VM boots and matches the assessment")
         return False
     save_progress(job, "stage", "percent")
@@ -230,6 +233,23 @@ def _finish_with_rollback(job: ConversionJob, state: str, reason: str) -> None:
     job.state, job.finished = state, timezone.now()
     job.error = reason + (f" (rollback problems: {'; '.join(problems)})" if problems else "")
     save_progress(job, "state", "finished", "error")
+    _event_follows(job)
+
+
+def _event_follows(job: ConversionJob) -> None:
+    """The conversion event that started this job ends the way the job did."""
+    from p2v.choices import ConversionEventStatus
+    from p2v.models import ConversionEvent
+
+    status = {
+        JobState.SUCCEEDED: ConversionEventStatus.SUCCEEDED,
+        JobState.FAILED: ConversionEventStatus.FAILED,
+        JobState.CANCELLED: ConversionEventStatus.CANCELLED,
+    }.get(job.state)
+    if job.event_id and status:
+        ConversionEvent.objects.filter(pk=job.event_id, status=ConversionEventStatus.STARTED).update(
+            status=status
+        )
 
 
 def _check_cancel(job: ConversionJob) -> None:
@@ -274,6 +294,16 @@ def console_dir(hypervisor: Hypervisor) -> Path:
     return Path(hypervisor.console_dir or Path(settings.VAR_DIR) / "p2v-console")
 
 
+def _holds_boot(disk: dict, facts: dict) -> bool:
+    """Whether /boot (or / when /boot is not separate) lives on this disk: the firmware boots the
+    VM's first disk, while the source's disk order (sda, sdb) is only the order the kernel found them."""
+    mounts = {fs["mountpoint"]: fs["device"] for fs in facts.get("filesystems") or []}
+    boot_device = mounts.get("/boot") or mounts.get("/")
+    if boot_device is None:
+        return False
+    return any(device["path"] == boot_device for device in iter_devices([disk]))
+
+
 def plan_stage(job: ConversionJob) -> None:
     """Check the facts and the hypervisor's capacity; decide every name and size."""
     facts = job.assessment.facts or {}
@@ -285,6 +315,7 @@ def plan_stage(job: ConversionJob) -> None:
     disks = [d for d in facts.get("disks") or [] if d.get("size_bytes")]
     if not disks:
         raise ConversionError("the assessment lists no disks with a size")
+    disks.sort(key=lambda disk: not _holds_boot(disk, facts))  # the VM boots from its first disk
     for disk in disks:
         if not str(disk.get("path", "")).startswith("/dev/"):
             raise ConversionError(f"disk {disk.get('name')!r} has no /dev path in the assessment")
@@ -380,6 +411,27 @@ def _record_resource(job: ConversionJob, kind: str, value) -> None:
     job.save(update_fields=["resources", "updated"])
 
 
+def _free_space(job: ConversionJob, endpoint: ssh.Endpoint, disk_name: str) -> usedblocks.FreeSpace:
+    """What the disk's filesystems hold free (not to be sent); nothing when it cannot be asked."""
+    facts = job.assessment.facts or {}
+    disk = next((d for d in facts.get("disks") or [] if d.get("name") == disk_name), None)
+    if disk is None:
+        return usedblocks.FreeSpace([], [])
+    try:
+        with ssh.connect(endpoint) as session:
+            free = usedblocks.free_space(session.run, disk, facts.get("filesystems") or [])
+    except ssh.SSHError as exc:
+        log(
+            job,
+            f"{disk_name}: could not ask which blocks are free ({exc}); non-zero blocks copied",
+            LogLevel.WARNING,
+        )
+        return usedblocks.FreeSpace([], [])
+    for note in free.notes:
+        log(job, f"{disk_name}: {note}")
+    return free
+
+
 def copy_stage(job: ConversionJob) -> None:
     """Copy every disk into a new sparse volume; resume after breaks; verify by read-back checksum."""
     plan = job.plan
@@ -453,10 +505,11 @@ def copy_stage(job: ConversionJob) -> None:
                 }
                 save_progress(job, "bytes_done", "percent", "wire_bytes", "rate_bytes_per_s", "copy_state")
 
+            free = _free_space(job, endpoint, entry["disk"])
             log(
                 job,
                 f"{entry['disk']}: copying {entry['device']} ({entry['size_bytes']} bytes) into "
-                f"{entry['volume']}",
+                f"{entry['volume']}; {free.free_bytes} bytes free in its filesystems are not sent",
             )
             started = time.monotonic()
             try:
@@ -470,6 +523,7 @@ def copy_stage(job: ConversionJob) -> None:
                     resume=resume,
                     on_progress=on_progress,
                     retryable=retryable,
+                    free_ranges=free.ranges,
                     openssh=copy_mod.OpenSSHLogin(
                         endpoint.address, endpoint.port, endpoint.user, endpoint.private_key
                     ),
@@ -572,6 +626,8 @@ def adjust_stage(job: ConversionJob) -> None:
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
         raise ConversionError(f"volumes {missing} are not visible from this worker; run it on the hypervisor")
+    for note in adjust_mod.repair_filesystems(paths):
+        log(job, f"filesystem check: {note}")
     changes = adjust_mod.adjust_guest(paths, job.assessment.facts or {}, job.plan["nics"])
     job.changes = [{"path": c.path, "summary": c.summary, "after": c.after} for c in changes]
     save_progress(job, "changes")
@@ -593,12 +649,77 @@ def expected_hardware(job: ConversionJob) -> verify.ExpectedHardware:
     )
 
 
+VERIFY_SETTLE_TIMEOUT_S = 180
+
+
+def _verify_domain_xml(xml: str, bridge: str) -> str:
+    """The converted domain as a transient twin for the proof: its own name, no UUID (libvirt makes
+    one), and every NIC, MAC and model unchanged, on the isolated bridge."""
+    root = ET.fromstring(xml)  # noqa: S314 (libvirt's own XML)
+    root.find("name").text = root.findtext("name") + "-verify"
+    for element in root.findall("uuid"):
+        root.remove(element)
+    devices = root.find("devices")
+    for interface in devices.findall("interface"):
+        mac, model = interface.find("mac"), interface.find("model")
+        interface.clear()
+        interface.set("type", "bridge")
+        interface.append(mac)
+        ET.SubElement(interface, "source", bridge=bridge)
+        if model is not None:
+            interface.append(model)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _isolation_prefix(job: ConversionJob) -> str:
+    """Unique per hypervisor and job (two portals, or test sessions, may both have a job #1) and
+    short enough for Linux interface names."""
+    digest = hashlib.sha256(f"{job.hypervisor.name_prefix}{job.hypervisor_id}-{job.pk}".encode()).hexdigest()
+    return f"p2v{digest[:8]}"
+
+
 def verify_stage(job: ConversionJob) -> None:
-    """Boot the VM, wait for proof of life, compare the guest's own report with the assessment."""
+    """Boot the VM on an isolated network and prove, from inside it, that it is the source.
+
+    A guest with sshd is logged into with the machine's own credential and pinned host key, probed
+    like the assessment, and diffed against it (the verdict is that diff); the stand-in's console
+    report is compared with the plan's hardware. Any difference fails the stage, naming the fields.
+    """
     console_log = Path(job.plan["console_log"])
     console_log.unlink(missing_ok=True)
+    source_facts = job.assessment.facts or {}
+    reach = isolation.reachable_address(source_facts)
+    prefix = _isolation_prefix(job)
+    _record_resource(job, "isolation", prefix)
+    endpoint = None
+    if reach is not None:
+        nic_name, vm_address, probe_address = reach
+        network = isolation.create(prefix, vm_address, probe_address)
+        endpoint = dataclasses.replace(job.machine.endpoint(), address=vm_address, netns=network.netns)
+        log(
+            job,
+            f"isolated network {network.bridge}: the VM keeps {vm_address} on {nic_name}, "
+            f"probed from {probe_address} in namespace {network.netns}",
+        )
+    else:
+        network = isolation.create(prefix, None, None)  # the VM still must not meet the source's LAN
+        log(
+            job,
+            "the assessment has no static IPv4 address to reach the VM at: only its console can prove it",
+            LogLevel.WARNING,
+        )
     with _libvirt(job) as conn:
         domain = conn.lookupByName(job.plan["domain"])
+        bridge = network.bridge
+        twin_xml = _verify_domain_xml(domain.XMLDesc(0), bridge)
+        twin_name = job.plan["domain"] + "-verify"
+        _record_resource(job, "verify_domain", twin_name)
+        try:
+            twin = conn.createXML(twin_xml, libvirt.VIR_DOMAIN_START_PAUSED)
+        except libvirt.libvirtError as exc:
+            raise ConversionError(
+                f"libvirt refused the verification domain: {exc.get_error_message()}"
+            ) from exc
         last_check = [0.0]
 
         def should_stop() -> bool:
@@ -607,32 +728,77 @@ def verify_stage(job: ConversionJob) -> None:
             last_check[0] = time.monotonic()
             return ConversionJob.objects.filter(pk=job.pk, cancel_requested=True).exists()
 
+        def try_login():
+            try:
+                return ssh.connect(endpoint, connect_timeout_s=10)
+            except (ssh.HostUnreachable, ssh.ConnectionLost):
+                return None  # not up yet
+
         try:
-            result = verify.boot_and_wait(domain, console_log, job.hypervisor.boot_timeout_s, should_stop)
+            result = verify.boot_and_wait(
+                _PausedDomain(twin),
+                console_log,
+                job.hypervisor.boot_timeout_s,
+                should_stop,
+                probe=try_login if endpoint is not None else None,
+            )
+            if result.session is not None:
+                with result.session as session:
+                    guest_facts = _guest_facts(job, session)
         except verify.VerifyError as exc:
             if "cancelled" in str(exc):
                 raise JobCancelled(str(exc)) from exc
             raise
         finally:
-            verify.stop_domain(domain)
+            with contextlib.suppress(libvirt.libvirtError):
+                verify.stop_domain(twin)
+            problems = isolation.remove(prefix)
+            if problems:
+                log(job, "isolated network cleanup: " + "; ".join(problems), LogLevel.WARNING)
     log(job, f"proof of life after {result.seconds_to_proof:.1f} s")
     job.verification = {
         "seconds_to_proof": round(result.seconds_to_proof, 2),
         "report": result.report,
         "expected": dataclasses.asdict(expected_hardware(job)),
     }
-    if result.report is None:
-        job.verification["compared"] = False
+    if result.session is not None:
+        differences = verify.diff_facts(source_facts, guest_facts, job.plan)
+        job.verification.update(
+            {
+                "method": "ssh",
+                "compared": True,
+                "matches": not differences,
+                "differences": [d.as_dict() for d in differences],
+                "guest": {k: guest_facts.get(k) for k in VERIFIED_FIELDS},
+            }
+        )
         save_progress(job, "verification")
+        if differences:
+            raise verify.VerifyError(
+                "the VM does not match the assessment: " + "; ".join(d.message() for d in differences)
+            )
         log(
             job,
-            "the guest reached a login prompt but sent no hardware report; hardware not compared",
-            LogLevel.WARNING,
+            f"logged into the VM as {endpoint.user} (host key {job.machine.host_key_fingerprint}); "
+            f"its own probes match the assessment: {guest_facts['cpu']['vcpus']} vCPUs, "
+            f"{guest_facts['memory_bytes']} bytes, "
+            f"{len(guest_facts['disks'])} disks, {len(guest_facts['filesystems'])} filesystems, NICs "
+            f"{[(n['name'], n['mac']) for n in guest_facts['nics']]}, {guest_facts['hostname']}, "
+            f"{guest_facts['kernel']['release']}, {guest_facts['packages']['count']} packages, "
+            f"{len(guest_facts['services'] or [])} running services",
         )
         return
+    if result.report is None:
+        job.verification.update({"compared": False, "matches": False})
+        save_progress(job, "verification")
+        raise verify.VerifyError(
+            "the guest reached a login prompt but could not be compared (no SSH login on the isolated "
+            "network, no console report): nothing proves it matches the assessment"
+        )
     problems = verify.compare_hardware(result.report, expected_hardware(job))
-    job.verification["compared"] = True
-    job.verification["problems"] = problems
+    job.verification.update(
+        {"method": "console", "compared": True, "matches": not problems, "problems": problems}
+    )
     save_progress(job, "verification")
     if problems:
         raise verify.VerifyError("the VM does not match the assessment: " + "; ".join(problems))
@@ -643,6 +809,51 @@ def verify_stage(job: ConversionJob) -> None:
         f"{[n.get('mac') for n in result.report.get('nics', [])]}, {result.report.get('firmware')}: "
         "matches the assessment",
     )
+
+
+VERIFIED_FIELDS = (
+    "hostname",
+    "cpu",
+    "memory_bytes",
+    "memory_total_bytes",
+    "memory_source",
+    "disks",
+    "filesystems",
+    "nics",
+    "firmware",
+    "os",
+    "kernel",
+    "services",
+    "default_route",
+)
+
+
+class _PausedDomain:
+    """boot_and_wait starts its domain; the twin was created paused, so 'start' means resume."""
+
+    def __init__(self, domain: libvirt.virDomain) -> None:
+        self._domain = domain
+
+    def create(self) -> None:
+        self._domain.resume()
+
+    def isActive(self) -> bool:
+        try:
+            return bool(self._domain.isActive())
+        except libvirt.libvirtError:
+            return False  # a transient domain that powered off no longer exists
+
+
+def _guest_facts(job: ConversionJob, session: ssh.SSHSession) -> dict:
+    """Let the guest finish starting its services, then run the assessment's own probes."""
+    settled = session.run(
+        f"timeout {VERIFY_SETTLE_TIMEOUT_S} systemctl is-system-running --wait 2>/dev/null || true",
+        timeout_s=VERIFY_SETTLE_TIMEOUT_S + 30,
+    )
+    log(job, f"logged into the VM over SSH; systemd says: {settled.stdout.strip() or 'n/a'}")
+    from p2v import facts as facts_mod
+
+    return facts_mod.collect_facts(session.run, session.run_many)
 
 
 STAGES: dict[JobStage, Callable[[ConversionJob], None]] = {
@@ -665,6 +876,8 @@ def rollback(job: ConversionJob) -> list[str]:
         return problems
     try:
         with _libvirt(job) as conn:
+            if resources.get("verify_domain"):
+                problems += _remove_verify_domain(job, conn, resources["verify_domain"])
             domain_info = resources.get("domain")
             if domain_info:
                 problems += _remove_domain(job, conn, domain_info)
@@ -672,6 +885,8 @@ def rollback(job: ConversionJob) -> list[str]:
                 problems += _remove_volume(job, conn, vol)
     except ConversionError as exc:
         problems.append(str(exc))
+    if resources.get("isolation"):
+        problems += isolation.remove(resources["isolation"])
     console_log = resources.get("console_log")
     if console_log:
         Path(console_log).unlink(missing_ok=True)
@@ -694,6 +909,23 @@ def _remove_domain(job: ConversionJob, conn: libvirt.virConnect, info: dict) -> 
     except libvirt.libvirtError as exc:
         return [f"could not remove domain {info['name']}: {exc.get_error_message()}"]
     log(job, f"rollback: domain {info['name']} undefined (with NVRAM)")
+    return []
+
+
+def _remove_verify_domain(job: ConversionJob, conn: libvirt.virConnect, name: str) -> list[str]:
+    """The transient twin the verify stage booted: destroying it removes it."""
+    try:
+        domain = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return []
+    if domain.isPersistent():
+        return [f"domain {name} is persistent: not the verification twin, left alone"]
+    try:
+        if domain.isActive():
+            domain.destroy()
+    except libvirt.libvirtError as exc:
+        return [f"could not stop the verification domain {name}: {exc.get_error_message()}"]
+    log(job, f"rollback: verification domain {name} stopped")
     return []
 
 

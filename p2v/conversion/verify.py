@@ -1,9 +1,11 @@
-"""Prove the converted VM boots and compare the hardware the guest reports with the assessment.
+"""Prove the converted VM boots and compare what the guest sees with the source's assessment.
 
-Proof of life is read from the domain's serial console (a file libvirt writes): a guest that
-prints a hardware report line `P2V-REPORT {json}` (the stand-in's init does) is compared field by
-field; a guest that only reaches a `login:` prompt proves it booted but cannot be compared, which
-the verify stage records as such. Every wait is bounded.
+A real guest is proved from inside: the verify stage boots it on an isolated network, logs in over
+SSH with the machine's own credential and pinned host key (the VM is a copy of the source), runs
+the same probes as the assessment, and `diff_facts` compares the two documents field by field.
+The stand-in's busybox init has no sshd; it prints a hardware report line `P2V-REPORT {json}` on
+the serial console, which `compare_hardware` checks. A console showing a failed boot (initramfs
+shell, kernel panic, emergency mode) ends the wait at once. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,15 @@ from .libvirt_binding import libvirt
 
 REPORT_PREFIX = "P2V-REPORT "
 LOGIN_MARKERS = ("login:",)
+# What a console shows when the guest will not come up by itself: no point waiting for the timeout.
+BOOT_FAILURE_MARKERS = {
+    "(initramfs)": "the guest stopped in the initramfs shell (its root disk was not found)",
+    "Kernel panic": "the guest kernel panicked",
+    "You are in emergency mode": "the guest is in systemd's emergency mode",
+    "Give root password for maintenance": "the guest is in maintenance mode",
+    "Entering emergency mode": "the guest is in systemd's emergency mode",
+}
+PROBE_INTERVAL_S = 2.0
 # The guest sees less than the domain's memory (firmware and kernel reservations).
 MEMORY_SEEN_MIN_FRACTION = 0.75
 
@@ -42,6 +54,27 @@ class BootResult:
     seconds_to_proof: float
     report: dict | None
     console_tail: str
+    session: object | None = None  # what `probe` returned (an SSH session into the guest)
+
+
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+FAILED_LINE_RE = re.compile(
+    r"FAILED|Dependency failed|Failed to|fsck|UNEXPECTED INCONSISTENCY|ALERT!|error", re.IGNORECASE
+)
+
+
+def failed_lines(console_text: str, limit: int = 8) -> list[str]:
+    """The console lines that say what went wrong (systemd's FAILED units, fsck, initramfs alerts)."""
+    lines = [ANSI_RE.sub("", line).strip() for line in console_text.splitlines()]
+    return [line[:200] for line in lines if FAILED_LINE_RE.search(line)][-limit:]
+
+
+def boot_failure(console_text: str) -> str | None:
+    """Why the console says the guest cannot boot by itself, or None."""
+    for marker, meaning in BOOT_FAILURE_MARKERS.items():
+        if marker in console_text:
+            return meaning
+    return None
 
 
 def parse_report(console_text: str) -> dict | None:
@@ -62,11 +95,14 @@ def boot_and_wait(
     console_log: Path,
     timeout_s: float,
     should_stop: Callable[[], bool] = lambda: False,
+    probe: Callable[[], object | None] | None = None,
 ) -> BootResult:
-    """Start the domain and wait until its console shows a report or a login prompt."""
+    """Start the domain and wait for proof of life: a console report, or `probe` succeeding (an SSH
+    login), or without a probe a login prompt. A console showing a failed boot raises at once."""
     started = time.monotonic()
     domain.create()
     text = ""
+    last_probe = 0.0
     while time.monotonic() - started < timeout_s:
         if should_stop():
             raise VerifyError("cancelled while waiting for the guest to boot")
@@ -74,8 +110,18 @@ def boot_and_wait(
         report = parse_report(text)
         if report is not None:
             return BootResult(time.monotonic() - started, report, text[-2000:])
-        if any(marker in text for marker in LOGIN_MARKERS):
+        failure = boot_failure(text)
+        if failure:
+            raise VerifyError(
+                f"{failure}; what failed before it: {failed_lines(text)}; console ends with: {text[-400:]!r}"
+            )
+        if probe is None and any(marker in text for marker in LOGIN_MARKERS):
             return BootResult(time.monotonic() - started, None, text[-2000:])
+        if probe is not None and time.monotonic() - last_probe >= PROBE_INTERVAL_S:
+            last_probe = time.monotonic()
+            session = probe()
+            if session is not None:
+                return BootResult(time.monotonic() - started, None, text[-2000:], session)
         if not domain.isActive():
             time.sleep(0.2)  # the console file may still be flushing the last line
             text = _read(console_log)
@@ -135,3 +181,127 @@ def stop_domain(domain: libvirt.virDomain, grace_s: float = 10.0) -> None:
     except libvirt.libvirtError:
         if domain.isActive():
             raise
+
+
+# --- comparing the guest's own facts with the source's ---------------------------------------------
+
+# The guest kernel keeps a slightly different amount of memory for itself on other hardware; MemTotal
+# may differ by this much of the VM's memory and still be "the same memory".
+MEMTOTAL_TOLERANCE_FRACTION = 0.03
+# Services that run for a moment at boot or per login, not because the machine serves something.
+TRANSIENT_SERVICE_PREFIXES = ("user@", "user-runtime-dir@", "systemd-fsckd.", "session-", "getty@", "e2scrub")
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    field: str
+    source: object
+    vm: object
+    note: str = ""
+
+    def message(self) -> str:
+        extra = f" ({self.note})" if self.note else ""
+        return f"{self.field}: source {self.source!r}, VM {self.vm!r}{extra}"
+
+    def as_dict(self) -> dict:
+        return {"field": self.field, "source": self.source, "vm": self.vm, "note": self.note}
+
+
+def _filesystems(facts: dict) -> dict[str, tuple]:
+    return {
+        fs["mountpoint"]: (fs.get("fstype"), fs.get("uuid"), fs.get("size_bytes"))
+        for fs in facts.get("filesystems") or []
+    }
+
+
+def _running(facts: dict) -> set[str] | None:
+    services = facts.get("services")
+    if services is None:
+        return None
+    return {s for s in services if not s.startswith(TRANSIENT_SERVICE_PREFIXES)}
+
+
+def diff_facts(source: dict, guest: dict, plan: dict) -> list[Difference]:
+    """What differs between the source (as assessed) and the VM (as its own probes see it).
+
+    Memory and vCPUs are compared with the plan (the hypervisor's policy may cap them; the plan
+    says so) and MemTotal with the source's, scaled by that cap. NIC names are compared by MAC,
+    disks by size, filesystems by mount point (device names change: sda becomes vda). Everything
+    else must be equal: hostname, OS, kernel, firmware, packages, the services that were running.
+    """
+    out: list[Difference] = []
+    src_cpu, vm_cpu = source.get("cpu") or {}, guest.get("cpu") or {}
+    if vm_cpu.get("vcpus") != plan["vcpus"]:
+        out.append(
+            Difference("cpu.vcpus", src_cpu.get("vcpus"), vm_cpu.get("vcpus"), f"plan {plan['vcpus']}")
+        )
+    if guest.get("memory_bytes") != plan["memory_bytes"]:
+        out.append(
+            Difference(
+                "memory_bytes",
+                source.get("memory_bytes"),
+                guest.get("memory_bytes"),
+                f"plan {plan['memory_bytes']}, guest read it from {guest.get('memory_source')}",
+            )
+        )
+    elif source.get("memory_total_bytes") and source.get("memory_bytes") and guest.get("memory_total_bytes"):
+        expected = source["memory_total_bytes"] - (source["memory_bytes"] - plan["memory_bytes"])
+        if abs(guest["memory_total_bytes"] - expected) > plan["memory_bytes"] * MEMTOTAL_TOLERANCE_FRACTION:
+            out.append(
+                Difference(
+                    "memory_total_bytes",
+                    source["memory_total_bytes"],
+                    guest["memory_total_bytes"],
+                    f"expected about {expected}",
+                )
+            )
+    src_disks = sorted(d["size_bytes"] for d in source.get("disks") or [])
+    vm_disks = sorted(d["size_bytes"] for d in guest.get("disks") or [])
+    if src_disks != vm_disks:
+        out.append(Difference("disks", src_disks, vm_disks, "sizes"))
+    src_fs, vm_fs = _filesystems(source), _filesystems(guest)
+    for mountpoint in sorted(set(src_fs) | set(vm_fs)):
+        if src_fs.get(mountpoint) != vm_fs.get(mountpoint):
+            out.append(
+                Difference(
+                    f"filesystems[{mountpoint}]",
+                    src_fs.get(mountpoint),
+                    vm_fs.get(mountpoint),
+                    "type, UUID, size",
+                )
+            )
+    src_nics = {n["mac"]: n["name"] for n in source.get("nics") or []}
+    vm_nics = {n["mac"]: n["name"] for n in guest.get("nics") or []}
+    if src_nics != vm_nics:
+        out.append(Difference("nics", src_nics, vm_nics, "MAC -> name"))
+    for field in ("hostname", "firmware"):
+        if source.get(field) != guest.get(field):
+            out.append(Difference(field, source.get(field), guest.get(field)))
+    for field, keys in (("os", ("id", "version_id")), ("kernel", ("release", "machine"))):
+        src = tuple((source.get(field) or {}).get(k) for k in keys)
+        vm = tuple((guest.get(field) or {}).get(k) for k in keys)
+        if src != vm:
+            out.append(Difference(field, src, vm))
+    src_pkgs = set((source.get("packages") or {}).get("names") or [])
+    vm_pkgs = set((guest.get("packages") or {}).get("names") or [])
+    if src_pkgs != vm_pkgs:
+        out.append(
+            Difference(
+                "packages",
+                sorted(src_pkgs - vm_pkgs)[:20],
+                sorted(vm_pkgs - src_pkgs)[:20],
+                "only on the source / only on the VM",
+            )
+        )
+    src_running, vm_running = _running(source), _running(guest)
+    if src_running is not None and (vm_running is None or not src_running <= vm_running):
+        missing = sorted(src_running - (vm_running or set()))
+        out.append(
+            Difference(
+                "services",
+                missing,
+                None if vm_running is None else [],
+                "running on the source, not on the VM",
+            )
+        )
+    return out

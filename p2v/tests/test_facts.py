@@ -43,6 +43,13 @@ def standin_outputs() -> dict[str, str]:
         facts.CMD_EDAC: data("standin_edac.txt"),
         facts.CMD_DPKG: data("standin_dpkg.txt"),
         facts.CMD_DMESG: data("host_dmesg.txt"),
+        # The stand-in is a namespace on a host without systemd, DMI, initramfs or a default route.
+        facts.CMD_RUNNING: "",
+        facts.CMD_HOSTNAME: "vm\n",
+        facts.CMD_DMI: "",
+        facts.CMD_ROUTE: "[]",
+        facts.CMD_NIC_DRIVERS: "",
+        facts.CMD_INITRAMFS: "",
         f"blkid -p -o export {LOOP}": data("standin_blkid.txt"),
         f"sfdisk -J {LOOP}": data("standin_sfdisk.json"),
         f"smartctl -H -j {LOOP}": data("standin_smartctl_loop.json"),
@@ -62,7 +69,8 @@ class Replay:
         self.asked.append(command)
         if command not in self.outputs:
             raise AssertionError(f"unexpected command {command!r}")
-        status = self.statuses.get(command, 1 if command.startswith("smartctl") else 0)
+        default = 1 if command.startswith("smartctl") or command == facts.CMD_RUNNING else 0
+        status = self.statuses.get(command, default)
         return CommandOutput(command, status, self.outputs[command], "")
 
 
@@ -105,13 +113,22 @@ def test_collect_facts_from_the_stand_in_recording():
     ]
     assert doc["packages"]["manager"] == "dpkg"
     assert doc["packages"]["count"] == len(doc["packages"]["names"]) > 10
-    assert "ssh.service" in doc["services"]
+    assert "ssh.service" in doc["enabled_services"]
+    assert doc["services"] is None  # no systemd running: which services run is unknown, not "none"
+    assert doc["hostname"] == "vm"
+    assert doc["dmi"] is None
+    assert doc["default_route"] is None
+    assert doc["initramfs"] is None
+    # Neither dmidecode nor the kernel's boot line is there: installed memory falls back to MemTotal.
+    assert (doc["memory_source"], doc["memory_total_bytes"]) == ("meminfo", 24683656 * 1024)
     assert doc["health"]["smart"] == [
         {"disk": LOOP, "passed": None, "exit_status": 1, "reason": f"{LOOP}: Unable to detect device type"}
     ]
     assert doc["health"]["io_errors"] == 0
     assert doc["filesystems"] == []  # the host's / is not on the stand-in's disk
     assert doc["unknown"] == [
+        "DMI: /sys/class/dmi is absent (vendor, model and serial unknown)",
+        f"`{facts.CMD_RUNNING}` failed: exit status 1",
         f"SMART status of {LOOP}: {LOOP}: Unable to detect device type",
         "EDAC: no memory controller reports error counts",
     ]

@@ -65,6 +65,12 @@ def rules_hit(verdict: rules.Verdict) -> tuple[list[str], list[str]]:
     return [b["rule"] for b in verdict.blockers], [w["rule"] for w in verdict.warnings]
 
 
+def test_initramfs_without_virtio_is_fine_when_the_kernel_has_it_built_in():
+    facts = changed("initramfs", {"path": "/boot/initrd.img-6.1", "has_modules": True, "virtio_modules": []})
+    facts["kernel"]["virtio_builtin"] = ["virtio_blk"]
+    assert rules.evaluate(facts, TARGET).blockers == []
+
+
 def test_healthy_machine_scores_100():
     verdict = rules.evaluate(healthy_facts(), TARGET)
     assert (verdict.score, verdict.compatible, verdict.blockers, verdict.warnings) == (100, True, [], [])
@@ -94,6 +100,15 @@ def changed(path: str, value) -> dict:
         (changed("kernel.virtio_modules", None), [], ["virtio_drivers"], "could not tell"),
         (changed("filesystems.0.avail_bytes", 50 * MiB), ["initramfs_space"], [], "/ has 50 MiB free"),
         (changed("filesystems", []), [], ["initramfs_space"], "not checked"),
+        (changed("tools", ["lsblk", "ip"]), ["python3"], [], "python3 is not installed"),
+        (
+            changed("initramfs", {"path": "/boot/initrd.img-6.1", "has_modules": True, "virtio_modules": []}),
+            ["initramfs_virtio"],
+            [],
+            "no virtio disk driver",
+        ),
+        (changed("filesystems.0.fstype", "xfs"), ["root_filesystem"], [], "root filesystem is xfs"),
+        (changed("filesystems.0.device", "/dev/mapper/vg0-root"), ["root_filesystem"], [], "device-mapper"),
         (
             changed("encrypted_volumes", [{"device": "/dev/sda2", "fstype": "crypto_LUKS"}]),
             ["encrypted_volumes"],

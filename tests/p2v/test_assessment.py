@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import secrets
 import subprocess
 from pathlib import Path
@@ -146,7 +147,15 @@ def test_facts_match_the_machine_read_independently(celery_worker, standin_machi
 
     assert facts["schema"] == 1
     assert facts["cpu"]["vcpus"] == os.cpu_count()
-    assert facts["memory_bytes"] in (memory_before, host_meminfo_bytes())
+    assert facts["memory_total_bytes"] in (memory_before, host_meminfo_bytes())
+    # Installed memory: this host has no DMI, so the kernel's boot-time count (never below MemTotal).
+    boot_line = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    match = re.search(r"Memory: \d+K/(\d+)K available", boot_line)
+    if match:
+        assert (facts["memory_bytes"], facts["memory_source"]) == (int(match.group(1)) * 1024, "kernel")
+    else:  # the boot line has left the kernel log: MemTotal is all there is
+        assert (facts["memory_bytes"], facts["memory_source"]) == (facts["memory_total_bytes"], "meminfo")
+    assert facts["memory_bytes"] >= facts["memory_total_bytes"]
     # Exactly the stand-in's disk, with its real size (the host's own disk is not visible to it).
     sysfs_size = int(Path(f"/sys/block/{standin.loop_name}/size").read_text()) * 512
     assert [(d["path"], d["size_bytes"]) for d in facts["disks"]] == [(standin.loop_device, sysfs_size)]

@@ -66,8 +66,9 @@ def p2v_pool(libvirt_conn, p2v_prefix) -> Iterator:
         for domain in libvirt_conn.listAllDomains(0):
             if domain.name().startswith(p2v_prefix):
                 if domain.isActive():
-                    domain.destroy()
-                domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+                    domain.destroy()  # a transient one (the verify stage's twin) is gone with this
+                if domain.isPersistent():
+                    domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
         pool.refresh(0)
         for vol in pool.listAllVolumes(0):
             vol.delete(0)

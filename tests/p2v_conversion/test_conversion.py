@@ -87,6 +87,7 @@ def convert(admin_client, machine: Machine) -> ConversionJob:
     jobs = admin_client.get("/api/p2v/jobs/", {"event": event_id}).json()
     jobs = jobs.get("results", jobs)
     assert len(jobs) == 1, jobs
+    assert response.json()["job"]["id"] == jobs[0]["id"]  # convert/ answers with the job it started
     return wait_until(
         lambda: ConversionJob.objects.filter(
             pk=jobs[0]["id"], state__in=[JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]
@@ -166,6 +167,8 @@ def test_source_gone_during_copy_fails_with_reason_and_leaves_nothing(
     assert job.state == JobState.FAILED
     assert job.stage == "copy"
     assert "gave up after" in job.error
+    job.event.refresh_from_db()
+    assert job.event.status == "failed"  # the event no longer says "started" once its job ended
     assert leftovers(libvirt_conn, p2v_pool, p2v_prefix) == []
 
 
