@@ -818,7 +818,15 @@ def _on_generation(sender, generation: Generation, **kwargs) -> None:
     and sent right after it, with no transaction of its own on the REST call's path."""
     ids = [generation.listener_id]
     number, delta, changed = _stage(ids, [generation])
-    transaction.on_commit(lambda: _publish(number, delta, ids, changed))
+
+    def after_commit() -> None:
+        _publish(number, delta, ids, changed)
+        # A new backend list can change the listener's operating status on its own (none
+        # serving -> OFFLINE, some -> NO_MONITOR/ONLINE...): without this, a listener with no
+        # health check (so no health report to trigger it) kept its old status.
+        update_operating_status(ids)
+
+    transaction.on_commit(after_commit)
 
 
 def _on_listener_saved(sender, instance: Listener, created: bool, update_fields=None, **kwargs) -> None:

@@ -416,3 +416,32 @@ def test_only_the_current_connection_marks_the_agent_disconnected(world, muxes) 
     assert shown["connected"] is False
     assert shown["epoch"] == second
     assert shown["disconnect_reason"] == "connection lost without a close frame"
+
+
+def test_a_rest_backend_replace_recomputes_operating_status_of_an_unmonitored_listener(
+    world, muxes, django_capture_on_commit_callbacks
+) -> None:
+    """No health check means no health report ever recomputes this listener's status: the
+    backend change itself must (it used to stay OFFLINE after its first backends arrived)."""
+    from datacenter.loadbalancing import services
+
+    vip = services.create_vip(tenant=world.tenant_b, name="api", address="203.0.113.21")
+    listener = services.create_listener(vip=vip, protocol="tcp", port=8000)
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.OFFLINE
+    url = f"/api/listeners/{listener.pk}/backends/"
+    client = world.client("b_member")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.put(url, {"backends": [{"address": "10.2.0.7", "port": 8000}]}, format="json")
+    assert response.status_code == 200, response.content
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.NO_MONITOR
+    with django_capture_on_commit_callbacks(execute=True):
+        disabled = {"address": "10.2.0.7", "port": 8000, "admin_state": "disabled"}
+        response = client.put(url, {"backends": [disabled]}, format="json")
+    assert response.status_code == 200, response.content
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.OFFLINE
+    assert Vip.objects.get(pk=vip.pk).operating_status == OperatingStatus.OFFLINE
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.put(url, {"backends": [{"address": "10.2.0.7", "port": 8000}]}, format="json")
+    assert response.status_code == 200, response.content
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.NO_MONITOR
+    assert Vip.objects.get(pk=vip.pk).operating_status == OperatingStatus.ONLINE
