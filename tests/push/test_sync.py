@@ -445,3 +445,30 @@ def test_a_rest_backend_replace_recomputes_operating_status_of_an_unmonitored_li
     assert response.status_code == 200, response.content
     assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.NO_MONITOR
     assert Vip.objects.get(pk=vip.pk).operating_status == OperatingStatus.ONLINE
+
+
+def test_flow_idle_timeout_reaches_the_document_only_when_set(world, muxes) -> None:
+    from lbagent.state import DEFAULT_FLOW_IDLE_TIMEOUT_S
+
+    listener = world.listener_a
+
+    def listener_doc() -> dict:
+        for vip in desired_state_for(muxes[0])["vips"]:
+            for doc in vip["listeners"]:
+                if doc["id"] == listener.pk:
+                    return doc
+        raise AssertionError(f"listener {listener.pk} is not in the document")
+
+    # Unset: the key is absent (the document of a listener on the default is unchanged) and the
+    # agent runs the protocol's default.
+    assert "flow_idle_timeout_s" not in listener_doc()
+    served = desired_state_object(muxes[0]).vips[0].listeners[0]
+    assert served.idle_timeout_s == DEFAULT_FLOW_IDLE_TIMEOUT_S["tcp"]
+    update_listener(listener, flow_idle_timeout_s=900)
+    agent_sync.apply_change([listener.pk])
+    assert listener_doc()["flow_idle_timeout_s"] == 900
+    served = desired_state_object(muxes[0]).vips[0].listeners[0]
+    assert (served.id, served.idle_timeout_s) == (listener.pk, 900)
+    update_listener(listener, flow_idle_timeout_s=None)
+    agent_sync.apply_change([listener.pk])
+    assert "flow_idle_timeout_s" not in listener_doc()

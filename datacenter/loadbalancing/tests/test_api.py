@@ -198,3 +198,31 @@ def test_agent_node_token_is_shown_once_and_hashed(world):
     assert AgentNode.authenticate(key) is None
     assert AgentNode.authenticate(rotated) == node
     assert world.client("a_admin").get("/api/agent-nodes/").status_code == 403
+
+
+def test_listener_flow_idle_timeout_is_optional_range_checked_and_clearable(world):
+    client = world.client("a_member")
+    body = {"vip": world.vip_a.pk, "protocol": "udp", "port": 53}
+    created = client.post("/api/listeners/", body, format="json")
+    assert created.status_code == 201, created.content
+    assert created.json()["flow_idle_timeout_s"] is None  # the agents' default for the protocol
+    url = f"/api/listeners/{created.json()['id']}/"
+    for bad in (1, 604_801, "soon"):
+        refused = client.patch(url, {"flow_idle_timeout_s": bad}, format="json")
+        assert refused.status_code == 400, (bad, refused.content)
+        (message,) = refused.json()["flow_idle_timeout_s"]
+        assert "from 2 to 604800" in message, message
+    assert Listener.objects.get(pk=created.json()["id"]).flow_idle_timeout_s is None
+    patched = client.patch(url, {"flow_idle_timeout_s": 600}, format="json")
+    assert patched.status_code == 200, patched.content
+    assert patched.json()["flow_idle_timeout_s"] == 600
+    assert Listener.objects.get(pk=created.json()["id"]).flow_idle_timeout_s == 600
+    cleared = client.patch(url, {"flow_idle_timeout_s": None}, format="json")
+    assert cleared.json()["flow_idle_timeout_s"] is None
+    with_timeout = client.post(
+        "/api/listeners/",
+        {"vip": world.vip_a.pk, "protocol": "tcp", "port": 8443, "flow_idle_timeout_s": 86_400},
+        format="json",
+    )
+    assert with_timeout.status_code == 201, with_timeout.content
+    assert with_timeout.json()["flow_idle_timeout_s"] == 86_400
