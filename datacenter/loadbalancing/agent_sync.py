@@ -755,12 +755,14 @@ def _update_vip_provisioning(vip_ids: set[int]) -> list[tuple[str, dict[str, Any
 
 
 def update_operating_status(listener_ids: Iterable[int]) -> None:
-    votes = _health_votes()
+    listeners = list(
+        Listener.objects.filter(pk__in=list(listener_ids)).select_related("vip").prefetch_related("backends")
+    )
+    # Every backend change comes here: the muxes' votes are read only for a monitored listener.
+    votes = _health_votes() if any(li.health_check for li in listeners) else []
     vip_ids = set()
     messages: list[tuple[str, dict[str, Any]]] = []
-    for listener in (
-        Listener.objects.filter(pk__in=list(listener_ids)).select_related("vip").prefetch_related("backends")
-    ):
+    for listener in listeners:
         serving = [b for b in listener.backends.all() if b.admin_state == BackendState.ACTIVE]
         down = _down_backends(listener.pk, votes)
         if not serving:
