@@ -32,7 +32,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from lbagent import __version__
 from lbagent.health import HealthMonitor
+from lbagent.metrics import parse as parse_metrics
 from lbagent.protocol import (
+    MAX_COUNTERS,
     MAX_PORTAL_MESSAGE_BYTES,
     Applied,
     BackendHealth,
@@ -510,6 +512,61 @@ async def run_portal_client(
     await client.run()
 
 
+# The kernel daemon's metrics (lbagent/daemon.py, `Daemon.collect`) -> the counter names the
+# portal's dashboard reads (the demo muxes report the same names, lbagent/demo.py): the sum of the
+# metric's samples over its labels.
+HEADLINE_FROM_METRICS = {
+    "packets": "lbagent_listener_packets_total",  # packets of every listener the kernel saw
+    # SYNs the kernel pinned on buckets in transition; a stable bucket's flows are forwarded
+    # statelessly and are not counted one by one (only their packets are)
+    "new_flows": "lbagent_kernel_new_flows_total",
+    "slowpath_decisions": "lbagent_slowpath_decisions_total",
+    "flow_records": "lbagent_flow_records",
+}
+# Only when the daemon speaks BGP (the metric has samples; without a router it has none).
+BGP_FROM_METRICS = {
+    "bgp.session_up": "lbagent_bgp_session_up",
+    "bgp.speaker_restarts": "lbagent_bgp_speaker_restarts_total",
+}
+METRIC_PREFIX = "lbagent_"
+
+
+def counters_from_metrics(text: str) -> dict[str, int]:
+    """The counters a kernel mux reports to the portal, from its Prometheus text (what
+    `Daemon.collect()` renders for /metrics): the dashboard's headline names, `bgp.*` when the
+    daemon runs BGP, and every unlabelled metric as `daemon.<name>` (`lbagent_` and `_total`
+    dropped: lbagent_apply_errors_total -> daemon.apply_errors). Values are whole numbers
+    (durations, `*_seconds`, are left out); at most the protocol's MAX_COUNTERS names."""
+    sums: dict[str, float] = {}
+    sample_counts: dict[str, int] = {}
+    unlabelled: dict[str, float] = {}
+    for (name, labels), value in parse_metrics(text).items():
+        sums[name] = sums.get(name, 0.0) + value
+        sample_counts[name] = sample_counts.get(name, 0) + 1
+        if not labels:
+            unlabelled[name] = value
+    out: dict[str, int] = {}
+    for counter, metric in HEADLINE_FROM_METRICS.items():
+        out[counter] = int(sums.get(metric, 0))
+    if "lbagent_bgp_session_up" in sums:
+        for counter, metric in BGP_FROM_METRICS.items():
+            if metric in sums:
+                out[counter] = int(sums[metric])
+        out["bgp.routes"] = sample_counts.get("lbagent_bgp_routes", 0)  # one sample per route
+    for metric, value in sorted(unlabelled.items()):
+        if len(out) >= MAX_COUNTERS:
+            break
+        short = metric.removeprefix(METRIC_PREFIX).removesuffix("_total")
+        if (
+            metric.startswith(METRIC_PREFIX)
+            and not metric.endswith("_seconds")  # a duration, not a count (and rarely whole)
+            and float(value).is_integer()
+            and value >= 0
+        ):
+            out.setdefault(f"daemon.{short}", int(value))
+    return out
+
+
 class DaemonBridge:
     """Portal mode for the kernel daemon (lbagent/daemon.py), which applies the desired state it
     finds in its config file. Each state from the portal is written there atomically; the apply
@@ -518,8 +575,11 @@ class DaemonBridge:
 
     APPLY_TIMEOUT_S = 60.0
 
-    def __init__(self, url: str, token: str, node: str, role: str = "mux") -> None:
+    def __init__(
+        self, url: str, token: str, node: str, role: str = "mux", *, stats_interval_s: float = 5.0
+    ) -> None:
         self.url, self._token, self.node, self.role = url, token, node, role
+        self.stats_interval_s = stats_interval_s
         self.daemon = None
         self._confirmed: int | None = None  # the last generation the daemon reported applied to us
         self._thread: threading.Thread | None = None
@@ -569,12 +629,24 @@ class DaemonBridge:
                 await client.reacknowledge(client.applied.generation, partial)
 
     def counters(self) -> Mapping[str, int]:
+        """What the daemon's /metrics shows, under the names the portal reads
+        (counters_from_metrics), plus its apply counters read directly."""
         daemon = self.daemon
-        return {
-            "daemon.applies": daemon.apply_count,
-            "daemon.apply_errors": daemon.apply_errors,
-            "daemon.config_errors": daemon.config_errors,
-        }
+        out: dict[str, int] = {}
+        try:
+            out.update(counters_from_metrics(daemon.collect()))
+        except Exception:  # a metric read failing must not stop the stats frames
+            # (collect() reads kernel counters and the daemon's tables while its loop changes
+            # them); this frame carries the apply counters only, the next one tries again.
+            logger.warning("cannot read the daemon's metrics for the portal", exc_info=True)
+        out.update(
+            {
+                "daemon.applies": daemon.apply_count,
+                "daemon.apply_errors": daemon.apply_errors,
+                "daemon.config_errors": daemon.config_errors,
+            }
+        )
+        return out
 
     def attach(self, daemon) -> None:
         """Start the portal client in a thread; call before daemon.start(), which waits for the
@@ -586,7 +658,14 @@ class DaemonBridge:
     def _run(self) -> None:
         async def serve() -> None:
             self._loop = asyncio.get_running_loop()
-            self._client = PortalClient(self.url, self._token, self, node=self.node, role=self.role)
+            self._client = PortalClient(
+                self.url,
+                self._token,
+                self,
+                node=self.node,
+                role=self.role,
+                stats_interval_s=self.stats_interval_s,
+            )
             watcher = asyncio.create_task(self._watch_refusals(), name="refusals")
             try:
                 await self._client.run()
@@ -603,7 +682,8 @@ class DaemonBridge:
 
 
 def portal_mode(argv: list[str] | None) -> tuple[list[str], DaemonBridge | None]:
-    """Split `--portal URL --token-file F [--node N]` off the daemon's arguments. Without
+    """Split `--portal URL --token-file F [--node N] [--portal-stats-interval S]` off the
+    daemon's arguments. Without
     `--config`, the daemon's config file becomes /var/lib/lbagent/portal-state.json (it then
     also serves as the state cache across restarts)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -611,6 +691,7 @@ def portal_mode(argv: list[str] | None) -> tuple[list[str], DaemonBridge | None]
     parser.add_argument("--portal")
     parser.add_argument("--token-file", type=Path)
     parser.add_argument("--node", default=socket.gethostname().split(".")[0])
+    parser.add_argument("--portal-stats-interval", type=float, default=5.0)
     known, rest = parser.parse_known_args(args)
     if known.portal is None:
         return args, None
@@ -618,7 +699,15 @@ def portal_mode(argv: list[str] | None) -> tuple[list[str], DaemonBridge | None]
         raise SystemExit("lbagent run: --portal needs --token-file")
     if not any(a == "--config" or a.startswith("--config=") for a in rest):
         rest += ["--config", "/var/lib/lbagent/portal-state.json"]
-    return rest, DaemonBridge(known.portal, read_token_file(known.token_file), known.node)
+    if known.portal_stats_interval <= 0:
+        raise SystemExit("lbagent run: --portal-stats-interval must be a positive number of seconds")
+    bridge = DaemonBridge(
+        known.portal,
+        read_token_file(known.token_file),
+        known.node,
+        stats_interval_s=known.portal_stats_interval,
+    )
+    return rest, bridge
 
 
 def read_token_file(path: Path) -> str:

@@ -755,12 +755,14 @@ def _update_vip_provisioning(vip_ids: set[int]) -> list[tuple[str, dict[str, Any
 
 
 def update_operating_status(listener_ids: Iterable[int]) -> None:
-    votes = _health_votes()
+    listeners = list(
+        Listener.objects.filter(pk__in=list(listener_ids)).select_related("vip").prefetch_related("backends")
+    )
+    # Every backend change comes here: the muxes' votes are read only for a monitored listener.
+    votes = _health_votes() if any(li.health_check for li in listeners) else []
     vip_ids = set()
     messages: list[tuple[str, dict[str, Any]]] = []
-    for listener in (
-        Listener.objects.filter(pk__in=list(listener_ids)).select_related("vip").prefetch_related("backends")
-    ):
+    for listener in listeners:
         serving = [b for b in listener.backends.all() if b.admin_state == BackendState.ACTIVE]
         down = _down_backends(listener.pk, votes)
         if not serving:
@@ -818,7 +820,15 @@ def _on_generation(sender, generation: Generation, **kwargs) -> None:
     and sent right after it, with no transaction of its own on the REST call's path."""
     ids = [generation.listener_id]
     number, delta, changed = _stage(ids, [generation])
-    transaction.on_commit(lambda: _publish(number, delta, ids, changed))
+
+    def after_commit() -> None:
+        _publish(number, delta, ids, changed)
+        # A new backend list can change the listener's operating status on its own (none
+        # serving -> OFFLINE, some -> NO_MONITOR/ONLINE...): without this, a listener with no
+        # health check (so no health report to trigger it) kept its old status.
+        update_operating_status(ids)
+
+    transaction.on_commit(after_commit)
 
 
 def _on_listener_saved(sender, instance: Listener, created: bool, update_fields=None, **kwargs) -> None:

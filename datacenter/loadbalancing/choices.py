@@ -45,3 +45,12 @@ BACKEND_WEIGHT_MAX = 256
 PORT_MIN = 1
 PORT_MAX = 65535
 DRAIN_TIMEOUT_MAX_S = 3600
+# A flow's idle timeout on the agents (kernel pins and flow records); the agents' own bounds
+# (lbagent.state MIN/MAX_FLOW_IDLE_TIMEOUT_S): a value outside them would make every agent refuse
+# the listener. Null on a listener means the agents' per-protocol default (TCP 7,440 s, UDP 120 s).
+FLOW_IDLE_TIMEOUT_MIN_S = 2
+FLOW_IDLE_TIMEOUT_MAX_S = 7 * 86_400
+FLOW_IDLE_TIMEOUT_RANGE = (
+    f"whole seconds from {FLOW_IDLE_TIMEOUT_MIN_S} to {FLOW_IDLE_TIMEOUT_MAX_S} (7 days), "
+    "or null for the agents' default (TCP 7440, UDP 120)"
+)

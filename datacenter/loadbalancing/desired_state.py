@@ -70,7 +70,7 @@ def _listener_document(listener: Listener, table: ListenerTable, now: float) -> 
     previous = table.previous
     if previous is not None and previous["drain_deadline"] <= now:
         previous = None  # the transition is over: agents are back to stateless
-    return {
+    document = {
         "id": listener.pk,
         "protocol": listener.protocol,
         "port": listener.port,
@@ -80,6 +80,10 @@ def _listener_document(listener: Listener, table: ListenerTable, now: float) -> 
         "previous": previous,
         "health_check": health_check_document(listener.health_check),
     }
+    if listener.flow_idle_timeout_s is not None:
+        # Only when set: a listener on the agents' default keeps the document it had before.
+        document["flow_idle_timeout_s"] = listener.flow_idle_timeout_s
+    return document
 
 
 def _bypass_next_hop(vip_doc: dict[str, Any]) -> str | None:
@@ -112,6 +116,7 @@ _LISTENER_FIELDS = (
     "protocol",
     "port",
     "drain_timeout_s",
+    "flow_idle_timeout_s",
     "fast_path",
     "health_check",
     "table__number",

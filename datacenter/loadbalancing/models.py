@@ -16,6 +16,8 @@ from .choices import (
     BACKEND_WEIGHT_MAX,
     BACKEND_WEIGHT_MIN,
     DRAIN_TIMEOUT_MAX_S,
+    FLOW_IDLE_TIMEOUT_MAX_S,
+    FLOW_IDLE_TIMEOUT_MIN_S,
     PORT_MAX,
     PORT_MIN,
     AgentRole,
@@ -104,6 +106,13 @@ class Listener(models.Model):
         default=30, validators=[MaxValueValidator(DRAIN_TIMEOUT_MAX_S)]
     )
     fast_path = models.BooleanField(default=False)
+    # null: the agents' default for the protocol (TCP 7,440 s, UDP 120 s)
+    flow_idle_timeout_s = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(FLOW_IDLE_TIMEOUT_MIN_S), MaxValueValidator(FLOW_IDLE_TIMEOUT_MAX_S)],
+        help_text="Seconds a flow may stay idle before the muxes forget it; empty: TCP 7,440, UDP 120.",
+    )
     # null, or {"kind": "tcp"|"http", "path": "/", "interval_s", "timeout_s", "rise", "fall"}
     health_check = models.JSONField(null=True, blank=True)
     generation = models.PositiveIntegerField(default=0, editable=False)

@@ -24,6 +24,9 @@ from .choices import (
     BACKEND_WEIGHT_MAX,
     BACKEND_WEIGHT_MIN,
     DRAIN_TIMEOUT_MAX_S,
+    FLOW_IDLE_TIMEOUT_MAX_S,
+    FLOW_IDLE_TIMEOUT_MIN_S,
+    FLOW_IDLE_TIMEOUT_RANGE,
     PORT_MAX,
     PORT_MIN,
     BackendState,
@@ -209,7 +212,15 @@ def validate_health_check(value: Any) -> dict | None:
     return result
 
 
-def _check_listener_fields(vip: Vip, protocol: str, port: Any, drain_timeout_s: Any, *, exclude_id=None):
+def _check_listener_fields(
+    vip: Vip,
+    protocol: str,
+    port: Any,
+    drain_timeout_s: Any,
+    flow_idle_timeout_s: Any = None,
+    *,
+    exclude_id=None,
+):
     errors: dict[str, list[str]] = {}
     if protocol not in Protocol.values:
         errors["protocol"] = [f"{protocol!r} is not one of {Protocol.values}."]
@@ -221,6 +232,14 @@ def _check_listener_fields(vip: Vip, protocol: str, port: Any, drain_timeout_s: 
         or not 0 <= drain_timeout_s <= DRAIN_TIMEOUT_MAX_S
     ):
         errors["drain_timeout_s"] = [f"{drain_timeout_s!r} must be 0..{DRAIN_TIMEOUT_MAX_S} seconds."]
+    if flow_idle_timeout_s is not None and (
+        isinstance(flow_idle_timeout_s, bool)
+        or not isinstance(flow_idle_timeout_s, int)
+        or not FLOW_IDLE_TIMEOUT_MIN_S <= flow_idle_timeout_s <= FLOW_IDLE_TIMEOUT_MAX_S
+    ):
+        errors["flow_idle_timeout_s"] = [
+            f"{flow_idle_timeout_s!r} is not a flow idle timeout: {FLOW_IDLE_TIMEOUT_RANGE}."
+        ]
     if not errors:
         clash = Listener.objects.filter(vip=vip, protocol=protocol, port=port)
         if exclude_id is not None:
@@ -241,6 +260,7 @@ def create_listener(
     drain_timeout_s: int = 30,
     fast_path: bool = False,
     health_check: dict | None = None,
+    flow_idle_timeout_s: int | None = None,
     user=None,
 ) -> Listener:
     vip = Vip.objects.select_for_update().select_related("tenant").get(pk=vip.pk)
@@ -254,7 +274,7 @@ def create_listener(
             f"Quota exceeded: tenant {tenant.name!r} may have at most {tenant.max_listeners_per_vip} "
             f"listeners per VIP and VIP {vip.name!r} already has {count}.",
         )
-    _check_listener_fields(vip, protocol, port, drain_timeout_s)
+    _check_listener_fields(vip, protocol, port, drain_timeout_s, flow_idle_timeout_s)
     listener = Listener.objects.create(
         vip=vip,
         name=name,
@@ -263,6 +283,7 @@ def create_listener(
         drain_timeout_s=drain_timeout_s,
         fast_path=fast_path,
         health_check=validate_health_check(health_check),
+        flow_idle_timeout_s=flow_idle_timeout_s,
     )
     record_change(
         user=user, action="create", obj=listener, tenant_id=tenant.id, before=None, after=snapshot(listener)
@@ -270,7 +291,15 @@ def create_listener(
     return listener
 
 
-LISTENER_MUTABLE_FIELDS = {"name", "protocol", "port", "drain_timeout_s", "fast_path", "health_check"}
+LISTENER_MUTABLE_FIELDS = {
+    "name",
+    "protocol",
+    "port",
+    "drain_timeout_s",
+    "fast_path",
+    "health_check",
+    "flow_idle_timeout_s",
+}
 
 
 @transaction.atomic
@@ -281,7 +310,12 @@ def update_listener(listener: Listener, *, user=None, **changes: Any) -> Listene
     before = snapshot(listener)
     merged = {key: changes.get(key, getattr(listener, key)) for key in LISTENER_MUTABLE_FIELDS}
     _check_listener_fields(
-        listener.vip, merged["protocol"], merged["port"], merged["drain_timeout_s"], exclude_id=listener.pk
+        listener.vip,
+        merged["protocol"],
+        merged["port"],
+        merged["drain_timeout_s"],
+        merged["flow_idle_timeout_s"],
+        exclude_id=listener.pk,
     )
     if "health_check" in changes:
         changes["health_check"] = validate_health_check(changes["health_check"])

@@ -238,3 +238,29 @@ def test_a_tenant_replaces_backends_over_rest_and_lab_traffic_follows(portal_lab
     # Connections on the replaced backend drain on their old backend (old table + pins) and the
     # ones on the kept backend never moved: none of the connections opened before the change broke.
     assert conns.broken == {}, f"{len(conns.broken)} long-lived connections broke: {conns.broken}"
+
+
+def test_kernel_muxes_report_their_traffic_and_bgp_to_the_portal(portal_lab, django_db_blocker):
+    """What the Agents page shows for real muxes: the kernel daemon's bridge sends its metrics
+    (packets the kernel counted, BGP session and routes) in its stats frames, every 5 s."""
+    from datacenter.loadbalancing.models import AgentNode
+
+    client = portal_lab.lab.clients[0].netns
+    for _ in range(20):  # traffic through the kernel, whichever mux ECMP picks
+        ask(client, VIP)
+    names = {m.name for m in portal_lab.lab.muxes}
+
+    def reported() -> dict[str, dict] | None:
+        with django_db_blocker.unblock():
+            stats = dict(AgentNode.objects.filter(name__in=names).values_list("name", "last_stats"))
+        if set(stats) != names or sum(s.get("packets", 0) for s in stats.values()) == 0:
+            return None
+        if any(s.get("bgp.session_up") != 1 for s in stats.values()):
+            return None
+        return stats
+
+    stats = wait_for(reported, 60, "both muxes to report packets and an established BGP session")
+    for name, counters in stats.items():
+        assert counters["bgp.routes"] >= 1, (name, counters)  # the VIP is announced
+        assert {"new_flows", "slowpath_decisions", "flow_records", "daemon.applies"} <= set(counters), name
+        assert counters["daemon.applies"] >= 1, (name, counters)

@@ -368,6 +368,30 @@ class FileDrivenDaemon:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    def collect(self) -> str:
+        """The daemon's Prometheus text, in the shape MuxDaemon.collect() renders it."""
+        from lbagent.metrics import Metric, render
+
+        return render(
+            [
+                Metric("lbagent_listener_packets_total", "", "counter")
+                .add(1200, listener="12")
+                .add(34, listener="13"),
+                Metric("lbagent_kernel_new_flows_total", "", "counter").add(40, listener="12"),
+                Metric("lbagent_slowpath_decisions_total", "", "counter")
+                .add(5, reason="owner")
+                .add(2, reason="syn"),
+                Metric("lbagent_flow_records", "").add(17),
+                Metric("lbagent_applies_total", "", "counter").add(self.apply_count),
+                Metric("lbagent_last_apply_seconds", "").add(0.25),
+                Metric("lbagent_bgp_session_up", "").add(1, neighbor="10.0.0.1"),
+                Metric("lbagent_bgp_routes", "")
+                .add(1, prefix="203.0.113.10/32", next_hop="10.0.0.2")
+                .add(1, prefix="203.0.113.20/32", next_hop="10.0.0.2"),
+                Metric("lbagent_bgp_speaker_restarts_total", "", "counter").add(0),
+            ]
+        )
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
@@ -438,3 +462,59 @@ def test_portal_mode_leaves_plain_daemon_arguments_alone(tmp_path) -> None:
     rest, bridge = portal_mode(["--portal", "ws://127.0.0.1:1/ws/agents/", "--token-file", str(token_file)])
     assert rest == ["--config", "/var/lib/lbagent/portal-state.json"]
     assert bridge is not None
+
+
+async def test_daemon_bridge_reports_the_daemons_metrics_under_the_dashboards_names(portal, tmp_path) -> None:
+    """A kernel mux's stats frame carries what its /metrics shows (packets, new flows, slow-path
+    decisions, records, BGP), not only its apply counters: the Agents page reads these names."""
+    from lbagent.portal import portal_mode
+    from lbagent.protocol import decode_agent_message
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    config = tmp_path / "state.json"
+    args = ["--portal", portal.url, "--token-file", str(token_file), "--config", str(config)]
+    rest, bridge = portal_mode([*args, "--portal-stats-interval", "0.05"])
+    assert rest == ["--config", str(config)]
+    daemon = FileDrivenDaemon(config)
+    bridge.attach(daemon)
+    try:
+        ws, _ = await portal.next_message("hello")
+        await ws.send(desired_frame(40))
+        await portal.next_message("applied")
+        while True:  # a frame sent before the apply may still be queued
+            _, stats = await portal.next_message("stats")
+            if stats["counters"]["daemon.applies"] == 1:
+                break
+        counters = stats["counters"]
+        assert {k: counters[k] for k in ("packets", "new_flows", "slowpath_decisions", "flow_records")} == {
+            "packets": 1234,  # summed over listeners
+            "new_flows": 40,
+            "slowpath_decisions": 7,  # summed over reasons
+            "flow_records": 17,
+        }
+        bgp = {k: v for k, v in counters.items() if k.startswith("bgp")}
+        assert bgp == {"bgp.session_up": 1, "bgp.routes": 2, "bgp.speaker_restarts": 0}
+        assert (counters["daemon.applies"], counters["daemon.apply_errors"]) == (1, 0)
+        assert "daemon.last_apply_seconds" not in counters  # a duration, not a count
+        # The portal's own parser accepts the frame as sent.
+        assert decode_agent_message(json.dumps(stats)).counters == counters
+    finally:
+        await asyncio.to_thread(bridge.stop)
+        daemon.stop()
+
+
+def test_the_bridge_reads_metric_names_the_real_daemon_renders(tmp_path) -> None:
+    """The mapping names metrics MuxDaemon.collect() really has (a renamed metric would silently
+    report 0): every headline and BGP metric appears in an unstarted daemon's /metrics text."""
+    from lbagent.daemon import DaemonOptions, MuxDaemon
+    from lbagent.portal import BGP_FROM_METRICS, HEADLINE_FROM_METRICS, counters_from_metrics
+
+    text = MuxDaemon(DaemonOptions(config=tmp_path / "state.json")).collect()
+    rendered = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    wanted = set(HEADLINE_FROM_METRICS.values()) | set(BGP_FROM_METRICS.values()) | {"lbagent_bgp_routes"}
+    assert wanted <= rendered, wanted - rendered
+    counters = counters_from_metrics(text)
+    assert counters["daemon.applies"] == 0
+    assert not any(k.startswith("bgp") for k in counters)  # no BGP configured: the page says so

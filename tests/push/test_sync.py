@@ -416,3 +416,59 @@ def test_only_the_current_connection_marks_the_agent_disconnected(world, muxes) 
     assert shown["connected"] is False
     assert shown["epoch"] == second
     assert shown["disconnect_reason"] == "connection lost without a close frame"
+
+
+def test_a_rest_backend_replace_recomputes_operating_status_of_an_unmonitored_listener(
+    world, muxes, django_capture_on_commit_callbacks
+) -> None:
+    """No health check means no health report ever recomputes this listener's status: the
+    backend change itself must (it used to stay OFFLINE after its first backends arrived)."""
+    from datacenter.loadbalancing import services
+
+    vip = services.create_vip(tenant=world.tenant_b, name="api", address="203.0.113.21")
+    listener = services.create_listener(vip=vip, protocol="tcp", port=8000)
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.OFFLINE
+    url = f"/api/listeners/{listener.pk}/backends/"
+    client = world.client("b_member")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.put(url, {"backends": [{"address": "10.2.0.7", "port": 8000}]}, format="json")
+    assert response.status_code == 200, response.content
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.NO_MONITOR
+    with django_capture_on_commit_callbacks(execute=True):
+        disabled = {"address": "10.2.0.7", "port": 8000, "admin_state": "disabled"}
+        response = client.put(url, {"backends": [disabled]}, format="json")
+    assert response.status_code == 200, response.content
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.OFFLINE
+    assert Vip.objects.get(pk=vip.pk).operating_status == OperatingStatus.OFFLINE
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.put(url, {"backends": [{"address": "10.2.0.7", "port": 8000}]}, format="json")
+    assert response.status_code == 200, response.content
+    assert Listener.objects.get(pk=listener.pk).operating_status == OperatingStatus.NO_MONITOR
+    assert Vip.objects.get(pk=vip.pk).operating_status == OperatingStatus.ONLINE
+
+
+def test_flow_idle_timeout_reaches_the_document_only_when_set(world, muxes) -> None:
+    from lbagent.state import DEFAULT_FLOW_IDLE_TIMEOUT_S
+
+    listener = world.listener_a
+
+    def listener_doc() -> dict:
+        for vip in desired_state_for(muxes[0])["vips"]:
+            for doc in vip["listeners"]:
+                if doc["id"] == listener.pk:
+                    return doc
+        raise AssertionError(f"listener {listener.pk} is not in the document")
+
+    # Unset: the key is absent (the document of a listener on the default is unchanged) and the
+    # agent runs the protocol's default.
+    assert "flow_idle_timeout_s" not in listener_doc()
+    served = desired_state_object(muxes[0]).vips[0].listeners[0]
+    assert served.idle_timeout_s == DEFAULT_FLOW_IDLE_TIMEOUT_S["tcp"]
+    update_listener(listener, flow_idle_timeout_s=900)
+    agent_sync.apply_change([listener.pk])
+    assert listener_doc()["flow_idle_timeout_s"] == 900
+    served = desired_state_object(muxes[0]).vips[0].listeners[0]
+    assert (served.id, served.idle_timeout_s) == (listener.pk, 900)
+    update_listener(listener, flow_idle_timeout_s=None)
+    agent_sync.apply_change([listener.pk])
+    assert "flow_idle_timeout_s" not in listener_doc()

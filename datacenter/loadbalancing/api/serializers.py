@@ -8,7 +8,16 @@ from rest_framework import serializers
 from datacenter.api.serializers import BaseModelSerializer, url_field
 from datacenter.tenancy.scoping import restrict, tenants_for
 
-from ..choices import BACKEND_WEIGHT_MAX, BACKEND_WEIGHT_MIN, PORT_MAX, PORT_MIN, BackendState
+from ..choices import (
+    BACKEND_WEIGHT_MAX,
+    BACKEND_WEIGHT_MIN,
+    FLOW_IDLE_TIMEOUT_MAX_S,
+    FLOW_IDLE_TIMEOUT_MIN_S,
+    FLOW_IDLE_TIMEOUT_RANGE,
+    PORT_MAX,
+    PORT_MIN,
+    BackendState,
+)
 from ..models import AgentNode, Backend, Generation, Listener, Vip, VipPool
 
 
@@ -94,6 +103,20 @@ class ListenerSerializer(BaseModelSerializer):
         scope=lambda user: restrict(Vip.objects.all(), user), help_text="Fixed at creation."
     )
     health_check = HealthCheckSerializer(required=False, allow_null=True)
+    flow_idle_timeout_s = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=FLOW_IDLE_TIMEOUT_MIN_S,
+        max_value=FLOW_IDLE_TIMEOUT_MAX_S,
+        error_messages={
+            key: f"Not a flow idle timeout: {FLOW_IDLE_TIMEOUT_RANGE}."
+            for key in ("invalid", "min_value", "max_value", "max_string_length")
+        },
+        help_text=(
+            f"Seconds a flow may stay idle before the muxes forget it ({FLOW_IDLE_TIMEOUT_MIN_S} to "
+            f"{FLOW_IDLE_TIMEOUT_MAX_S}); null: the agents' default, TCP 7440, UDP 120."
+        ),
+    )
 
     class Meta:
         model = Listener
@@ -108,6 +131,7 @@ class ListenerSerializer(BaseModelSerializer):
             "drain_timeout_s",
             "fast_path",
             "health_check",
+            "flow_idle_timeout_s",
             "generation",
             "provisioning_status",
             "operating_status",

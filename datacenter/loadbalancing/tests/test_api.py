@@ -198,3 +198,73 @@ def test_agent_node_token_is_shown_once_and_hashed(world):
     assert AgentNode.authenticate(key) is None
     assert AgentNode.authenticate(rotated) == node
     assert world.client("a_admin").get("/api/agent-nodes/").status_code == 403
+
+
+def test_listener_flow_idle_timeout_is_optional_range_checked_and_clearable(world):
+    client = world.client("a_member")
+    body = {"vip": world.vip_a.pk, "protocol": "udp", "port": 53}
+    created = client.post("/api/listeners/", body, format="json")
+    assert created.status_code == 201, created.content
+    assert created.json()["flow_idle_timeout_s"] is None  # the agents' default for the protocol
+    url = f"/api/listeners/{created.json()['id']}/"
+    for bad in (1, 604_801, "soon"):
+        refused = client.patch(url, {"flow_idle_timeout_s": bad}, format="json")
+        assert refused.status_code == 400, (bad, refused.content)
+        (message,) = refused.json()["flow_idle_timeout_s"]
+        assert "from 2 to 604800" in message, message
+    assert Listener.objects.get(pk=created.json()["id"]).flow_idle_timeout_s is None
+    patched = client.patch(url, {"flow_idle_timeout_s": 600}, format="json")
+    assert patched.status_code == 200, patched.content
+    assert patched.json()["flow_idle_timeout_s"] == 600
+    assert Listener.objects.get(pk=created.json()["id"]).flow_idle_timeout_s == 600
+    cleared = client.patch(url, {"flow_idle_timeout_s": None}, format="json")
+    assert cleared.json()["flow_idle_timeout_s"] is None
+    with_timeout = client.post(
+        "/api/listeners/",
+        {"vip": world.vip_a.pk, "protocol": "tcp", "port": 8443, "flow_idle_timeout_s": 86_400},
+        format="json",
+    )
+    assert with_timeout.status_code == 201, with_timeout.content
+    assert with_timeout.json()["flow_idle_timeout_s"] == 86_400
+
+
+def test_list_and_detail_bodies_are_byte_for_byte_what_stock_drf_fields_give(world, monkeypatch):
+    """The VIP list's cheap URLs (reversed once per request) and time-zone lookups change no byte
+    of any response: the same requests with DRF's own fields answer exactly the same bodies."""
+    from rest_framework import serializers as drf
+
+    from datacenter.loadbalancing.api import serializers, views
+
+    def stock(serializer_class, view_name):
+        return type(
+            f"Stock{serializer_class.__name__}",
+            (serializer_class,),
+            {
+                "url": drf.HyperlinkedIdentityField(view_name=view_name),
+                "serializer_field_mapping": drf.ModelSerializer.serializer_field_mapping,
+                "_readable_fields": drf.Serializer._readable_fields,
+            },
+        )
+
+    cases = [
+        (views.VipViewSet, serializers.VipSerializer, "loadbalancing-api:vip-detail", "/api/vips/"),
+        (
+            views.ListenerViewSet,
+            serializers.ListenerSerializer,
+            "loadbalancing-api:listener-detail",
+            "/api/listeners/",
+        ),
+    ]
+    client = world.client("a_member")
+    requests = []
+    for _, _, _, path in cases:
+        first = client.get(path).json()["results"][0]["id"]
+        requests += [(path, {}), (path, {"limit": 1000}), (path, {"format": "json"}), (f"{path}{first}/", {})]
+    ours = [client.get(path, params) for path, params in requests]
+    for viewset, serializer_class, view_name, _ in cases:
+        monkeypatch.setattr(viewset, "serializer_class", stock(serializer_class, view_name))
+    theirs = [client.get(path, params) for path, params in requests]
+    for (path, params), mine, reference in zip(requests, ours, theirs, strict=True):
+        assert mine.status_code == reference.status_code == 200, (path, params)
+        assert b'"url":"http://testserver/api/' in mine.content, mine.content[:200]
+        assert mine.content == reference.content, (path, params)

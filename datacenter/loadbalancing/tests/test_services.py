@@ -300,3 +300,15 @@ def test_single_backend_helpers_each_make_a_generation(world):
     services.remove_backend(Backend.objects.get(listener=listener, address="10.1.0.5"))
     assert [b["address"] for b in services.current_backends(listener)] == ["10.1.0.6", "10.1.0.13"]
     assert _fresh(listener).generation == start + 3
+
+
+def test_flow_idle_timeout_outside_the_agents_range_is_refused_by_the_service(world):
+    """The service checks it too (admin, seed and tasks do not go through the serializer): a value
+    the agents would refuse never reaches the document."""
+    for bad in (0, 1, 604_801, "600", True):
+        with pytest.raises(FieldErrors) as excinfo:
+            services.update_listener(world.listener_a, flow_idle_timeout_s=bad)
+        assert "from 2 to 604800" in excinfo.value.errors["flow_idle_timeout_s"][0]
+    assert Listener.objects.get(pk=world.listener_a.pk).flow_idle_timeout_s is None
+    services.update_listener(world.listener_a, flow_idle_timeout_s=2)
+    assert Listener.objects.get(pk=world.listener_a.pk).flow_idle_timeout_s == 2

@@ -19,7 +19,7 @@ from rest_framework.exceptions import AuthenticationFailed
 
 from datacenter.inventory.choices import HostRole
 from datacenter.inventory.models import Host
-from datacenter.loadbalancing import agent_sync, services
+from datacenter.loadbalancing import services
 from datacenter.loadbalancing.choices import AgentRole
 from datacenter.loadbalancing.models import AgentNode, Listener, Vip, VipPool
 from datacenter.tenancy.authentication import ApiTokenAuthentication
@@ -119,10 +119,6 @@ class Command(BaseCommand):
             )
             services.replace_backends(listener, DEMO_BACKENDS, user=operator)
             self._demo_muxes(enabled=not options["no_agents"])
-        # A new listener's operating status is only computed when it is saved again or a health
-        # report arrives; the demo listener has no health check (nothing to report), so settle
-        # it now: backends serving and no monitor -> NO_MONITOR, the VIP online.
-        agent_sync.update_operating_status([listener.pk])
         _save_credentials(creds)
         self.stdout.write(self._summary(creds, tenant, vip, listener))
 
