@@ -126,6 +126,36 @@ out.flush()
 """ % {"chunk": CHUNK_BYTES, "sub": SUB_BLOCK_BYTES}  # noqa: UP031 (the program's own braces stay literal)
 
 
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How long a broken copy keeps trying: exponential backoff, given up only after a quiet window.
+
+    A source that reboots during the copy is unreachable for minutes (firmware, disk checks, sshd
+    starting), so the copy waits `initial_delay_s`, doubling up to `max_delay_s`, and gives up only
+    when `window_s` seconds pass without the copy moving its checkpoint forward. Each checkpoint
+    reached resets the window, so a long copy with a few short breaks never runs out of retries.
+    """
+
+    initial_delay_s: float = 2.0
+    max_delay_s: float = 60.0
+    window_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        for name in ("initial_delay_s", "max_delay_s", "window_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"RetryPolicy.{name} must be a positive number of seconds, got {value!r}")
+        if self.max_delay_s < self.initial_delay_s:
+            raise ValueError(
+                f"RetryPolicy.max_delay_s ({self.max_delay_s}) is below "
+                f"initial_delay_s ({self.initial_delay_s})"
+            )
+
+    def delay_s(self, failures_in_a_row: int) -> float:
+        """The wait before the next attempt after `failures_in_a_row` (1, 2, ...) failures."""
+        return min(self.max_delay_s, self.initial_delay_s * 2 ** max(0, failures_in_a_row - 1))
+
+
 class CopyError(RuntimeError):
     """The copy cannot complete (names the disk and what went wrong)."""
 
@@ -468,10 +498,9 @@ def copy_disk(
     *,
     disk_name: str | None = None,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-    max_attempts: int = 4,
+    retry: RetryPolicy | None = None,
     resume: CopyProgress | None = None,
     on_progress: ProgressCallback | None = None,
-    retry_delay_s: float = 1.0,
     retryable: tuple[type[BaseException], ...] = (),
     on_retry: Callable[[CopyProgress, BaseException], None] | None = None,
     openssh: OpenSSHLogin | None = None,
@@ -482,7 +511,8 @@ def copy_disk(
     open_ssh returns a connected, host-key-verified client (p2v.ssh); it is called again after a
     broken connection. With `openssh` (and an `ssh` binary), the data itself streams through the
     OpenSSH client, pinned to the host key that paramiko session verified; otherwise through
-    paramiko. Raises CopyError when the attempts are used up or the data is wrong.
+    paramiko. A broken connection is retried with `retry`'s backoff and resumes at the last
+    checkpoint; CopyError when `retry.window_s` passes without progress or the data is wrong.
     free_ranges: (offset, length) byte ranges of the disk its filesystems report free (see
     p2v.conversion.usedblocks): never read or sent; the volume keeps holes there.
     """
@@ -492,8 +522,12 @@ def copy_disk(
     progress = resume or CopyProgress(
         disk=disk_name or device, size_bytes=size_bytes, segment_bytes=segment_bytes
     )
+    retry = retry or RetryPolicy()
     attempts = 0
+    failures_in_a_row = 0
     seen_data_until = progress.position
+    last_checkpoint = progress.checkpoint
+    stalled_since = time.monotonic()
     while True:
         attempts += 1
         ssh = None
@@ -512,16 +546,22 @@ def copy_disk(
             break
         except (ConnectionBroken, paramiko.SSHException, OSError, EOFError, *retryable) as exc:
             seen_data_until = max(seen_data_until, progress.position)
-            if attempts >= max_attempts:
+            now = time.monotonic()
+            if progress.checkpoint > last_checkpoint:  # it moved: a new break, a fresh window
+                last_checkpoint, stalled_since, failures_in_a_row = progress.checkpoint, now, 0
+            failures_in_a_row += 1
+            delay_s = retry.delay_s(failures_in_a_row)
+            if now + delay_s - stalled_since > retry.window_s:
                 raise CopyError(
-                    f"{progress.disk}: gave up after {attempts} attempts at offset "
+                    f"{progress.disk}: gave up after {attempts} attempts, {now - stalled_since:.0f} s "
+                    f"without progress (retry window {retry.window_s:g} s) at offset "
                     f"{progress.checkpoint}: {exc}"
                 ) from exc
             progress.resumes += 1
             progress.position = progress.checkpoint
             if on_retry:
                 on_retry(progress, exc)
-            time.sleep(retry_delay_s * attempts)
+            time.sleep(delay_s)  # backoff between attempts, not a wait for an event
         finally:
             if isinstance(reader, _ProcessReader):
                 reader.close()

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 import time
 import uuid
@@ -41,6 +42,31 @@ from .models import ConversionJob, Hypervisor, JobLog
 logger = logging.getLogger(__name__)
 SLUG_RE = re.compile(r"[^a-z0-9-]+")
 PROGRESS_SAVE_INTERVAL_S = 0.5
+# Settings (or environment variables of the same name) for the copy's retries, in seconds.
+COPY_RETRY_SETTINGS = {
+    "initial_delay_s": "P2V_COPY_RETRY_INITIAL_S",
+    "max_delay_s": "P2V_COPY_RETRY_MAX_S",
+    "window_s": "P2V_COPY_RETRY_WINDOW_S",
+}
+
+
+def copy_retry_policy() -> copy_mod.RetryPolicy:
+    """The copy's backoff from Django settings or the environment; defaults ride out a reboot.
+
+    A value that is not a positive number raises ValueError naming the setting and the value.
+    """
+    values: dict[str, float] = {}
+    for field, name in COPY_RETRY_SETTINGS.items():
+        raw = getattr(settings, name, None) or os.environ.get(name)
+        if raw in (None, ""):
+            continue
+        try:
+            values[field] = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if values[field] <= 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return copy_mod.RetryPolicy(**values)
 
 
 class ConversionError(RuntimeError):
@@ -437,6 +463,7 @@ def copy_stage(job: ConversionJob) -> None:
     plan = job.plan
     endpoint = job.machine.endpoint()
     retryable = (ssh.HostUnreachable, ssh.ConnectionLost, paramiko.SSHException, OSError, EOFError)
+    retry = copy_retry_policy()
 
     def open_ssh() -> paramiko.SSHClient:
         try:
@@ -523,13 +550,16 @@ def copy_stage(job: ConversionJob) -> None:
                     resume=resume,
                     on_progress=on_progress,
                     retryable=retryable,
+                    retry=retry,
                     free_ranges=free.ranges,
                     openssh=copy_mod.OpenSSHLogin(
                         endpoint.address, endpoint.port, endpoint.user, endpoint.private_key
                     ),
                     on_retry=lambda p, exc: log(
                         job,
-                        f"{p.disk}: connection broke at {p.checkpoint} ({exc}); resuming",
+                        f"{p.disk}: connection broke at {p.checkpoint} ({exc}); retrying with "
+                        f"backoff up to {retry.max_delay_s:g} s for {retry.window_s:g} s without "
+                        "progress, then resuming at that offset",
                         LogLevel.WARNING,
                     ),
                 )
