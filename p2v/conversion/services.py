@@ -34,7 +34,7 @@ from p2v.facts import iter_devices
 
 from . import adjust as adjust_mod
 from . import copy as copy_mod
-from . import domain_xml, isolation, usedblocks, verify
+from . import domain_xml, isolation, usedblocks, verify, workers
 from .choices import FINISHED_STATES, STAGE_ORDER, JobStage, JobState, LogLevel
 from .libvirt_binding import libvirt
 from .models import ConversionJob, Hypervisor, JobLog
@@ -127,7 +127,8 @@ def start_conversion(event, hypervisor: Hypervisor | None = None, requested_by=N
         log(
             job,
             f"conversion of {machine.name} from assessment #{assessment.pk} queued "
-            f"on hypervisor {hypervisor.name} ({event.kind} event #{event.pk})",
+            f"on hypervisor {hypervisor.name}, queue {workers.job_queue(hypervisor)} "
+            f"({event.kind} event #{event.pk})",
         )
         transaction.on_commit(lambda: _enqueue(job.pk))
     return job
@@ -148,9 +149,12 @@ def cancel_job(job: ConversionJob) -> ConversionJob:
 
 
 def _enqueue(job_id: int) -> None:
+    """Send the job's first stage to its hypervisor's queue (p2v.conversion.workers); the task sends
+    each next stage to the queue it came from."""
     from .tasks import run_conversion_stage
 
-    run_conversion_stage.delay(job_id)
+    hypervisor = Hypervisor.objects.get(jobs__pk=job_id)
+    run_conversion_stage.apply_async((job_id,), queue=workers.job_queue(hypervisor))
 
 
 # --- publishing -------------------------------------------------------------------------------------

@@ -39,8 +39,9 @@ def test_policy_comes_from_settings_and_bad_values_name_the_setting():
         P2V_COPY_RETRY_INITIAL_S=1, P2V_COPY_RETRY_MAX_S="30", P2V_COPY_RETRY_WINDOW_S=600
     ):
         assert copy_retry_policy() == copy_mod.RetryPolicy(1, 30, 600)
-    with override_settings(P2V_COPY_RETRY_WINDOW_S="ten minutes"), pytest.raises(
-        ValueError, match=r"P2V_COPY_RETRY_WINDOW_S.*'ten minutes'"
+    with (
+        override_settings(P2V_COPY_RETRY_WINDOW_S="ten minutes"),
+        pytest.raises(ValueError, match=r"P2V_COPY_RETRY_WINDOW_S.*'ten minutes'"),
     ):
         copy_retry_policy()
     # Defaults ride out a reboot: minutes, not seconds.
