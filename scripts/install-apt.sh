@@ -13,6 +13,9 @@ PKGS[realguest]="debootstrap xfsprogs lvm2 bubblewrap"
 PKGS[services]="postgresql redis-server"
 PKGS[browser]="chromium chromium-driver"
 PKGS[binding]="libvirt-dev pkg-config gcc"
+# A P2V worker on a hypervisor (make p2v-worker): libvirt client, OpenSSH client for the copy,
+# e2fsprogs/util-linux/iproute2 for adjust and the isolated verify network (all in "all" already).
+PKGS[p2vworker]="libvirt-clients openssh-client e2fsprogs util-linux iproute2"
 if [ "$groups" = all ]; then groups="network virt standin realguest services browser binding"; fi
 wanted=""
 for g in $groups; do wanted="$wanted ${PKGS[$g]}"; done
