@@ -32,6 +32,8 @@ from pathlib import Path
 
 import paramiko
 
+from p2v.ssh import Privilege
+
 from .libvirt_binding import libvirt
 
 CHUNK_BYTES = 1 << 20
@@ -249,6 +251,7 @@ def _open_reader(
     segment_bytes: int,
     progress: CopyProgress,
     free_arg: str = "",
+    privilege: Privilege | None = None,
 ) -> _ChannelReader:
     transport = ssh.get_transport()
     if transport is None or not transport.is_active():
@@ -257,13 +260,24 @@ def _open_reader(
     # A large window lets paramiko's transport thread read ahead while we block in vol.upload.
     channel = transport.open_session(window_size=SSH_WINDOW_BYTES, timeout=30)
     channel.settimeout(READ_TIMEOUT_S)
+    command = _reader_command(device, start, segment_bytes, free_arg, privilege)
+    channel.exec_command(command)
+    stdin = privilege.stdin() if privilege is not None else None
+    if stdin:
+        channel.sendall(stdin)  # sudo -S reads the password first; the reader never reads stdin
+    channel.shutdown_write()
+    return _ChannelReader(channel, progress)
+
+
+def _reader_command(
+    device: str, start: int, segment_bytes: int, free_arg: str, privilege: Privilege | None
+) -> str:
+    """The reader's command line on the source, through sudo when the login user is not root."""
     command = " ".join(
         shlex.quote(a)
         for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes), free_arg)
     )
-    channel.exec_command(command)
-    channel.shutdown_write()
-    return _ChannelReader(channel, progress)
+    return privilege.wrap(command) if privilege is not None else command
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +363,7 @@ def _open_openssh_reader(
     segment_bytes: int,
     progress: CopyProgress,
     free_arg: str = "",
+    privilege: Privilege | None = None,
 ) -> _ProcessReader:
     """The reader behind the OpenSSH client: its C transport moves dense data several times faster
     than paramiko. Key and known_hosts live in a 0700 directory removed when the reader closes."""
@@ -359,10 +374,7 @@ def _open_openssh_reader(
     known_hosts = workdir / "known_hosts"
     entry = f"{host_key.get_name()} {host_key.get_base64()}"
     known_hosts.write_text(f"{login.address} {entry}\n[{login.address}]:{login.port} {entry}\n")
-    command = " ".join(
-        shlex.quote(a)
-        for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes), free_arg)
-    )
+    command = _reader_command(device, start, segment_bytes, free_arg, privilege)
     argv = [
         "ssh",
         "-F",
@@ -398,7 +410,16 @@ def _open_openssh_reader(
         login.address,
         command,
     ]
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdin = privilege.stdin() if privilege is not None else None
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    if stdin:
+        process.stdin.write(stdin)  # sudo -S's password, through ssh's stdin, never on a command line
+        process.stdin.close()
     return _ProcessReader(process, progress, workdir)
 
 
@@ -505,6 +526,7 @@ def copy_disk(
     on_retry: Callable[[CopyProgress, BaseException], None] | None = None,
     openssh: OpenSSHLogin | None = None,
     free_ranges: list[tuple[int, int]] | None = None,
+    privilege: Privilege | None = None,
 ) -> CopyProgress:
     """Copy `device` on the source into `vol`; resume at the last checkpoint after a break.
 
@@ -515,6 +537,7 @@ def copy_disk(
     checkpoint; CopyError when `retry.window_s` passes without progress or the data is wrong.
     free_ranges: (offset, length) byte ranges of the disk its filesystems report free (see
     p2v.conversion.usedblocks): never read or sent; the volume keeps holes there.
+    privilege: how the reader gets root (p2v.ssh.Privilege: sudo for a non-root login); None: as is.
     """
     free_arg = ",".join(f"{start}+{length}" for start, length in free_ranges or [] if length > 0)
     if segment_bytes % CHUNK_BYTES:
@@ -538,10 +561,19 @@ def copy_disk(
                 host_key = ssh.get_transport().get_remote_server_key()
                 ssh.close()  # the verified key is all the bulk stream needs from this session
                 reader = _open_openssh_reader(
-                    openssh, host_key, device, progress.checkpoint, segment_bytes, progress, free_arg
+                    openssh,
+                    host_key,
+                    device,
+                    progress.checkpoint,
+                    segment_bytes,
+                    progress,
+                    free_arg,
+                    privilege,
                 )
             else:
-                reader = _open_reader(ssh, device, progress.checkpoint, segment_bytes, progress, free_arg)
+                reader = _open_reader(
+                    ssh, device, progress.checkpoint, segment_bytes, progress, free_arg, privilege
+                )
             _copy_from(reader, vol, lambda: conn.newStream(0), progress, on_progress, seen_data_until)
             break
         except (ConnectionBroken, paramiko.SSHException, OSError, EOFError, *retryable) as exc:

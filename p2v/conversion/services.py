@@ -462,6 +462,35 @@ def _free_space(job: ConversionJob, endpoint: ssh.Endpoint, disk_name: str) -> u
     return free
 
 
+class _CurrentPrivilege:
+    """The privilege the latest connection found (a reconnect asks again: sudo rules may change)."""
+
+    def __init__(self, holder: list) -> None:
+        self.holder = holder
+
+    def _current(self) -> ssh.Privilege:
+        return self.holder[0] or ssh.Privilege(ssh.PRIVILEGE_ROOT)
+
+    def wrap(self, command: str) -> str:
+        return self._current().wrap(command)
+
+    def stdin(self) -> bytes | None:
+        return self._current().stdin()
+
+
+def _copy_broke(
+    job: ConversionJob, progress: copy_mod.CopyProgress, exc: BaseException, retry: copy_mod.RetryPolicy
+) -> None:
+    """Before each backoff wait: a cancel requested meanwhile ends the job now, not after the window."""
+    _check_cancel(job)
+    log(
+        job,
+        f"{progress.disk}: connection broke at {progress.checkpoint} ({exc}); retrying with backoff "
+        f"up to {retry.max_delay_s:g} s for {retry.window_s:g} s without progress, then resuming there",
+        LogLevel.WARNING,
+    )
+
+
 def copy_stage(job: ConversionJob) -> None:
     """Copy every disk into a new sparse volume; resume after breaks; verify by read-back checksum."""
     plan = job.plan
@@ -469,11 +498,15 @@ def copy_stage(job: ConversionJob) -> None:
     retryable = (ssh.HostUnreachable, ssh.ConnectionLost, paramiko.SSHException, OSError, EOFError)
     retry = copy_retry_policy()
 
+    privilege: list[ssh.Privilege | None] = [None]
+
     def open_ssh() -> paramiko.SSHClient:
         try:
-            return ssh.connect(endpoint).client
+            session = ssh.connect(endpoint)  # root, or sudo for a non-root login (raises if neither)
         except (ssh.HostUnreachable, ssh.ConnectionLost) as exc:
             raise copy_mod.ConnectionBroken(str(exc)) from exc
+        privilege[0] = session.privilege
+        return session.client
 
     done_before = 0
     with _libvirt(job) as conn:
@@ -556,16 +589,11 @@ def copy_stage(job: ConversionJob) -> None:
                     retryable=retryable,
                     retry=retry,
                     free_ranges=free.ranges,
+                    privilege=_CurrentPrivilege(privilege),
                     openssh=copy_mod.OpenSSHLogin(
                         endpoint.address, endpoint.port, endpoint.user, endpoint.private_key
                     ),
-                    on_retry=lambda p, exc: log(
-                        job,
-                        f"{p.disk}: connection broke at {p.checkpoint} ({exc}); retrying with "
-                        f"backoff up to {retry.max_delay_s:g} s for {retry.window_s:g} s without "
-                        "progress, then resuming at that offset",
-                        LogLevel.WARNING,
-                    ),
+                    on_retry=lambda p, exc: _copy_broke(job, p, exc, retry),
                 )
             except ssh.HostKeyMismatch as exc:
                 raise ConversionError(f"host key changed, refusing to copy: {exc}") from exc
