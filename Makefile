@@ -11,7 +11,7 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 PYTEST_ARGS ?=
 DEMO_AGENTS ?= 1
 
-.PHONY: run test lint bench lab lab-down deps deps-portal apt services migrate seed clean
+.PHONY: run test lint bench lab lab-down deps deps-portal apt services migrate seed clean p2v-worker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,3 +72,18 @@ lab-down:
 
 clean:
 	rm -rf $(VENV) var/.deps-* staticfiles
+
+# A P2V worker on a hypervisor host, as root: consumes only that hypervisor's queue (p2v-hv-<name>).
+# The portal must run with P2V_HYPERVISOR_QUEUES=1; DATABASE_URL, REDIS_URL and DJANGO_SECRET_KEY
+# are the portal's own (docs/p2v-conversion.md, "Where conversions run").
+# Usage: make p2v-worker HYPERVISOR="kvm-1" [P2V_WORKER_CONCURRENCY=2]
+P2V_WORKER_CONCURRENCY ?= 2
+p2v-worker: var/.deps-portal
+	@test -n "$(HYPERVISOR)" || { echo 'p2v-worker: set HYPERVISOR=<the hypervisor name in the portal>' >&2; exit 2; }
+	@for v in DATABASE_URL REDIS_URL DJANGO_SECRET_KEY; do test -n "$${!v}" || { echo "p2v-worker: set $$v (the portal's value)" >&2; exit 2; }; done
+	./scripts/install-apt.sh p2vworker
+	$(PIP) install "$$(grep -i '^libvirt-python' requirements-system.txt)"
+	$(BIN)/python -c 'import libvirt' || { echo 'p2v-worker: the libvirt binding is missing (libvirt-dev, gcc)' >&2; exit 1; }
+	queue=$$($(BIN)/python -c 'import sys; from p2v.conversion.workers import hypervisor_queue; print(hypervisor_queue(sys.argv[1]))' "$(HYPERVISOR)") && \
+	P2V_HYPERVISOR_QUEUES=1 exec $(BIN)/celery -A datacenter worker -Q "$$queue" -n "p2v-$$queue@%h" \
+		--concurrency $(P2V_WORKER_CONCURRENCY) --loglevel INFO

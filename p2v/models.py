@@ -102,6 +102,12 @@ class Machine(models.Model):
         blank=True, editable=False, help_text="The private key, Fernet-encrypted."
     )
     credential_public_key = models.CharField(max_length=1000, blank=True, editable=False)
+    sudo_password_ciphertext = models.TextField(
+        blank=True,
+        editable=False,
+        help_text="For an ssh_user other than root without NOPASSWD sudo: its sudo password, "
+        "Fernet-encrypted.",
+    )
     host_key_fingerprint = models.CharField(
         max_length=60, blank=True, help_text="SHA256 fingerprint of the pinned SSH host key."
     )
@@ -147,6 +153,12 @@ class Machine(models.Model):
     def private_key(self) -> str:
         return decrypt_secret(self.credential_ciphertext)
 
+    def set_sudo_password(self, password: str) -> None:
+        """Store the sudo password encrypted; an empty one removes it (then only NOPASSWD sudo works)."""
+        if "\n" in password or "\r" in password:
+            raise ValueError("the sudo password must be one line (sudo reads it up to the line end)")
+        self.sudo_password_ciphertext = encrypt_secret(password) if password else ""
+
     def endpoint(self) -> ssh.Endpoint:
         return ssh.Endpoint(
             address=self.address,
@@ -154,6 +166,9 @@ class Machine(models.Model):
             user=self.ssh_user,
             private_key=self.private_key(),
             host_key_fingerprint=self.host_key_fingerprint or None,
+            sudo_password=(
+                decrypt_secret(self.sudo_password_ciphertext) if self.sudo_password_ciphertext else None
+            ),
         )
 
     def effective_policy(self) -> ConversionPolicy:

@@ -250,6 +250,22 @@ def rule_python3(facts: dict, target: TargetProfile) -> list[Finding]:
     ]
 
 
+def rule_root_access(facts: dict, target: TargetProfile) -> list[Finding]:
+    """The disk reader and the privileged probes need root: a login user that is not root must get it
+    through sudo (NOPASSWD, or the stored sudo password). Facts from an assessment older than this
+    rule carry no `access` and are not judged."""
+    access = facts.get("access")
+    if not access or access.get("via"):
+        return []
+    return [
+        _blocker(
+            "root_access",
+            access.get("reason")
+            or f"{access.get('user')!r} cannot become root: the disk copy and the probes need root",
+        )
+    ]
+
+
 def rule_initramfs_virtio(facts: dict, target: TargetProfile) -> list[Finding]:
     """A host-only initramfs (`MODULES=dep`, dracut's hostonly) holds only the drivers of the disk
     controller in use (ahci, megaraid...): the VM's virtio disk is invisible to it and the guest stops
@@ -320,6 +336,7 @@ RULES: tuple[Callable[[dict, TargetProfile], list[Finding]], ...] = (
     rule_disk_health,
     rule_partitions_known,
     rule_python3,
+    rule_root_access,
     rule_initramfs_virtio,
     rule_root_filesystem,
 )

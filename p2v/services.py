@@ -146,14 +146,21 @@ def run_assessment(assessment_id: int) -> Assessment:
 
 def _gather_facts(machine: Machine, assessment: Assessment) -> tuple[dict, str]:
     endpoint = machine.endpoint()
-    with ssh.connect(endpoint, connect_timeout_s=machine.connect_timeout_s) as session:
+    with ssh.connect(endpoint, connect_timeout_s=machine.connect_timeout_s, privileged=False) as session:
         if session.pinned_now:
             _pin_host_key(machine, session.host_key_fingerprint)
+        # Root, or sudo for a user root cannot log in as; when neither works the probes still run as
+        # that user (what they can see) and the rules block the conversion with the reason.
+        try:
+            access = {"user": endpoint.user, "via": session.acquire_privilege().via}
+        except ssh.PrivilegeUnavailable as exc:
+            access = {"user": endpoint.user, "via": None, "reason": str(exc)}
         timeout_s = machine.command_timeout_s
         facts = collect_facts(
             lambda command: session.run(command, timeout_s),
             lambda commands: session.run_many(commands, timeout_s),
         )
+        facts["access"] = access
         return facts, session.host_key_fingerprint
 
 

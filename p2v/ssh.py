@@ -14,10 +14,12 @@ client-initiated rekey kills long disk transfers ("Key-exchange timed out", PLAT
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import os
 import re
+import shlex
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +69,44 @@ class CommandTimeout(SSHError):
 
 class ConnectionLost(SSHError):
     pass
+
+
+class PrivilegeUnavailable(SSHError):
+    """The login user is not root and sudo works neither without a password nor with the stored one."""
+
+
+PRIVILEGE_ROOT = "root"
+PRIVILEGE_SUDO = "sudo"  # sudo -n: NOPASSWD
+PRIVILEGE_SUDO_PASSWORD = "sudo-password"  # noqa: S105 (a mode name, not a password): sudo -S with the stored (encrypted) sudo password
+
+
+@dataclass(frozen=True)
+class Privilege:
+    """How commands get root on the source: as root itself, or through sudo (with or without a password).
+
+    `wrap` builds the command line; `stdin` is what the command must be fed first (the password
+    for `sudo -S`, never on the command line, so it shows in no process list or log)."""
+
+    via: str
+    password: str | None = None
+
+    def wrap(self, command: str) -> str:
+        if self.via == PRIVILEGE_ROOT:
+            return command
+        inner = shlex.quote(command)
+        if self.via == PRIVILEGE_SUDO:
+            return f"sudo -n -- sh -c {inner}"
+        if self.via == PRIVILEGE_SUDO_PASSWORD:
+            return f"sudo -S -p '' -- sh -c {inner}"
+        raise ValueError(f"unknown privilege {self.via!r}: expected root, sudo or sudo-password")
+
+    def stdin(self) -> bytes | None:
+        if self.via == PRIVILEGE_SUDO_PASSWORD:
+            return (self.password or "").encode() + b"\n"
+        return None
+
+    def __repr__(self) -> str:  # never the password
+        return f"Privilege(via={self.via!r})"
 
 
 def fingerprint_of(key: paramiko.PKey) -> str:
@@ -126,6 +166,8 @@ class Endpoint:
     # A network namespace to connect from (the verify stage reaches a converted VM on an isolated
     # network that only a namespace of its own can see); None: this process's network.
     netns: str | None = None
+    # For a login user other than root: the sudo password, decrypted only for this connection.
+    sudo_password: str | None = dataclasses.field(default=None, repr=False)
 
 
 def open_socket(endpoint: Endpoint, timeout_s: float) -> socket.socket:
@@ -172,6 +214,38 @@ class SSHSession:
         self.endpoint = endpoint
         self.host_key_fingerprint = host_key_fingerprint
         self.pinned_now = pinned_now
+        # Root (or sudo) for every command once `acquire_privilege` found a way; None: as the user.
+        self.privilege: Privilege | None = None
+
+    def acquire_privilege(self) -> Privilege:
+        """Find how this login gets root: root itself, `sudo -n`, or `sudo -S` with the stored
+        password; every later `run` goes through it. PrivilegeUnavailable says why none works."""
+        user = self.endpoint.user
+        if user == "root":
+            self.privilege = Privilege(PRIVILEGE_ROOT)
+            return self.privilege
+        tried = []
+        for privilege in (
+            Privilege(PRIVILEGE_SUDO),
+            *(
+                [Privilege(PRIVILEGE_SUDO_PASSWORD, self.endpoint.sudo_password)]
+                if self.endpoint.sudo_password
+                else []
+            ),
+        ):
+            out = self._exec(privilege.wrap("id -u"), DEFAULT_COMMAND_TIMEOUT_S, privilege.stdin(), "id -u")
+            if out.exit_status == 0 and out.stdout.strip() == "0":
+                self.privilege = privilege
+                return privilege
+            detail = (out.stderr.strip() or out.stdout.strip() or f"exit status {out.exit_status}")[:200]
+            tried.append(f"{privilege.wrap('id -u')!s}: {detail}")
+        if not self.endpoint.sudo_password:
+            tried.append("no sudo password stored")
+        raise PrivilegeUnavailable(
+            f"{user!r} is not root and cannot become root through sudo ("
+            + "; ".join(tried)
+            + "): log in as root, allow the user NOPASSWD sudo, or store its sudo password"
+        )
 
     @property
     def transport(self) -> paramiko.Transport:
@@ -181,14 +255,29 @@ class SSHSession:
         return transport
 
     def run(self, command: str, timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S) -> CommandOutput:
-        """Run `command` under a POSIX shell with LC_ALL=C; raise CommandTimeout past `timeout_s`
-        (or the probe's own longer limit, facts.PROBE_TIMEOUTS_S)."""
+        """Run `command` under a POSIX shell with LC_ALL=C (through sudo when the session acquired it
+        that way); raise CommandTimeout past `timeout_s` (or the probe's own longer limit,
+        facts.PROBE_TIMEOUTS_S)."""
         timeout_s = max(timeout_s, PROBE_TIMEOUTS_S.get(command, 0))
+        line = f"LC_ALL=C; export LC_ALL; {command}"
+        privilege = self.privilege
+        if privilege is not None and privilege.via != PRIVILEGE_ROOT:
+            return self._exec(privilege.wrap(line), timeout_s, privilege.stdin(), command)
+        return self._exec(line, timeout_s, None, command)
+
+    def _exec(
+        self, line: str, timeout_s: float, stdin: bytes | None, command: str | None = None
+    ) -> CommandOutput:
+        """Run one command line on a new channel; `command` (default: the line) names it in errors."""
+        command = command or line
         deadline = time.monotonic() + timeout_s
         try:
             channel = self.transport.open_session(timeout=timeout_s)
-            channel.exec_command(f"LC_ALL=C; export LC_ALL; {command}")
-        except paramiko.SSHException as exc:
+            channel.exec_command(line)
+            if stdin is not None:
+                channel.sendall(stdin)
+                channel.shutdown_write()
+        except (paramiko.SSHException, OSError) as exc:
             raise ConnectionLost(f"could not start `{command}`: {exc}") from exc
         stdout, stderr = bytearray(), bytearray()
         try:
@@ -291,19 +380,32 @@ def _family_presenting(endpoint: Endpoint, fingerprint: str, timeout_s: float) -
     return None
 
 
-def connect(endpoint: Endpoint, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> SSHSession:
-    """Open an authenticated session, checking the host key before authenticating."""
+def connect(
+    endpoint: Endpoint, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, privileged: bool = True
+) -> SSHSession:
+    """Open an authenticated session, checking the host key before authenticating.
+
+    privileged: every command runs as root (a non-root user through sudo, see
+    SSHSession.acquire_privilege); PrivilegeUnavailable when that is impossible. False: commands
+    run as the login user until the caller calls acquire_privilege itself."""
     try:
         pkey = load_private_key(endpoint.private_key)
     except ValueError as exc:
         raise AuthenticationRejected(f"the machine's credential is unusable: {exc}") from None
     try:
-        return _connect(endpoint, pkey, connect_timeout_s, disabled_algorithms=None)
+        session = _connect(endpoint, pkey, connect_timeout_s, disabled_algorithms=None)
     except HostKeyMismatch:
         family = _family_presenting(endpoint, endpoint.host_key_fingerprint or "", connect_timeout_s)
         if family is None:
             raise
-    return _connect(endpoint, pkey, connect_timeout_s, disabled_algorithms=_only(family))
+        session = _connect(endpoint, pkey, connect_timeout_s, disabled_algorithms=_only(family))
+    if privileged:
+        try:
+            session.acquire_privilege()
+        except BaseException:
+            session.close()
+            raise
+    return session
 
 
 def _connect(

@@ -7,12 +7,15 @@ groups="${*:-all}"
 declare -A PKGS
 PKGS[network]="nftables iptables iproute2 bird2 iperf3 curl tcpdump ethtool libnetfilter-queue-dev build-essential"
 PKGS[virt]="qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config ovmf"
-PKGS[standin]="openssh-server openssh-client busybox-static kmod cpio fdisk extlinux syslinux syslinux-common dosfstools mtools grub-efi-amd64-bin grub-common e2fsprogs smartmontools"
+PKGS[standin]="openssh-server openssh-client sudo busybox-static kmod cpio fdisk extlinux syslinux syslinux-common dosfstools mtools grub-efi-amd64-bin grub-common e2fsprogs smartmontools"
 # A real Debian guest as the P2V source (tests/realguest): built with debootstrap; XFS/LVM roots.
 PKGS[realguest]="debootstrap xfsprogs lvm2 bubblewrap"
 PKGS[services]="postgresql redis-server"
 PKGS[browser]="chromium chromium-driver"
 PKGS[binding]="libvirt-dev pkg-config gcc"
+# A P2V worker on a hypervisor (make p2v-worker): libvirt client, OpenSSH client for the copy,
+# e2fsprogs/util-linux/iproute2 for adjust and the isolated verify network (all in "all" already).
+PKGS[p2vworker]="libvirt-clients openssh-client e2fsprogs util-linux iproute2"
 if [ "$groups" = all ]; then groups="network virt standin realguest services browser binding"; fi
 wanted=""
 for g in $groups; do wanted="$wanted ${PKGS[$g]}"; done

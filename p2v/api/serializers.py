@@ -21,7 +21,17 @@ class MachineSerializer(BaseModelSerializer):
         help_text="Unencrypted OpenSSH/PEM private key (Ed25519, ECDSA or RSA); stored encrypted, "
         "never returned.",
     )
+    sudo_password = serializers.CharField(
+        write_only=True,
+        required=False,
+        allow_blank=True,
+        trim_whitespace=False,
+        style={"input_type": "password"},
+        help_text="Only for an ssh_user other than root without NOPASSWD sudo: its sudo password; stored "
+        "encrypted, never returned; empty removes it.",
+    )
     has_credential = serializers.SerializerMethodField()
+    has_sudo_password = serializers.SerializerMethodField()
     latest_assessment = serializers.SerializerMethodField()
 
     class Meta:
@@ -37,6 +47,8 @@ class MachineSerializer(BaseModelSerializer):
             "ssh_user",
             "private_key",
             "has_credential",
+            "sudo_password",
+            "has_sudo_password",
             "credential_public_key",
             "host_key_fingerprint",
             "host_key_source",
@@ -60,6 +72,14 @@ class MachineSerializer(BaseModelSerializer):
 
     def get_has_credential(self, obj) -> bool:
         return bool(obj.credential_ciphertext)
+
+    def get_has_sudo_password(self, obj) -> bool:
+        return bool(obj.sudo_password_ciphertext)
+
+    def validate_sudo_password(self, value: str) -> str:
+        if "\n" in value or "\r" in value:
+            raise serializers.ValidationError("The sudo password must be one line.")
+        return value
 
     def get_latest_assessment(self, obj) -> int | None:
         if hasattr(obj, "latest_assessment_id"):  # annotated by the viewset's queryset (no N+1)
@@ -89,11 +109,14 @@ class MachineSerializer(BaseModelSerializer):
 
     def _apply(self, machine: Machine, attrs: dict) -> Machine:
         private_key = attrs.pop("private_key", None)
+        sudo_password = attrs.pop("sudo_password", None)
         fingerprint_given = "host_key_fingerprint" in attrs
         for name, value in attrs.items():
             setattr(machine, name, value)
         if private_key is not None:
             machine.set_private_key(private_key)
+        if sudo_password is not None:
+            machine.set_sudo_password(sudo_password)
         if fingerprint_given:
             # An admin-supplied fingerprint is checked from the first connection; clearing it
             # (after a legitimate reinstall) makes the next connection pin again.

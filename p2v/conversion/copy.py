@@ -32,6 +32,8 @@ from pathlib import Path
 
 import paramiko
 
+from p2v.ssh import Privilege
+
 from .libvirt_binding import libvirt
 
 CHUNK_BYTES = 1 << 20
@@ -124,6 +126,36 @@ while pos < size:
 out.write(b"E")
 out.flush()
 """ % {"chunk": CHUNK_BYTES, "sub": SUB_BLOCK_BYTES}  # noqa: UP031 (the program's own braces stay literal)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How long a broken copy keeps trying: exponential backoff, given up only after a quiet window.
+
+    A source that reboots during the copy is unreachable for minutes (firmware, disk checks, sshd
+    starting), so the copy waits `initial_delay_s`, doubling up to `max_delay_s`, and gives up only
+    when `window_s` seconds pass without the copy moving its checkpoint forward. Each checkpoint
+    reached resets the window, so a long copy with a few short breaks never runs out of retries.
+    """
+
+    initial_delay_s: float = 2.0
+    max_delay_s: float = 60.0
+    window_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        for name in ("initial_delay_s", "max_delay_s", "window_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"RetryPolicy.{name} must be a positive number of seconds, got {value!r}")
+        if self.max_delay_s < self.initial_delay_s:
+            raise ValueError(
+                f"RetryPolicy.max_delay_s ({self.max_delay_s}) is below "
+                f"initial_delay_s ({self.initial_delay_s})"
+            )
+
+    def delay_s(self, failures_in_a_row: int) -> float:
+        """The wait before the next attempt after `failures_in_a_row` (1, 2, ...) failures."""
+        return min(self.max_delay_s, self.initial_delay_s * 2 ** max(0, failures_in_a_row - 1))
 
 
 class CopyError(RuntimeError):
@@ -219,6 +251,7 @@ def _open_reader(
     segment_bytes: int,
     progress: CopyProgress,
     free_arg: str = "",
+    privilege: Privilege | None = None,
 ) -> _ChannelReader:
     transport = ssh.get_transport()
     if transport is None or not transport.is_active():
@@ -227,13 +260,24 @@ def _open_reader(
     # A large window lets paramiko's transport thread read ahead while we block in vol.upload.
     channel = transport.open_session(window_size=SSH_WINDOW_BYTES, timeout=30)
     channel.settimeout(READ_TIMEOUT_S)
+    command = _reader_command(device, start, segment_bytes, free_arg, privilege)
+    channel.exec_command(command)
+    stdin = privilege.stdin() if privilege is not None else None
+    if stdin:
+        channel.sendall(stdin)  # sudo -S reads the password first; the reader never reads stdin
+    channel.shutdown_write()
+    return _ChannelReader(channel, progress)
+
+
+def _reader_command(
+    device: str, start: int, segment_bytes: int, free_arg: str, privilege: Privilege | None
+) -> str:
+    """The reader's command line on the source, through sudo when the login user is not root."""
     command = " ".join(
         shlex.quote(a)
         for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes), free_arg)
     )
-    channel.exec_command(command)
-    channel.shutdown_write()
-    return _ChannelReader(channel, progress)
+    return privilege.wrap(command) if privilege is not None else command
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +363,7 @@ def _open_openssh_reader(
     segment_bytes: int,
     progress: CopyProgress,
     free_arg: str = "",
+    privilege: Privilege | None = None,
 ) -> _ProcessReader:
     """The reader behind the OpenSSH client: its C transport moves dense data several times faster
     than paramiko. Key and known_hosts live in a 0700 directory removed when the reader closes."""
@@ -329,10 +374,7 @@ def _open_openssh_reader(
     known_hosts = workdir / "known_hosts"
     entry = f"{host_key.get_name()} {host_key.get_base64()}"
     known_hosts.write_text(f"{login.address} {entry}\n[{login.address}]:{login.port} {entry}\n")
-    command = " ".join(
-        shlex.quote(a)
-        for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes), free_arg)
-    )
+    command = _reader_command(device, start, segment_bytes, free_arg, privilege)
     argv = [
         "ssh",
         "-F",
@@ -368,7 +410,16 @@ def _open_openssh_reader(
         login.address,
         command,
     ]
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdin = privilege.stdin() if privilege is not None else None
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    if stdin:
+        process.stdin.write(stdin)  # sudo -S's password, through ssh's stdin, never on a command line
+        process.stdin.close()
     return _ProcessReader(process, progress, workdir)
 
 
@@ -468,23 +519,25 @@ def copy_disk(
     *,
     disk_name: str | None = None,
     segment_bytes: int = DEFAULT_SEGMENT_BYTES,
-    max_attempts: int = 4,
+    retry: RetryPolicy | None = None,
     resume: CopyProgress | None = None,
     on_progress: ProgressCallback | None = None,
-    retry_delay_s: float = 1.0,
     retryable: tuple[type[BaseException], ...] = (),
     on_retry: Callable[[CopyProgress, BaseException], None] | None = None,
     openssh: OpenSSHLogin | None = None,
     free_ranges: list[tuple[int, int]] | None = None,
+    privilege: Privilege | None = None,
 ) -> CopyProgress:
     """Copy `device` on the source into `vol`; resume at the last checkpoint after a break.
 
     open_ssh returns a connected, host-key-verified client (p2v.ssh); it is called again after a
     broken connection. With `openssh` (and an `ssh` binary), the data itself streams through the
     OpenSSH client, pinned to the host key that paramiko session verified; otherwise through
-    paramiko. Raises CopyError when the attempts are used up or the data is wrong.
+    paramiko. A broken connection is retried with `retry`'s backoff and resumes at the last
+    checkpoint; CopyError when `retry.window_s` passes without progress or the data is wrong.
     free_ranges: (offset, length) byte ranges of the disk its filesystems report free (see
     p2v.conversion.usedblocks): never read or sent; the volume keeps holes there.
+    privilege: how the reader gets root (p2v.ssh.Privilege: sudo for a non-root login); None: as is.
     """
     free_arg = ",".join(f"{start}+{length}" for start, length in free_ranges or [] if length > 0)
     if segment_bytes % CHUNK_BYTES:
@@ -492,8 +545,12 @@ def copy_disk(
     progress = resume or CopyProgress(
         disk=disk_name or device, size_bytes=size_bytes, segment_bytes=segment_bytes
     )
+    retry = retry or RetryPolicy()
     attempts = 0
+    failures_in_a_row = 0
     seen_data_until = progress.position
+    last_checkpoint = progress.checkpoint
+    stalled_since = time.monotonic()
     while True:
         attempts += 1
         ssh = None
@@ -504,24 +561,39 @@ def copy_disk(
                 host_key = ssh.get_transport().get_remote_server_key()
                 ssh.close()  # the verified key is all the bulk stream needs from this session
                 reader = _open_openssh_reader(
-                    openssh, host_key, device, progress.checkpoint, segment_bytes, progress, free_arg
+                    openssh,
+                    host_key,
+                    device,
+                    progress.checkpoint,
+                    segment_bytes,
+                    progress,
+                    free_arg,
+                    privilege,
                 )
             else:
-                reader = _open_reader(ssh, device, progress.checkpoint, segment_bytes, progress, free_arg)
+                reader = _open_reader(
+                    ssh, device, progress.checkpoint, segment_bytes, progress, free_arg, privilege
+                )
             _copy_from(reader, vol, lambda: conn.newStream(0), progress, on_progress, seen_data_until)
             break
         except (ConnectionBroken, paramiko.SSHException, OSError, EOFError, *retryable) as exc:
             seen_data_until = max(seen_data_until, progress.position)
-            if attempts >= max_attempts:
+            now = time.monotonic()
+            if progress.checkpoint > last_checkpoint:  # it moved: a new break, a fresh window
+                last_checkpoint, stalled_since, failures_in_a_row = progress.checkpoint, now, 0
+            failures_in_a_row += 1
+            delay_s = retry.delay_s(failures_in_a_row)
+            if now + delay_s - stalled_since > retry.window_s:
                 raise CopyError(
-                    f"{progress.disk}: gave up after {attempts} attempts at offset "
+                    f"{progress.disk}: gave up after {attempts} attempts, {now - stalled_since:.0f} s "
+                    f"without progress (retry window {retry.window_s:g} s) at offset "
                     f"{progress.checkpoint}: {exc}"
                 ) from exc
             progress.resumes += 1
             progress.position = progress.checkpoint
             if on_retry:
                 on_retry(progress, exc)
-            time.sleep(retry_delay_s * attempts)
+            time.sleep(delay_s)  # backoff between attempts, not a wait for an event
         finally:
             if isinstance(reader, _ProcessReader):
                 reader.close()

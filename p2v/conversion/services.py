@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 import time
 import uuid
@@ -33,7 +34,7 @@ from p2v.facts import iter_devices
 
 from . import adjust as adjust_mod
 from . import copy as copy_mod
-from . import domain_xml, isolation, usedblocks, verify
+from . import domain_xml, isolation, usedblocks, verify, workers
 from .choices import FINISHED_STATES, STAGE_ORDER, JobStage, JobState, LogLevel
 from .libvirt_binding import libvirt
 from .models import ConversionJob, Hypervisor, JobLog
@@ -41,6 +42,31 @@ from .models import ConversionJob, Hypervisor, JobLog
 logger = logging.getLogger(__name__)
 SLUG_RE = re.compile(r"[^a-z0-9-]+")
 PROGRESS_SAVE_INTERVAL_S = 0.5
+# Settings (or environment variables of the same name) for the copy's retries, in seconds.
+COPY_RETRY_SETTINGS = {
+    "initial_delay_s": "P2V_COPY_RETRY_INITIAL_S",
+    "max_delay_s": "P2V_COPY_RETRY_MAX_S",
+    "window_s": "P2V_COPY_RETRY_WINDOW_S",
+}
+
+
+def copy_retry_policy() -> copy_mod.RetryPolicy:
+    """The copy's backoff from Django settings or the environment; defaults ride out a reboot.
+
+    A value that is not a positive number raises ValueError naming the setting and the value.
+    """
+    values: dict[str, float] = {}
+    for field, name in COPY_RETRY_SETTINGS.items():
+        raw = getattr(settings, name, None) or os.environ.get(name)
+        if raw in (None, ""):
+            continue
+        try:
+            values[field] = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if values[field] <= 0:
+            raise ValueError(f"{name} must be a positive number of seconds, got {raw!r}")
+    return copy_mod.RetryPolicy(**values)
 
 
 class ConversionError(RuntimeError):
@@ -101,7 +127,8 @@ def start_conversion(event, hypervisor: Hypervisor | None = None, requested_by=N
         log(
             job,
             f"conversion of {machine.name} from assessment #{assessment.pk} queued "
-            f"on hypervisor {hypervisor.name} ({event.kind} event #{event.pk})",
+            f"on hypervisor {hypervisor.name}, queue {workers.job_queue(hypervisor)} "
+            f"({event.kind} event #{event.pk})",
         )
         transaction.on_commit(lambda: _enqueue(job.pk))
     return job
@@ -122,9 +149,12 @@ def cancel_job(job: ConversionJob) -> ConversionJob:
 
 
 def _enqueue(job_id: int) -> None:
+    """Send the job's first stage to its hypervisor's queue (p2v.conversion.workers); the task sends
+    each next stage to the queue it came from."""
     from .tasks import run_conversion_stage
 
-    run_conversion_stage.delay(job_id)
+    hypervisor = Hypervisor.objects.get(jobs__pk=job_id)
+    run_conversion_stage.apply_async((job_id,), queue=workers.job_queue(hypervisor))
 
 
 # --- publishing -------------------------------------------------------------------------------------
@@ -432,17 +462,51 @@ def _free_space(job: ConversionJob, endpoint: ssh.Endpoint, disk_name: str) -> u
     return free
 
 
+class _CurrentPrivilege:
+    """The privilege the latest connection found (a reconnect asks again: sudo rules may change)."""
+
+    def __init__(self, holder: list) -> None:
+        self.holder = holder
+
+    def _current(self) -> ssh.Privilege:
+        return self.holder[0] or ssh.Privilege(ssh.PRIVILEGE_ROOT)
+
+    def wrap(self, command: str) -> str:
+        return self._current().wrap(command)
+
+    def stdin(self) -> bytes | None:
+        return self._current().stdin()
+
+
+def _copy_broke(
+    job: ConversionJob, progress: copy_mod.CopyProgress, exc: BaseException, retry: copy_mod.RetryPolicy
+) -> None:
+    """Before each backoff wait: a cancel requested meanwhile ends the job now, not after the window."""
+    _check_cancel(job)
+    log(
+        job,
+        f"{progress.disk}: connection broke at {progress.checkpoint} ({exc}); retrying with backoff "
+        f"up to {retry.max_delay_s:g} s for {retry.window_s:g} s without progress, then resuming there",
+        LogLevel.WARNING,
+    )
+
+
 def copy_stage(job: ConversionJob) -> None:
     """Copy every disk into a new sparse volume; resume after breaks; verify by read-back checksum."""
     plan = job.plan
     endpoint = job.machine.endpoint()
     retryable = (ssh.HostUnreachable, ssh.ConnectionLost, paramiko.SSHException, OSError, EOFError)
+    retry = copy_retry_policy()
+
+    privilege: list[ssh.Privilege | None] = [None]
 
     def open_ssh() -> paramiko.SSHClient:
         try:
-            return ssh.connect(endpoint).client
+            session = ssh.connect(endpoint)  # root, or sudo for a non-root login (raises if neither)
         except (ssh.HostUnreachable, ssh.ConnectionLost) as exc:
             raise copy_mod.ConnectionBroken(str(exc)) from exc
+        privilege[0] = session.privilege
+        return session.client
 
     done_before = 0
     with _libvirt(job) as conn:
@@ -523,15 +587,13 @@ def copy_stage(job: ConversionJob) -> None:
                     resume=resume,
                     on_progress=on_progress,
                     retryable=retryable,
+                    retry=retry,
                     free_ranges=free.ranges,
+                    privilege=_CurrentPrivilege(privilege),
                     openssh=copy_mod.OpenSSHLogin(
                         endpoint.address, endpoint.port, endpoint.user, endpoint.private_key
                     ),
-                    on_retry=lambda p, exc: log(
-                        job,
-                        f"{p.disk}: connection broke at {p.checkpoint} ({exc}); resuming",
-                        LogLevel.WARNING,
-                    ),
+                    on_retry=lambda p, exc: _copy_broke(job, p, exc, retry),
                 )
             except ssh.HostKeyMismatch as exc:
                 raise ConversionError(f"host key changed, refusing to copy: {exc}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
@@ -16,6 +17,13 @@ from tests.standin.machine import standin_fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
+
+# The session's Celery worker inherits this process's environment (conftests load before it
+# starts): a copy whose source is gone for good gives up after 12 s without progress instead of
+# production's 15 minutes, so "source gone" tests end in seconds; outages shorter than that resume.
+os.environ.setdefault("P2V_COPY_RETRY_INITIAL_S", "0.5")
+os.environ.setdefault("P2V_COPY_RETRY_MAX_S", "5")
+os.environ.setdefault("P2V_COPY_RETRY_WINDOW_S", "12")
 
 conversion_standin_bios = standin_fixture("bios")
 conversion_standin_uefi = standin_fixture("uefi")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -118,7 +119,7 @@ def test_sshd_killed_mid_copy_resumes_without_recopying_what_arrived(
             on_progress=on_progress,
             segment_bytes=segment_bytes,
             retryable=(ssh.HostUnreachable, ssh.ConnectionLost),
-            retry_delay_s=0.5,
+            retry=copy_mod.RetryPolicy(initial_delay_s=0.5, max_delay_s=1.0, window_s=120.0),
             openssh=login(big_standin, transport),
         )
         assert restarted.wait(10)
@@ -134,6 +135,65 @@ def test_sshd_killed_mid_copy_resumes_without_recopying_what_arrived(
     finally:
         if not big_standin.sshd_running():
             big_standin.start_sshd()
+        vol.delete(0)
+
+
+def test_source_unreachable_for_longer_than_the_old_window_resumes_at_its_offset(
+    conversion_standin_bios, libvirt_conn, p2v_pool, p2v_prefix
+):
+    """A source that goes away mid-copy (a reboot) for longer than the old ~6 s retry window and
+    many more than the old 4 attempts: the copy backs off, reconnects when sshd is back and
+    resumes at its checkpoint. The backoff is configured short so the test stays quick."""
+    standin = conversion_standin_bios
+    segment_bytes = 8 * MiB
+    vol = new_volume(p2v_pool, f"{p2v_prefix}outage.raw", standin.disk_size_bytes)
+    outage: dict[str, float | int] = {}
+    failures: list[str] = []
+    min_outage_s, min_failures = 8.0, 6  # the old code gave up after 4 attempts within about 6 s
+
+    def on_progress(progress: copy_mod.CopyProgress) -> None:
+        if not outage and progress.checkpoint >= 2 * progress.segment_bytes:
+            outage["at"] = progress.checkpoint
+            outage["stopped"] = time.monotonic()
+            standin.stop_sshd(kill_sessions=True)
+
+    def on_retry(progress: copy_mod.CopyProgress, exc: BaseException) -> None:
+        failures.append(f"{type(exc).__name__}: {exc}")
+        # Bring sshd back only once the outage is both longer and more attempts than before.
+        if (
+            "restarted" not in outage
+            and len(failures) >= min_failures
+            and time.monotonic() - outage["stopped"] >= min_outage_s
+        ):
+            outage["restarted"] = time.monotonic()
+            standin.start_sshd()
+
+    try:
+        progress = copy_mod.copy_disk(
+            opener(standin),
+            standin.loop_device,
+            libvirt_conn,
+            vol,
+            standin.disk_size_bytes,
+            on_progress=on_progress,
+            on_retry=on_retry,
+            segment_bytes=segment_bytes,
+            retryable=(ssh.HostUnreachable, ssh.ConnectionLost),
+            retry=copy_mod.RetryPolicy(initial_delay_s=0.25, max_delay_s=1.0, window_s=300.0),
+            openssh=login(standin, "openssh"),
+        )
+        assert "restarted" in outage, f"sshd was never brought back: {failures}"
+        assert outage["restarted"] - outage["stopped"] >= min_outage_s
+        assert len(failures) >= min_failures, failures
+        assert progress.resumes == len(failures)
+        assert progress.checkpoint == standin.disk_size_bytes
+        # Resumed at the checkpoint: at most the segment in flight crossed twice.
+        assert progress.resent_bytes <= progress.segment_bytes, progress.resent_bytes
+        copy_mod.verify_volume(libvirt_conn, vol, progress)
+        assert same_bytes(standin.image_path, vol.path())
+    finally:
+        if not standin.sshd_running():
+            standin.start_sshd()
         vol.delete(0)
 
 

@@ -95,6 +95,8 @@ class StandinMachine:
     host_veth: str = ""
     rsa_host_key_fingerprint: str = ""  # sshd also holds an RSA host key (as real servers do)
     _closed: bool = False
+    # (file in workdir, path it covers) bound inside the stand-in's own mount namespace only
+    namespace_binds: list = dataclasses.field(default_factory=list)
 
     # --- connection facts -------------------------------------------------------------------------
     def endpoint(self) -> dict:
@@ -124,6 +126,7 @@ class StandinMachine:
                 f"mount -t tmpfs -o size=64k,mode=755 {self.prefix}-fw /sys/firmware",
                 "mkdir /sys/firmware/efi",
             ]
+        lines += [f"mount --bind {source} {target}" for source, target in self.namespace_binds]
         lines.append(f"exec {SSHD} -D -f {self.workdir / 'sshd_config'} -E {self.sshd_log}")
         return "\n".join(lines)
 
@@ -194,6 +197,53 @@ class StandinMachine:
             while self.sshd_running() and time.monotonic() < deadline:
                 time.sleep(0.02)
         self.sshd_pid = None
+
+    def add_login_user(self, name: str, *, sudo: str, password: str = "") -> None:
+        """A non-root login user with the machine's key, visible only inside this stand-in's mount
+        namespace (its own /etc/passwd, group, shadow and sudoers bound over the host's there).
+
+        sudo: "nopasswd" (NOPASSWD: ALL), "password" (sudo asks for `password`) or "none" (no sudo
+        rule). Then `user` is that name and sshd restarts with the new files."""
+        if sudo not in ("nopasswd", "password", "none"):
+            raise ValueError(f"sudo must be nopasswd, password or none, got {sudo!r}")
+        if not shutil.which("sudo"):
+            raise StandinError("sudo is not installed (scripts/install-apt.sh standin)")
+        uid = 4242
+        # sshd reads authorized_keys as the user: it must reach it (the private key stays 0600).
+        self.workdir.chmod(0o711)
+        (self.workdir / "authorized_keys").chmod(0o644)
+        rules = {
+            "nopasswd": f"{name} ALL=(root) NOPASSWD: ALL\n",
+            "password": f"{name} ALL=(root) ALL\n",
+            "none": "",
+        }
+        home = self.workdir / "home"
+        home.mkdir(exist_ok=True)
+        os.chown(home, uid, uid)
+        hashed = subprocess.run(
+            ["openssl", "passwd", "-6", "-stdin"],
+            input=password or secrets.token_hex(8),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        files = {
+            "passwd": Path("/etc/passwd").read_text() + f"{name}:x:{uid}:{uid}::{home}:/bin/sh\n",
+            "group": Path("/etc/group").read_text() + f"{name}:x:{uid}:\n",
+            "shadow": Path("/etc/shadow").read_text() + f"{name}:{hashed.stdout.strip()}:19000:0:99999:7:::\n",  # noqa: E501
+            "sudoers": "Defaults !lecture\nroot ALL=(ALL:ALL) ALL\n" + rules[sudo],
+        }
+        modes = {"passwd": 0o644, "group": 0o644, "shadow": 0o640, "sudoers": 0o440}
+        binds = []
+        for base, text in files.items():
+            path = self.workdir / f"etc-{base}"
+            path.write_text(text)
+            path.chmod(modes[base])
+            binds.append((path, Path("/etc") / base))
+        self.namespace_binds = binds
+        self.user = name
+        self.restart_sshd()
 
     def restart_sshd(self) -> None:
         self.stop_sshd(kill_sessions=True)

@@ -6,11 +6,50 @@ from rest_framework import serializers
 
 from datacenter.api.serializers import BaseModelSerializer
 
+from .. import workers
 from ..choices import STAGE_ORDER, JobStage, JobState
 from ..models import ConversionJob, Hypervisor, JobLog
 
 
 class HypervisorSerializer(BaseModelSerializer):
+    """`queue`: where this hypervisor's jobs are sent; `workers`: the Celery workers consuming that
+    queue that answered just now; `worker_live`: whether there is one (null when the broker could
+    not be asked, e.g. the embedded in-memory broker)."""
+
+    queue = serializers.SerializerMethodField()
+    workers = serializers.SerializerMethodField()
+    worker_live = serializers.SerializerMethodField()
+
+    def get_queue(self, obj: Hypervisor) -> str:
+        return workers.job_queue(obj)
+
+    def _live(self) -> dict[str, list[str]] | None:
+        # One broadcast per request, however many hypervisors are listed.
+        if "live_workers" not in self.context:
+            self.context["live_workers"] = workers.live_workers_by_queue()
+        return self.context["live_workers"]
+
+    def get_workers(self, obj: Hypervisor) -> list[str] | None:
+        live = self._live()
+        return None if live is None else live.get(workers.job_queue(obj), [])
+
+    def get_worker_live(self, obj: Hypervisor) -> bool | None:
+        nodes = self.get_workers(obj)
+        return None if nodes is None else bool(nodes)
+
+    def validate_name(self, value: str) -> str:
+        try:
+            queue = workers.hypervisor_queue(value)
+        except ValueError as exc:
+            raise serializers.ValidationError(str(exc)) from exc
+        others = Hypervisor.objects.exclude(pk=getattr(self.instance, "pk", None))
+        for other in others.only("name"):
+            if workers.hypervisor_queue(other.name) == queue:
+                raise serializers.ValidationError(
+                    f"{value!r} would share the job queue {queue!r} with hypervisor {other.name!r}"
+                )
+        return value
+
     class Meta:
         model = Hypervisor
         fields = [
@@ -27,6 +66,9 @@ class HypervisorSerializer(BaseModelSerializer):
             "name_prefix",
             "console_dir",
             "boot_timeout_s",
+            "queue",
+            "workers",
+            "worker_live",
             "created",
             "updated",
         ]

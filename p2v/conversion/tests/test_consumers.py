@@ -65,3 +65,75 @@ async def test_non_operator_is_refused():
     assert code == 4403
     await comm.disconnect()  # end the application instance here, not in the event loop's teardown
     await close_thread_connections()
+
+
+def token_communicator(job_id: int, authorization: bytes | None) -> WebsocketCommunicator:
+    """Through the project's whole ASGI stack (origin guard, session auth, routes), as a script
+    or CLI connects: no cookie, only the REST API's Authorization header."""
+    from datacenter.asgi import application
+
+    headers = [(b"authorization", authorization)] if authorization is not None else []
+    return WebsocketCommunicator(application, f"/ws/p2v/jobs/{job_id}/", headers=headers)
+
+
+def make_token(username: str, *, is_staff: bool, expires=None) -> str:
+    from datacenter.tenancy.models import ApiToken
+
+    user = get_user_model().objects.create_user(username, password="x", is_staff=is_staff)
+    _token, key = ApiToken.objects.create_token(user, name="ws", expires=expires)
+    return key
+
+
+async def test_operator_token_is_accepted_like_the_rest_api():
+    job = await database_sync_to_async(make_job)()
+    key = await database_sync_to_async(make_token)("ops-token", is_staff=True)
+    comm = token_communicator(job.pk, f"Token {key}".encode())
+    connected, _ = await comm.connect()
+    assert connected
+    first = await comm.receive_json_from(timeout=5)
+    assert first["type"] == "job.update"
+    assert first["data"]["id"] == job.pk
+    await database_sync_to_async(services.log)(job, "copying sdb")
+    line = await comm.receive_json_from(timeout=5)
+    assert line["data"]["message"] == "copying sdb"
+    await comm.disconnect()
+    await close_thread_connections()
+
+
+@pytest.mark.parametrize(
+    ("case", "expected_code"),
+    [
+        ("no header", 4403),  # anonymous: not an operator
+        ("tenant token", 4403),  # a valid token, but the API's scoping refuses non-operators too
+        ("wrong key", 4401),
+        ("expired", 4401),
+        ("malformed", 4401),
+    ],
+)
+async def test_tokens_the_api_refuses_are_refused(case, expected_code):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    job = await database_sync_to_async(make_job)()
+    if case == "no header":
+        authorization = None
+    elif case == "tenant token":
+        key = await database_sync_to_async(make_token)("tenant-token", is_staff=False)
+        authorization = f"Token {key}".encode()
+    elif case == "wrong key":
+        await database_sync_to_async(make_token)("ops-a", is_staff=True)
+        authorization = b"Token dc_not-a-real-key-0000000000000000"
+    elif case == "expired":
+        key = await database_sync_to_async(make_token)(
+            "ops-expired", is_staff=True, expires=timezone.now() - timedelta(minutes=1)
+        )
+        authorization = f"Token {key}".encode()
+    else:
+        authorization = b"Token two parts"
+    comm = token_communicator(job.pk, authorization)
+    connected, code = await comm.connect()
+    assert not connected
+    assert code == expected_code
+    await comm.disconnect()
+    await close_thread_connections()
