@@ -67,6 +67,19 @@ _OUTPUT_TERSE = 1 << 11
 class Nft:
     """One libnftables context in the calling process's network namespace."""
 
+    def reset(self) -> None:
+        """Free this context and make a new one, then hand the C heap's free pages back to the
+        kernel: libnftables keeps its cache (every object of a large load) for the context's life."""
+        if self._lib is None:
+            return
+        with self._lock:
+            self._lib.nft_ctx_free(self._ctx)
+            self._ctx = self._lib.nft_ctx_new(0)
+            self._lib.nft_ctx_buffer_output(self._ctx)
+            self._lib.nft_ctx_buffer_error(self._ctx)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)  # glibc: return freed arenas (no-op elsewhere)
+
     def __init__(self) -> None:
         self._lib = None
         self._lock = threading.Lock()  # a context is not thread-safe (concurrent use segfaults)
@@ -83,6 +96,7 @@ class Nft:
         lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
         lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
         lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
         self._lib = lib
         self._ctx = lib.nft_ctx_new(0)
@@ -226,26 +240,61 @@ def _elements(buckets: Iterable[int], verdicts: np.ndarray | None = None) -> str
     return ", ".join(f"{int(b)} : {verdicts[int(b)]}" for b in buckets)
 
 
+def _pinok_size(table_size: int) -> int:
+    """Room in `pinok_<id>` for the alive backends: a table has more than 100 buckets per
+    backend of its cap (docs/dataplane.md) and a transition at most doubles the backends."""
+    return max(64, table_size // 25)
+
+
 @dataclass
 class _Applied:
     plan: ListenerPlan
     current_verdicts: np.ndarray
     old_verdicts: np.ndarray | None
     unstable: set[int]
+    chains_key: tuple  # what the listener's chains are rendered from: same key, chains untouched
+    pin_macs: tuple[str, ...]
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is b:
+        return True
+    return a is not None and b is not None and np.array_equal(a, b)
+
+
+def _chains_key(plan: ListenerPlan) -> tuple:
+    return (plan.vip, plan.protocol, plan.port, plan.backends, int(plan.pin_timeout_s), len(plan.current))
+
+
+def _dispatch_key(plan: ListenerPlan) -> str:
+    return f"{plan.vip} . {plan.protocol} . {plan.port}"
 
 
 class NftDataplane:
-    """The kernel driver for one mux interface. Not thread-safe: one caller applies."""
+    """The kernel driver for one mux interface. Not thread-safe: one caller applies.
 
-    def __init__(self, iface: str, mux_mac: str, *, seed: int, table_size: int, table: str = TABLE,
-                 learn: bool = False, inject_iface: str | None = None, nft: Nft | None = None,
-                 nflog_group: int | None = None) -> None:
+    Each listener has its own table size (the length of its plan's tables): its `jhash ... mod`
+    and its maps' sizes follow it. An apply touches only what changed since the last one (the
+    changed buckets, unstable set and pin set of a listener; its chains only when its backends,
+    address or idle timeout changed; the dispatch map's element of an added or removed
+    listener), so its cost does not grow with the number of listeners the mux holds. A large
+    apply (a whole document, a restart) goes in transactions of at most `batch_elements` map
+    elements (each listener's own changes stay in one transaction), so neither libnftables nor
+    the command text grows with the document; the libnftables context is then recreated so the
+    daemon gives the memory back."""
+
+    def __init__(self, iface: str, mux_mac: str, *, seed: int, table_size: int | None = None,
+                 table: str = TABLE, learn: bool = False, inject_iface: str | None = None,
+                 nft: Nft | None = None, nflog_group: int | None = None,
+                 batch_elements: int = 200_000) -> None:
         if not 0 <= seed <= 0xFFFFFFFF:
             raise ValueError(f"seed {seed} is not a 32-bit value")
+        if batch_elements < 1:
+            raise ValueError(f"batch_elements {batch_elements} must be positive")
         self.iface = iface
         self.mux_mac = mux_mac
         self.seed = seed
-        self.table_size = table_size
+        self.table_size = table_size  # unused by the rendering: kept for callers that name it
         self.table = table
         self.learn = learn  # learn each flow's bucket in the kernel (tests, debugging): costs a dynset
         self.inject_iface = inject_iface  # where the slow path re-injects decided packets
@@ -255,43 +304,47 @@ class NftDataplane:
         if nflog_group is not None and not 0 <= nflog_group <= 0xFFFF:
             raise ValueError(f"nflog group {nflog_group} is not 0..65535")
         self.nflog_group = nflog_group
+        self.batch_elements = batch_elements
         self._applied: dict[int, _Applied] | None = None  # None: the kernel's content is unknown
+        self._inject_timeouts: dict[str, int] | None = None
+        self.transactions = 0  # nft transactions sent (the bench and tests read it)
 
     # -- rendering --------------------------------------------------------------------------
     def _t(self) -> str:
         return f"netdev {self.table}"
 
-    def _base(self, pin_timeout_s: dict[str, float]) -> list[str]:
+    def _base(self) -> list[str]:
+        """Objects every listener uses. `add` of an existing object is a no-op: pins survive a
+        daemon restart, and the ingress chain keeps dispatching until the apply's last batch."""
         t = self._t()
         out = [f"add table {t}"]
         for proto in PROTOCOLS:
-            # `add` of an existing map is a no-op: pins survive a daemon restart.
             out.append(f"add map {t} pins_{proto} {{ type ipv4_addr . ipv4_addr . inet_service . "
                        f"inet_service : ether_addr; size {PIN_MAP_SIZE}; flags timeout; }}")
         out.append(f"add counter {t} slowpath_reinjected")
+        # No size: a hash that grows with the listeners (one element each).
+        out.append(f"add map {t} dispatch {{ type ipv4_addr . inet_proto . inet_service : verdict; }}")
         out.append(f'add chain {t} ingress {{ type filter hook ingress device "{self.iface}" priority 0; '
                    f"policy accept; }}")
-        out.append(f"flush chain {t} ingress")
-        if self.inject_iface:
-            # The slow path writes each decided packet, MACs already rewritten, into the injection
-            # veth; arriving here, the kernel itself pins the flow (first writer wins: `add` never
-            # overwrites) and forwards the packet to the backend. No nft call per flow.
-            out += [f'add chain {t} inject {{ type filter hook ingress device "{self.inject_iface}" '
-                    f"priority 0; policy drop; }}", f"flush chain {t} inject"]
-            for proto in PROTOCOLS:
-                # The longest idle timeout of the protocol's listeners; the flow's next packet
-                # sets its own listener's timeout (rule 1's `update`).
-                timeout = f"{max(1, int(pin_timeout_s.get(proto, 60)))}s"
-                out.append(f"add rule {t} inject meta protocol ip ip protocol {proto} add @pins_{proto} "
-                           f"{{ ip saddr . ip daddr . th sport . th dport timeout {timeout} : ether daddr }} "
-                           f'counter name slowpath_reinjected fwd to "{self.iface}"')
         return out
 
-    def _dispatch(self, plans: Sequence[ListenerPlan]) -> list[str]:
-        if not plans:
+    def _inject(self, timeouts: dict[str, int]) -> list[str]:
+        if not self.inject_iface:
             return []
-        items = ", ".join(f"{p.vip} . {p.protocol} . {p.port} : jump l{p.listener_id}" for p in plans)
-        return [f"add rule {self._t()} ingress ip daddr . meta l4proto . th dport vmap {{ {items} }}"]
+        t = self._t()
+        # The slow path writes each decided packet, MACs already rewritten, into the injection
+        # veth; arriving here, the kernel itself pins the flow (first writer wins: `add` never
+        # overwrites) and forwards the packet to the backend. No nft call per flow.
+        out = [f'add chain {t} inject {{ type filter hook ingress device "{self.inject_iface}" '
+               f"priority 0; policy drop; }}", f"flush chain {t} inject"]
+        for proto in PROTOCOLS:
+            # The longest idle timeout of the protocol's listeners; the flow's next packet
+            # sets its own listener's timeout (rule 1's `update`).
+            out.append(f"add rule {t} inject meta protocol ip ip protocol {proto} add @pins_{proto} "
+                       f"{{ ip saddr . ip daddr . th sport . th dport timeout {timeouts[proto]}s "
+                       f": ether daddr }} "
+                       f'counter name slowpath_reinjected fwd to "{self.iface}"')
+        return out
 
     def _listener_rules(self, plan: ListenerPlan) -> list[str]:
         t, lid, proto = self._t(), plan.listener_id, plan.protocol
@@ -310,8 +363,9 @@ class NftDataplane:
             f"add rule {t} {chain} ether daddr set {tuple4} map @pins_{proto} ether daddr @pinok_{lid} "
             f'{renew} counter name pinned{lid} ether saddr set {self.mux_mac} fwd to "{self.iface}"',
             f"add rule {t} {chain} ether daddr set {self.mux_mac}",
+            # The listener's own table size: the hash picks one of its len(current) buckets.
             f"add rule {t} {chain} meta mark set jhash ip saddr . ip daddr . ip protocol . th sport . "
-            f"th dport mod {self.table_size} seed {self.seed:#x}",
+            f"th dport mod {len(plan.current)} seed {self.seed:#x}",
         ]
         if self.learn:
             rules.append(f"add rule {t} {chain} add @learn{lid} {{ {tuple4} : meta mark }}")
@@ -352,18 +406,28 @@ class NftDataplane:
         return out
 
     def _create_objects(self, plan: ListenerPlan) -> list[str]:
-        t, lid = self._t(), plan.listener_id
+        t, lid, size = self._t(), plan.listener_id, len(plan.current)
+        # Each map holds at most one element per bucket: sized to the listener's table, so an
+        # empty or small map costs the kernel what its table needs, not a 65,537-bucket worth.
         out = [
             f"add counter {t} l{lid}", f"add counter {t} pinned{lid}", f"add counter {t} slow{lid}",
             f"add counter {t} newflows{lid}",
-            f"add map {t} cur_{lid} {{ type mark : verdict; size {MAP_SIZE}; }}",
-            f"add map {t} old_{lid} {{ type mark : verdict; size {MAP_SIZE}; }}",
-            f"add set {t} unstable_{lid} {{ type mark; size {MAP_SIZE}; }}",
-            f"add set {t} pinok_{lid} {{ type ether_addr; size 65536; }}",
+            f"add map {t} cur_{lid} {{ type mark : verdict; size {size}; }}",
+            f"add map {t} old_{lid} {{ type mark : verdict; size {size}; }}",
+            f"add set {t} unstable_{lid} {{ type mark; size {size}; }}",
+            f"add set {t} pinok_{lid} {{ type ether_addr; size {_pinok_size(size)}; }}",
         ]
         if self.learn:
             out.append(f"add map {t} learn{lid} {{ type ipv4_addr . ipv4_addr . inet_service . inet_service "
                        f": mark; size {MAP_SIZE}; flags dynamic; }}")
+        return out
+
+    def _delete_maps(self, lid: int) -> list[str]:
+        t = self._t()
+        out = [f"delete map {t} cur_{lid}", f"delete map {t} old_{lid}", f"delete set {t} unstable_{lid}",
+               f"delete set {t} pinok_{lid}"]
+        if self.learn:
+            out.append(f"delete map {t} learn{lid}")
         return out
 
     def _delete_listener(self, applied: _Applied) -> list[str]:
@@ -371,90 +435,185 @@ class NftDataplane:
         chains = [backend_chain(lid, address) for address, _ in applied.plan.backends]
         # References decide the order: rules use the maps, the set and the counters; the maps'
         # verdicts jump to the backend chains. Empty the chains, drop the maps, then the chains.
-        out = [f"flush chain {t} l{lid}", *(f"flush chain {t} {c}" for c in chains),
-               f"delete chain {t} l{lid}",
-               f"delete map {t} cur_{lid}", f"delete map {t} old_{lid}", f"delete set {t} unstable_{lid}",
-               f"delete set {t} pinok_{lid}",
-               *(f"delete chain {t} {c}" for c in chains), *(f"delete counter {t} c{c}" for c in chains),
-               f"delete counter {t} l{lid}", f"delete counter {t} pinned{lid}",
-               f"delete counter {t} slow{lid}", f"delete counter {t} newflows{lid}"]
-        if self.learn:
-            out.append(f"delete map {t} learn{lid}")
-        return out
+        return [f"flush chain {t} l{lid}", *(f"flush chain {t} {c}" for c in chains),
+                f"delete chain {t} l{lid}", *self._delete_maps(lid),
+                *(f"delete chain {t} {c}" for c in chains), *(f"delete counter {t} c{c}" for c in chains),
+                f"delete counter {t} l{lid}", f"delete counter {t} pinned{lid}",
+                f"delete counter {t} slow{lid}", f"delete counter {t} newflows{lid}"]
 
     # -- applying ---------------------------------------------------------------------------
     def apply(self, plans: Sequence[ListenerPlan]) -> None:
-        """Make the kernel hold exactly these listeners, in one transaction. Pins live their
-        listener's `pin_timeout_s` without a packet; each packet of the flow renews it."""
+        """Make the kernel hold exactly these listeners. Pins live their listener's
+        `pin_timeout_s` without a packet; each packet of the flow renews it.
+
+        One transaction unless the changes hold more than `batch_elements` map elements; then
+        each batch is one transaction holding whole listeners, and the last one the dispatch
+        changes and deletions (a listener is reachable only once all its objects are in)."""
         ids = [p.listener_id for p in plans]
         if len(set(ids)) != len(ids):
             raise ValueError(f"listener ids must be unique, got {ids}")
-        for p in plans:
-            if len(p.current) != self.table_size:
-                raise ValueError(f"listener {p.listener_id}: table has {len(p.current)} buckets, "
-                                 f"the data plane uses {self.table_size}")
-        existing: set[tuple[str, str]] | None = None
-        if self._applied is None:
+        keys = [_dispatch_key(p) for p in plans]
+        if len(set(keys)) != len(keys):
+            raise ValueError("two listeners share one address, protocol and port")
+        first = self._applied is None
+        existing: dict[tuple[str, str], int | None] | None = None
+        if first:
             # Unknown kernel content (first apply of this process, or after an error): refill every
-            # planned listener and delete what no plan needs, in this same transaction, so a
-            # restarted daemon never leaves a moment without tables (and keeps the pins).
+            # planned listener and delete what no plan needs, so a restarted daemon never leaves a
+            # moment without tables (and keeps the pins).
             existing = self._existing_objects()
             self._applied = {}
+        applied = self._applied
+        assert applied is not None
+        t = self._t()
+        timeouts: dict[str, int] = {proto: 60 for proto in PROTOCOLS}
         longest: dict[str, float] = {}
         for p in plans:
             longest[p.protocol] = max(longest.get(p.protocol, 0), p.pin_timeout_s)
-        cmds = self._base(longest)
-        t = self._t()
+        timeouts.update({proto: max(1, int(v)) for proto, v in longest.items()})
+
+        # Per listener: its commands and how many map elements they carry (the batch measure).
+        pieces: list[tuple[list[str], int]] = []
         new_applied: dict[int, _Applied] = {}
-        for lid, applied in self._applied.items():
-            if lid not in ids:
-                cmds += self._delete_listener(applied)
         for plan in plans:
-            cur_v = _verdicts(plan, plan.current)
-            old_v = _verdicts(plan, plan.old) if plan.old is not None else None
-            unstable = set(plan.unstable.tolist()) if plan.unstable is not None else set()
-            prev = self._applied.get(plan.listener_id)
-            lid = plan.listener_id
-            if prev is None:
-                cmds += self._create_objects(plan)
+            cmds, elements, state = self._listener_changes(plan, applied.get(plan.listener_id), existing)
+            new_applied[plan.listener_id] = state
+            if cmds:
+                pieces.append((cmds, elements))
+        # Last: the dispatch map (a listener becomes reachable once all its objects are in), the
+        # injection rules, then whatever no plan needs any more.
+        last: list[str] = []
+        if first:
+            last += [f"flush chain {t} ingress",
+                     f"add rule {t} ingress ip daddr . meta l4proto . th dport vmap @dispatch",
+                     f"flush map {t} dispatch"]
+            if plans:
+                last.append(f"add element {t} dispatch {{ "
+                            + ", ".join(f"{_dispatch_key(p)} : jump l{p.listener_id}" for p in plans) + " }")
+        else:
+            gone = [a for lid, a in applied.items() if lid not in new_applied
+                    or _dispatch_key(a.plan) != _dispatch_key(new_applied[lid].plan)]
+            if gone:
+                last.append(f"delete element {t} dispatch {{ "
+                            + ", ".join(_dispatch_key(a.plan) for a in gone) + " }")
+            added = [p for p in plans if p.listener_id not in applied
+                     or _dispatch_key(applied[p.listener_id].plan) != _dispatch_key(p)]
+            if added:
+                last.append(f"add element {t} dispatch {{ "
+                            + ", ".join(f"{_dispatch_key(p)} : jump l{p.listener_id}" for p in added) + " }")
+        if first or timeouts != self._inject_timeouts:
+            last += self._inject(timeouts)
+        for lid, a in applied.items():
+            if lid not in new_applied:
+                last += self._delete_listener(a)
+        if existing:
+            last += self._delete_stale(set(existing), plans)
+
+        batches: list[list[str]] = []
+        current: list[str] = self._base() if first else []
+        size = 0
+        for cmds, elements in pieces:
+            if current and size + elements > self.batch_elements and size > 0:
+                batches.append(current)
+                current, size = [], 0
+            current += cmds
+            size += elements
+        current += last
+        if current:
+            batches.append(current)
+        try:
+            for batch in batches:
+                self.nft.run("\n".join(batch) + "\n")
+                self.transactions += 1
+        except NftError:
+            self._applied = None  # unknown again: the next apply rebuilds from the kernel's listing
+            self._inject_timeouts = None
+            raise
+        finally:
+            if len(batches) > 1:
+                self._fresh_context()
+        self._applied = new_applied
+        self._inject_timeouts = timeouts
+
+    def _fresh_context(self) -> None:
+        """A whole-document load leaves libnftables' caches and the C heap full: a new context
+        and malloc_trim hand that memory back (the daemon's RSS drops to its steady size)."""
+        reset = getattr(self.nft, "reset", None)
+        if reset is not None:
+            reset()
+
+    def _listener_changes(self, plan: ListenerPlan, prev: _Applied | None,
+                          existing: dict[tuple[str, str], int | None] | None
+                          ) -> tuple[list[str], int, _Applied]:
+        """(commands, map elements they carry, what the kernel holds after them) for one listener."""
+        t, lid, size = self._t(), plan.listener_id, len(plan.current)
+        pin_macs = tuple(sorted(set(plan.pin_macs)))
+        key = _chains_key(plan)
+        unstable_arr = plan.unstable
+        if (prev is not None and prev.chains_key == key and prev.pin_macs == pin_macs
+                and _same(plan.current, prev.plan.current) and _same(plan.old, prev.plan.old)
+                and _same(unstable_arr, prev.plan.unstable)):
+            # The same tables (usually the very same arrays: the daemon caches generations):
+            # nothing to send and nothing to recompute.
+            return [], 0, _Applied(plan, prev.current_verdicts, prev.old_verdicts, prev.unstable, key,
+                                   pin_macs)
+        cur_v = _verdicts(plan, plan.current)
+        old_v = _verdicts(plan, plan.old) if plan.old is not None else None
+        unstable = set(unstable_arr.tolist()) if unstable_arr is not None else set()
+        state = _Applied(plan, cur_v, old_v, unstable, key, pin_macs)
+        cmds: list[str] = []
+        elements = 0
+        resize = prev is not None and len(prev.current_verdicts) != size
+        if existing is not None and prev is None:
+            held = existing.get(("map", f"cur_{lid}"), -1)
+            resize = held != -1 and held != size  # an earlier process made it with another size
+        if resize:
+            # Map sizes are fixed at creation: empty what references the maps, drop and recreate
+            # them (same transaction: the listener is never without its tables).
+            old_backends = prev.plan.backends if prev is not None else plan.backends
+            cmds += [f"flush chain {t} l{lid}",
+                     *(f"flush chain {t} {backend_chain(lid, a)}" for a, _ in old_backends
+                       if existing is None or ("chain", backend_chain(lid, a)) in existing),
+                     *self._delete_maps(lid)]
+            prev = None
+        if prev is None:
+            cmds += self._create_objects(plan)
+        if prev is None or prev.chains_key != key:
             for address, mac in plan.backends:
                 cmds += self._backend_chain_rules(plan, address, mac)
             cmds += self._listener_rules(plan)
+        if prev is None or prev.pin_macs != pin_macs:
             cmds.append(f"flush set {t} pinok_{lid}")
-            if plan.pin_macs:
-                cmds.append(f"add element {t} pinok_{lid} {{ {', '.join(sorted(set(plan.pin_macs)))} }}")
-            if prev is None:
-                cmds += [f"flush map {t} cur_{lid}", f"flush map {t} old_{lid}",
-                         f"flush set {t} unstable_{lid}"]
-                cmds.append(f"add element {t} cur_{lid} {{ {_elements(range(len(cur_v)), cur_v)} }}")
-                if old_v is not None:
-                    cmds.append(f"add element {t} old_{lid} {{ {_elements(range(len(old_v)), old_v)} }}")
-                if unstable:
-                    cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(unstable))} }}")
-            else:
-                cmds += self._diff_map(f"cur_{lid}", prev.current_verdicts, cur_v)
-                cmds += self._diff_map(f"old_{lid}", prev.old_verdicts, old_v)
-                gone, added = prev.unstable - unstable, unstable - prev.unstable
-                if gone:
-                    cmds.append(f"delete element {t} unstable_{lid} {{ {_elements(sorted(gone))} }}")
-                if added:
-                    cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(added))} }}")
-                in_use = {a for a, _ in plan.backends}
-                for address, _ in prev.plan.backends:
-                    if address not in in_use:
-                        name = backend_chain(lid, address)
-                        cmds += [f"flush chain {t} {name}", f"delete chain {t} {name}",
-                                 f"delete counter {t} c{name}"]
-            new_applied[lid] = _Applied(plan, cur_v, old_v, unstable)
-        cmds += self._dispatch(plans)
-        if existing:
-            cmds += self._delete_stale(existing, plans)
-        try:
-            self.nft.run("\n".join(cmds) + "\n")
-        except NftError:
-            self._applied = None  # unknown again: the next apply rebuilds from the kernel's listing
-            raise
-        self._applied = new_applied
+            if pin_macs:
+                cmds.append(f"add element {t} pinok_{lid} {{ {', '.join(pin_macs)} }}")
+        if prev is None:
+            cmds += [f"flush map {t} cur_{lid}", f"flush map {t} old_{lid}", f"flush set {t} unstable_{lid}"]
+            cmds.append(f"add element {t} cur_{lid} {{ {_elements(range(len(cur_v)), cur_v)} }}")
+            elements += len(cur_v)
+            if old_v is not None:
+                cmds.append(f"add element {t} old_{lid} {{ {_elements(range(len(old_v)), old_v)} }}")
+                elements += len(old_v)
+            if unstable:
+                cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(unstable))} }}")
+                elements += len(unstable)
+        else:
+            diff = self._diff_map(f"cur_{lid}", prev.current_verdicts, cur_v)
+            diff += self._diff_map(f"old_{lid}", prev.old_verdicts, old_v)
+            cmds += diff
+            elements += sum(line.count(",") + 1 for line in diff if "element" in line)
+            gone, added = prev.unstable - unstable, unstable - prev.unstable
+            if gone:
+                cmds.append(f"delete element {t} unstable_{lid} {{ {_elements(sorted(gone))} }}")
+            if added:
+                cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(added))} }}")
+            elements += len(gone) + len(added)
+            in_use = {a for a, _ in plan.backends}
+            for address, _ in prev.plan.backends:
+                if address not in in_use:
+                    name = backend_chain(lid, address)
+                    cmds += [f"flush chain {t} {name}", f"delete chain {t} {name}",
+                             f"delete counter {t} c{name}"]
+        return cmds, elements, state
 
     def _diff_map(self, name: str, before: np.ndarray | None, after: np.ndarray | None) -> list[str]:
         t = self._t()
@@ -470,28 +629,30 @@ class NftDataplane:
         return [f"delete element {t} {name} {{ {_elements(changed)} }}",
                 f"add element {t} {name} {{ {_elements(changed, after)} }}"]
 
-    def _existing_objects(self) -> set[tuple[str, str]]:
-        """(kind, name) of the chains, maps, sets and counters the kernel holds in our table.
+    def _existing_objects(self) -> dict[tuple[str, str], int | None]:
+        """(kind, name) of the chains, maps, sets and counters the kernel holds in our table,
+        each with its declared size (maps and sets; None for the rest).
 
         Listed per kind (`list chains|maps|sets`, terse) and counters over netlink: `list table`,
         `list tables` and `list counters` make nft 1.0.6 load every element of every map first,
         which takes ~25 s with 400,000 pins (a restarted or stopping daemon during a busy
         transition); these listings take ~10 ms whatever the maps hold."""
-        found: set[tuple[str, str]] = set()
+        found: dict[tuple[str, str], int | None] = {}
         for what, kind in (("chains", "chain"), ("maps", "map"), ("sets", "set")):
             out = self.nft.run(f"list {what} netdev", json_output=True, terse=True)
             for item in json.loads(out)["nftables"]:
                 obj = item.get(kind)
                 if obj is not None and obj.get("table") == self.table:
-                    found.add((kind, obj["name"]))
+                    found[(kind, obj["name"])] = obj.get("size")
         if found:
             with contextlib.suppress(NftError):  # the table went away meanwhile: nothing to keep
-                found |= {("counter", name) for name in read_counters(self.table)}
+                found.update({("counter", name): None for name in read_counters(self.table)})
         return found
 
     def _delete_stale(self, existing: set[tuple[str, str]], plans: Sequence[ListenerPlan]) -> list[str]:
         """Commands deleting objects left by an earlier process that no plan uses (pins stay)."""
-        keep = {("chain", "ingress"), ("chain", "inject"), ("counter", "slowpath_reinjected")}
+        keep = {("chain", "ingress"), ("chain", "inject"), ("counter", "slowpath_reinjected"),
+                ("map", "dispatch")}
         keep |= {("map", f"pins_{p}") for p in PROTOCOLS}
         for plan in plans:
             lid = plan.listener_id

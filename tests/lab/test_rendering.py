@@ -61,8 +61,12 @@ def test_second_apply_sends_only_changed_buckets():
 
 def test_bad_plans_are_refused_with_the_reason():
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, table_size=11, nft=RecordingNft())
-    with pytest.raises(ValueError, match="table has 5 buckets, the data plane uses 11"):
-        dp.apply([_plan(np.zeros(5, dtype=np.int32))])
+    with pytest.raises(ValueError, match="old table has 5 buckets, current 11"):
+        ListenerPlan(7, "203.0.113.10", "tcp", 80, (), np.zeros(11, dtype=np.int32),
+                     np.zeros(5, dtype=np.int32), np.array([], dtype=np.int64))
+    other = ListenerPlan(8, "203.0.113.10", "tcp", 80, (), np.zeros(11, dtype=np.int32))
+    with pytest.raises(ValueError, match="share one address"):
+        dp.apply([_plan(np.zeros(11, dtype=np.int32)), other])
     with pytest.raises(ValueError, match="protocol 'sctp'"):
         ListenerPlan(1, "203.0.113.1", "sctp", 80, (), np.zeros(11, dtype=np.int32))
     with pytest.raises(ValueError, match="seed"):

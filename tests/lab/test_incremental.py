@@ -1,0 +1,120 @@
+"""A change to one listener touches only that listener's kernel objects (real nftables in a
+throwaway namespace): the other listeners' rules keep their handles (a flush and re-add would
+renumber them) and their maps keep their elements; each listener's maps are sized to its table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+
+import numpy as np
+import pytest
+
+from lbagent.core.maglev import maglev_table
+from lbagent.dataplane.nft import ListenerPlan, Nft, NftDataplane, NftError
+from tests.environment import need_binary, need_root
+
+
+class NamespaceNft(Nft):
+    """libnftables' own command language, sent to the `nft` binary inside the test's namespace."""
+
+    def __init__(self, netns: str) -> None:
+        self._lib = None
+        self.netns = netns
+
+    def run(self, text: str, *, json_output: bool = False, terse: bool = False) -> str:
+        argv = ["ip", "netns", "exec", self.netns, "nft", *(["-j"] if json_output else []),
+                *(["-t"] if terse else []), "-a"]
+        # The CLI prints JSON listings only for a command given as arguments, not read with -f.
+        listing = text.startswith("list ")
+        argv += text.split() if listing else ["-f", "-"]
+        proc = subprocess.run(argv, input=None if listing else text, capture_output=True, text=True,
+                              check=False)
+        if proc.returncode != 0:
+            raise NftError(f"nft: {proc.stderr.strip()[:2000]}")
+        if json_output and not proc.stdout.strip():
+            return '{"nftables": []}'  # the CLI prints nothing for an empty listing (the library does)
+        return proc.stdout
+
+
+@pytest.fixture
+def netns():
+    need_root()
+    need_binary("nft", "ip")
+    name = f"dcinc{os.getpid()}{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
+                       check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "eth0", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def _backends(lid: int, count: int) -> tuple[tuple[str, str], ...]:
+    return tuple((f"10.{lid}.0.{i + 1}", f"02:00:00:{lid:02x}:00:{i + 1:02x}") for i in range(count))
+
+
+def _plan(lid: int, size: int, count: int, old: np.ndarray | None = None) -> ListenerPlan:
+    current = maglev_table([f"b{i}" for i in range(count)], None, size)
+    unstable = None if old is None else np.flatnonzero(current != old)
+    return ListenerPlan(lid, f"203.0.113.{lid}", "tcp", 80, _backends(lid, count), current, old, unstable,
+                        pin_timeout_s=60)
+
+
+def _handles(nft: NamespaceNft, lid: int) -> dict[str, list[int]]:
+    """Rule handles of every chain of a listener (l<id> and its backend chains)."""
+    out = json.loads(nft.run("list chains netdev", json_output=True))
+    chains = [c["chain"]["name"] for c in out["nftables"] if "chain" in c
+              and (c["chain"]["name"] == f"l{lid}" or c["chain"]["name"].startswith(f"b{lid}_"))]
+    handles: dict[str, list[int]] = {}
+    for chain in chains:
+        listing = json.loads(nft.run(f"list chain netdev lbagent {chain}", json_output=True))
+        handles[chain] = [r["rule"]["handle"] for r in listing["nftables"] if "rule" in r]
+    return handles
+
+
+def _map(nft: NamespaceNft, name: str) -> tuple[int | None, list]:
+    listing = json.loads(nft.run(f"list map netdev lbagent {name}", json_output=True))
+    m = next(item["map"] for item in listing["nftables"] if "map" in item)
+    return m.get("size"), sorted(map(str, m.get("elem", [])))
+
+
+@pytest.mark.lab
+def test_a_change_to_one_listener_leaves_the_others_untouched(netns):
+    nft = NamespaceNft(netns)
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft, nflog_group=5)
+    plans = [_plan(1, 409, 4), _plan(2, 409, 4), _plan(3, 809, 8)]
+    dp.apply(plans)
+    before = {lid: _handles(nft, lid) for lid in (1, 2, 3)}
+    maps_before = {name: _map(nft, name) for name in ("cur_1", "cur_3")}
+    assert maps_before["cur_1"][0] == 409, "maps sized to their table"
+    assert maps_before["cur_3"][0] == 809, "maps sized to their table"
+    assert len(maps_before["cur_3"][1]) == 809
+    assert all(len(h) >= 2 for h in before[1].values()), before[1]
+
+    sent = dp.transactions
+    # Listener 2 gets a fifth backend: a transition (old table, unstable buckets, a new chain).
+    changed = _plan(2, 409, 5, old=plans[1].current)
+    dp.apply([plans[0], changed, plans[2]])
+
+    assert dp.transactions == sent + 1, "one change is one transaction"
+    assert _handles(nft, 1) == before[1], "listener 1's rules were flushed or re-added"
+    assert _handles(nft, 3) == before[3], "listener 3's rules were flushed or re-added"
+    assert {name: _map(nft, name) for name in ("cur_1", "cur_3")} == maps_before
+    after_2 = _handles(nft, 2)
+    assert "b2_10_2_0_5" not in before[2]
+    assert "b2_10_2_0_5" in after_2, "the new backend's chain is in"
+    size, old_elements = _map(nft, "old_2")
+    assert size == 409
+    assert len(old_elements) == 409, "listener 2's old table is loaded"
+
+    # Removing listener 1 touches neither 2 nor 3.
+    after_3 = _handles(nft, 3)
+    dp.apply([changed, plans[2]])
+    assert _handles(nft, 3) == after_3
+    assert _handles(nft, 2) == after_2
+    assert _handles(nft, 1) == {}, "listener 1's chains are gone"
