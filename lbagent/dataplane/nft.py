@@ -248,9 +248,7 @@ def _pinok_size(table_size: int) -> int:
 
 @dataclass
 class _Applied:
-    plan: ListenerPlan
-    current_verdicts: np.ndarray
-    old_verdicts: np.ndarray | None
+    plan: ListenerPlan  # its int tables, not rendered verdicts: 8 B per bucket less per listener
     unstable: set[int]
     chains_key: tuple  # what the listener's chains are rendered from: same key, chains untouched
     pin_macs: tuple[str, ...]
@@ -555,15 +553,12 @@ class NftDataplane:
                 and _same(unstable_arr, prev.plan.unstable)):
             # The same tables (usually the very same arrays: the daemon caches generations):
             # nothing to send and nothing to recompute.
-            return [], 0, _Applied(plan, prev.current_verdicts, prev.old_verdicts, prev.unstable, key,
-                                   pin_macs)
-        cur_v = _verdicts(plan, plan.current)
-        old_v = _verdicts(plan, plan.old) if plan.old is not None else None
+            return [], 0, _Applied(plan, prev.unstable, key, pin_macs)
         unstable = set(unstable_arr.tolist()) if unstable_arr is not None else set()
-        state = _Applied(plan, cur_v, old_v, unstable, key, pin_macs)
+        state = _Applied(plan, unstable, key, pin_macs)
         cmds: list[str] = []
         elements = 0
-        resize = prev is not None and len(prev.current_verdicts) != size
+        resize = prev is not None and len(prev.plan.current) != size
         if existing is not None and prev is None:
             held = existing.get(("map", f"cur_{lid}"), -1)
             resize = held != -1 and held != size  # an earlier process made it with another size
@@ -588,17 +583,19 @@ class NftDataplane:
                 cmds.append(f"add element {t} pinok_{lid} {{ {', '.join(pin_macs)} }}")
         if prev is None:
             cmds += [f"flush map {t} cur_{lid}", f"flush map {t} old_{lid}", f"flush set {t} unstable_{lid}"]
+            cur_v = _verdicts(plan, plan.current)
             cmds.append(f"add element {t} cur_{lid} {{ {_elements(range(len(cur_v)), cur_v)} }}")
             elements += len(cur_v)
-            if old_v is not None:
+            if plan.old is not None:
+                old_v = _verdicts(plan, plan.old)
                 cmds.append(f"add element {t} old_{lid} {{ {_elements(range(len(old_v)), old_v)} }}")
                 elements += len(old_v)
             if unstable:
                 cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(unstable))} }}")
                 elements += len(unstable)
         else:
-            diff = self._diff_map(f"cur_{lid}", prev.current_verdicts, cur_v)
-            diff += self._diff_map(f"old_{lid}", prev.old_verdicts, old_v)
+            diff = self._diff_map(f"cur_{lid}", prev.plan, prev.plan.current, plan, plan.current)
+            diff += self._diff_map(f"old_{lid}", prev.plan, prev.plan.old, plan, plan.old)
             cmds += diff
             elements += sum(line.count(",") + 1 for line in diff if "element" in line)
             gone, added = prev.unstable - unstable, unstable - prev.unstable
@@ -615,19 +612,29 @@ class NftDataplane:
                              f"delete counter {t} c{name}"]
         return cmds, elements, state
 
-    def _diff_map(self, name: str, before: np.ndarray | None, after: np.ndarray | None) -> list[str]:
+    def _diff_map(self, name: str, before_plan: ListenerPlan, before: np.ndarray | None,
+                  plan: ListenerPlan, after: np.ndarray | None) -> list[str]:
+        """Commands turning map `name` from `before` (indexes into before_plan's backends) into
+        `after` (indexes into plan's): only the buckets whose backend chain differs."""
         t = self._t()
         if after is None:
             return [f"flush map {t} {name}"] if before is not None else []
         if before is None:
+            verdicts = _verdicts(plan, after)
             return [f"flush map {t} {name}",
-                    f"add element {t} {name} {{ {_elements(range(len(after)), after)} }}"]
-        changed = np.flatnonzero(before != after)
+                    f"add element {t} {name} {{ {_elements(range(len(after)), verdicts)} }}"]
+        # A bucket's verdict is its backend's chain, named by the address: map the old indexes to
+        # the new ones (-2: a backend the plan no longer has; the trailing -1 stays "drop").
+        where = {address: i for i, (address, _) in enumerate(plan.backends)}
+        remap = np.array([where.get(address, -2) for address, _ in before_plan.backends] + [-1],
+                         dtype=np.int64)
+        changed = np.flatnonzero(remap[before] != after)
         if len(changed) == 0:
             return []
+        verdicts = _verdicts(plan, after)
         # An element cannot be re-added with another value: delete and add in the same transaction.
         return [f"delete element {t} {name} {{ {_elements(changed)} }}",
-                f"add element {t} {name} {{ {_elements(changed, after)} }}"]
+                f"add element {t} {name} {{ {_elements(changed, verdicts)} }}"]
 
     def _existing_objects(self) -> dict[tuple[str, str], int | None]:
         """(kind, name) of the chains, maps, sets and counters the kernel holds in our table,
