@@ -261,7 +261,9 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 
 
 def _chains_key(plan: ListenerPlan) -> tuple:
-    return (plan.vip, plan.protocol, plan.port, plan.backends, int(plan.pin_timeout_s), len(plan.current))
+    """What the listener's chains are rendered from, backends aside (each backend's chain depends
+    on its own address and MAC only): same key, only new backends' chains are written."""
+    return (plan.protocol, int(plan.pin_timeout_s), len(plan.current))
 
 
 def _dispatch_key(plan: ListenerPlan) -> str:
@@ -549,6 +551,7 @@ class NftDataplane:
         key = _chains_key(plan)
         unstable_arr = plan.unstable
         if (prev is not None and prev.chains_key == key and prev.pin_macs == pin_macs
+                and prev.plan.backends == plan.backends
                 and _same(plan.current, prev.plan.current) and _same(plan.old, prev.plan.old)
                 and _same(unstable_arr, prev.plan.unstable)):
             # The same tables (usually the very same arrays: the daemon caches generations):
@@ -573,9 +576,14 @@ class NftDataplane:
             prev = None
         if prev is None:
             cmds += self._create_objects(plan)
-        if prev is None or prev.chains_key != key:
-            for address, mac in plan.backends:
+        rerender = prev is None or prev.chains_key != key
+        had = set() if prev is None else set(prev.plan.backends)
+        for address, mac in plan.backends:
+            # A drain, a removal or a weight change writes no rule: only elements (rule commands
+            # make libnftables fetch every chain and object of the ruleset first).
+            if rerender or (address, mac) not in had:
                 cmds += self._backend_chain_rules(plan, address, mac)
+        if rerender:
             cmds += self._listener_rules(plan)
         if prev is None or prev.pin_macs != pin_macs:
             cmds.append(f"flush set {t} pinok_{lid}")

@@ -112,6 +112,16 @@ def test_a_change_to_one_listener_leaves_the_others_untouched(netns):
     assert size == 409
     assert len(old_elements) == 409, "listener 2's old table is loaded"
 
+    # A backend removed from listener 2: its chain goes, the listener's other chains keep their
+    # rules (a removal, a drain or a weight change writes elements only).
+    shrunk = _plan(2, 409, 4, old=changed.current)
+    dp.apply([plans[0], shrunk, plans[2]])
+    after_removal = _handles(nft, 2)
+    assert "b2_10_2_0_5" not in after_removal
+    assert after_removal == {k: v for k, v in after_2.items() if k != "b2_10_2_0_5"}
+    changed = shrunk
+    after_2 = after_removal
+
     # Removing listener 1 touches neither 2 nor 3.
     after_3 = _handles(nft, 3)
     dp.apply([changed, plans[2]])
