@@ -4,8 +4,9 @@ libnftables in this process).
 
 For each listener count (10, 100 and N x 4) on an empty table: the time of the whole-document
 load, the kernel memory per listener, and the time of one change (a ninth backend added to one
-listener: a transition with its old table and unstable set) measured five times on different
-listeners. Then the process's peak RSS (the driver, its plans and libnftables: what the daemon
+listener: a transition with its old table, unstable set and a new backend chain) and of one drain
+(the eighth backend out of one listener's current table: elements only), each five times on
+different listeners. Then the process's peak RSS (the driver, its plans and libnftables: what the daemon
 holds for the data plane) and its RSS after the load (what a fresh libnftables context gave back).
 
 Baseline in the same run: the driver as it was before incremental updates (commit 0298d40: maps
@@ -89,48 +90,60 @@ def plans_for(module, listeners: int, table: np.ndarray) -> list:
     return plans
 
 
-def one_change(module, plans: list, index: int, table: np.ndarray, grown: np.ndarray) -> list:
-    """The plans with listener `index` given a ninth backend (a transition from `table`)."""
+def one_change(module, plans: list, index: int, table: np.ndarray, kind: str, tables: dict) -> list:
+    """The plans with listener `index` changed: `add` gives it a ninth backend (a transition
+    from `table`, a new backend chain); `drain` takes its eighth backend out of the current
+    table (a transition: the backend stays while its connections drain; elements only)."""
     p = plans[index]
-    backends = (*p.backends, (p.backends[0][0].rsplit(".", 1)[0] + ".99", "02:00:00:00:00:99"))
-    changed = module.ListenerPlan(p.listener_id, p.vip, p.protocol, p.port, backends, grown, table,
-                                  np.flatnonzero(grown != table), pin_timeout_s=p.pin_timeout_s,
+    if kind == "add":
+        backends = (*p.backends, (p.backends[0][0].rsplit(".", 1)[0] + ".99", "02:00:00:00:00:99"))
+        new = tables["add"]
+    else:
+        backends = p.backends
+        new = tables["drain"]
+    changed = module.ListenerPlan(p.listener_id, p.vip, p.protocol, p.port, backends, new, table,
+                                  np.flatnonzero(new != table), pin_timeout_s=p.pin_timeout_s,
                                   pin_macs=tuple(m for _, m in backends))
     return [*plans[:index], changed, *plans[index + 1:]]
 
 
 def measure(module, listeners: int, size: int, legacy: bool) -> dict:
-    """Empty table -> load `listeners` -> five single changes -> delete the table."""
+    """Empty table -> load `listeners` -> five single changes of each kind -> delete the table."""
     names = [f"b{j}" for j in range(BACKENDS)]
     table = maglev_table(names, None, size)
-    grown = maglev_table([*names, "b99"], None, size)
+    tables = {"add": maglev_table([*names, "b99"], None, size),
+              "drain": maglev_table(names[:-1], None, size)}
     nft = module.Nft()
     with __import__("contextlib").suppress(module.NftError):
         nft.run(f"delete table netdev {module.TABLE}\n")
     before = settled_kernel_used()
     plans = plans_for(module, listeners, table)
-    kwargs = {"table_size": size} if legacy else {}
+    kwargs = {"table_size": size} if legacy else {"elements": module.NetlinkElements()}
     dp = module.NftDataplane("eth0", "02:aa:00:00:00:01", seed=0x5EED, nft=nft, nflog_group=7, **kwargs)
     t0 = time.perf_counter()
     dp.apply(plans)
     load_s = time.perf_counter() - t0
     rss_after_load = rss_bytes()
     loaded = settled_kernel_used()
-    changes = []
-    for k in range(5):
+    changes: dict[str, list[float]] = {"add": [], "drain": []}
+    for k in range(10):
+        kind = "add" if k % 2 == 0 else "drain"
         index = (k * 7919) % listeners
-        plans = one_change(module, plans, index, table, grown)
+        plans = one_change(module, plans, index, table, kind, tables)
         t0 = time.perf_counter()
         dp.apply(plans)
-        changes.append(time.perf_counter() - t0)
+        changes[kind].append(time.perf_counter() - t0)
     nft.run(f"delete table netdev {module.TABLE}\n")
-    return {"listeners": listeners, "table_size": size, "load_s": round(load_s, 3),
-            "kernel_mib_per_listener": round((loaded - before) / listeners / 2**20, 3),
-            "kernel_mib_total": round((loaded - before) / 2**20, 1),
-            "change_ms_median": round(statistics.median(changes) * 1000, 1),
-            "change_ms_max": round(max(changes) * 1000, 1),
-            "transactions": getattr(dp, "transactions", None),
-            "rss_after_load_mib": round(rss_after_load / 2**20, 1)}
+    row = {"listeners": listeners, "table_size": size, "load_s": round(load_s, 3),
+           "kernel_mib_per_listener": round((loaded - before) / listeners / 2**20, 3),
+           "kernel_mib_total": round((loaded - before) / 2**20, 1),
+           "transactions": getattr(dp, "transactions", None),
+           "netlink_transactions": getattr(dp, "netlink_transactions", None),
+           "rss_after_load_mib": round(rss_after_load / 2**20, 1)}
+    for kind, times in changes.items():
+        row[f"{kind}_ms_median"] = round(statistics.median(times) * 1000, 1)
+        row[f"{kind}_ms_max"] = round(max(times) * 1000, 1)
+    return row
 
 
 def load_module(legacy: bool):
@@ -198,12 +211,12 @@ def main() -> None:
     print(f"mux_scale: {args.vips} VIPs x {len(PORTS)} TCP listeners x {BACKENDS} backends, backend cap "
           f"{args.cap} -> table size {size}; noisy shared 2-core machine")
     print(f"{'driver':<16} {'listeners':>9} {'table':>6} {'load s':>8} {'kernel MiB/lst':>14} "
-          f"{'change ms p50':>13} {'max':>7} {'RSS after load MiB':>18}")
+          f"{'add ms p50':>10} {'max':>7} {'drain ms p50':>12} {'max':>7} {'RSS after load MiB':>18}")
     for result in results:
         for row in result["rows"]:
             print(f"{result['driver']:<16} {row['listeners']:>9} {row['table_size']:>6} {row['load_s']:>8} "
-                  f"{row['kernel_mib_per_listener']:>14} {row['change_ms_median']:>13} "
-                  f"{row['change_ms_max']:>7} {row['rss_after_load_mib']:>18}")
+                  f"{row['kernel_mib_per_listener']:>14} {row['add_ms_median']:>10} {row['add_ms_max']:>7} "
+                  f"{row['drain_ms_median']:>12} {row['drain_ms_max']:>7} {row['rss_after_load_mib']:>18}")
         print(f"{result['driver']:<16} peak RSS {result['peak_rss_mib']} MiB, "
               f"at the end {result['rss_end_mib']} MiB")
     print(json.dumps(results))
