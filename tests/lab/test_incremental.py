@@ -128,3 +128,64 @@ def test_a_change_to_one_listener_leaves_the_others_untouched(netns):
     assert _handles(nft, 3) == after_3
     assert _handles(nft, 2) == after_2
     assert _handles(nft, 1) == {}, "listener 1's chains are gone"
+
+
+def _in_netns(netns: str, work):
+    """Run `work()` on a thread that joined the namespace (setns changes only the calling
+    thread), so libnftables and the netlink writer talk to that namespace's nf_tables."""
+    import ctypes
+    import threading
+
+    result: dict = {}
+
+    def target() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(f"/run/netns/{netns}") as f:
+            if libc.setns(f.fileno(), 0x40000000) != 0:  # CLONE_NEWNET
+                result["error"] = OSError(ctypes.get_errno(), "setns")
+                return
+        try:
+            result["value"] = work()
+        except BaseException as exc:  # handed to the test's thread, re-raised there
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+@pytest.mark.lab
+def test_element_only_changes_go_as_netlink_messages_and_land_exactly(netns):
+    """The daemon's driver (libnftables + the netlink element writer): a drain is written without
+    libnftables, in one transaction, and the kernel then holds exactly the planned buckets; no
+    rule of any listener is rewritten."""
+    cli = NamespaceNft(netns)
+    plans = [_plan(1, 409, 8), _plan(2, 409, 8)]
+    dp = _in_netns(netns, lambda: NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nflog_group=5))
+    _in_netns(netns, lambda: dp.apply(plans))
+    before = {lid: _handles(cli, lid) for lid in (1, 2)}
+    drained = _plan(2, 409, 7, old=plans[1].current)
+    # The drained backend stays in the plan (its connections drain): same backends, new tables.
+    drained = ListenerPlan(2, drained.vip, "tcp", 80, plans[1].backends, drained.current, drained.old,
+                           drained.unstable, pin_timeout_s=60,
+                           pin_macs=tuple(m for _, m in plans[1].backends[:7]))
+    sent, by_netlink = dp.transactions, dp.netlink_transactions
+    _in_netns(netns, lambda: dp.apply([plans[0], drained]))
+    assert dp.transactions == sent + 1
+    assert dp.netlink_transactions == by_netlink + 1, "the drain went through libnftables"
+    assert {lid: _handles(cli, lid) for lid in (1, 2)} == before
+    listing = json.loads(cli.run("list map netdev lbagent cur_2", json_output=True))
+    elems = next(item["map"] for item in listing["nftables"] if "map" in item)["elem"]
+    kernel = {int(key): value["jump"]["target"] for key, value in elems}
+    planned = {b: f"b2_{plans[1].backends[i][0].replace('.', '_')}" for b, i in enumerate(drained.current)}
+    assert kernel == planned
+    listing = json.loads(cli.run("list set netdev lbagent unstable_2", json_output=True))
+    unstable = next(item["set"] for item in listing["nftables"] if "set" in item).get("elem", [])
+    assert sorted(unstable) == sorted(drained.unstable.tolist())
+    assert len(unstable) > 0
+    listing = json.loads(cli.run("list set netdev lbagent pinok_2", json_output=True))
+    pinok = next(item["set"] for item in listing["nftables"] if "set" in item)["elem"]
+    assert sorted(pinok) == sorted(drained.pin_macs)
