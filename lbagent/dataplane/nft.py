@@ -599,23 +599,61 @@ class NftDataplane:
             self._applied = {}
         applied = self._applied
         assert applied is not None
-        t = self._t()
         timeouts: dict[str, int] = {proto: 60 for proto in PROTOCOLS}
         longest: dict[str, float] = {}
         for p in plans:
             longest[p.protocol] = max(longest.get(p.protocol, 0), p.pin_timeout_s)
         timeouts.update({proto: max(1, int(v)) for proto, v in longest.items()})
 
-        # Per listener: its commands and how many map elements they carry (the batch measure).
-        pieces: list[tuple[list[str], int]] = []
+        # Batches are sent as they fill, so neither the command text nor libnftables' parse of it
+        # ever holds more than one batch (a whole document's text would be ~200 B per bucket).
         new_applied: dict[int, _Applied] = {}
-        for plan in plans:
-            cmds, elements, state = self._listener_changes(plan, applied.get(plan.listener_id), existing)
-            new_applied[plan.listener_id] = state
-            if cmds:
-                pieces.append((cmds, elements))
-        # Last: the dispatch map (a listener becomes reachable once all its objects are in), the
-        # injection rules, then whatever no plan needs any more.
+        current: list[str] = self._base() if first else []
+        size = 0
+        sent = 0
+        try:
+            for plan in plans:
+                cmds, elements, state = self._listener_changes(plan, applied.get(plan.listener_id), existing)
+                new_applied[plan.listener_id] = state
+                if not cmds:
+                    continue
+                if size > 0 and size + elements > self.batch_elements:
+                    self._send(current, first)
+                    sent += 1
+                    # Each batch's parse tree and cache stay in the context until freed: without
+                    # this the daemon's RSS grows with the document instead of one batch.
+                    self._fresh_context()
+                    current, size = [], 0
+                current += cmds
+                size += elements
+            current += self._last_commands(plans, applied, new_applied, existing, timeouts, first)
+            if current:
+                self._send(current, first)
+                if sent:
+                    self._fresh_context()
+        except NftError:
+            self._applied = None  # unknown again: the next apply rebuilds from the kernel's listing
+            self._inject_timeouts = None
+            raise
+        self._applied = new_applied
+        self._inject_timeouts = timeouts
+
+    def _send(self, batch: list[str], first: bool) -> None:
+        text = "\n".join(batch) + "\n"
+        ops = NetlinkElements.parse(text) if self.elements is not None and not first else None
+        if ops is not None:
+            self.elements.run(ops)  # type: ignore[union-attr]
+            self.netlink_transactions += 1
+        else:
+            self.nft.run(text)
+        self.transactions += 1
+
+    def _last_commands(self, plans: Sequence[ListenerPlan], applied: dict[int, _Applied],
+                       new_applied: dict[int, _Applied], existing: dict[tuple[str, str], int | None] | None,
+                       timeouts: dict[str, int], first: bool) -> list[str]:
+        """The apply's last transaction: the dispatch map (a listener becomes reachable once all its
+        objects are in), the injection rules, then whatever no plan needs any more."""
+        t = self._t()
         last: list[str] = []
         if first:
             last += [f"flush chain {t} ingress",
@@ -642,39 +680,7 @@ class NftDataplane:
                 last += self._delete_listener(a)
         if existing:
             last += self._delete_stale(set(existing), plans)
-
-        batches: list[list[str]] = []
-        current: list[str] = self._base() if first else []
-        size = 0
-        for cmds, elements in pieces:
-            if current and size + elements > self.batch_elements and size > 0:
-                batches.append(current)
-                current, size = [], 0
-            current += cmds
-            size += elements
-        current += last
-        if current:
-            batches.append(current)
-        try:
-            for batch in batches:
-                text = "\n".join(batch) + "\n"
-                ops = NetlinkElements.parse(text) if self.elements is not None and not first else None
-                if ops is not None:
-                    self.elements.run(ops)  # type: ignore[union-attr]
-                    self.netlink_transactions += 1
-                else:
-                    self.nft.run(text)
-                self.transactions += 1
-                if len(batches) > 1:
-                    # Each batch's parse tree and cache stay in the context until freed: without
-                    # this the daemon's RSS grows with the document instead of one batch.
-                    self._fresh_context()
-        except NftError:
-            self._applied = None  # unknown again: the next apply rebuilds from the kernel's listing
-            self._inject_timeouts = None
-            raise
-        self._applied = new_applied
-        self._inject_timeouts = timeouts
+        return last
 
     def _fresh_context(self) -> None:
         """A whole-document load leaves libnftables' caches and the C heap full: a new context
