@@ -719,7 +719,8 @@ class NftDataplane:
             cmds += [f"flush chain {t} l{lid}",
                      *(f"flush chain {t} {backend_chain(lid, a)}" for a, _ in old_backends
                        if existing is None or ("chain", backend_chain(lid, a)) in existing),
-                     *self._delete_maps(lid)]
+                     *(cmd for cmd in self._delete_maps(lid)
+                       if existing is None or (cmd.split()[1], cmd.split()[-1]) in existing)]
             prev = None
         if prev is None:
             cmds += self._create_objects(plan)

@@ -189,3 +189,21 @@ def test_element_only_changes_go_as_netlink_messages_and_land_exactly(netns):
     listing = json.loads(cli.run("list set netdev lbagent pinok_2", json_output=True))
     pinok = next(item["set"] for item in listing["nftables"] if "set" in item)["elem"]
     assert sorted(pinok) == sorted(drained.pin_macs)
+
+
+@pytest.mark.lab
+def test_a_restarted_driver_recreates_maps_of_another_size(netns):
+    """A daemon restarted with another table size for a listener (a new backend_cap, or maps an
+    older daemon declared with 131,072 elements) recreates that listener's maps with the new
+    size in its first transaction and leaves the other listener's maps as they were."""
+    nft = NamespaceNft(netns)
+    NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft).apply([_plan(1, 409, 4), _plan(2, 409, 4)])
+    kept = _map(nft, "cur_2")
+    restarted = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft)
+    restarted.apply([_plan(1, 809, 4), _plan(2, 409, 4)])
+    size, elements = _map(nft, "cur_1")
+    assert size == 809
+    assert len(elements) == 809
+    listing = json.loads(nft.run("list set netdev lbagent unstable_1", json_output=True))
+    assert next(item["set"] for item in listing["nftables"] if "set" in item)["size"] == 809
+    assert _map(nft, "cur_2") == kept
