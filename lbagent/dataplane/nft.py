@@ -284,7 +284,12 @@ class NetlinkElements:
             attrs += _nla(_NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
             if items:
                 attrs += _nla(_NFTA_SET_ELEM_LIST_ELEMENTS | _NLA_F_NESTED, b"".join(items))
-            flags = _NLM_F_REQUEST | _NLM_F_ACK | (_NLM_F_CREATE if kind == _NFT_MSG_NEWSETELEM else 0)
+            # An ack only for the last message (an error is reported for any message anyway):
+            # one ack per message overflowed the socket's receive buffer on a 65,537-bucket
+            # transition (hundreds of messages), and the errors come in message order.
+            last = seq == len(ops) + 1
+            flags = (_NLM_F_REQUEST | (_NLM_F_ACK if last else 0)
+                     | (_NLM_F_CREATE if kind == _NFT_MSG_NEWSETELEM else 0))
             body = struct.pack("=BBH", _NFPROTO_NETDEV, 0, 0) + attrs
             parts.append(struct.pack("=IHHII", 16 + len(body), (_NFNL_SUBSYS_NFTABLES << 8) | kind,
                                      flags, seq, 0) + body)
@@ -301,7 +306,9 @@ class NetlinkElements:
             # hanging the daemon forever.
             sock.settimeout(60)
             sock.send(payload)
-            pending = set(names)
+            with contextlib.suppress(OSError):  # SO_RCVBUFFORCE (33): room for the error reports
+                sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)
+            pending = {seq - 1}  # the last element message's ack ends the transaction's answer
             while pending:
                 data = sock.recv(1 << 16)
                 pos = 0

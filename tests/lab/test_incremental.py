@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lbagent.core.maglev import maglev_table
-from lbagent.dataplane.nft import ListenerPlan, Nft, NftDataplane, NftError
+from lbagent.dataplane.nft import ListenerPlan, NetlinkElements, Nft, NftDataplane, NftError
 from tests.environment import need_binary, need_root
 
 
@@ -207,3 +207,33 @@ def test_a_restarted_driver_recreates_maps_of_another_size(netns):
     listing = json.loads(nft.run("list set netdev lbagent unstable_1", json_output=True))
     assert next(item["set"] for item in listing["nftables"] if "set" in item)["size"] == 809
     assert _map(nft, "cur_2") == kept
+
+
+@pytest.mark.lab
+def test_a_refused_netlink_batch_names_the_set_and_applies_nothing(netns):
+    """One batch is one transaction: a delete of a missing element fails the whole batch (the
+    add before it is rolled back) with an error naming the set; a 65,537-bucket transition (over
+    300 messages) is acknowledged without overflowing the socket."""
+    cli = NamespaceNft(netns)
+    size = 65537
+    first = _plan(1, size, 8)
+
+    def work() -> str:
+        dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nflog_group=5)
+        dp.apply([first])
+        drained = ListenerPlan(1, first.vip, "tcp", 80, first.backends, _plan(1, size, 7).current,
+                               first.current, np.flatnonzero(_plan(1, size, 7).current != first.current),
+                               pin_timeout_s=60)
+        dp.apply([drained])
+        assert dp.netlink_transactions == 1
+        bad = NetlinkElements.parse("add element netdev lbagent unstable_1 { 70001 }\n"
+                                    "delete element netdev lbagent unstable_1 { 70000 }\n")
+        with pytest.raises(NftError, match="delete elements of unstable_1: No such file") as excinfo:
+            NetlinkElements().run(bad)
+        return str(excinfo.value)
+
+    _in_netns(netns, work)
+    listing = json.loads(cli.run("list map netdev lbagent old_1", json_output=True))
+    assert len(next(item["map"] for item in listing["nftables"] if "map" in item)["elem"]) == size
+    listing = json.loads(cli.run("list set netdev lbagent unstable_1", json_output=True))
+    assert 70001 not in next(item["set"] for item in listing["nftables"] if "set" in item).get("elem", [])
