@@ -321,6 +321,10 @@ class NetlinkElements:
                                            f"{names.get(msg_seq, f'message {msg_seq}')}: {os.strerror(-err)}")
                         pending.discard(msg_seq)
                     pos += (length + 3) & ~3
+        except OSError as exc:
+            # The daemon handles NftError (state unknown, rebuilt at the next apply); a socket
+            # error must not end it.
+            raise NftError(f"nf_tables element batch: {exc}") from exc
         finally:
             sock.close()
 
