@@ -732,6 +732,11 @@ class NftDataplane:
                        if existing is None or ("chain", backend_chain(lid, a)) in existing),
                      *(cmd for cmd in self._delete_maps(lid)
                        if existing is None or (cmd.split()[1], cmd.split()[-1]) in existing)]
+            in_use = {a for a, _ in plan.backends}
+            for address, _ in (prev.plan.backends if prev is not None else ()):
+                if address not in in_use:  # unreferenced now that the maps are gone
+                    name = backend_chain(lid, address)
+                    cmds += [f"delete chain {t} {name}", f"delete counter {t} c{name}"]
             prev = None
         if prev is None:
             cmds += self._create_objects(plan)

@@ -237,3 +237,19 @@ def test_a_refused_netlink_batch_names_the_set_and_applies_nothing(netns):
     assert len(next(item["map"] for item in listing["nftables"] if "map" in item)["elem"]) == size
     listing = json.loads(cli.run("list set netdev lbagent unstable_1", json_output=True))
     assert 70001 not in next(item["set"] for item in listing["nftables"] if "set" in item).get("elem", [])
+
+
+@pytest.mark.lab
+def test_a_new_table_size_recreates_the_maps_in_one_transaction(netns):
+    """The same driver, a listener's table size changed (its backend cap grew) and a backend
+    gone: its maps are recreated with the new size, the gone backend's chain is deleted."""
+    nft = NamespaceNft(netns)
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft)
+    dp.apply([_plan(1, 409, 5)])
+    sent = dp.transactions
+    dp.apply([_plan(1, 809, 4)])
+    assert dp.transactions == sent + 1
+    size, elements = _map(nft, "cur_1")
+    assert size == 809
+    assert len(elements) == 809
+    assert "b1_10_1_0_5" not in _handles(nft, 1)
