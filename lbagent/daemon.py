@@ -219,7 +219,7 @@ class MuxDaemon:
 
     # -- planning -------------------------------------------------------------------------------
     def _listener_tables(self, vip: Vip, listener: Listener, now: float) -> ListenerTables | None:
-        size = self.state.cluster.table_size  # type: ignore[union-attr]
+        size = listener.table_size_in(self.state.cluster)  # type: ignore[union-attr]
         current = self._cache.get(listener.generation, listener.backends, size)
         if current is None:
             return None
@@ -376,7 +376,8 @@ class MuxDaemon:
                 by_name.setdefault(backend_name(b), b)
             if tables is None:
                 plans.append(ListenerPlan(listener.id, vip.address, listener.protocol, listener.port, (),
-                                          np.full(self.state.cluster.table_size, -1, dtype=np.int32)))
+                                          np.full(listener.table_size_in(self.state.cluster), -1,
+                                                  dtype=np.int32)))
                 continue
             backends = tuple((by_name[n].address, self._mac_of(by_name[n])) for n in tables.names)
             tables_of[listener.id] = tables
@@ -428,7 +429,7 @@ class MuxDaemon:
         assert self.dataplane is not None
         assert self.state is not None
         t0 = time.monotonic()
-        self.dataplane.apply(plans)  # one transaction
+        self.dataplane.apply(plans)  # one transaction (bounded batches for a whole-document load)
         keys = sorted({(p.vip, p.protocol, p.port) for p in plans})
         if self.slowpath is not None:
             if keys != self._slow_keys:
@@ -524,7 +525,7 @@ class MuxDaemon:
             arr = np.asarray(flows, dtype=np.int64)
             cluster = self.state.cluster
             buckets = flow_buckets(arr[:, 0], arr[:, 1], int(arr[0, 2]), arr[:, 3], arr[:, 4],
-                                   seed=cluster.hash_seed, table_size=cluster.table_size)
+                                   seed=cluster.hash_seed, table_size=listener.tables.current.table_size)
             batches.append((listener, np.column_stack([arr, np.asarray(buckets, dtype=np.int64)]), backends))
         self.slowpath.keep_alive(batches)
         self.slowpath.expire_records(now)

@@ -39,6 +39,10 @@ MAX_HEALTH_INTERVAL_S = 3_600.0
 DEFAULT_FLOW_IDLE_TIMEOUT_S = {"tcp": 7_440, "udp": 120}
 MIN_FLOW_IDLE_TIMEOUT_S = 2
 MAX_FLOW_IDLE_TIMEOUT_S = 7 * 86_400
+# A listener's Maglev table has more than this many buckets per backend of its cap: Maglev's
+# per-backend share then stays within about 1% of its weight (docs/dataplane.md), while the
+# kernel maps stay small (6,421 buckets for a 64-backend cap instead of 65,537).
+BUCKETS_PER_BACKEND = 100
 
 PROTOCOLS = ("tcp", "udp")
 BACKEND_STATES = ("active", "draining", "disabled")
@@ -170,6 +174,18 @@ class Listener:
     previous: PreviousGeneration | None = None
     health_check: HealthCheck | None = None
     flow_idle_timeout_s: int | None = None  # None: DEFAULT_FLOW_IDLE_TIMEOUT_S of the protocol
+    table_size: int | None = None  # explicit Maglev table size of this listener (a prime)
+    backend_cap: int | None = None  # most backends this listener may get: sizes its table
+
+    def table_size_in(self, cluster: Cluster) -> int:
+        """Buckets of this listener's Maglev table (and kernel maps): the explicit `table_size`,
+        else the smallest prime above BUCKETS_PER_BACKEND x `backend_cap`, else the cluster's.
+        Never above the cluster's size: the owner table (one per cluster) covers that many."""
+        if self.table_size is not None:
+            return self.table_size
+        if self.backend_cap is not None:
+            return min(table_size_for_cap(self.backend_cap), cluster.table_size)
+        return cluster.table_size
 
     @property
     def idle_timeout_s(self) -> int:
@@ -191,6 +207,10 @@ class Listener:
         }
         if self.flow_idle_timeout_s is not None:
             out["flow_idle_timeout_s"] = self.flow_idle_timeout_s
+        if self.table_size is not None:
+            out["table_size"] = self.table_size
+        if self.backend_cap is not None:
+            out["backend_cap"] = self.backend_cap
         return out
 
 
@@ -379,6 +399,16 @@ def _is_prime(n: int) -> bool:
 # Section parsers
 
 
+def table_size_for_cap(backend_cap: int) -> int:
+    """The smallest prime above BUCKETS_PER_BACKEND x backend_cap (Maglev needs a prime)."""
+    if not isinstance(backend_cap, int) or isinstance(backend_cap, bool) or backend_cap < 1:
+        raise ValueError(f"backend_cap: expected a positive integer, got {backend_cap!r}")
+    n = BUCKETS_PER_BACKEND * backend_cap + 1
+    while not _is_prime(n):
+        n += 1
+    return n
+
+
 def _parse_mux(value: Any, path: str) -> Mux:
     obj = _object(value, path, ("name", "address", "peer_port"))
     return Mux(
@@ -502,12 +532,30 @@ def _parse_listener(value: Any, path: str, family: int) -> Listener:
         value,
         path,
         ("id", "protocol", "port", "generation", "backends"),
-        ("drain_timeout_s", "previous", "health_check", "flow_idle_timeout_s"),
+        ("drain_timeout_s", "previous", "health_check", "flow_idle_timeout_s", "table_size", "backend_cap"),
     )
     generation = _int(obj["generation"], (path, "generation"), 0, 2**63 - 1)
     idle = obj.get("flow_idle_timeout_s")
     if idle is not None:
         idle = _int(idle, (path, "flow_idle_timeout_s"), MIN_FLOW_IDLE_TIMEOUT_S, MAX_FLOW_IDLE_TIMEOUT_S)
+    backends = _parse_backends(obj["backends"], _join(path, "backends"), family)
+    previous = _parse_previous(obj.get("previous"), _join(path, "previous"), family, generation)
+    table_size = obj.get("table_size")
+    if table_size is not None:
+        table_size = _int(table_size, (path, "table_size"), 3, MAX_TABLE_SIZE)
+        if not _is_prime(table_size):
+            raise StateError((path, "table_size"), f"expected a prime (Maglev needs one), got {table_size}")
+    cap = obj.get("backend_cap")
+    if cap is not None:
+        cap = _int(cap, (path, "backend_cap"), 1, MAX_BACKENDS_PER_LISTENER)
+        most = max(len(backends), len(previous.backends) if previous else 0)
+        if most > cap:
+            raise StateError((path, "backends"), f"{most} backends exceed the listener's backend_cap {cap}")
+    if table_size is not None:
+        most = max(len(backends), len(previous.backends) if previous else 0)
+        if most >= table_size:
+            raise StateError((path, "table_size"),
+                             f"{table_size} buckets must be more than the listener's {most} backends")
     return Listener(
         id=_int(obj["id"], (path, "id"), 1, 2**63 - 1),
         protocol=_choice(obj["protocol"], (path, "protocol"), PROTOCOLS),  # type: ignore[arg-type]
@@ -516,10 +564,12 @@ def _parse_listener(value: Any, path: str, family: int) -> Listener:
         drain_timeout_s=_int(
             obj.get("drain_timeout_s", 30), (path, "drain_timeout_s"), 0, MAX_DRAIN_TIMEOUT_S
         ),
-        backends=_parse_backends(obj["backends"], _join(path, "backends"), family),
-        previous=_parse_previous(obj.get("previous"), _join(path, "previous"), family, generation),
+        backends=backends,
+        previous=previous,
         health_check=_parse_health_check(obj.get("health_check"), _join(path, "health_check")),
         flow_idle_timeout_s=idle,
+        table_size=table_size,
+        backend_cap=cap,
     )
 
 
@@ -602,10 +652,18 @@ def parse_state(
                     f"vips[{index}].listeners[{position}].id", f"duplicate listener id {listener.id}"
                 )
             seen_ids.add(listener.id)
+    cluster = _parse_cluster(obj["cluster"], "cluster")
+    for index, vip in enumerate(vips):
+        for position, listener in enumerate(vip.listeners):
+            if listener.table_size is not None and listener.table_size > cluster.table_size:
+                # The owner table has the cluster's size: a bucket beyond it would have no owner.
+                raise StateError(f"vips[{index}].listeners[{position}].table_size",
+                                 f"{listener.table_size} is larger than cluster.table_size "
+                                 f"{cluster.table_size}")
     state = DesiredState(
         generation=_int(obj["generation"], "generation", 0, 2**63 - 1),
         node=_name(obj["node"], "node"),
-        cluster=_parse_cluster(obj["cluster"], "cluster"),
+        cluster=cluster,
         vips=vips,
     )
     if parser is not None:

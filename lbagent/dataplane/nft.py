@@ -33,8 +33,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -67,6 +69,19 @@ _OUTPUT_TERSE = 1 << 11
 class Nft:
     """One libnftables context in the calling process's network namespace."""
 
+    def reset(self) -> None:
+        """Free this context and make a new one, then hand the C heap's free pages back to the
+        kernel: libnftables keeps its cache (every object of a large load) for the context's life."""
+        if self._lib is None:
+            return
+        with self._lock:
+            self._lib.nft_ctx_free(self._ctx)
+            self._ctx = self._lib.nft_ctx_new(0)
+            self._lib.nft_ctx_buffer_output(self._ctx)
+            self._lib.nft_ctx_buffer_error(self._ctx)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).malloc_trim(0)  # glibc: return freed arenas (no-op elsewhere)
+
     def __init__(self) -> None:
         self._lib = None
         self._lock = threading.Lock()  # a context is not thread-safe (concurrent use segfaults)
@@ -83,6 +98,7 @@ class Nft:
         lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
         lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
         lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
         self._lib = lib
         self._ctx = lib.nft_ctx_new(0)
@@ -175,6 +191,145 @@ def read_counters(table: str, family: int = _NFPROTO_NETDEV) -> dict[str, tuple[
 
 
 # ---------------------------------------------------------------------------------------------
+# Element-only transactions written as nf_tables netlink messages (one batch = one transaction)
+
+_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END = 0x10, 0x11
+_NFT_MSG_NEWSETELEM, _NFT_MSG_DELSETELEM = 12, 14
+_NLM_F_ACK, _NLM_F_CREATE = 0x4, 0x400
+_NLA_F_NESTED = 0x8000
+_NFTA_SET_ELEM_LIST_TABLE, _NFTA_SET_ELEM_LIST_SET, _NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
+_NFTA_LIST_ELEM = 1
+_NFTA_SET_ELEM_KEY, _NFTA_SET_ELEM_DATA = 1, 2
+_NFTA_DATA_VALUE, _NFTA_DATA_VERDICT = 1, 2
+_NFTA_VERDICT_CODE, _NFTA_VERDICT_CHAIN = 1, 2
+_NF_DROP, _NFT_JUMP = 0, -3
+_ELEMENTS_PER_MESSAGE = 400  # a nested attribute's length is 16 bits: keep each list under 64 KiB
+_ELEMENT_LINE = re.compile(r"^(add|delete) element netdev (\S+) (\S+) \{ (.*) \}$")
+_FLUSH_LINE = re.compile(r"^flush (?:map|set) netdev (\S+) (\S+)$")
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
+
+
+def _element(key_text: str, data: bytes) -> bytes:
+    """One NFTA_LIST_ELEM: the key (a MAC, or a mark in host byte order like `meta mark` loads
+    it) and the already encoded data (b"" for a set)."""
+    if _MAC_RE.match(key_text):
+        key = _nla(_NFTA_SET_ELEM_KEY | _NLA_F_NESTED,
+                   _nla(_NFTA_DATA_VALUE, bytes.fromhex(key_text.replace(":", ""))))
+    else:
+        # Fixed layout for a 4-byte key, packed at once: the hot path of a change.
+        key = struct.pack("=HHHHI", 12, _NFTA_SET_ELEM_KEY | _NLA_F_NESTED, 8, _NFTA_DATA_VALUE,
+                          int(key_text))
+    return struct.pack("=HH", 4 + len(key) + len(data), _NFTA_LIST_ELEM | _NLA_F_NESTED) + key + data
+
+
+@functools.lru_cache(maxsize=4096)
+def _element_data(text: str) -> bytes:
+    if text == "drop":
+        verdict = _nla(_NFTA_VERDICT_CODE, struct.pack("!i", _NF_DROP))
+    elif text.startswith("jump "):
+        verdict = (_nla(_NFTA_VERDICT_CODE, struct.pack("!i", _NFT_JUMP))
+                   + _nla(_NFTA_VERDICT_CHAIN, text[5:].encode() + b"\0"))
+    else:
+        raise ValueError(f"element value {text!r} is not a verdict this writer knows")
+    return _nla(_NFTA_SET_ELEM_DATA | _NLA_F_NESTED, _nla(_NFTA_DATA_VERDICT | _NLA_F_NESTED, verdict))
+
+
+class NetlinkElements:
+    """Writes element-only transactions (add/delete elements, flush a set) straight to nf_tables.
+
+    Why: libnftables 1.0.6 fetches every set of the ruleset before any element command (its
+    cache, refreshed after each of our commits), so a one-bucket change through it costs about
+    0.1 ms per listener on the mux. These messages name their table and set, so the kernel needs
+    nothing else: the cost is what changed. The same text the driver renders for libnftables is
+    translated line by line; anything else is refused (`parse` returns None) and goes through
+    libnftables."""
+
+    @staticmethod
+    def parse(text: str) -> list[tuple[int, str, str, list[bytes]]] | None:
+        """[(message type, table, set, [encoded element])] or None if a line is not element-only."""
+        ops: list[tuple[int, str, str, list[bytes]]] = []
+        for line in text.splitlines():
+            if not line:
+                continue
+            m = _FLUSH_LINE.match(line)
+            if m:
+                ops.append((_NFT_MSG_DELSETELEM, m.group(1), m.group(2), []))
+                continue
+            m = _ELEMENT_LINE.match(line)
+            if m is None:
+                return None
+            items = []
+            try:
+                for item in m.group(4).split(", "):
+                    key, _, value = item.partition(" : ")
+                    items.append(_element(key, _element_data(value) if value else b""))
+            except ValueError:
+                return None
+            kind = _NFT_MSG_NEWSETELEM if m.group(1) == "add" else _NFT_MSG_DELSETELEM
+            for start in range(0, len(items), _ELEMENTS_PER_MESSAGE):
+                ops.append((kind, m.group(2), m.group(3), items[start:start + _ELEMENTS_PER_MESSAGE]))
+        return ops
+
+    def run(self, ops: list[tuple[int, str, str, list[bytes]]]) -> None:
+        """Send one batch (one nf_tables transaction: all or nothing) and wait for every ack."""
+        res = struct.pack("!H", _NFNL_SUBSYS_NFTABLES)
+        seq = 1
+        parts = [struct.pack("=IHHII", 20, _NFNL_MSG_BATCH_BEGIN, _NLM_F_REQUEST, seq, 0)
+                 + struct.pack("=BB", 0, 0) + res]
+        names: dict[int, str] = {}
+        for kind, table, set_name, items in ops:
+            seq += 1
+            names[seq] = f"{'add' if kind == _NFT_MSG_NEWSETELEM else 'delete'} elements of {set_name}"
+            attrs = _nla(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+            attrs += _nla(_NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
+            if items:
+                attrs += _nla(_NFTA_SET_ELEM_LIST_ELEMENTS | _NLA_F_NESTED, b"".join(items))
+            # An ack only for the last message (an error is reported for any message anyway):
+            # one ack per message overflowed the socket's receive buffer on a 65,537-bucket
+            # transition (hundreds of messages), and the errors come in message order.
+            last = seq == len(ops) + 1
+            flags = (_NLM_F_REQUEST | (_NLM_F_ACK if last else 0)
+                     | (_NLM_F_CREATE if kind == _NFT_MSG_NEWSETELEM else 0))
+            body = struct.pack("=BBH", _NFPROTO_NETDEV, 0, 0) + attrs
+            parts.append(struct.pack("=IHHII", 16 + len(body), (_NFNL_SUBSYS_NFTABLES << 8) | kind,
+                                     flags, seq, 0) + body)
+        seq += 1
+        parts.append(struct.pack("=IHHII", 20, _NFNL_MSG_BATCH_END, _NLM_F_REQUEST, seq, 0)
+                     + struct.pack("=BB", 0, 0) + res)
+        payload = b"".join(parts)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
+        try:
+            sock.bind((0, 0))
+            with contextlib.suppress(OSError):  # SO_SNDBUFFORCE (32): root may exceed wmem_max
+                sock.setsockopt(socket.SOL_SOCKET, 32, max(1 << 20, 2 * len(payload)))
+            # Generous: the kernel answers in milliseconds; this only keeps a lost ack from
+            # hanging the daemon forever.
+            sock.settimeout(60)
+            sock.send(payload)
+            with contextlib.suppress(OSError):  # SO_RCVBUFFORCE (33): room for the error reports
+                sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)
+            pending = {seq - 1}  # the last element message's ack ends the transaction's answer
+            while pending:
+                data = sock.recv(1 << 16)
+                pos = 0
+                while pos + 16 <= len(data):
+                    length, kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data, pos)
+                    if kind == _NLMSG_ERROR:
+                        (err,) = struct.unpack_from("=i", data, pos + 16)
+                        if err != 0:
+                            raise NftError(f"nf_tables refused the transaction at "
+                                           f"{names.get(msg_seq, f'message {msg_seq}')}: {os.strerror(-err)}")
+                        pending.discard(msg_seq)
+                    pos += (length + 3) & ~3
+        except OSError as exc:
+            # The daemon handles NftError (state unknown, rebuilt at the next apply); a socket
+            # error must not end it.
+            raise NftError(f"nf_tables element batch: {exc}") from exc
+        finally:
+            sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # What a listener looks like in the kernel
 
 
@@ -226,72 +381,115 @@ def _elements(buckets: Iterable[int], verdicts: np.ndarray | None = None) -> str
     return ", ".join(f"{int(b)} : {verdicts[int(b)]}" for b in buckets)
 
 
+def _pinok_size(table_size: int) -> int:
+    """Room in `pinok_<id>` for the alive backends: a table has more than 100 buckets per
+    backend of its cap (docs/dataplane.md) and a transition at most doubles the backends."""
+    return max(64, table_size // 25)
+
+
 @dataclass
 class _Applied:
-    plan: ListenerPlan
-    current_verdicts: np.ndarray
-    old_verdicts: np.ndarray | None
+    plan: ListenerPlan  # its int tables, not rendered verdicts: 8 B per bucket less per listener
     unstable: set[int]
+    chains_key: tuple  # what the listener's chains are rendered from: same key, chains untouched
+    pin_macs: tuple[str, ...]
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is b:
+        return True
+    return a is not None and b is not None and np.array_equal(a, b)
+
+
+def _chains_key(plan: ListenerPlan) -> tuple:
+    """What the listener's chains are rendered from, backends aside (each backend's chain depends
+    on its own address and MAC only): same key, only new backends' chains are written."""
+    return (plan.protocol, int(plan.pin_timeout_s), len(plan.current))
+
+
+def _dispatch_key(plan: ListenerPlan) -> str:
+    return f"{plan.vip} . {plan.protocol} . {plan.port}"
 
 
 class NftDataplane:
-    """The kernel driver for one mux interface. Not thread-safe: one caller applies."""
+    """The kernel driver for one mux interface. Not thread-safe: one caller applies.
 
-    def __init__(self, iface: str, mux_mac: str, *, seed: int, table_size: int, table: str = TABLE,
-                 learn: bool = False, inject_iface: str | None = None, nft: Nft | None = None,
-                 nflog_group: int | None = None) -> None:
+    Each listener has its own table size (the length of its plan's tables): its `jhash ... mod`
+    and its maps' sizes follow it. An apply touches only what changed since the last one (the
+    changed buckets, unstable set and pin set of a listener; its chains only when its backends,
+    address or idle timeout changed; the dispatch map's element of an added or removed
+    listener), so its cost does not grow with the number of listeners the mux holds. A large
+    apply (a whole document, a restart) goes in transactions of at most `batch_elements` map
+    elements (each listener's own changes stay in one transaction), so neither libnftables nor
+    the command text grows with the document; the libnftables context is then recreated so the
+    daemon gives the memory back."""
+
+    def __init__(self, iface: str, mux_mac: str, *, seed: int, table_size: int | None = None,
+                 table: str = TABLE, learn: bool = False, inject_iface: str | None = None,
+                 nft: Nft | None = None, nflog_group: int | None = None,
+                 batch_elements: int = 200_000, elements: NetlinkElements | None = None) -> None:
         if not 0 <= seed <= 0xFFFFFFFF:
             raise ValueError(f"seed {seed} is not a 32-bit value")
+        if batch_elements < 1:
+            raise ValueError(f"batch_elements {batch_elements} must be positive")
         self.iface = iface
         self.mux_mac = mux_mac
         self.seed = seed
-        self.table_size = table_size
+        self.table_size = table_size  # unused by the rendering: kept for callers that name it
         self.table = table
         self.learn = learn  # learn each flow's bucket in the kernel (tests, debugging): costs a dynset
         self.inject_iface = inject_iface  # where the slow path re-injects decided packets
+        # Element-only transactions straight to nf_tables (the default with our own libnftables
+        # context; a caller passing its own `nft` sees every transaction as text unless it asks).
+        self.elements = elements if elements is not None else (NetlinkElements() if nft is None else None)
         self.nft = nft or Nft()
         # None: SYNs of unstable buckets go to NFQUEUE like every other unknown packet (the
         # pre-kernel-SYN behaviour, kept for drivers without an NFLOG reader).
         if nflog_group is not None and not 0 <= nflog_group <= 0xFFFF:
             raise ValueError(f"nflog group {nflog_group} is not 0..65535")
         self.nflog_group = nflog_group
+        self.batch_elements = batch_elements
         self._applied: dict[int, _Applied] | None = None  # None: the kernel's content is unknown
+        self._inject_timeouts: dict[str, int] | None = None
+        self.transactions = 0  # nft transactions sent (the bench and tests read it)
+        self.netlink_transactions = 0  # of which element-only, written as netlink messages
 
     # -- rendering --------------------------------------------------------------------------
     def _t(self) -> str:
         return f"netdev {self.table}"
 
-    def _base(self, pin_timeout_s: dict[str, float]) -> list[str]:
+    def _base(self) -> list[str]:
+        """Objects every listener uses. `add` of an existing object is a no-op: pins survive a
+        daemon restart, and the ingress chain keeps dispatching until the apply's last batch."""
         t = self._t()
         out = [f"add table {t}"]
         for proto in PROTOCOLS:
-            # `add` of an existing map is a no-op: pins survive a daemon restart.
             out.append(f"add map {t} pins_{proto} {{ type ipv4_addr . ipv4_addr . inet_service . "
                        f"inet_service : ether_addr; size {PIN_MAP_SIZE}; flags timeout; }}")
         out.append(f"add counter {t} slowpath_reinjected")
+        # No size: a hash that grows with the listeners (one element each).
+        out.append(f"add map {t} dispatch {{ type ipv4_addr . inet_proto . inet_service : verdict; }}")
         out.append(f'add chain {t} ingress {{ type filter hook ingress device "{self.iface}" priority 0; '
                    f"policy accept; }}")
-        out.append(f"flush chain {t} ingress")
-        if self.inject_iface:
-            # The slow path writes each decided packet, MACs already rewritten, into the injection
-            # veth; arriving here, the kernel itself pins the flow (first writer wins: `add` never
-            # overwrites) and forwards the packet to the backend. No nft call per flow.
-            out += [f'add chain {t} inject {{ type filter hook ingress device "{self.inject_iface}" '
-                    f"priority 0; policy drop; }}", f"flush chain {t} inject"]
-            for proto in PROTOCOLS:
-                # The longest idle timeout of the protocol's listeners; the flow's next packet
-                # sets its own listener's timeout (rule 1's `update`).
-                timeout = f"{max(1, int(pin_timeout_s.get(proto, 60)))}s"
-                out.append(f"add rule {t} inject meta protocol ip ip protocol {proto} add @pins_{proto} "
-                           f"{{ ip saddr . ip daddr . th sport . th dport timeout {timeout} : ether daddr }} "
-                           f'counter name slowpath_reinjected fwd to "{self.iface}"')
         return out
 
-    def _dispatch(self, plans: Sequence[ListenerPlan]) -> list[str]:
-        if not plans:
+    def _inject(self, timeouts: dict[str, int]) -> list[str]:
+        if not self.inject_iface:
             return []
-        items = ", ".join(f"{p.vip} . {p.protocol} . {p.port} : jump l{p.listener_id}" for p in plans)
-        return [f"add rule {self._t()} ingress ip daddr . meta l4proto . th dport vmap {{ {items} }}"]
+        t = self._t()
+        # The slow path writes each decided packet, MACs already rewritten, into the injection
+        # veth; arriving here, the kernel itself pins the flow (first writer wins: `add` never
+        # overwrites) and forwards the packet to the backend. No nft call per flow.
+        out = [f'add chain {t} inject {{ type filter hook ingress device "{self.inject_iface}" '
+               f"priority 0; policy drop; }}", f"flush chain {t} inject"]
+        for proto in PROTOCOLS:
+            # The longest idle timeout of the protocol's listeners; the flow's next packet
+            # sets its own listener's timeout (rule 1's `update`).
+            out.append(f"add rule {t} inject meta protocol ip ip protocol {proto} add @pins_{proto} "
+                       f"{{ ip saddr . ip daddr . th sport . th dport timeout {timeouts[proto]}s "
+                       f": ether daddr }} "
+                       f'counter name slowpath_reinjected fwd to "{self.iface}"')
+        return out
 
     def _listener_rules(self, plan: ListenerPlan) -> list[str]:
         t, lid, proto = self._t(), plan.listener_id, plan.protocol
@@ -310,8 +508,9 @@ class NftDataplane:
             f"add rule {t} {chain} ether daddr set {tuple4} map @pins_{proto} ether daddr @pinok_{lid} "
             f'{renew} counter name pinned{lid} ether saddr set {self.mux_mac} fwd to "{self.iface}"',
             f"add rule {t} {chain} ether daddr set {self.mux_mac}",
+            # The listener's own table size: the hash picks one of its len(current) buckets.
             f"add rule {t} {chain} meta mark set jhash ip saddr . ip daddr . ip protocol . th sport . "
-            f"th dport mod {self.table_size} seed {self.seed:#x}",
+            f"th dport mod {len(plan.current)} seed {self.seed:#x}",
         ]
         if self.learn:
             rules.append(f"add rule {t} {chain} add @learn{lid} {{ {tuple4} : meta mark }}")
@@ -352,18 +551,28 @@ class NftDataplane:
         return out
 
     def _create_objects(self, plan: ListenerPlan) -> list[str]:
-        t, lid = self._t(), plan.listener_id
+        t, lid, size = self._t(), plan.listener_id, len(plan.current)
+        # Each map holds at most one element per bucket: sized to the listener's table, so an
+        # empty or small map costs the kernel what its table needs, not a 65,537-bucket worth.
         out = [
             f"add counter {t} l{lid}", f"add counter {t} pinned{lid}", f"add counter {t} slow{lid}",
             f"add counter {t} newflows{lid}",
-            f"add map {t} cur_{lid} {{ type mark : verdict; size {MAP_SIZE}; }}",
-            f"add map {t} old_{lid} {{ type mark : verdict; size {MAP_SIZE}; }}",
-            f"add set {t} unstable_{lid} {{ type mark; size {MAP_SIZE}; }}",
-            f"add set {t} pinok_{lid} {{ type ether_addr; size 65536; }}",
+            f"add map {t} cur_{lid} {{ type mark : verdict; size {size}; }}",
+            f"add map {t} old_{lid} {{ type mark : verdict; size {size}; }}",
+            f"add set {t} unstable_{lid} {{ type mark; size {size}; }}",
+            f"add set {t} pinok_{lid} {{ type ether_addr; size {_pinok_size(size)}; }}",
         ]
         if self.learn:
             out.append(f"add map {t} learn{lid} {{ type ipv4_addr . ipv4_addr . inet_service . inet_service "
                        f": mark; size {MAP_SIZE}; flags dynamic; }}")
+        return out
+
+    def _delete_maps(self, lid: int) -> list[str]:
+        t = self._t()
+        out = [f"delete map {t} cur_{lid}", f"delete map {t} old_{lid}", f"delete set {t} unstable_{lid}",
+               f"delete set {t} pinok_{lid}"]
+        if self.learn:
+            out.append(f"delete map {t} learn{lid}")
         return out
 
     def _delete_listener(self, applied: _Applied) -> list[str]:
@@ -371,127 +580,258 @@ class NftDataplane:
         chains = [backend_chain(lid, address) for address, _ in applied.plan.backends]
         # References decide the order: rules use the maps, the set and the counters; the maps'
         # verdicts jump to the backend chains. Empty the chains, drop the maps, then the chains.
-        out = [f"flush chain {t} l{lid}", *(f"flush chain {t} {c}" for c in chains),
-               f"delete chain {t} l{lid}",
-               f"delete map {t} cur_{lid}", f"delete map {t} old_{lid}", f"delete set {t} unstable_{lid}",
-               f"delete set {t} pinok_{lid}",
-               *(f"delete chain {t} {c}" for c in chains), *(f"delete counter {t} c{c}" for c in chains),
-               f"delete counter {t} l{lid}", f"delete counter {t} pinned{lid}",
-               f"delete counter {t} slow{lid}", f"delete counter {t} newflows{lid}"]
-        if self.learn:
-            out.append(f"delete map {t} learn{lid}")
-        return out
+        return [f"flush chain {t} l{lid}", *(f"flush chain {t} {c}" for c in chains),
+                f"delete chain {t} l{lid}", *self._delete_maps(lid),
+                *(f"delete chain {t} {c}" for c in chains), *(f"delete counter {t} c{c}" for c in chains),
+                f"delete counter {t} l{lid}", f"delete counter {t} pinned{lid}",
+                f"delete counter {t} slow{lid}", f"delete counter {t} newflows{lid}"]
 
     # -- applying ---------------------------------------------------------------------------
     def apply(self, plans: Sequence[ListenerPlan]) -> None:
-        """Make the kernel hold exactly these listeners, in one transaction. Pins live their
-        listener's `pin_timeout_s` without a packet; each packet of the flow renews it."""
+        """Make the kernel hold exactly these listeners. Pins live their listener's
+        `pin_timeout_s` without a packet; each packet of the flow renews it.
+
+        One transaction unless the changes hold more than `batch_elements` map elements; then
+        each batch is one transaction holding whole listeners, and the last one the dispatch
+        changes and deletions (a listener is reachable only once all its objects are in)."""
         ids = [p.listener_id for p in plans]
         if len(set(ids)) != len(ids):
             raise ValueError(f"listener ids must be unique, got {ids}")
-        for p in plans:
-            if len(p.current) != self.table_size:
-                raise ValueError(f"listener {p.listener_id}: table has {len(p.current)} buckets, "
-                                 f"the data plane uses {self.table_size}")
-        existing: set[tuple[str, str]] | None = None
-        if self._applied is None:
+        keys = [_dispatch_key(p) for p in plans]
+        if len(set(keys)) != len(keys):
+            raise ValueError("two listeners share one address, protocol and port")
+        first = self._applied is None
+        existing: dict[tuple[str, str], int | None] | None = None
+        if first:
             # Unknown kernel content (first apply of this process, or after an error): refill every
-            # planned listener and delete what no plan needs, in this same transaction, so a
-            # restarted daemon never leaves a moment without tables (and keeps the pins).
+            # planned listener and delete what no plan needs, so a restarted daemon never leaves a
+            # moment without tables (and keeps the pins).
             existing = self._existing_objects()
             self._applied = {}
+        applied = self._applied
+        assert applied is not None
+        timeouts: dict[str, int] = {proto: 60 for proto in PROTOCOLS}
         longest: dict[str, float] = {}
         for p in plans:
             longest[p.protocol] = max(longest.get(p.protocol, 0), p.pin_timeout_s)
-        cmds = self._base(longest)
-        t = self._t()
+        timeouts.update({proto: max(1, int(v)) for proto, v in longest.items()})
+
+        # Batches are sent as they fill, so neither the command text nor libnftables' parse of it
+        # ever holds more than one batch (a whole document's text would be ~200 B per bucket).
         new_applied: dict[int, _Applied] = {}
-        for lid, applied in self._applied.items():
-            if lid not in ids:
-                cmds += self._delete_listener(applied)
-        for plan in plans:
-            cur_v = _verdicts(plan, plan.current)
-            old_v = _verdicts(plan, plan.old) if plan.old is not None else None
-            unstable = set(plan.unstable.tolist()) if plan.unstable is not None else set()
-            prev = self._applied.get(plan.listener_id)
-            lid = plan.listener_id
-            if prev is None:
-                cmds += self._create_objects(plan)
-            for address, mac in plan.backends:
-                cmds += self._backend_chain_rules(plan, address, mac)
-            cmds += self._listener_rules(plan)
-            cmds.append(f"flush set {t} pinok_{lid}")
-            if plan.pin_macs:
-                cmds.append(f"add element {t} pinok_{lid} {{ {', '.join(sorted(set(plan.pin_macs)))} }}")
-            if prev is None:
-                cmds += [f"flush map {t} cur_{lid}", f"flush map {t} old_{lid}",
-                         f"flush set {t} unstable_{lid}"]
-                cmds.append(f"add element {t} cur_{lid} {{ {_elements(range(len(cur_v)), cur_v)} }}")
-                if old_v is not None:
-                    cmds.append(f"add element {t} old_{lid} {{ {_elements(range(len(old_v)), old_v)} }}")
-                if unstable:
-                    cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(unstable))} }}")
-            else:
-                cmds += self._diff_map(f"cur_{lid}", prev.current_verdicts, cur_v)
-                cmds += self._diff_map(f"old_{lid}", prev.old_verdicts, old_v)
-                gone, added = prev.unstable - unstable, unstable - prev.unstable
-                if gone:
-                    cmds.append(f"delete element {t} unstable_{lid} {{ {_elements(sorted(gone))} }}")
-                if added:
-                    cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(added))} }}")
-                in_use = {a for a, _ in plan.backends}
-                for address, _ in prev.plan.backends:
-                    if address not in in_use:
-                        name = backend_chain(lid, address)
-                        cmds += [f"flush chain {t} {name}", f"delete chain {t} {name}",
-                                 f"delete counter {t} c{name}"]
-            new_applied[lid] = _Applied(plan, cur_v, old_v, unstable)
-        cmds += self._dispatch(plans)
-        if existing:
-            cmds += self._delete_stale(existing, plans)
+        current: list[str] = self._base() if first else []
+        size = 0
+        sent = 0
         try:
-            self.nft.run("\n".join(cmds) + "\n")
+            for plan in plans:
+                cmds, elements, state = self._listener_changes(plan, applied.get(plan.listener_id), existing)
+                new_applied[plan.listener_id] = state
+                if not cmds:
+                    continue
+                if size > 0 and size + elements > self.batch_elements:
+                    self._send(current, first)
+                    sent += 1
+                    # Each batch's parse tree and cache stay in the context until freed: without
+                    # this the daemon's RSS grows with the document instead of one batch.
+                    self._fresh_context()
+                    current, size = [], 0
+                current += cmds
+                size += elements
+            current += self._last_commands(plans, applied, new_applied, existing, timeouts, first)
+            if current:
+                self._send(current, first)
+                if sent:
+                    self._fresh_context()
         except NftError:
             self._applied = None  # unknown again: the next apply rebuilds from the kernel's listing
+            self._inject_timeouts = None
             raise
         self._applied = new_applied
+        self._inject_timeouts = timeouts
 
-    def _diff_map(self, name: str, before: np.ndarray | None, after: np.ndarray | None) -> list[str]:
+    def _send(self, batch: list[str], first: bool) -> None:
+        text = "\n".join(batch) + "\n"
+        ops = NetlinkElements.parse(text) if self.elements is not None and not first else None
+        if ops is not None:
+            self.elements.run(ops)  # type: ignore[union-attr]
+            self.netlink_transactions += 1
+        else:
+            self.nft.run(text)
+        self.transactions += 1
+
+    def _last_commands(self, plans: Sequence[ListenerPlan], applied: dict[int, _Applied],
+                       new_applied: dict[int, _Applied], existing: dict[tuple[str, str], int | None] | None,
+                       timeouts: dict[str, int], first: bool) -> list[str]:
+        """The apply's last transaction: the dispatch map (a listener becomes reachable once all its
+        objects are in), the injection rules, then whatever no plan needs any more."""
+        t = self._t()
+        last: list[str] = []
+        if first:
+            last += [f"flush chain {t} ingress",
+                     f"add rule {t} ingress ip daddr . meta l4proto . th dport vmap @dispatch",
+                     f"flush map {t} dispatch"]
+            if plans:
+                last.append(f"add element {t} dispatch {{ "
+                            + ", ".join(f"{_dispatch_key(p)} : jump l{p.listener_id}" for p in plans) + " }")
+        else:
+            gone = [a for lid, a in applied.items() if lid not in new_applied
+                    or _dispatch_key(a.plan) != _dispatch_key(new_applied[lid].plan)]
+            if gone:
+                last.append(f"delete element {t} dispatch {{ "
+                            + ", ".join(_dispatch_key(a.plan) for a in gone) + " }")
+            added = [p for p in plans if p.listener_id not in applied
+                     or _dispatch_key(applied[p.listener_id].plan) != _dispatch_key(p)]
+            if added:
+                last.append(f"add element {t} dispatch {{ "
+                            + ", ".join(f"{_dispatch_key(p)} : jump l{p.listener_id}" for p in added) + " }")
+        if first or timeouts != self._inject_timeouts:
+            last += self._inject(timeouts)
+        for lid, a in applied.items():
+            if lid not in new_applied:
+                last += self._delete_listener(a)
+        if existing:
+            last += self._delete_stale(set(existing), plans)
+        return last
+
+    def _fresh_context(self) -> None:
+        """A whole-document load leaves libnftables' caches and the C heap full: a new context
+        and malloc_trim hand that memory back (the daemon's RSS drops to its steady size)."""
+        reset = getattr(self.nft, "reset", None)
+        if reset is not None:
+            reset()
+
+    def _listener_changes(self, plan: ListenerPlan, prev: _Applied | None,
+                          existing: dict[tuple[str, str], int | None] | None
+                          ) -> tuple[list[str], int, _Applied]:
+        """(commands, map elements they carry, what the kernel holds after them) for one listener."""
+        t, lid, size = self._t(), plan.listener_id, len(plan.current)
+        pin_macs = tuple(sorted(set(plan.pin_macs)))
+        key = _chains_key(plan)
+        unstable_arr = plan.unstable
+        if (prev is not None and prev.chains_key == key and prev.pin_macs == pin_macs
+                and prev.plan.backends == plan.backends
+                and _same(plan.current, prev.plan.current) and _same(plan.old, prev.plan.old)
+                and _same(unstable_arr, prev.plan.unstable)):
+            # The same tables (usually the very same arrays: the daemon caches generations):
+            # nothing to send and nothing to recompute.
+            return [], 0, _Applied(plan, prev.unstable, key, pin_macs)
+        unstable = set(unstable_arr.tolist()) if unstable_arr is not None else set()
+        state = _Applied(plan, unstable, key, pin_macs)
+        cmds: list[str] = []
+        elements = 0
+        resize = prev is not None and len(prev.plan.current) != size
+        if existing is not None and prev is None:
+            held = existing.get(("map", f"cur_{lid}"), -1)
+            resize = held != -1 and held != size  # an earlier process made it with another size
+        if resize:
+            # Map sizes are fixed at creation: empty what references the maps, drop and recreate
+            # them (same transaction: the listener is never without its tables).
+            old_backends = prev.plan.backends if prev is not None else plan.backends
+            cmds += [f"flush chain {t} l{lid}",
+                     *(f"flush chain {t} {backend_chain(lid, a)}" for a, _ in old_backends
+                       if existing is None or ("chain", backend_chain(lid, a)) in existing),
+                     *(cmd for cmd in self._delete_maps(lid)
+                       if existing is None or (cmd.split()[1], cmd.split()[-1]) in existing)]
+            in_use = {a for a, _ in plan.backends}
+            for address, _ in (prev.plan.backends if prev is not None else ()):
+                if address not in in_use:  # unreferenced now that the maps are gone
+                    name = backend_chain(lid, address)
+                    cmds += [f"delete chain {t} {name}", f"delete counter {t} c{name}"]
+            prev = None
+        if prev is None:
+            cmds += self._create_objects(plan)
+        rerender = prev is None or prev.chains_key != key
+        had = set() if prev is None else set(prev.plan.backends)
+        for address, mac in plan.backends:
+            # A drain, a removal or a weight change writes no rule: only elements (rule commands
+            # make libnftables fetch every chain and object of the ruleset first).
+            if rerender or (address, mac) not in had:
+                cmds += self._backend_chain_rules(plan, address, mac)
+        if rerender:
+            cmds += self._listener_rules(plan)
+        if prev is None or prev.pin_macs != pin_macs:
+            cmds.append(f"flush set {t} pinok_{lid}")
+            if pin_macs:
+                cmds.append(f"add element {t} pinok_{lid} {{ {', '.join(pin_macs)} }}")
+        if prev is None:
+            cmds += [f"flush map {t} cur_{lid}", f"flush map {t} old_{lid}", f"flush set {t} unstable_{lid}"]
+            cur_v = _verdicts(plan, plan.current)
+            cmds.append(f"add element {t} cur_{lid} {{ {_elements(range(len(cur_v)), cur_v)} }}")
+            elements += len(cur_v)
+            if plan.old is not None:
+                old_v = _verdicts(plan, plan.old)
+                cmds.append(f"add element {t} old_{lid} {{ {_elements(range(len(old_v)), old_v)} }}")
+                elements += len(old_v)
+            if unstable:
+                cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(unstable))} }}")
+                elements += len(unstable)
+        else:
+            diff = self._diff_map(f"cur_{lid}", prev.plan, prev.plan.current, plan, plan.current)
+            diff += self._diff_map(f"old_{lid}", prev.plan, prev.plan.old, plan, plan.old)
+            cmds += diff
+            elements += sum(line.count(",") + 1 for line in diff if "element" in line)
+            gone, added = prev.unstable - unstable, unstable - prev.unstable
+            if gone:
+                cmds.append(f"delete element {t} unstable_{lid} {{ {_elements(sorted(gone))} }}")
+            if added:
+                cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(added))} }}")
+            elements += len(gone) + len(added)
+            in_use = {a for a, _ in plan.backends}
+            for address, _ in prev.plan.backends:
+                if address not in in_use:
+                    name = backend_chain(lid, address)
+                    cmds += [f"flush chain {t} {name}", f"delete chain {t} {name}",
+                             f"delete counter {t} c{name}"]
+        return cmds, elements, state
+
+    def _diff_map(self, name: str, before_plan: ListenerPlan, before: np.ndarray | None,
+                  plan: ListenerPlan, after: np.ndarray | None) -> list[str]:
+        """Commands turning map `name` from `before` (indexes into before_plan's backends) into
+        `after` (indexes into plan's): only the buckets whose backend chain differs."""
         t = self._t()
         if after is None:
             return [f"flush map {t} {name}"] if before is not None else []
         if before is None:
+            verdicts = _verdicts(plan, after)
             return [f"flush map {t} {name}",
-                    f"add element {t} {name} {{ {_elements(range(len(after)), after)} }}"]
-        changed = np.flatnonzero(before != after)
+                    f"add element {t} {name} {{ {_elements(range(len(after)), verdicts)} }}"]
+        # A bucket's verdict is its backend's chain, named by the address: map the old indexes to
+        # the new ones (-2: a backend the plan no longer has; the trailing -1 stays "drop").
+        where = {address: i for i, (address, _) in enumerate(plan.backends)}
+        remap = np.array([where.get(address, -2) for address, _ in before_plan.backends] + [-1],
+                         dtype=np.int64)
+        changed = np.flatnonzero(remap[before] != after)
         if len(changed) == 0:
             return []
+        verdicts = _verdicts(plan, after)
         # An element cannot be re-added with another value: delete and add in the same transaction.
         return [f"delete element {t} {name} {{ {_elements(changed)} }}",
-                f"add element {t} {name} {{ {_elements(changed, after)} }}"]
+                f"add element {t} {name} {{ {_elements(changed, verdicts)} }}"]
 
-    def _existing_objects(self) -> set[tuple[str, str]]:
-        """(kind, name) of the chains, maps, sets and counters the kernel holds in our table.
+    def _existing_objects(self) -> dict[tuple[str, str], int | None]:
+        """(kind, name) of the chains, maps, sets and counters the kernel holds in our table,
+        each with its declared size (maps and sets; None for the rest).
 
         Listed per kind (`list chains|maps|sets`, terse) and counters over netlink: `list table`,
         `list tables` and `list counters` make nft 1.0.6 load every element of every map first,
         which takes ~25 s with 400,000 pins (a restarted or stopping daemon during a busy
         transition); these listings take ~10 ms whatever the maps hold."""
-        found: set[tuple[str, str]] = set()
+        found: dict[tuple[str, str], int | None] = {}
         for what, kind in (("chains", "chain"), ("maps", "map"), ("sets", "set")):
             out = self.nft.run(f"list {what} netdev", json_output=True, terse=True)
             for item in json.loads(out)["nftables"]:
                 obj = item.get(kind)
                 if obj is not None and obj.get("table") == self.table:
-                    found.add((kind, obj["name"]))
+                    found[(kind, obj["name"])] = obj.get("size")
         if found:
             with contextlib.suppress(NftError):  # the table went away meanwhile: nothing to keep
-                found |= {("counter", name) for name in read_counters(self.table)}
+                found.update({("counter", name): None for name in read_counters(self.table)})
         return found
 
     def _delete_stale(self, existing: set[tuple[str, str]], plans: Sequence[ListenerPlan]) -> list[str]:
         """Commands deleting objects left by an earlier process that no plan uses (pins stay)."""
-        keep = {("chain", "ingress"), ("chain", "inject"), ("counter", "slowpath_reinjected")}
+        keep = {("chain", "ingress"), ("chain", "inject"), ("counter", "slowpath_reinjected"),
+                ("map", "dispatch")}
         keep |= {("map", f"pins_{p}") for p in PROTOCOLS}
         for plan in plans:
             lid = plan.listener_id

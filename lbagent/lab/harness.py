@@ -36,12 +36,15 @@ def backend_doc(node: Node, *, weight: int = 1, state: str = "active", port: int
 
 def listener_doc(listener_id: int, backends: list[dict], *, generation: int = 1, protocol: str = "tcp",
                  port: int = SERVICE_TCP_PORT, drain_timeout_s: int = 60,
-                 previous: dict | None = None, flow_idle_timeout_s: int | None = None) -> dict[str, Any]:
+                 previous: dict | None = None, flow_idle_timeout_s: int | None = None,
+                 backend_cap: int | None = None) -> dict[str, Any]:
     doc = {"id": listener_id, "protocol": protocol, "port": port, "generation": generation,
            "drain_timeout_s": drain_timeout_s, "backends": backends, "previous": previous,
            "health_check": None}
     if flow_idle_timeout_s is not None:
         doc["flow_idle_timeout_s"] = flow_idle_timeout_s
+    if backend_cap is not None:
+        doc["backend_cap"] = backend_cap  # the listener's table: a prime above 100 x the cap
     return doc
 
 

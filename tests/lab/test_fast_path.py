@@ -15,7 +15,6 @@ from lbagent.core.flowhash import flow_bucket
 from lbagent.core.maglev import maglev_table
 from lbagent.lab.harness import (
     HASH_SEED,
-    TABLE_SIZE,
     backend_doc,
     connect_and_ask,
     learned_buckets,
@@ -24,22 +23,27 @@ from lbagent.lab.harness import (
     wait_route,
     write_atomically,
 )
+from lbagent.state import table_size_for_cap
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 VIP = "203.0.113.10"
 LISTENER = 10
 WEIGHTS = (1, 2, 3)
+# This listener's own table (cluster.table_size stays 65,537): proves the per-listener size
+# end to end, the daemon's Maglev table, the kernel's `mod` and Python's flow_bucket agreeing.
+BACKEND_CAP = 8
+LISTENER_TABLE_SIZE = table_size_for_cap(BACKEND_CAP)  # 809
 
 
 @pytest.fixture(scope="module")
 def weighted_vip(cluster):
     backends = cluster.lab.backends[:3]
     docs = [backend_doc(b, weight=w) for b, w in zip(backends, WEIGHTS, strict=True)]
-    cluster.set_vip(vip_doc(VIP, [listener_doc(LISTENER, docs)]))
+    cluster.set_vip(vip_doc(VIP, [listener_doc(LISTENER, docs, backend_cap=BACKEND_CAP)]))
     wait_route(cluster.lab, VIP, [m.address for m in cluster.lab.muxes])
     # What every mux must compute: the Maglev table over `address:port` names with these weights.
-    table = maglev_table([f"{b.address}:80" for b in backends], list(WEIGHTS), TABLE_SIZE)
+    table = maglev_table([f"{b.address}:80" for b in backends], list(WEIGHTS), LISTENER_TABLE_SIZE)
     yield backends, table
     cluster.remove_vip(VIP)
 
@@ -51,7 +55,7 @@ def test_short_connections_follow_weights_and_the_table(cluster, weighted_vip):
 
     wrong = []
     for saddr, sport, name in answers:
-        bucket = flow_bucket(saddr, VIP, 6, sport, 80, seed=HASH_SEED, table_size=TABLE_SIZE)
+        bucket = flow_bucket(saddr, VIP, 6, sport, 80, seed=HASH_SEED, table_size=LISTENER_TABLE_SIZE)
         expected = backends[int(table[bucket])].name
         if name != expected:
             wrong.append((saddr, sport, name, expected))
@@ -111,7 +115,8 @@ def test_kernel_and_python_agree_on_buckets(cluster, weighted_vip):
     assert len(learned) >= 1000
     mismatches = [
         (flow, kernel) for flow, kernel in learned.items()
-        if flow_bucket(flow[0], flow[1], 6, flow[2], flow[3], seed=HASH_SEED, table_size=TABLE_SIZE) != kernel
+        if flow_bucket(flow[0], flow[1], 6, flow[2], flow[3], seed=HASH_SEED,
+                       table_size=LISTENER_TABLE_SIZE) != kernel
     ]
     assert mismatches == [], f"{len(mismatches)} of {len(learned)} flows hashed differently: {mismatches[:5]}"
 

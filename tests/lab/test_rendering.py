@@ -61,8 +61,12 @@ def test_second_apply_sends_only_changed_buckets():
 
 def test_bad_plans_are_refused_with_the_reason():
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, table_size=11, nft=RecordingNft())
-    with pytest.raises(ValueError, match="table has 5 buckets, the data plane uses 11"):
-        dp.apply([_plan(np.zeros(5, dtype=np.int32))])
+    with pytest.raises(ValueError, match="old table has 5 buckets, current 11"):
+        ListenerPlan(7, "203.0.113.10", "tcp", 80, (), np.zeros(11, dtype=np.int32),
+                     np.zeros(5, dtype=np.int32), np.array([], dtype=np.int64))
+    other = ListenerPlan(8, "203.0.113.10", "tcp", 80, (), np.zeros(11, dtype=np.int32))
+    with pytest.raises(ValueError, match="share one address"):
+        dp.apply([_plan(np.zeros(11, dtype=np.int32)), other])
     with pytest.raises(ValueError, match="protocol 'sctp'"):
         ListenerPlan(1, "203.0.113.1", "sctp", 80, (), np.zeros(11, dtype=np.int32))
     with pytest.raises(ValueError, match="seed"):
@@ -150,3 +154,50 @@ def test_pins_are_renewed_by_their_flow_and_forward_only_to_alive_backends():
     assert "add element netdev lbagent pinok_7 { 02:00:00:00:00:01 }" in lines
     inject = [ln for ln in lines if ln.startswith("add rule netdev lbagent inject ") and "tcp" in ln]
     assert "timeout 7440s : ether daddr" in inject[0]
+
+
+def test_maps_are_sized_to_each_listeners_table():
+    """cur_/old_/unstable_ hold at most one element per bucket: declared with the listener's own
+    table size (and the hash `mod` it), not a fixed 131,072; pinok_ with room for its backends."""
+    nft = RecordingNft()
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, nft=nft)
+    small = ListenerPlan(3, "203.0.113.3", "udp", 53, (("10.0.0.1", "02:00:00:00:00:01"),),
+                         np.zeros(6421, dtype=np.int32))
+    dp.apply([_plan(np.zeros(11, dtype=np.int32)), small])
+    lines = nft.sent[-1].splitlines()
+    assert "add map netdev lbagent cur_7 { type mark : verdict; size 11; }" in lines
+    assert "add map netdev lbagent old_7 { type mark : verdict; size 11; }" in lines
+    assert "add set netdev lbagent unstable_7 { type mark; size 11; }" in lines
+    assert "add set netdev lbagent pinok_7 { type ether_addr; size 64; }" in lines
+    assert "add map netdev lbagent cur_3 { type mark : verdict; size 6421; }" in lines
+    assert "add set netdev lbagent unstable_3 { type mark; size 6421; }" in lines
+    assert "add set netdev lbagent pinok_3 { type ether_addr; size 256; }" in lines
+    hashes = {ln.split()[4]: ln for ln in lines if "jhash" in ln}
+    assert hashes["l3"].endswith("mod 6421 seed 0x1")
+    assert hashes["l7"].endswith("mod 11 seed 0x1")
+
+
+def test_a_change_sends_only_that_listeners_changes():
+    """Incremental: an apply with nothing changed sends nothing; a backend added to one listener
+    sends its changed buckets, unstable set and chains, and names no other listener."""
+    nft = RecordingNft()
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, nft=nft)
+    others = [ListenerPlan(lid, f"203.0.113.{lid}", "tcp", 80, (("10.0.0.1", "02:00:00:00:00:01"),),
+                           np.zeros(11, dtype=np.int32)) for lid in range(20, 30)]
+    before = np.array([0] * 11, dtype=np.int32)
+    dp.apply([_plan(before), *others])
+    sent = len(nft.sent)
+    dp.apply([_plan(before.copy()), *others])  # equal tables, new arrays
+    assert len(nft.sent) == sent, "an apply without a change sent a transaction"
+    after = before.copy()
+    after[[3, 9]] = 1
+    dp.apply([_plan(after, old=before), *others])
+    tx = nft.sent[-1]
+    assert len(nft.sent) == sent + 1
+    assert "cur_7" in tx
+    for lid in range(20, 30):
+        assert f"l{lid} " not in tx, tx
+        assert f"_{lid} " not in tx, tx
+        assert f"b{lid}_" not in tx, tx
+    assert "flush chain netdev lbagent ingress" not in tx, "the dispatch rule is not rebuilt"
+    assert "dispatch" not in tx, "no listener was added or removed"

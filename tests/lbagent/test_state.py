@@ -417,3 +417,49 @@ def test_state_parser_reuses_unchanged_vips_and_still_validates_changed_ones() -
     doc["vips"][1]["fast_path"] = "yes"
     with pytest.raises(StateError, match=r"vips\[1\].fast_path"):
         parser.parse(copy.deepcopy(doc))
+
+
+def test_listener_table_size_follows_its_backend_cap_or_the_document():
+    """A listener's table: the explicit `table_size`, else the smallest prime above 100 x
+    `backend_cap`, else the cluster's; never above the cluster's (the owner table's size)."""
+    from lbagent.state import table_size_for_cap
+
+    assert table_size_for_cap(64) == 6421
+    assert table_size_for_cap(8) == 809
+    doc = example_document()
+    listener = doc["vips"][0]["listeners"][0]
+    state = parse_state(doc)
+    assert state.vips[0].listeners[0].table_size_in(state.cluster) == 65537
+    listener["backend_cap"] = 64
+    state = parse_state(doc)
+    assert state.vips[0].listeners[0].table_size_in(state.cluster) == 6421
+    assert parse_state(state.to_dict()) == state, "backend_cap round-trips"
+    listener["table_size"] = 1009
+    assert parse_state(doc).vips[0].listeners[0].table_size_in(state.cluster) == 1009
+    listener["backend_cap"] = 4096
+    del listener["table_size"]
+    assert parse_state(doc).vips[0].listeners[0].table_size_in(state.cluster) == 65537
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("table_size", 1000, "expected a prime"),
+    ("table_size", 2, "integer 3..16777216"),
+    ("table_size", 131071, "larger than cluster.table_size 65537"),
+    ("backend_cap", 0, "backend_cap"),
+])
+def test_bad_listener_table_sizes_are_refused_naming_the_field(field, value, message):
+    doc = example_document()
+    doc["vips"][0]["listeners"][0][field] = value
+    with pytest.raises(StateError, match=message) as excinfo:
+        parse_state(doc)
+    assert excinfo.value.path == f"vips[0].listeners[0].{field}"
+
+
+def test_more_backends_than_the_cap_are_refused():
+    doc = example_document()
+    listener = doc["vips"][0]["listeners"][0]
+    listener["backend_cap"] = 1
+    listener["backends"] = [listener["backends"][0], {**listener["backends"][0], "port": 9999}]
+    with pytest.raises(StateError, match="exceed the listener's backend_cap 1") as excinfo:
+        parse_state(doc)
+    assert excinfo.value.path == "vips[0].listeners[0].backends"

@@ -1,0 +1,226 @@
+"""One mux's kernel data plane at scale: N VIPs x 4 TCP listeners x 8 backends loaded into real
+nftables (a throwaway network namespace), through the driver the daemon uses (NftDataplane over
+libnftables in this process).
+
+For each listener count (10, 100 and N x 4) on an empty table: the time of the whole-document
+load, the kernel memory per listener, and the time of one change (a ninth backend added to one
+listener: a transition with its old table, unstable set and a new backend chain) and of one drain
+(the eighth backend out of one listener's current table: elements only), each five times on
+different listeners. Then the process's peak RSS (the driver, its plans and libnftables: what the daemon
+holds for the data plane) and its RSS after the load (what a fresh libnftables context gave back).
+
+Baseline in the same run: the driver as it was before incremental updates (commit 0298d40: maps
+declared with 131,072 elements, every apply flushing and re-adding every listener's chains), on
+the same tables (6,421 buckets) at 10 and 100 listeners, and at 10 listeners with its 65,537-bucket
+table; each in its own process so its RSS is its own.
+
+Kernel memory: /proc/meminfo's MemTotal - MemFree - Buffers - Cached - AnonPages (memory neither
+page cache nor user pages: slab, vmalloc, large kmallocs) before the load and after, settled
+(nf_tables frees sets after an RCU grace period). Machine-wide: other processes add noise, which
+divided by 10 listeners is large; the figure at the largest N is the one to read.
+
+Run as root:  .venv/bin/python bench/mux_scale.py [--vips 1000] [--cap 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lbagent.core.maglev import maglev_table  # noqa: E402
+from lbagent.state import table_size_for_cap  # noqa: E402
+
+BASELINE_COMMIT = "0298d40"
+PORTS = (80, 443, 8080, 8443)
+BACKENDS = 8
+
+
+def kernel_used_bytes() -> int:
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"] - info["MemFree"] - info["Buffers"] - info["Cached"] - info["AnonPages"]
+
+
+def settled_kernel_used() -> int:
+    """Kernel memory once nf_tables' deferred frees are done: read until two reads 0.5 s apart
+    agree within 2 MiB (at most 20 s)."""
+    last = kernel_used_bytes()
+    for _ in range(40):
+        time.sleep(0.5)
+        now = kernel_used_bytes()
+        if abs(now - last) < 2 << 20:
+            return now
+        last = now
+    return last
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def plans_for(module, listeners: int, table: np.ndarray) -> list:
+    plans = []
+    for i in range(listeners):
+        vip, port = divmod(i, len(PORTS))
+        backends = tuple((f"10.{(vip >> 8) & 255}.{vip & 255}.{j + 1}", f"02:00:{(vip >> 8) & 255:02x}:"
+                          f"{vip & 255:02x}:00:{j + 1:02x}") for j in range(BACKENDS))
+        plans.append(module.ListenerPlan(i + 1, f"198.18.{(vip >> 8) & 255}.{vip & 255}", "tcp", PORTS[port],
+                                         backends, table, pin_timeout_s=7440,
+                                         pin_macs=tuple(m for _, m in backends)))
+    return plans
+
+
+def one_change(module, plans: list, index: int, table: np.ndarray, kind: str, tables: dict) -> list:
+    """The plans with listener `index` changed: `add` gives it a ninth backend (a transition
+    from `table`, a new backend chain); `drain` takes its eighth backend out of the current
+    table (a transition: the backend stays while its connections drain; elements only)."""
+    p = plans[index]
+    if kind == "add":
+        backends = (*p.backends, (p.backends[0][0].rsplit(".", 1)[0] + ".99", "02:00:00:00:00:99"))
+        new = tables["add"]
+    else:
+        backends = p.backends
+        new = tables["drain"]
+    changed = module.ListenerPlan(p.listener_id, p.vip, p.protocol, p.port, backends, new, table,
+                                  np.flatnonzero(new != table), pin_timeout_s=p.pin_timeout_s,
+                                  pin_macs=tuple(m for _, m in backends))
+    return [*plans[:index], changed, *plans[index + 1:]]
+
+
+def measure(module, listeners: int, size: int, legacy: bool) -> dict:
+    """Empty table -> load `listeners` -> five single changes of each kind -> delete the table."""
+    names = [f"b{j}" for j in range(BACKENDS)]
+    table = maglev_table(names, None, size)
+    tables = {"add": maglev_table([*names, "b99"], None, size),
+              "drain": maglev_table(names[:-1], None, size)}
+    nft = module.Nft()
+    with __import__("contextlib").suppress(module.NftError):
+        nft.run(f"delete table netdev {module.TABLE}\n")
+    before = settled_kernel_used()
+    plans = plans_for(module, listeners, table)
+    kwargs = {"table_size": size} if legacy else {"elements": module.NetlinkElements()}
+    dp = module.NftDataplane("eth0", "02:aa:00:00:00:01", seed=0x5EED, nft=nft, nflog_group=7, **kwargs)
+    t0 = time.perf_counter()
+    dp.apply(plans)
+    load_s = time.perf_counter() - t0
+    rss_after_load = rss_bytes()
+    loaded = settled_kernel_used()
+    changes: dict[str, list[float]] = {"add": [], "drain": []}
+    for k in range(10):
+        kind = "add" if k % 2 == 0 else "drain"
+        index = (k * 7919) % listeners
+        plans = one_change(module, plans, index, table, kind, tables)
+        t0 = time.perf_counter()
+        dp.apply(plans)
+        changes[kind].append(time.perf_counter() - t0)
+    nft.run(f"delete table netdev {module.TABLE}\n")
+    row = {"listeners": listeners, "table_size": size, "load_s": round(load_s, 3),
+           "kernel_mib_per_listener": round((loaded - before) / listeners / 2**20, 3),
+           "kernel_mib_total": round((loaded - before) / 2**20, 1),
+           "transactions": getattr(dp, "transactions", None),
+           "netlink_transactions": getattr(dp, "netlink_transactions", None),
+           "rss_after_load_mib": round(rss_after_load / 2**20, 1)}
+    for kind, times in changes.items():
+        row[f"{kind}_ms_median"] = round(statistics.median(times) * 1000, 1)
+        row[f"{kind}_ms_max"] = round(max(times) * 1000, 1)
+    return row
+
+
+def load_module(legacy: bool):
+    if not legacy:
+        from lbagent.dataplane import nft
+        return nft
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_COMMIT}:lbagent/dataplane/nft.py"],
+                            capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp(prefix="muxscale")) / "nft_legacy.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("nft_legacy", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nft_legacy"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def inside(args: argparse.Namespace) -> None:
+    """Runs in the namespace: one driver (new or legacy), each listener count in turn."""
+    module = load_module(args.legacy)
+    rows = [measure(module, n, size, args.legacy) for n, size in json.loads(args.runs)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"driver": "legacy " + BASELINE_COMMIT if args.legacy else "incremental",
+                      "rows": rows, "peak_rss_mib": round(peak / 2**20, 1),
+                      "rss_end_mib": round(rss_bytes() / 2**20, 1)}))
+
+
+def run_in(netns: str, runs: list[tuple[int, int]], legacy: bool) -> dict:
+    argv = ["ip", "netns", "exec", netns, sys.executable, __file__, "--inside", "--runs", json.dumps(runs)]
+    if legacy:
+        argv.append("--legacy")
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench failed in {netns}: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vips", type=int, default=1000, help="VIPs of 4 TCP listeners each (default 1000)")
+    parser.add_argument("--cap", type=int, default=64, help="backend cap: table size = prime > 100 x cap")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--legacy", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--runs", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inside:
+        inside(args)
+        return
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (it makes a network namespace)")
+    size = table_size_for_cap(args.cap)
+    top = args.vips * len(PORTS)
+    netns = f"dcscale{os.getpid()}{uuid.uuid4().hex[:4]}"
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
+                       check=True)
+        subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "up"], check=True)
+        results = [run_in(netns, [(n, size) for n in sorted({10, 100, top})], legacy=False)]
+        if not args.no_baseline:
+            results.append(run_in(netns, [(10, size), (100, size), (10, 65537)], legacy=True))
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False)
+    print(f"mux_scale: {args.vips} VIPs x {len(PORTS)} TCP listeners x {BACKENDS} backends, backend cap "
+          f"{args.cap} -> table size {size}; noisy shared 2-core machine")
+    print(f"{'driver':<16} {'listeners':>9} {'table':>6} {'load s':>8} {'kernel MiB/lst':>14} "
+          f"{'add ms p50':>10} {'max':>7} {'drain ms p50':>12} {'max':>7} {'RSS after load MiB':>18}")
+    for result in results:
+        for row in result["rows"]:
+            print(f"{result['driver']:<16} {row['listeners']:>9} {row['table_size']:>6} {row['load_s']:>8} "
+                  f"{row['kernel_mib_per_listener']:>14} {row['add_ms_median']:>10} {row['add_ms_max']:>7} "
+                  f"{row['drain_ms_median']:>12} {row['drain_ms_max']:>7} {row['rss_after_load_mib']:>18}")
+        print(f"{result['driver']:<16} peak RSS {result['peak_rss_mib']} MiB, "
+              f"at the end {result['rss_end_mib']} MiB")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
