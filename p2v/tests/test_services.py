@@ -155,8 +155,12 @@ def test_rising_io_errors_compare_with_the_previous_assessment(engine):
 
 
 def test_schedule_raises_due_conversions_and_queues_due_assessments(
-    engine, django_capture_on_commit_callbacks
+    engine, django_capture_on_commit_callbacks, monkeypatch
 ):
+    from p2v import tasks
+
+    queued_tasks = []
+    monkeypatch.setattr(tasks.assess_machine, "delay", lambda *args: queued_tasks.append(args))
     now = timezone.now()
     policy = ConversionPolicy.objects.create(
         name="hourly", mode=ConversionMode.APPROVAL, assessment_interval_s=3600
@@ -170,7 +174,7 @@ def test_schedule_raises_due_conversions_and_queues_due_assessments(
     fresh = make_machine("fresh", policy=policy)
     Assessment.objects.create(machine=fresh, status=AssessmentStatus.SUCCEEDED)
 
-    with django_capture_on_commit_callbacks(execute=False) as sent:
+    with django_capture_on_commit_callbacks(execute=True):
         result = services.run_schedule(now)
     [event] = ConversionEvent.objects.filter(pk__in=result["conversion_events"])
     assert (event.machine, event.kind, event.status) == (
@@ -188,7 +192,7 @@ def test_schedule_raises_due_conversions_and_queues_due_assessments(
         AssessmentTrigger.SCHEDULE,
         AssessmentStatus.QUEUED,
     )
-    assert len(sent) == 1  # one Celery task, sent on commit
+    assert queued_tasks == [(stale.pk, queued.pk)]  # one Celery task, sent on commit
     assert services.run_schedule(now) == {"conversion_events": [], "assessments": [], "stale_assessments": []}
 
 
