@@ -27,14 +27,20 @@ def free_port() -> int:
 
 
 def _stop(process: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
-    if process is None or process.poll() is not None:
+    """Stop a process we started in its own session, and whatever it forked (uvicorn --workers N
+    spawns workers that outlive a killed parent and keep the test database open): the group's id
+    is our child's PID, so nothing of anyone else's is signalled."""
+    if process is None:
         return
-    os.kill(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    if process.poll() is None:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):  # the group is already empty
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 @dataclass
