@@ -278,10 +278,11 @@ def test_wrong_key_fails_with_reason(celery_worker, standin_machine, tmp_path):
 
 def test_command_timeout_fails_with_reason(celery_worker, standin_machine):
     machine = make_machine(standin_machine, pin=True, command_timeout_s=1.5)
+    # Without the deadline lscpu would end after 20 s with no output ("not JSON"): the reason below
+    # proves the deadline fired, with no wall-clock threshold.
     with standin_machine.fake_tool("lscpu", "exec sleep 20\n"):
         assessment = assess(machine)
     assert_failed_cleanly(assessment, "`lscpu -J` did not finish within 1.5 s")
-    assert assessment.duration_s < 15
 
 
 def test_garbage_output_fails_with_reason(celery_worker, standin_machine):
