@@ -3,7 +3,11 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from datacenter.api.fields import use_strict_model_fields
 from frontend.health import healthz
+
+# Before any serializer builds its fields (the first request resolves this module first).
+use_strict_model_fields()
 
 urlpatterns = [
     path("healthz/", healthz, name="healthz"),
@@ -12,3 +16,5 @@ urlpatterns = [
     path("api/p2v/", include("p2v.api.urls")),
     path("", include("frontend.urls")),
 ]
+
+handler404 = "datacenter.api.views.api_not_found"

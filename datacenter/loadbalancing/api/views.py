@@ -21,6 +21,8 @@ from datacenter.api.viewsets import (
 )
 from datacenter.events.services import record_change, snapshot
 from datacenter.services_errors import FieldErrors
+from datacenter.tenancy.api.rotation import GRACE_PARAM, grace_seconds
+from datacenter.tenancy.models import RetiredKey
 from datacenter.tenancy.scoping import is_operator, tenant_ids_for
 
 from .. import services
@@ -304,10 +306,13 @@ class AgentNodeViewSet(OperatorViewSet):
         body = self._issue_token(request, node, action="create")
         return Response(body, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=None, responses=serializers.AgentNodeWithTokenSerializer)
+    @extend_schema(request=None, parameters=[GRACE_PARAM], responses=serializers.AgentNodeWithTokenSerializer)
     @action(detail=True, methods=["post"], url_path="rotate-token", filterset_class=None)
     def rotate_token(self, request, pk=None):
         node = self.get_object()
+        grace_s = grace_seconds(request)
+        with transaction.atomic():  # the old key stays valid for the grace window (0: revoked now)
+            RetiredKey.retire(RetiredKey.Kind.AGENT, node.pk, node.token_hash, grace_s)
         body = self._issue_token(
             request, node, action="rotate_token", update_fields=["token_lookup", "token_hash", "updated"]
         )
