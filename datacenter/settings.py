@@ -17,6 +17,7 @@ Environment variables:
   DATACENTER_EMBEDDED_WORKER  "0" disables the in-process Celery worker/beat started by asgi.py
   DATACENTER_LOG_LEVEL  default INFO
   DATACENTER_API_TOKEN_RATE  API calls per token, default "20000/min" ("off" disables; 429 + Retry-After)
+  DATACENTER_METRICS_TOKEN   bearer token a Prometheus scraper presents at /metrics (operators need none)
   DATACENTER_TOKEN_GRACE_S   seconds a rotated API/agent token keeps working, default 3600
   DATACENTER_LOGIN_RATE      login POSTs per client address and user name, default "30/min"
                              (ten times that per address alone)
@@ -82,6 +83,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "datacenter.metrics.RequestMetricsMiddleware",
     "datacenter.events.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -231,6 +233,8 @@ else:
 # High defaults: abuse protection, never a limit the suite or the benchmarks meet.
 DATACENTER_API_TOKEN_RATE = os.environ.get("DATACENTER_API_TOKEN_RATE", "20000/min")
 DATACENTER_LOGIN_RATE = os.environ.get("DATACENTER_LOGIN_RATE", "30/min")
+# /metrics for a Prometheus scraper without an operator account: `Authorization: Bearer <this>`.
+DATACENTER_METRICS_TOKEN = os.environ.get("DATACENTER_METRICS_TOKEN", "")
 # How long a rotated API or agent token keeps working by default (seconds; ?grace_s= overrides).
 DATACENTER_TOKEN_GRACE_S = int(os.environ.get("DATACENTER_TOKEN_GRACE_S", "3600"))
 

@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.urls import include, path
 
 from datacenter.api.fields import use_strict_model_fields
+from datacenter.metrics import metrics_view
 from frontend.health import healthz
 
 # Before any serializer builds its fields (the first request resolves this module first).
@@ -11,6 +12,7 @@ use_strict_model_fields()
 
 urlpatterns = [
     path("healthz/", healthz, name="healthz"),
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("api/", include("datacenter.api.urls")),
     path("api/p2v/", include("p2v.api.urls")),
