@@ -18,7 +18,7 @@ Environment variables:
   DATACENTER_LOG_LEVEL  default INFO
   DATACENTER_API_TOKEN_RATE  API calls per token, default "20000/min" ("off" disables; 429 + Retry-After)
   DATACENTER_METRICS_TOKEN   bearer token a Prometheus scraper presents at /metrics (operators need none)
-  DATACENTER_TOKEN_GRACE_S   seconds a rotated API/agent token keeps working, default 3600
+  DATACENTER_TOKEN_GRACE_S   seconds a rotated API/agent token keeps working, default 0 (?grace_s= per call)
   DATACENTER_LOGIN_RATE      login POSTs per client address and user name, default "30/min"
                              (ten times that per address alone)
 """
@@ -235,8 +235,9 @@ DATACENTER_API_TOKEN_RATE = os.environ.get("DATACENTER_API_TOKEN_RATE", "20000/m
 DATACENTER_LOGIN_RATE = os.environ.get("DATACENTER_LOGIN_RATE", "30/min")
 # /metrics for a Prometheus scraper without an operator account: `Authorization: Bearer <this>`.
 DATACENTER_METRICS_TOKEN = os.environ.get("DATACENTER_METRICS_TOKEN", "")
-# How long a rotated API or agent token keeps working by default (seconds; ?grace_s= overrides).
-DATACENTER_TOKEN_GRACE_S = int(os.environ.get("DATACENTER_TOKEN_GRACE_S", "3600"))
+# How long a rotated API or agent token keeps working unless the call says (?grace_s=). 0 by
+# default: a rotation without a window also serves to revoke a leaked token at once.
+DATACENTER_TOKEN_GRACE_S = int(os.environ.get("DATACENTER_TOKEN_GRACE_S", "0"))
 
 # --- REST API ---------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

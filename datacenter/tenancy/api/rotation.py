@@ -11,8 +11,8 @@ MAX_GRACE_S = 30 * 86400
 
 GRACE_PARAM = OpenApiParameter(
     "grace_s", {"type": "integer", "minimum": 0, "maximum": MAX_GRACE_S},
-    description="Seconds the replaced credential keeps working (default DATACENTER_TOKEN_GRACE_S; 0 revokes "
-                "it at once).",
+    description="Seconds the replaced credential keeps working (default DATACENTER_TOKEN_GRACE_S, 0: revoked "
+                "at once).",
 )
 
 
