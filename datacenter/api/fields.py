@@ -21,6 +21,15 @@ class StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+class StrictSlugField(serializers.SlugField):
+    default_error_messages = {"not_a_string": "Expected a string, got {kind}."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("not_a_string", kind=type(data).__name__)
+        return super().to_internal_value(data)
+
+
 class StrictBooleanField(serializers.BooleanField):
     default_error_messages = {"invalid": "Expected true or false, got {value!r}."}
 
@@ -35,4 +44,5 @@ def use_strict_model_fields() -> None:
     mapping = serializers.ModelSerializer.serializer_field_mapping
     for model_field in (models.CharField, models.TextField):
         mapping[model_field] = StrictCharField
+    mapping[models.SlugField] = StrictSlugField
     mapping[models.BooleanField] = StrictBooleanField

@@ -121,9 +121,35 @@ def _forbid_nul(schema: dict) -> None:
             _forbid_nul(child)
 
 
+IF_MATCH_PATTERN = '^(W/)?"?[0-9]{1,18}"?$'  # what parse_preconditions accepts
+# Fields fixed at creation: an update that changes them is refused, so update bodies omit them.
+FIXED_AT_CREATION = {"/api/vips/{id}/": ("VipRequest", ("address", "tenant"))}
+
+
+def _update_bodies_without_fixed_fields(result: dict, schemas: dict) -> None:
+    for path, (component, fields) in FIXED_AT_CREATION.items():
+        item = result.get("paths", {}).get(path, {})
+        for method, prefix in (("put", ""), ("patch", "Patched")):
+            source = schemas.get(prefix + component)
+            operation = item.get(method)
+            if source is None or operation is None or "requestBody" not in operation:
+                continue
+            name = prefix + component.removesuffix("Request") + "UpdateRequest"
+            derived = copy.deepcopy(source)
+            for field in fields:
+                derived.get("properties", {}).pop(field, None)
+                if field in derived.get("required", []):
+                    derived["required"].remove(field)
+            derived["description"] = f"{', '.join(fields)} cannot change after creation."
+            schemas[name] = derived
+            for media in operation["requestBody"].get("content", {}).values():
+                media["schema"] = {"$ref": f"#/components/schemas/{name}"}
+
+
 def add_error_responses(result: dict, generator, request, public) -> dict:
     """drf-spectacular POSTPROCESSING_HOOKS entry."""
     schemas = result.setdefault("components", {}).setdefault("schemas", {})
+    _update_bodies_without_fixed_fields(result, schemas)
     schemas.setdefault("Error", ERROR_SCHEMA)
     schemas.setdefault("NotFound", FIELD_ERRORS_SCHEMA | {
         "description": "`detail` for the object in the path, or the body field whose reference is unknown.",
@@ -147,6 +173,8 @@ def add_error_responses(result: dict, generator, request, public) -> dict:
             if not isinstance(operation, dict) or "responses" not in operation:
                 continue
             for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "header" and parameter.get("name", "").lower() == "if-match":
+                    parameter["schema"] = {"type": "string", "pattern": IF_MATCH_PATTERN}
                 if parameter.get("in") == "query":  # (RejectNulInQueryMiddleware refuses NUL)
                     _forbid_nul(parameter.get("schema", {}))
                 takes_ip = parameter.get("name") in ("address", "management_address")
