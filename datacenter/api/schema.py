@@ -123,7 +123,8 @@ def _forbid_nul(schema: dict) -> None:
 
 IF_MATCH_PATTERN = '^(W/)?"?[0-9]{1,18}"?$'  # what parse_preconditions accepts
 # Fields fixed at creation: an update that changes them is refused, so update bodies omit them.
-FIXED_AT_CREATION = {"/api/vips/{id}/": ("VipRequest", ("address", "tenant"))}
+# (A VIP's tenant stays: a full update must name it, and naming another is a 400 like any bad value.)
+FIXED_AT_CREATION = {"/api/vips/{id}/": ("VipRequest", ("address",))}
 
 
 def _update_bodies_without_fixed_fields(result: dict, schemas: dict) -> None:

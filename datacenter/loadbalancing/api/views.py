@@ -67,7 +67,14 @@ def parse_bool_param(request, name: str) -> bool:
 
 
 def parse_preconditions(request, body_value=None) -> tuple[int | None, bool]:
-    """(expected generation, came from If-Match) from If-Match, the body, or ?expected_generation=."""
+    """(expected generation, came from If-Match) from If-Match, the body, or ?expected_generation=.
+    The query parameter is validated even when If-Match wins, so a malformed one is always a 400."""
+    raw = request.query_params.get("expected_generation")
+    query_value = None
+    if raw is not None and raw != "":
+        if not re.fullmatch(r"[0-9]{1,18}", raw):  # ASCII digits: str.isdigit() also takes "²"
+            raise ValidationError({"expected_generation": [f"{raw!r} is not a non-negative integer."]})
+        query_value = int(raw)
     if_match = request.headers.get("If-Match")
     if if_match is not None:
         match = ETAG_NUMBER.match(if_match.strip())
@@ -76,12 +83,7 @@ def parse_preconditions(request, body_value=None) -> tuple[int | None, bool]:
         return int(match.group(1)), True
     if body_value is not None:
         return body_value, False
-    raw = request.query_params.get("expected_generation")
-    if raw is None or raw == "":
-        return None, False
-    if not raw.isdigit() or len(raw) > 18:
-        raise ValidationError({"expected_generation": [f"{raw!r} is not a non-negative integer."]})
-    return int(raw), False
+    return query_value, False
 
 
 def backend_list_body(listener: Listener, result=None) -> dict:
