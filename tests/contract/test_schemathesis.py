@@ -64,7 +64,9 @@ def test_schemathesis_finds_nothing(portal, world_keys, role, tmp_path):
     ]
     if os.environ.get("CONTRACT_PATHS"):  # a regular expression, to re-check a few operations
         argv += ["--include-path-regex", os.environ["CONTRACT_PATHS"]]
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env={**os.environ})
+    # cwd: schemathesis keeps a cache (.schemathesis/) in its working directory, not in the checkout
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env={**os.environ},
+                         cwd=tmp_path)
     output = run.stdout + run.stderr
     assert "Tested: " in output, output[-5000:]
     tested = output.split("Tested: ", 1)[1].split()[0]
