@@ -2,7 +2,7 @@
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "datacenter.settings")
 
@@ -10,3 +10,26 @@ app = Celery("datacenter")
 # Every CELERY_* setting in datacenter/settings.py configures this app.
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+# Task outcomes for /metrics (datacenter/metrics.py): counted in Redis by whichever worker ran the
+# task, because the web process that is scraped never sees a task finish.
+@signals.task_success.connect
+def _count_success(sender=None, **_kwargs):
+    from datacenter.metrics import count_task_outcome
+
+    count_task_outcome(getattr(sender, "name", "?"), "succeeded")
+
+
+@signals.task_failure.connect
+def _count_failure(sender=None, **_kwargs):
+    from datacenter.metrics import count_task_outcome
+
+    count_task_outcome(getattr(sender, "name", "?"), "failed")
+
+
+@signals.task_retry.connect
+def _count_retry(sender=None, **_kwargs):
+    from datacenter.metrics import count_task_outcome
+
+    count_task_outcome(getattr(sender, "name", "?"), "retried")

@@ -8,9 +8,19 @@ Environment variables:
   DJANGO_DEBUG          "1" turns DEBUG on (off otherwise)
   DJANGO_ALLOWED_HOSTS  comma-separated, default "127.0.0.1,localhost,[::1],testserver"
   DJANGO_CSRF_TRUSTED_ORIGINS  comma-separated origins (https://portal.example.com)
+  DJANGO_SECURE_COOKIES "1": session and CSRF cookies only over HTTPS
+  DJANGO_SECURE_SSL_REDIRECT  "1": redirect HTTP to HTTPS (except /healthz/)
+  DJANGO_SECURE_HSTS_SECONDS  HSTS max-age (default 0: off); DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS and
+                        DJANGO_SECURE_HSTS_PRELOAD "1" add those directives
+  DJANGO_TRUST_X_FORWARDED_PROTO  "1": the reverse proxy's X-Forwarded-Proto says whether it was HTTPS
   DATACENTER_VAR_DIR    where the embedded mode keeps its state (default <repo>/var)
   DATACENTER_EMBEDDED_WORKER  "0" disables the in-process Celery worker/beat started by asgi.py
   DATACENTER_LOG_LEVEL  default INFO
+  DATACENTER_API_TOKEN_RATE  API calls per token, default "20000/min" ("off" disables; 429 + Retry-After)
+  DATACENTER_METRICS_TOKEN   bearer token a Prometheus scraper presents at /metrics (operators need none)
+  DATACENTER_TOKEN_GRACE_S   seconds a rotated API/agent token keeps working, default 0 (?grace_s= per call)
+  DATACENTER_LOGIN_RATE      login POSTs per client address and user name, default "30/min"
+                             (ten times that per address alone)
 """
 
 from __future__ import annotations
@@ -73,11 +83,14 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "datacenter.metrics.RequestMetricsMiddleware",
     "datacenter.events.middleware.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    "datacenter.api.middleware.RejectNulInQueryMiddleware",
+    "datacenter.api.throttling.LoginThrottleMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
@@ -175,6 +188,15 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 if os.environ.get("DJANGO_SECURE_COOKIES") == "1":
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
+# HTTPS in production (docker-compose.yml sets these; `manage.py check --deploy` is clean with them).
+# TLS usually ends at a reverse proxy, which says so in X-Forwarded-Proto.
+SECURE_SSL_REDIRECT = os.environ.get("DJANGO_SECURE_SSL_REDIRECT") == "1"
+SECURE_REDIRECT_EXEMPT = [r"^healthz/$"]  # the container healthcheck probes plain HTTP on loopback
+SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_SECURE_HSTS_SECONDS", "0"))
+SECURE_HSTS_INCLUDE_SUBDOMAINS = os.environ.get("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS") == "1"
+SECURE_HSTS_PRELOAD = os.environ.get("DJANGO_SECURE_HSTS_PRELOAD") == "1"
+if os.environ.get("DJANGO_TRUST_X_FORWARDED_PROTO") == "1":
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 # --- Redis, Channels, Celery -----------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL") or None
@@ -242,6 +264,23 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 EMBEDDED_WORKER_ENABLED = EMBEDDED_MODE and os.environ.get("DATACENTER_EMBEDDED_WORKER", "1") != "0"
 EMBEDDED_WORKER_CONCURRENCY = int(os.environ.get("DATACENTER_EMBEDDED_WORKER_CONCURRENCY", "2"))
 
+# --- Cache (throttling counters) ---------------------------------------------------------------------
+# Shared by every web process through Redis when there is one, so a limit is one limit.
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+                          "KEY_PREFIX": "dc-cache"}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# High defaults: abuse protection, never a limit the suite or the benchmarks meet.
+DATACENTER_API_TOKEN_RATE = os.environ.get("DATACENTER_API_TOKEN_RATE", "20000/min")
+DATACENTER_LOGIN_RATE = os.environ.get("DATACENTER_LOGIN_RATE", "30/min")
+# /metrics for a Prometheus scraper without an operator account: `Authorization: Bearer <this>`.
+DATACENTER_METRICS_TOKEN = os.environ.get("DATACENTER_METRICS_TOKEN", "")
+# How long a rotated API or agent token keeps working unless the call says (?grace_s=). 0 by
+# default: a rotation without a window also serves to revoke a leaked token at once.
+DATACENTER_TOKEN_GRACE_S = int(os.environ.get("DATACENTER_TOKEN_GRACE_S", "0"))
+
 # --- REST API ---------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -250,13 +289,17 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["datacenter.tenancy.permissions.IsAuthenticatedWithTokenScope"],
     "DEFAULT_FILTER_BACKENDS": [
-        "django_filters.rest_framework.DjangoFilterBackend",
+        "datacenter.api.filter_backends.StrictDjangoFilterBackend",
         "rest_framework.filters.OrderingFilter",
     ],
     "DEFAULT_PAGINATION_CLASS": "datacenter.api.pagination.LimitOffsetPagination",
+    # JSON only (datacenter/api/parsers.py): what the schema can describe and clients send.
+    "DEFAULT_PARSER_CLASSES": ["datacenter.api.parsers.StrictJSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "datacenter.api.exceptions.exception_handler",
+    "DEFAULT_THROTTLE_CLASSES": ["datacenter.api.throttling.TokenRateThrottle"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 
@@ -284,6 +327,11 @@ SPECTACULAR_SETTINGS = {
         }
     },
     "SECURITY": [{"tokenAuth": []}],
+    # Every error status each operation can answer, with its body (datacenter/api/schema.py).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "datacenter.api.schema.add_error_responses",
+    ],
     "ENUM_NAME_OVERRIDES": {
         "MembershipRoleEnum": "datacenter.tenancy.choices.MembershipRole",
         "AgentRoleEnum": "datacenter.loadbalancing.choices.AgentRole",

@@ -255,7 +255,14 @@ class AgentNode(models.Model):
         """The enabled agent whose token is `key`, or None."""
         if not key:
             return None
-        return cls.objects.filter(token_hash=hash_token_key(key), enabled=True).select_related("host").first()
+        node = cls.objects.filter(token_hash=hash_token_key(key), enabled=True).select_related("host").first()
+        if node is None:  # a token replaced by a rotation works until its grace window ends
+            from datacenter.tenancy.models import RetiredKey
+
+            owner = RetiredKey.owner_of(RetiredKey.Kind.AGENT, key)
+            if owner is not None:
+                node = cls.objects.filter(pk=owner, enabled=True).select_related("host").first()
+        return node
 
 
 from .models_sync import AgentListenerAck, AgentSync, ListenerTable, PushSettings  # noqa: E402,F401

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta
 
 from django.conf import settings
 from django.core.validators import MinValueValidator
@@ -104,3 +105,46 @@ class ApiToken(models.Model):
 
     def matches(self, key: str) -> bool:
         return secrets.compare_digest(self.key_hash, hash_token_key(key))
+
+
+class RetiredKey(models.Model):
+    """A credential replaced by a rotation that keeps working until `valid_until` (the grace
+    window), so whoever holds it can switch to the new one without being cut off. Only the hash
+    is kept, like the live credential's. (API tokens need no row: the old token simply gets
+    `expires` set to the end of the window.)"""
+
+    class Kind(models.TextChoices):
+        AGENT = "agent", "agent token"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    owner_id = models.BigIntegerField(help_text="The agent node (kind agent) the key belonged to.")
+    key_hash = models.CharField(max_length=64, unique=True, editable=False)
+    valid_until = models.DateTimeField(db_index=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "retired key in its grace window"
+
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.owner_id} until {self.valid_until:%Y-%m-%d %H:%M:%S}"
+
+    @classmethod
+    def owner_of(cls, kind: str, key: str) -> int | None:
+        """The owner id of a retired `key` still inside its window, or None."""
+        row = cls.objects.filter(
+            kind=kind, key_hash=hash_token_key(key), valid_until__gt=timezone.now()
+        ).first()
+        return row.owner_id if row else None
+
+    @classmethod
+    def retire(cls, kind: str, owner_id: int, key_hash: str, grace_s: int) -> RetiredKey | None:
+        """Keep `key_hash` valid for `grace_s` more seconds (0: not at all); prunes ended windows."""
+        now = timezone.now()
+        cls.objects.filter(valid_until__lte=now).delete()
+        if grace_s <= 0 or not key_hash:
+            return None
+        row, _ = cls.objects.update_or_create(
+            key_hash=key_hash,
+            defaults={"kind": kind, "owner_id": owner_id, "valid_until": now + timedelta(seconds=grace_s)},
+        )
+        return row

@@ -1,8 +1,9 @@
 """A mux's peer endpoint in its own process, for tests: `lbagent.peer.FlowOwner` on a real socket.
 
 Usage: python peer_process.py NAME KEY_HEX — prints "PORT <n>" once listening, then reads
-commands from stdin ("PEER name host port", "OWNERS name,name,..."), answering "OK" to each; on
-EOF prints its peer counters (plus "records") as JSON. Copies of new records go to the other owner
+commands from stdin ("PEER name host port", "OWNERS name,name,..."), answering "OK" to each, or
+"COUNTERS", answered with its counters (plus "records") as one JSON line; on EOF prints its
+peer counters (plus "records") as JSON. Copies of new records go to the other owner
 every 20 ms, as an agent would batch them."""
 
 import asyncio
@@ -38,6 +39,9 @@ async def main(name: str, key: bytes) -> None:
             node.peers[line[1]] = (line[2], int(line[3]))
         elif line[0] == "OWNERS":
             owner.ownership = build_ownership(line[1].split(","), owner_seed=1, table_size=TABLE_SIZE)
+        elif line[0] == "COUNTERS":  # lets a test wait for an event instead of sleeping
+            print(json.dumps({**dataclasses.asdict(node.counters), "records": len(store)}), flush=True)
+            continue
         print("OK", flush=True)
     await asyncio.sleep(0.2)  # let copies in flight finish
     flushing.cancel()

@@ -69,29 +69,39 @@ def test_rise_and_fall_hysteresis() -> None:
 
 
 async def test_monitor_reports_a_backend_whose_service_stops_and_returns() -> None:
-    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    probes = []  # one entry per connection the monitor's probes opened
+
+    def answer(_reader, writer):
+        probes.append(1)
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     doc = example_document()
     listener = doc["vips"][0]["listeners"][0]
     doc["vips"][0]["address"] = "127.0.0.10"
     listener["previous"] = None
     listener["backends"] = [{"address": "127.0.0.1", "port": port}]
-    listener["health_check"] = {"kind": "tcp", "interval_s": 0.05, "timeout_s": 0.05, "rise": 2, "fall": 2}
+    listener["health_check"] = {"kind": "tcp", "interval_s": 0.5, "timeout_s": 0.5, "rise": 2, "fall": 2}
     reports: list[BackendHealth] = []
     monitor = HealthMonitor(reports.extend)
     monitor.update(parse_state(doc))
     try:
-        await asyncio.sleep(0.3)
+        # Waits for probes that happened, not for time: after three successful probes a backend that
+        # started healthy has had every chance to be (wrongly) reported. Bounds are generous.
+        async with asyncio.timeout(60):
+            while len(probes) < 3:
+                await asyncio.sleep(0.02)
         assert reports == []  # healthy from the start: no transition to report
         server.close()
         await server.wait_closed()
-        async with asyncio.timeout(3):
+        async with asyncio.timeout(60):
             while not reports:
                 await asyncio.sleep(0.02)
         assert reports[0].healthy is False
         assert (reports[0].listener, reports[0].port) == (12, port)
-        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
-        async with asyncio.timeout(3):
+        server = await asyncio.start_server(answer, "127.0.0.1", port)
+        async with asyncio.timeout(60):
             while len(reports) < 2:
                 await asyncio.sleep(0.02)
         assert reports[1].healthy is True

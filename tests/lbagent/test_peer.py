@@ -22,6 +22,7 @@ from lbagent.peer import (
     encode_message,
     peer_key_from_hex,
 )
+from tests.services import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("peer_process.py")
@@ -45,6 +46,11 @@ class Owner:
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
         assert self.proc.stdout.readline().strip() == "OK"
+
+    def counters(self) -> dict:
+        self.proc.stdin.write("COUNTERS\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
 
     def finish(self) -> dict:
         self.proc.stdin.close()
@@ -102,7 +108,9 @@ def test_query_record_replicate_and_backup_between_processes(owners):
             new_flow = (*FLOW[:3], 40001, 80)
             rec = await node.record("mux-a", "mux-b", 1, new_flow, 9, "10.1.0.2:80")
             late = await node.record("mux-a", "mux-b", 1, new_flow, 9, "10.1.0.3:80")
-            await asyncio.sleep(0.3)  # replication a -> b
+            # replication a -> b: wait until b holds both records (generous bound, not a guess)
+            await asyncio.to_thread(wait_until, lambda: b.counters()["records"] == 2, timeout_s=60,
+                                    what="mux-b to hold mux-a's two records")
             a.kill()  # the owner dies: the backup answers from its replica
             via_backup = await node.query("mux-a", "mux-b", 1, FLOW, 7, "10.1.0.9:80")
             return first, again, rec, late, via_backup, node.counters
@@ -136,7 +144,9 @@ def test_owner_process_survives_garbage_and_counts_it(owners):
             wrong_key = [encode_message(b"k" * 32, MsgType.QUERY, "mux-c", 6, {}, now=time.time())]
             for d in junk + truncated + wrong_key + [good, good]:  # the second `good` is a replay
                 sock.sendto(d, ("127.0.0.1", a.port))
-            await asyncio.sleep(0.3)
+            sent = len(junk + truncated + wrong_key) + 2
+            await asyncio.to_thread(wait_until, lambda: a.counters()["received"] >= sent, timeout_s=60,
+                                    what=f"mux-a to receive all {sent} datagrams")
             sock.close()
             # still serving
             return await node.query("mux-a", None, 1, (*FLOW[:3], 5555, 80), 3, "10.1.0.4:80")
@@ -195,7 +205,7 @@ def test_fuzz_random_truncated_replayed_wrong_key(raw, data):
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         for d in hostile:
             sender.sendto(d, node.address)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 60  # a generous bound; the loop ends as soon as all arrived
         while node.counters.received < len(hostile) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         sender.close()

@@ -29,10 +29,11 @@ def test_no_established_flow_breaks_with_transitions(results, scenario):
     assert on.lost_with_backend == off.lost_with_backend
     if scenario == "remove":
         assert on.lost_with_backend > 0.05 * CONFIG.flows  # the removed backend's own flows
-        assert off.broken >= 0
     else:
         assert on.lost_with_backend == 0
-        assert off.broken >= 0.9 * on.unstable_flows > 0
+    # Stateless Maglev breaks (nearly) every surviving flow of a moved bucket; on "remove" those are
+    # the few buckets Maglev's cascade moved between surviving backends (26 flows of 10,000 here).
+    assert off.broken >= 0.9 * (on.unstable_flows - on.lost_with_backend) > 0
 
 
 @pytest.mark.slow

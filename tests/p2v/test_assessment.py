@@ -260,10 +260,17 @@ def test_failing_smart_with_auto_policy_starts_without_an_admin(celery_worker, s
     assert event.kind == ConversionEventKind.HEALTH
     assert event.decided_by is None
     assert "auto-convert" in event.decision_note
-    # Started, or (when p2v.conversion has no hypervisor to use) handed over and refused with the reason.
-    assert event.status == ConversionEventStatus.STARTED or (
-        event.status == ConversionEventStatus.APPROVED and event.details.get("start_error")
-    ), event.details
+    # Handed to the conversion engine without an admin: with a hypervisor registered it starts a
+    # job; with none (this test registers none) the engine's own refusal is kept on the event.
+    from p2v.conversion.models import ConversionJob, Hypervisor
+
+    if Hypervisor.objects.exists():
+        assert event.status == ConversionEventStatus.STARTED, event.details
+        assert ConversionJob.objects.filter(event=event).count() == 1
+    else:
+        assert event.status == ConversionEventStatus.APPROVED, event.details
+        assert "no hypervisor is registered" in event.details["start_error"]
+        assert not ConversionJob.objects.filter(event=event).exists()
 
 
 def test_unreachable_host_fails_with_reason(celery_worker, standin_machine):
@@ -280,10 +287,11 @@ def test_wrong_key_fails_with_reason(celery_worker, standin_machine, tmp_path):
 
 def test_command_timeout_fails_with_reason(celery_worker, standin_machine):
     machine = make_machine(standin_machine, pin=True, command_timeout_s=1.5)
+    # Without the deadline lscpu would end after 20 s with no output ("not JSON"): the reason below
+    # proves the deadline fired, with no wall-clock threshold.
     with standin_machine.fake_tool("lscpu", "exec sleep 20\n"):
         assessment = assess(machine)
     assert_failed_cleanly(assessment, "`lscpu -J` did not finish within 1.5 s")
-    assert assessment.duration_s < 15
 
 
 def test_garbage_output_fails_with_reason(celery_worker, standin_machine):

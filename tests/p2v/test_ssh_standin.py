@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import paramiko
 import pytest
@@ -56,10 +55,10 @@ def test_session_settings_and_bounded_commands(standin_machine):
         ]
         result = session.run("echo out; echo err >&2; exit 3")
         assert (result.exit_status, result.stdout, result.stderr) == (3, "out\n", "err\n")
-        began = time.monotonic()
+        # Had the deadline not fired, run() would return normally after 30 s and pytest.raises
+        # would fail: the exception itself proves it, no wall-clock threshold needed.
         with pytest.raises(ssh.CommandTimeout, match=r"`sleep 30` did not finish within 0\.5 s"):
             session.run("sleep 30", timeout_s=0.5)
-        assert time.monotonic() - began < 3
         assert session.run("echo still usable").exit_status == 0
 
 

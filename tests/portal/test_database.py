@@ -8,12 +8,21 @@ from django.db import connection
 
 
 def test_ci_runs_on_postgresql(db):
-    if os.environ.get("CI"):
-        assert connection.vendor == "postgresql", (
-            f"CI is set but the test database is {connection.vendor}; make test exports DATABASE_URL"
-        )
-    else:
-        assert connection.vendor in ("postgresql", "sqlite")
+    """Under CI the engine must be PostgreSQL whatever DATABASE_URL says; elsewhere it is the one
+    DATABASE_URL names. Asked of the server itself, not of Django's label for the backend."""
+    url = os.environ.get("DATABASE_URL", "")
+    wants_postgres = bool(os.environ.get("CI")) or url.startswith(("postgres://", "postgresql://"))
+    with connection.cursor() as cursor:
+        if wants_postgres:
+            assert connection.vendor == "postgresql", (
+                f"the test database is {connection.vendor}; make test exports DATABASE_URL"
+            )
+            cursor.execute("SELECT version()")
+            assert cursor.fetchone()[0].startswith("PostgreSQL ")
+        else:
+            assert connection.vendor == "sqlite"
+            cursor.execute("SELECT sqlite_version()")
+            assert cursor.fetchone()[0].count(".") == 2
 
 
 def test_database_url_selects_the_engine(db):

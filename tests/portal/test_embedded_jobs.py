@@ -20,12 +20,12 @@ def test_tasks_run_on_worker_threads_not_in_the_caller():
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
     )
     assert probe.returncode == 0, probe.stderr[-2000:]
     result = json.loads(probe.stdout.strip().splitlines()[-1])
-    assert result["queue_s"] < 1.0, "queueing a job must not wait for it"
+    assert result["slow_done_when_queued"] is False, "queueing a job must not wait for it"
     labels = [job["label"] for job in result["finished"]]
     assert labels == ["fast", "slow"], (
         f"the fast job must finish while the slow one still holds a worker thread; got {labels}\n"

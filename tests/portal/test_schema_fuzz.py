@@ -2,15 +2,16 @@
 
 Schemathesis generates requests from the live OpenAPI schema (positive and negative data) and
 sends them in-process to the Django WSGI app, as an operator and as a tenant member. The run is
-bounded in time (FUZZ_BUDGET_S, default 60 s) and examples per operation; every 5xx found is
-reported with a curl command reproducing it.
+bounded by examples per operation (FUZZ_EXAMPLES), never by time: a time budget let later
+operations get no request at all on a slow machine and still pass. Every operation must get
+requests; every 5xx found is reported with a curl command reproducing it. (The full contract,
+every check of schemathesis against the real server, is tests/contract/.)
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 
 import pytest
 import schemathesis
@@ -23,8 +24,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from datacenter.testing import World
 
-FUZZ_BUDGET_S = float(os.environ.get("FUZZ_BUDGET_S", "40"))
-EXAMPLES_PER_OPERATION = int(os.environ.get("FUZZ_EXAMPLES", "12"))
+EXAMPLES_PER_OPERATION = int(os.environ.get("FUZZ_EXAMPLES", "4"))
 ROLES = ("operator", "a_member")
 
 
@@ -57,14 +57,12 @@ def _fuzz(world: World, app) -> None:
     schema = schemathesis.openapi.from_wsgi("/api/schema/", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) > 40, "the schema lists every endpoint"
-    deadline = time.monotonic() + FUZZ_BUDGET_S
-    per_operation_s = FUZZ_BUDGET_S / len(operations)
     server_errors: list[str] = []
-    sent = 0
+    sent_per_operation: dict[str, int] = {}
 
-    operation_deadline = [0.0]
     for operation in operations:
-        operation_deadline[0] = min(deadline, time.monotonic() + per_operation_s * 1.5)
+        label = f"{operation.method.upper()} {operation.path}"
+        sent_per_operation[label] = 0
         strategy = st.one_of(
             operation.as_strategy(GenerationMode.POSITIVE), operation.as_strategy(GenerationMode.NEGATIVE)
         )
@@ -78,13 +76,10 @@ def _fuzz(world: World, app) -> None:
         )
         @given(case=strategy)
         def send(case):
-            nonlocal sent
-            if time.monotonic() > operation_deadline[0]:
-                return
             for role in ROLES:
                 headers = {"Authorization": f"Token {world.keys[role]}"}
                 response = case.call(headers=headers)
-                sent += 1
+                sent_per_operation[label] += 1  # noqa: B023
                 if response.status_code >= 500:
                     detail = response.text[:300] if not server_errors else ""
                     server_errors.append(
@@ -92,11 +87,11 @@ def _fuzz(world: World, app) -> None:
                     )
 
         send()
-        if time.monotonic() > deadline:
-            break
 
+    sent = sum(sent_per_operation.values())
     print(
         f"schema fuzz: {sent} requests over {len(operations)} operations, {len(server_errors)} server errors"
     )
-    assert sent > len(ROLES) * 40, f"only {sent} requests were sent"
+    starved = sorted(label for label, count in sent_per_operation.items() if count == 0)
+    assert not starved, f"operations that got no request: {starved}"
     assert not server_errors, "server errors:\n" + "\n".join(server_errors[:20])

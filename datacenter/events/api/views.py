@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework.exceptions import ValidationError
@@ -31,9 +33,9 @@ class AuditEntryViewSet(TenantScopedReadOnlyViewSet):
 
 def _non_negative_int(request, name: str, default: int, maximum: int | None = None) -> int:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 18:
+    if not re.fullmatch(r"[0-9]{1,18}", raw):  # ASCII digits: str.isdigit() also takes "²"
         raise ValidationError({name: [f"{raw!r} is not a non-negative integer."]})
     value = int(raw)
     if maximum is not None and value > maximum:
@@ -49,11 +51,12 @@ class EventFeedView(APIView):
     @extend_schema(
         parameters=[
             OpenApiParameter(
-                "since", OpenApiTypes.INT, description="Return events with a larger id (default 0)."
+                "since", {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
+                description="Return events with a larger id (default 0).",
             ),
             OpenApiParameter(
                 "limit",
-                OpenApiTypes.INT,
+                {"type": "integer", "minimum": 0, "maximum": FEED_MAX_LIMIT},
                 description=f"At most this many (default {FEED_DEFAULT_LIMIT}, max {FEED_MAX_LIMIT}).",
             ),
             OpenApiParameter("kind", OpenApiTypes.STR, description="Only events of this kind."),

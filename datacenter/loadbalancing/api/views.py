@@ -21,6 +21,8 @@ from datacenter.api.viewsets import (
 )
 from datacenter.events.services import record_change, snapshot
 from datacenter.services_errors import FieldErrors
+from datacenter.tenancy.api.rotation import GRACE_PARAM, grace_seconds
+from datacenter.tenancy.models import RetiredKey
 from datacenter.tenancy.scoping import is_operator, tenant_ids_for
 
 from .. import services
@@ -66,7 +68,14 @@ def parse_bool_param(request, name: str) -> bool:
 
 
 def parse_preconditions(request, body_value=None) -> tuple[int | None, bool]:
-    """(expected generation, came from If-Match) from If-Match, the body, or ?expected_generation=."""
+    """(expected generation, came from If-Match) from If-Match, the body, or ?expected_generation=.
+    The query parameter is validated even when If-Match wins, so a malformed one is always a 400."""
+    raw = request.query_params.get("expected_generation")
+    query_value = None
+    if raw is not None and raw != "":
+        if not re.fullmatch(r"[0-9]{1,18}", raw):  # ASCII digits: str.isdigit() also takes "²"
+            raise ValidationError({"expected_generation": [f"{raw!r} is not a non-negative integer."]})
+        query_value = int(raw)
     if_match = request.headers.get("If-Match")
     if if_match is not None:
         match = ETAG_NUMBER.match(if_match.strip())
@@ -75,12 +84,7 @@ def parse_preconditions(request, body_value=None) -> tuple[int | None, bool]:
         return int(match.group(1)), True
     if body_value is not None:
         return body_value, False
-    raw = request.query_params.get("expected_generation")
-    if raw is None or raw == "":
-        return None, False
-    if not raw.isdigit() or len(raw) > 18:
-        raise ValidationError({"expected_generation": [f"{raw!r} is not a non-negative integer."]})
-    return int(raw), False
+    return query_value, False
 
 
 def backend_list_body(listener: Listener, result=None) -> dict:
@@ -310,10 +314,13 @@ class AgentNodeViewSet(OperatorViewSet):
         body = self._issue_token(request, node, action="create")
         return Response(body, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=None, responses=serializers.AgentNodeWithTokenSerializer)
+    @extend_schema(request=None, parameters=[GRACE_PARAM], responses=serializers.AgentNodeWithTokenSerializer)
     @action(detail=True, methods=["post"], url_path="rotate-token", filterset_class=None)
     def rotate_token(self, request, pk=None):
         node = self.get_object()
+        grace_s = grace_seconds(request)
+        with transaction.atomic():  # the old key stays valid for the grace window (0: revoked now)
+            RetiredKey.retire(RetiredKey.Kind.AGENT, node.pk, node.token_hash, grace_s)
         body = self._issue_token(
             request, node, action="rotate_token", update_fields=["token_lookup", "token_hash", "updated"]
         )

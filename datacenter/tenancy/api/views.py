@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.db import transaction
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -14,6 +18,7 @@ from ..filtersets import ApiTokenFilterSet, MembershipFilterSet, TenantFilterSet
 from ..models import ApiToken, Membership, Tenant
 from ..scoping import forget_roles, is_operator, restrict, tenants_for
 from . import serializers
+from .rotation import GRACE_PARAM, grace_seconds
 
 
 class TenantViewSet(OperatorWriteViewSet):
@@ -80,6 +85,30 @@ class ApiTokenViewSet(
                 tenant_id=None,
                 before=None,
                 after={"name": token.name, "write_enabled": token.write_enabled},
+            )
+        body = serializers.ApiTokenCreatedSerializer(token, context=self.get_serializer_context()).data
+        body["key"] = key
+        return Response(body, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        request=None, parameters=[GRACE_PARAM], responses={201: serializers.ApiTokenCreatedSerializer}
+    )
+    @action(detail=True, methods=["post"], filterset_class=None)
+    def rotate(self, request, pk=None):
+        """A new token with the same name, scope and expiry; the old one keeps working for the grace
+        window (`grace_s`), then expires. The new key is in this answer only."""
+        grace_s = grace_seconds(request)
+        with transaction.atomic():
+            old = ApiToken.objects.select_for_update().get(pk=self.get_object().pk)
+            token, key = ApiToken.objects.create_token(
+                request.user, name=old.name, write_enabled=old.write_enabled, expires=old.expires
+            )
+            ends = timezone.now() + timedelta(seconds=grace_s)
+            old.expires = ends if old.expires is None else min(old.expires, ends)
+            old.save(update_fields=["expires"])
+            record_change(
+                user=request.user, action="rotate", obj=old, tenant_id=None, before=None,
+                after={"replaced_by": token.pk, "old_expires": old.expires.isoformat()},
             )
         body = serializers.ApiTokenCreatedSerializer(token, context=self.get_serializer_context()).data
         body["key"] = key
