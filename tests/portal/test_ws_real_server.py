@@ -2,7 +2,7 @@
 port, Channels on Redis, the test database. The in-process communicator tests skip the server's
 handshake, the Origin guard, session cookies and the Redis layer between processes; these don't.
 
-Routes: /ws/agents/ (an agent's bearer token) and /ws/p2v/jobs/<id>/ (an operator's session).
+Routes: /ws/agents/ (an agent's bearer token), /ws/p2v/jobs/<id>/ and /ws/dashboard/ (a session).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
@@ -24,7 +26,9 @@ from django.test import Client
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from datacenter.events.models import Event
 from datacenter.inventory.models import Host
+from datacenter.loadbalancing.agent_sync import OPERATORS_GROUP
 from datacenter.routing import websocket_urlpatterns
 from datacenter.testing import new_agent
 from lbagent.protocol import Hello, decode_portal_message, encode
@@ -61,7 +65,8 @@ def committed(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[
         browser = Client()
         browser.force_login(operator)  # a real session row; its cookie goes to the real server
         session_cookie = browser.cookies[settings.SESSION_COOKIE_NAME].value
-    yield {"agent": agent, "token": token, "job": job, "session": session_cookie}
+        event = Event.objects.create(kind="vip.updated", object_type="vip", object_id="7")
+    yield {"agent": agent, "token": token, "job": job, "session": session_cookie, "event": event}
     with django_db_blocker.unblock():
         call_command("flush", interactive=False, verbosity=0)
 
@@ -107,7 +112,7 @@ def server(committed, tmp_path_factory) -> Iterator[str]:
 
 def test_these_are_all_the_routes():
     # A new route needs its test here: this fails until it has one.
-    assert _route_paths() == {"ws/agents/", "ws/p2v/jobs/<int:job_id>/"}
+    assert _route_paths() == {"ws/agents/", "ws/p2v/jobs/<int:job_id>/", "ws/dashboard/"}
 
 
 def test_agent_with_its_token_says_hello_and_gets_its_desired_state(server, committed):
@@ -157,4 +162,26 @@ def test_a_foreign_browser_origin_is_refused(server, committed):
     with pytest.raises(InvalidStatus) as refused:
         connect(f"{server}/ws/p2v/jobs/{committed['job'].pk}/", open_timeout=WAIT_S,
                 additional_headers={"Cookie": cookie}, origin="https://evil.example")
+    assert refused.value.response.status_code == 403
+
+
+def test_dashboard_socket_replays_after_its_cursor_then_streams_live_changes(server, committed):
+    event = committed["event"]
+    cookie = f"{settings.SESSION_COOKIE_NAME}={committed['session']}"
+    url = f"{server}/ws/dashboard/?page=overview&since={event.id - 1}"
+    with connect(url, additional_headers={"Cookie": cookie}, open_timeout=WAIT_S) as ws:
+        replayed = json.loads(ws.recv(timeout=WAIT_S))
+        assert (replayed["type"], replayed["id"], replayed["kind"]) == ("event", event.id, "vip.updated")
+        synced = json.loads(ws.recv(timeout=WAIT_S))
+        assert synced == {"type": "synced", "cursor": event.id, "replayed": 1}
+        # another process publishes through Redis, as the portal's push path does
+        async_to_sync(get_channel_layer().group_send)(
+            OPERATORS_GROUP, {"type": "lb.event", "kind": "listener.status", "data": {"id": 3}})
+        live = json.loads(ws.recv(timeout=WAIT_S))
+    assert live == {"type": "change", "kind": "listener.status", "data": {"id": 3}}
+
+
+def test_dashboard_socket_refuses_anonymous_users_at_the_handshake(server):
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{server}/ws/dashboard/?page=overview&since=0", open_timeout=WAIT_S)
     assert refused.value.response.status_code == 403
