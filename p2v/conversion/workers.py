@@ -7,7 +7,10 @@ on when the setting or environment variable P2V_HYPERVISOR_QUEUES is true (docke
 it); off (the default, `make run` and the tests' shared worker), jobs use Celery's default queue.
 
 Liveness is asked from the workers themselves (Celery's `inspect active_queues` broadcast): a
-worker counts only if it answered within the timeout, so a stopped host drops out at once.
+worker counts only if it answered within the timeout, so a stopped host drops out at the next ask.
+A broadcast always waits its whole timeout (it cannot know how many workers will answer), so the
+answer is kept in Django's cache for P2V_WORKER_LIVENESS_CACHE_S (5 s by default, 0 to ask every
+time): a page or script listing hypervisors in a loop costs one broadcast per period, not per call.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import os
 import re
 
 from django.conf import settings
+from django.core.cache import cache
 
 logger = logging.getLogger(__name__)
 QUEUE_PREFIX = "p2v-hv-"
 DEFAULT_PING_TIMEOUT_S = 1.0
+DEFAULT_LIVENESS_CACHE_S = 5.0
+_LIVENESS_CACHE_KEY = "p2v:live-workers-by-queue"
 _NOT_QUEUE_CHARS = re.compile(r"[^a-z0-9-]+")
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -50,7 +56,20 @@ def job_queue(hypervisor) -> str:
 
 
 def live_workers_by_queue(timeout_s: float | None = None) -> dict[str, list[str]] | None:
-    """{queue: [worker node names]} of the workers that answered; None when the broker cannot ask."""
+    """{queue: [worker node names]} of the workers that answered (at most
+    P2V_WORKER_LIVENESS_CACHE_S ago); None when the broker cannot ask."""
+    cache_s = float(getattr(settings, "P2V_WORKER_LIVENESS_CACHE_S", DEFAULT_LIVENESS_CACHE_S))
+    if cache_s > 0:
+        kept = cache.get(_LIVENESS_CACHE_KEY)
+        if kept is not None:  # stored wrapped, so that "could not ask" (None) is kept too
+            return kept["by_queue"]
+    by_queue = _ask_workers(timeout_s)
+    if cache_s > 0:
+        cache.set(_LIVENESS_CACHE_KEY, {"by_queue": by_queue}, timeout=cache_s)
+    return by_queue
+
+
+def _ask_workers(timeout_s: float | None) -> dict[str, list[str]] | None:
     from datacenter.celery import app
 
     if timeout_s is None:
