@@ -56,6 +56,11 @@ REFUSED_RETRY_S = 10.0  # how often a VIP whose state could not be planned is tr
 # idle timeout in transition, so a record is renewed at least twice before it could expire;
 # bounded so a short test timeout does not spin and a long one still notices a restarted owner.
 KEEPALIVE_MIN_S, KEEPALIVE_MAX_S = 1.0, 60.0
+# Entering bypass, the route's next hop moves to the backend's host first; the router switches
+# some time later (BGP UPDATE, best-path run, FIB write). Until then packets still reach the mux,
+# so it keeps forwarding the VIP (every bucket to the single backend) for this long after the
+# move was announced, then removes the VIP's kernel state (make before break).
+BYPASS_HANDOVER_S = 5.0
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (CPython's default: 700)
 
 log = logging.getLogger("lbagent.daemon")
@@ -191,6 +196,10 @@ class MuxDaemon:
         self._linger_epoch = 0  # bumped when a lingering table ends (forces a re-apply)
         self._no_previous_seen: set[tuple[int, int]] = set()
         self._bypass_waiting: set[str] = set()  # bypass VIPs kept on the muxes until their drain ends
+        # bypass VIP -> until when this mux keeps forwarding it after announcing the host as next hop
+        self._bypass_handover: dict[str, float] = {}
+        self._kernel_vips: set[str] = set()  # VIPs with listeners in the kernel (set after an apply)
+        self._planned_vips: set[str] = set()
         self.keepalive_rounds = 0
         self.lingers_ended = 0
         self.applied_phases: dict[int, str] = {}  # listener -> phase the kernel holds (set after the apply)
@@ -335,7 +344,10 @@ class MuxDaemon:
             new_tables.update(vip_tables)
             running.update({listener.id: listener.generation for listener in served.listeners})
             last_good[vip.address] = served
+        for address in set(self._bypass_handover) - {v.address for v in self.state.vips if v.bypass}:
+            del self._bypass_handover[address]  # left bypass (or gone): no hand-over to finish
         self.tables = new_tables
+        self._planned_vips = {p.vip for p in plans}
         self._planned = (last_good, refused, running, listener_errors, retryable)  # once the kernel has it
         return plans, slow, routes
 
@@ -360,11 +372,33 @@ class MuxDaemon:
             log.info("VIP %s: drain over, entering bypass", vip.address)
         if vip.bypass and not draining:
             hop = vip.bypass_next_hop or self._single_backend_host(vip)
+            handover_until = self._bypass_handover.get(vip.address)
+            if handover_until is None and vip.address in self._kernel_vips:
+                # This mux forwards the VIP now: announce the host as next hop while the kernel
+                # keeps forwarding, and remove the VIP's state only once the router has switched.
+                # (A mux that starts while the VIP is in bypass never had it: nothing to hand over.)
+                handover_until = self._bypass_handover[vip.address] = now + BYPASS_HANDOVER_S
+                log.info("VIP %s: entering bypass, next hop %s; forwarding it for %.0f s more",
+                         vip.address, hop, BYPASS_HANDOVER_S)
+            if handover_until is not None and now < handover_until:
+                plans, slow, _, tables_of = self._plan_listeners(vip, now)
+            elif handover_until is not None and vip.address in self._kernel_vips:
+                log.info("VIP %s: bypass hand-over over, removing its kernel state", vip.address)
             for listener in vip.listeners:
                 active = [b for b in listener.backends if b.state == "active"]
                 if active:
                     self.bypass_backend[listener.id] = (active[0], now)
             return plans, slow, hop, tables_of
+        return self._plan_listeners(vip, now)
+
+    def _plan_listeners(
+        self, vip: Vip, now: float
+    ) -> tuple[list[ListenerPlan], list[SlowListener], str | None, dict[int, ListenerTables]]:
+        """The kernel plans of a VIP served by this mux (this mux is its next hop)."""
+        assert self.state is not None
+        plans: list[ListenerPlan] = []
+        slow: list[SlowListener] = []
+        tables_of: dict[int, ListenerTables] = {}
         for listener in vip.listeners:
             tables = self._listener_tables(vip, listener, now)
             by_name = {backend_name(b): b for b in listener.backends}
@@ -374,6 +408,13 @@ class MuxDaemon:
             if listener.id in self.bypass_backend:
                 b = self.bypass_backend[listener.id][0]
                 by_name.setdefault(backend_name(b), b)
+            # a change without `previous` drains from the running table: its backends are those of
+            # the last state of this VIP the kernel got
+            last = self._last_good.get(vip.address)
+            for ran in last.listeners if last is not None else ():
+                if ran.id == listener.id:
+                    for b in ran.backends:
+                        by_name.setdefault(backend_name(b), b)
             if tables is None:
                 plans.append(ListenerPlan(listener.id, vip.address, listener.protocol, listener.port, (),
                                           np.full(listener.table_size_in(self.state.cluster), -1,
@@ -419,8 +460,10 @@ class MuxDaemon:
         draining = tuple(sorted((lid, sum(1 for o in t.old if not o.lingering and o.drain_deadline > now))
                                 for lid, t in self.tables.items()))
         retry = int(now // REFUSED_RETRY_S) if self._retry_refused else None
+        # a bypass hand-over ending removes that VIP's kernel state
+        handover = tuple(sorted(vip for vip, until in self._bypass_handover.items() if until > now))
         # the last *valid* config: a refused file changes nothing, so it must not trigger an apply
-        return (self._state_sig, draining, retry, self._linger_epoch)
+        return (self._state_sig, draining, retry, self._linger_epoch, handover)
 
     # -- applying ---------------------------------------------------------------------------------
     def apply(self) -> None:
@@ -430,6 +473,7 @@ class MuxDaemon:
         assert self.state is not None
         t0 = time.monotonic()
         self.dataplane.apply(plans)  # one transaction (bounded batches for a whole-document load)
+        self._kernel_vips = self._planned_vips
         keys = sorted({(p.vip, p.protocol, p.port) for p in plans})
         if self.slowpath is not None:
             if keys != self._slow_keys:
