@@ -11,7 +11,7 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 PYTEST_ARGS ?=
 DEMO_AGENTS ?= 1
 
-.PHONY: run test lint bench lab lab-down deps deps-portal apt services migrate seed clean p2v-worker
+.PHONY: run test contract lint bench lab lab-down deps deps-portal apt services migrate seed clean p2v-worker
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ run: seed
 
 test: deps services
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The schemathesis API contract run (docs/operations.md): about 20 minutes for both roles, so it
+# is kept out of `make test`'s 30-minute budget and run on its own.
+contract: deps services
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(BIN)/python -m pytest -m contract tests/contract $(PYTEST_ARGS)
 
 lint: var/.deps-test
 	$(BIN)/ruff check .
