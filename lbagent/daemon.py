@@ -708,7 +708,7 @@ class MuxDaemon:
             self._load_history(time.time())
         self.apply()
         self._applied_sig = self._signature(time.time())
-        self.metrics = MetricsServer(self.o.metrics_host, self.o.metrics_port, self.collect,
+        self.metrics = MetricsServer(self.o.metrics_host, self.o.metrics_port, self.metric_families,
                                      extra={"/records": lambda: json.dumps(self.slowpath.record_dump()
                                                                            if self.slowpath else [])})
         self.metrics.start()
@@ -778,6 +778,10 @@ class MuxDaemon:
 
     # -- metrics ----------------------------------------------------------------------------------
     def collect(self) -> str:
+        """The Prometheus text /metrics serves (the portal client reads its counters from it)."""
+        return render(self.metric_families())
+
+    def metric_families(self) -> list[Metric]:
         ms: list[Metric] = []
         lp = Metric("lbagent_listener_packets_total", "Packets of a listener seen by the kernel", "counter")
         lb = Metric("lbagent_listener_bytes_total", "Bytes of a listener seen by the kernel", "counter")
@@ -902,7 +906,7 @@ class MuxDaemon:
         restarts = Metric("lbagent_bgp_speaker_restarts_total", "ExaBGP processes restarted after dying",
                           "counter").add(self.bgp.restarts if self.bgp is not None else 0)
         ms += [bgp_up, routes, restarts]
-        return render(ms)
+        return ms
 
 
 def _parse_args(argv: list[str] | None) -> DaemonOptions:
