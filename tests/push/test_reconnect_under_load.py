@@ -320,8 +320,12 @@ def test_overflowed_agent_channels_still_end_active(production) -> None:
     portal.env = {**portal.env, "CHANNEL_LAYER_CAPACITY": "1", "LB_AGENT_ACK_LAG_S": "2"}
     portal.start()
     _wait_converged(production, START_TIMEOUT_S, "reconnect after the restart with capacity 1")
-    held = _workers_holding_agent_connections(portal.port)
-    assert held, "no portal worker holds an agent connection"
+    # Converged proves the tables, not the connections: the agents may still be in their
+    # reconnect backoff after the restart. Wait until every one of them is connected again.
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while sum((held := _workers_holding_agent_connections(portal.port)).values()) < len(production.agents):
+        assert time.monotonic() < deadline, f"agents not all reconnected: {held}"
+        time.sleep(0.1)
     frozen = max(held, key=held.get)
     listener_id, role = next(iter(production.listeners.items()))
     changes = 0
