@@ -41,9 +41,7 @@ class PortalUnderUvicorn:
                "DATACENTER_EMBEDDED_WORKER": "0", "PYTHONPATH": str(REPO_ROOT), **self.extra_env}
         with self.logfile.open("w") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "datacenter.asgi:application",
-                 "--fd", str(listener.fileno()), "--lifespan", "off", "--no-access-log",
-                 "--timeout-graceful-shutdown", "5"],
+                [sys.executable, "-m", "tests.uvicorn_on_fd", str(listener.fileno())],
                 cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=[listener.fileno()],
                 start_new_session=True)
         listener.close()  # the child holds its own copy

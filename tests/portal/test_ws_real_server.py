@@ -81,8 +81,7 @@ def server(committed, tmp_path_factory) -> Iterator[str]:
            "DATABASE_POOL": "0", "PYTHONPATH": str(REPO_ROOT)}
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "datacenter.asgi:application", "--fd", str(listener.fileno()),
-             "--lifespan", "off", "--no-access-log", "--timeout-graceful-shutdown", "5"],
+            [sys.executable, "-m", "tests.uvicorn_on_fd", str(listener.fileno())],
             cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=[listener.fileno()],
             start_new_session=True)
     listener.close()  # the child holds its own copy
