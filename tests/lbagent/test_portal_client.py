@@ -247,7 +247,8 @@ async def test_malformed_frame_closes_with_reason_then_reconnects_and_resyncs(po
     assert len(driver.applied) == 1  # the identical resync was acknowledged without re-applying
 
 
-async def test_fail_static_while_portal_is_down_then_resync(portal) -> None:
+async def test_fail_static_while_portal_is_down_then_resync(portal, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="lbagent.portal")
     driver = TableDriver(build_tables=False)
     client = make_client(portal, driver)
     async with running(client):
@@ -255,8 +256,11 @@ async def test_fail_static_while_portal_is_down_then_resync(portal) -> None:
         await ws.send(desired_frame(9))
         await portal.next_message("applied")
         port = portal.port
+        before = caplog.text.count("reconnecting to the portal")
         await portal.stop()
-        await asyncio.sleep(0.5)  # several failed reconnects
+        async with asyncio.timeout(WAIT_S):  # several failed reconnects
+            while caplog.text.count("reconnecting to the portal") < before + 3:
+                await asyncio.sleep(0.05)
         assert client.applied.generation == 9  # still forwarding with the last state
         assert set(driver.tables) == {12}
         restarted = FakePortal()
