@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from lbagent.core.maglev import maglev_table  # noqa: E402
 from lbagent.state import table_size_for_cap  # noqa: E402
 
-BASELINE_COMMIT = "0298d40"
+BASELINE_COMMIT = "588fb88"
 PORTS = (80, 443, 8080, 8443)
 BACKENDS = 8
 
@@ -118,8 +118,8 @@ def measure(module, listeners: int, size: int, legacy: bool) -> dict:
         nft.run(f"delete table netdev {module.TABLE}\n")
     before = settled_kernel_used()
     plans = plans_for(module, listeners, table)
-    kwargs = {"table_size": size} if legacy else {"elements": module.NetlinkElements()}
-    dp = module.NftDataplane("eth0", "02:aa:00:00:00:01", seed=0x5EED, nft=nft, nflog_group=7, **kwargs)
+    dp = module.NftDataplane("eth0", "02:aa:00:00:00:01", seed=0x5EED, nft=nft, nflog_group=7,
+                             elements=module.NetlinkElements())
     t0 = time.perf_counter()
     dp.apply(plans)
     load_s = time.perf_counter() - t0
@@ -186,6 +186,9 @@ def main() -> None:
     parser.add_argument("--vips", type=int, default=1000, help="VIPs of 4 TCP listeners each (default 1000)")
     parser.add_argument("--cap", type=int, default=64, help="backend cap: table size = prime > 100 x cap")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--baseline-top", action="store_true",
+                        help="also run the baseline at VIPs x 4 listeners (about 6 minutes at 1,000 VIPs)")
+    parser.add_argument("--also", type=int, nargs="*", default=[], help="more listener counts to measure")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--legacy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--runs", help=argparse.SUPPRESS)
@@ -203,9 +206,11 @@ def main() -> None:
         subprocess.run(["ip", "-n", netns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
                        check=True)
         subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "up"], check=True)
-        results = [run_in(netns, [(n, size) for n in sorted({10, 100, top})], legacy=False)]
+        counts = sorted({10, 100, top, *args.also})
+        results = [run_in(netns, [(n, size) for n in counts], legacy=False)]
         if not args.no_baseline:
-            results.append(run_in(netns, [(10, size), (100, size), (10, 65537)], legacy=True))
+            base = sorted({10, 100, *args.also, *([top] if args.baseline_top else [])})
+            results.append(run_in(netns, [(n, size) for n in base], legacy=True))
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
     print(f"mux_scale: {args.vips} VIPs x {len(PORTS)} TCP listeners x {BACKENDS} backends, backend cap "

@@ -1,29 +1,31 @@
-"""Kernel data plane: renders listeners into one nftables netdev table on the mux's interface and
-applies every change as one atomic transaction through libnftables.
+"""Kernel data plane: renders listeners into one nftables netdev table on the mux's interface.
+Rules go through libnftables; every element, counter and deletion as raw netlink messages
+(`nftlink`), each change one transaction.
 
 Per listener `<id>` the table holds
-  * `cur_<id>` (bucket -> `jump b<id>_<backend>`), `old_<id>` (during a transition the oldest
-    live generation's table, same shape) and `unstable_<id>` (buckets where any live old table
-    differs from the current one);
-  * one chain `b<id>_<backend>` per backend: count, rewrite the MACs, `fwd` (L2 direct server
-    return: the backend answers the client itself);
+  * `cur_<id>`: bucket -> the backend's MAC (a data map, sized to the listener's table);
+    `unstable_<id>` (buckets where any live old table differs from the current one: empty in
+    steady state); `pinok_<id>` (MACs of backends whose connections may still live);
+    `cnt_<id>`: backend MAC -> its named counter `cb<id>_<address>`;
   * chain `l<id>`: per-flow pins first (a miss ends that rule and evaluation goes on), then the
-    flow hash into the mark; packets of unstable buckets that are not a TCP SYN (syn set, ack
-    clear) `accept`ed up to the stack (where iptables-nft hands them to NFQUEUE, the slow path);
-    everything else, SYNs of unstable buckets included, through `cur_<id>`;
-  * in each backend chain of a TCP listener, before the forwarding rule, decision rule 3's SYN
-    case compiled like rule 2 is: a SYN of an unstable bucket is pinned here to this (the current
-    table's) backend, its headers go to nfnetlink_log group `nflog_group` (the daemon records
-    the flow at its owner from there, asynchronously) and it is counted in `newflows<id>`.
+    flow hash into the mark; a SYN of an unstable bucket (decision rule 3) takes the current
+    table's MAC, is reported to nfnetlink_log group `nflog_group`, pinned to that MAC and counted
+    in `newflows<id>`; other packets of unstable buckets (not a TCP SYN) are `accept`ed up to the
+    stack (where iptables-nft hands them to NFQUEUE, the slow path); everything else (rule 2)
+    gets its bucket's MAC from `cur_<id>`, is counted by that MAC and forwarded (L2 direct
+    server return: the backend answers the client itself). A bucket with no backend has no
+    element: the lookup misses and the packet is dropped.
+No rule names a backend and no map holds a verdict but `dispatch` (VIP . protocol . port ->
+jump l<id>): adding, draining or removing a backend writes elements and counters only, and the
+kernel has no jump graph to re-validate when `cur_` changes.
 Pins live in one map per protocol for the whole table (`pins_tcp`, `pins_udp`: a 4-field key,
 because nft 1.0.6 aborts on 5-field dynamic keys), value = the backend's MAC, with the
 listener's idle timeout, which every packet of the flow renews in the kernel (`update`). A pin
-forwards only to a MAC in the listener's `pinok_<id>` set (backends whose connections may
-still live): at a drain deadline the ended backend's MAC leaves the set, so its flows fall
-through to the current table (whose backend answers them with a reset) at their next packet.
-The kernel adds them itself in chain `inject` (on the injection veth) from the packets the slow
-path re-injects. Counters are read over netlink (`read_counters`): `nft list` would load every
-map element first.
+forwards only to a MAC in the listener's `pinok_<id>` set: at a drain deadline the ended
+backend's MAC leaves the set, so its flows fall through to the current table (whose backend
+answers them with a reset) at their next packet. The kernel adds pins itself in chain `inject`
+(on the injection veth) from the packets the slow path re-injects. Counters are read over
+netlink (`read_counters`): `nft list` would load every map element first.
 
 The steady state is stateless: no pins, empty unstable sets, no packet leaves the kernel.
 """
@@ -538,8 +540,8 @@ class NftDataplane:
                     ops += changes
                     ops_elements += n
             if self.elements is None:
-                rules += [op.text(self._t()) if isinstance(op, Op) else op
-                          for op in self._last_commands(plans, applied, new_applied, existing, timeouts, first)]
+                last = self._last_commands(plans, applied, new_applied, existing, timeouts, first)
+                rules += [op.text(self._t()) if isinstance(op, Op) else op for op in last]
                 if rules:
                     self._send_text(rules)
                     sent_text += 1
@@ -671,7 +673,8 @@ class NftDataplane:
             prev_counters = prev.counters if prev is not None else {}
             full = self._fill(plan, pin_macs, counters, unstable, flush=False)
             cmds += [op.text(t) for op in full]
-            cmds += [f"delete counter {t} {name}" for name in set(prev_counters.values()) - set(counters.values())]
+            unused = set(prev_counters.values()) - set(counters.values())
+            cmds += [f"delete counter {t} {name}" for name in sorted(unused)]
             return cmds, [], state
         if prev is None:
             cmds += self._create_objects(plan) + self._listener_rules(plan)
@@ -687,7 +690,8 @@ class NftDataplane:
         gone_counters = {m: n for m, n in prev.counters.items() if counters.get(m) != n}
         ops += [Op("add counter", name) for name in added_counters.values()]
         if gone_counters:
-            ops.append(Op("delete", f"cnt_{lid}", list(map(int_to_mac, gone_counters)), None, "mac", "objref"))
+            ops.append(Op("delete", f"cnt_{lid}", list(map(int_to_mac, gone_counters)), None, "mac",
+                          "objref"))
         if added_counters:
             ops.append(Op("add", f"cnt_{lid}", list(map(int_to_mac, added_counters)),
                           list(added_counters.values()), "mac", "objref"))

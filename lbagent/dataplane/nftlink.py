@@ -184,7 +184,8 @@ class Op:
         if self.verb == "flush":
             return [(_MSG_DELSETELEM, f"flush of {self.name}", head, False)]
         if self.verb == "add counter":
-            data = nla(_OBJ_DATA | NLA_F_NESTED, nla(_COUNTER_PACKETS, bytes(8)) + nla(_COUNTER_BYTES, bytes(8)))
+            zero = nla(_COUNTER_PACKETS, bytes(8)) + nla(_COUNTER_BYTES, bytes(8))
+            data = nla(_OBJ_DATA | NLA_F_NESTED, zero)
             return [(_MSG_NEWOBJ, f"counter {self.name}", _string(_OBJ_TABLE, table)
                      + _string(_OBJ_NAME, self.name) + nla(_OBJ_TYPE, struct.pack("!I", _OBJECT_COUNTER))
                      + data, True)]
@@ -261,7 +262,8 @@ class NetlinkElements:
         if not messages:
             return
         seq = 1
-        parts = [struct.pack("=IHHII", 20, _BATCH_BEGIN, NLM_F_REQUEST, seq, 0) + struct.pack("=BB", 0, 0) + res]
+        batch_tail = struct.pack("=BB", 0, 0) + res
+        parts = [struct.pack("=IHHII", 20, _BATCH_BEGIN, NLM_F_REQUEST, seq, 0) + batch_tail]
         names: dict[int, str] = {}
         for index, (kind, what, attrs, create) in enumerate(messages):
             seq += 1
@@ -275,7 +277,7 @@ class NetlinkElements:
             parts.append(struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_NFTABLES << 8) | kind,
                                      flags, seq, 0) + body)
         seq += 1
-        parts.append(struct.pack("=IHHII", 20, _BATCH_END, NLM_F_REQUEST, seq, 0) + struct.pack("=BB", 0, 0) + res)
+        parts.append(struct.pack("=IHHII", 20, _BATCH_END, NLM_F_REQUEST, seq, 0) + batch_tail)
         payload = b"".join(parts)
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
@@ -297,8 +299,9 @@ class NetlinkElements:
                     if kind == NLMSG_ERROR:
                         (err,) = struct.unpack_from("=i", data, pos + 16)
                         if err != 0:
-                            raise NetlinkError(f"nf_tables refused the transaction at "
-                                               f"{names.get(msg_seq, f'message {msg_seq}')}: {os.strerror(-err)}")
+                            what = names.get(msg_seq, f"message {msg_seq}")
+                            raise NetlinkError(f"nf_tables refused the transaction at {what}: "
+                                               f"{os.strerror(-err)}")
                         pending.discard(msg_seq)
                     pos += (length + 3) & ~3
         except OSError as exc:
