@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lbagent.dataplane.nftlink import (
+    Change,
+    FillOp,
     NetlinkElements,
     NetlinkError,
     Op,
@@ -504,9 +506,9 @@ class NftDataplane:
         new_applied: dict[int, _Applied] = {}
         rules: list[str] = self._base() if first else []  # libnftables text, whole listeners
         rules_listeners = 0
-        ops: list[Op] = []  # netlink, whole listeners
+        ops: list[Change] = []  # netlink, whole listeners
         ops_elements = 0
-        deferred: list[list[Op]] = []  # element batches waiting for their listeners' rules
+        deferred: list[list[Change]] = []  # element batches waiting for their listeners' rules
         sent_text = 0
         try:
             for plan in plans:
@@ -577,7 +579,7 @@ class NftDataplane:
         self.nft.run("\n".join(lines) + "\n")
         self.transactions += 1
 
-    def _send_ops(self, ops: list[Op]) -> None:
+    def _send_ops(self, ops: list[Change]) -> None:
         assert self.elements is not None
         try:
             self.elements.run(self.table, ops)
@@ -601,13 +603,18 @@ class NftDataplane:
                 last.append(Op("add", "dispatch", [_dispatch_key(p) for p in plans],
                                [f"jump l{p.listener_id}" for p in plans], "dispatch", "verdict").text(t))
         else:
-            gone = [a for lid, a in applied.items() if lid not in new_applied
-                    or _dispatch_key(a.plan) != _dispatch_key(new_applied[lid].plan)]
+            # Only listeners whose plan is not the very object applied before can have moved
+            # (a same-object plan is skipped without a look: a change costs what changed).
+            moved = [lid for lid, a in new_applied.items()
+                     if lid not in applied or applied[lid].plan is not a.plan]
+            gone = [a for lid, a in applied.items() if lid not in new_applied]
+            gone += [applied[lid] for lid in moved if lid in applied
+                     and _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan)]
             if gone:
                 last.append(Op("delete", "dispatch", [_dispatch_key(a.plan) for a in gone], None,
                                "dispatch", "verdict"))
-            added = [p for p in plans if p.listener_id not in applied
-                     or _dispatch_key(applied[p.listener_id].plan) != _dispatch_key(p)]
+            added = [new_applied[lid].plan for lid in moved if lid not in applied
+                     or _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan)]
             if added:
                 last.append(Op("add", "dispatch", [_dispatch_key(p) for p in added],
                                [f"jump l{p.listener_id}" for p in added], "dispatch", "verdict"))
@@ -634,24 +641,27 @@ class NftDataplane:
 
     def _listener_changes(self, plan: ListenerPlan, prev: _Applied | None,
                           existing: dict[tuple[str, str], int | None] | None
-                          ) -> tuple[list[str], list[Op], _Applied]:
+                          ) -> tuple[list[str], list[Change], _Applied]:
         """(rule commands, element changes, what the kernel holds after them) for one listener.
         Rule commands are libnftables text; element changes netlink (or text) `Op`s."""
+        if prev is not None and prev.plan is plan:
+            return [], [], prev  # the very plan applied before: nothing can have changed
         t, lid, size = self._t(), plan.listener_id, len(plan.current)
         pin_macs = tuple(sorted(set(plan.pin_macs)))
         key = _rules_key(plan)
-        counters = _counters_by_mac(plan)
         unstable_arr = plan.unstable
         if (prev is not None and prev.rules_key == key and prev.pin_macs == pin_macs
-                and prev.plan.backends == plan.backends
+                and prev.plan.backends == plan.backends and prev.plan.vip == plan.vip
+                and prev.plan.port == plan.port
                 and _same(plan.current, prev.plan.current) and _same(unstable_arr, prev.plan.unstable)):
             # The same tables (usually the very same arrays: the daemon caches generations):
             # nothing to send and nothing to recompute.
             return [], [], _Applied(plan, prev.unstable, key, pin_macs, prev.counters)
+        counters = _counters_by_mac(plan)
         unstable = set(unstable_arr.tolist()) if unstable_arr is not None else set()
         state = _Applied(plan, unstable, key, pin_macs, counters)
         cmds: list[str] = []
-        ops: list[Op] = []
+        ops: list[Change] = []
         resize = prev is not None and len(prev.plan.current) != size
         if existing is not None and prev is None:
             held = existing.get(("map", f"cur_{lid}"), -1)
@@ -711,11 +721,11 @@ class NftDataplane:
         return cmds, ops, state
 
     def _fill(self, plan: ListenerPlan, pin_macs: tuple[str, ...], counters: dict[int, str],
-              unstable: set[int], *, flush: bool) -> list[Op]:
+              unstable: set[int], *, flush: bool) -> list[Change]:
         """A listener's whole content (after its maps are created, or to replace what an earlier
         process left: `flush`)."""
         lid = plan.listener_id
-        ops = [Op("add counter", name) for name in counters.values()]
+        ops: list[Change] = [Op("add counter", name) for name in counters.values()]
         if flush:
             ops += [Op("flush", f"cur_{lid}", is_map=True), Op("flush", f"unstable_{lid}"),
                     Op("flush", f"pinok_{lid}"), Op("flush", f"cnt_{lid}", is_map=True)]
@@ -724,10 +734,7 @@ class NftDataplane:
                           "mac", "objref"))
         if pin_macs:
             ops.append(Op("add", f"pinok_{lid}", list(pin_macs), None, "mac"))
-        macs = mac_values(plan.backends, plan.current)
-        buckets = np.flatnonzero(macs >= 0)
-        if len(buckets):
-            ops.append(Op("add", f"cur_{lid}", buckets, macs[buckets], "mark", "mac"))
+        ops.append(FillOp(f"cur_{lid}", plan.backends, plan.current))
         if unstable:
             ops.append(Op("add", f"unstable_{lid}", np.array(sorted(unstable), dtype=np.int64)))
         return ops

@@ -244,7 +244,35 @@ class Op:
         return [b"".join(items[i:i + per]) for i in range(0, n, per)]
 
 
-def op_elements(ops: Sequence[Op]) -> int:
+@dataclass(frozen=True)
+class FillOp:
+    """All of a listener's `cur_` elements (bucket -> backend MAC), encoded only when sent: a
+    whole-document load holds references to the plans' tables, not 100 KB of encoded or
+    expanded arrays per listener waiting for their batch."""
+
+    name: str
+    backends: tuple[tuple[str, str], ...]
+    table: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _op(self) -> Op:
+        macs = mac_values(self.backends, self.table)
+        buckets = np.flatnonzero(macs >= 0)
+        return Op("add", self.name, buckets, macs[buckets], "mark", "mac")
+
+    def text(self, family_table: str) -> str:
+        return self._op().text(family_table)
+
+    def messages(self, table: str) -> list[tuple[int, str, bytes, bool]]:
+        return self._op().messages(table)
+
+
+Change = Op | FillOp
+
+
+def op_elements(ops: Sequence[Change]) -> int:
     return sum(len(op) for op in ops)
 
 
@@ -254,7 +282,7 @@ class NetlinkElements:
     def __init__(self, family: int = NFPROTO_NETDEV) -> None:
         self.family = family
 
-    def run(self, table: str, ops: Sequence[Op]) -> None:
+    def run(self, table: str, ops: Sequence[Change]) -> None:
         """All or nothing: a refused message (a missing element, a set in use) rolls back the
         whole batch and raises NetlinkError naming that message."""
         res = struct.pack("!H", NFNL_SUBSYS_NFTABLES)
