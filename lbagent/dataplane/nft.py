@@ -37,6 +37,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import queue
 import re
 import socket
 import struct
@@ -294,6 +295,65 @@ def _flow_hash(plan: ListenerPlan) -> str:
     return "ip saddr . ip daddr . ip protocol . th sport . th dport"
 
 
+class _ElementSender:
+    """Writes element batches in order, on a thread of its own once an apply has more than one
+    chunk (a whole-document load), so the kernel takes one batch while libnftables compiles the
+    next chunk's rules. A failed batch stops the rest; `finish` raises its error."""
+
+    def __init__(self, send) -> None:
+        self._send = send
+        self._queue: queue.Queue = queue.Queue()
+        self._held: list[list[Change]] = []  # batches of an apply that never needed the thread
+        self._thread: threading.Thread | None = None
+        self._error: NftError | None = None
+        self._cancelled = False
+        self.batches = 0
+
+    def put(self, batch: list[Change], *, start: bool) -> None:
+        if self._error is not None:
+            raise self._error
+        self.batches += 1
+        if self._thread is None and not start:
+            self._held.append(batch)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="nft-elements", daemon=True)
+            self._thread.start()
+            for held in self._held:
+                self._queue.put(held)
+            self._held = []
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is None and not self._cancelled:
+                try:
+                    self._send(batch)
+                except NftError as exc:
+                    self._error = exc
+
+    def finish(self) -> None:
+        """Wait for every batch (sent here when no thread was needed)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        else:
+            for batch in self._held:
+                self._send(batch)
+            self._held = []
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._held = []
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 class NftDataplane:
     """The kernel driver for one mux interface. Not thread-safe: one caller applies.
 
@@ -506,10 +566,10 @@ class NftDataplane:
         new_applied: dict[int, _Applied] = {}
         rules: list[str] = self._base() if first else []  # libnftables text, whole listeners
         rules_listeners = 0
-        ops: list[Change] = []  # netlink, whole listeners
+        pending: list[list[Change]] = []  # netlink, one list per listener, after `rules`
         ops_elements = 0
-        deferred: list[list[Change]] = []  # element batches waiting for their listeners' rules
         sent_text = 0
+        sender = _ElementSender(self._send_ops)
         try:
             for plan in plans:
                 cmds, changes, state = self._listener_changes(plan, applied.get(plan.listener_id), existing)
@@ -529,18 +589,16 @@ class NftDataplane:
                     ops_elements += n
                     continue
                 if cmds:
-                    if rules_listeners >= self.batch_listeners:
-                        self._send_text(rules)
-                        sent_text += 1
-                        rules, rules_listeners = [], 0
                     rules += cmds
                     rules_listeners += 1
                 if changes:
-                    if ops and ops_elements + n > self.batch_elements:
-                        deferred.append(ops)
-                        ops, ops_elements = [], 0
-                    ops += changes
-                    ops_elements += n
+                    pending.append(changes)
+                if rules_listeners >= self.batch_listeners:
+                    # A chunk: its rules now, its elements to the sender thread, which writes them
+                    # while libnftables compiles the next chunk's rules (two cores, and ctypes
+                    # and socket calls release the GIL).
+                    sent_text += self._flush_chunk(rules, pending, sender, final=False)
+                    rules, rules_listeners, pending = [], 0, []
             if self.elements is None:
                 last = self._last_commands(plans, applied, new_applied, existing, timeouts, first)
                 rules += [op.text(self._t()) if isinstance(op, Op) else op for op in last]
@@ -550,30 +608,46 @@ class NftDataplane:
             else:
                 # Rules first (a listener's elements need its maps), then its elements, then the
                 # dispatch and deletions.
+                sent_text += self._flush_chunk(rules, pending, sender, final=True)
+                sender.finish()
                 last = self._last_commands(plans, applied, new_applied, existing, timeouts, first)
-                last_text = [c for c in last if isinstance(c, str)]
                 last_ops = [c for c in last if isinstance(c, Op)]
-                if rules:
-                    self._send_text(rules)
-                    sent_text += 1
-                for batch in deferred:
-                    self._send_ops(batch)
-                    self._fresh_heap()
-                if ops:
-                    self._send_ops(ops)
+                last_text = [c for c in last if isinstance(c, str)]
                 if last_ops:
                     self._send_ops(last_ops)
                 if last_text:
                     self._send_text(last_text)
                     sent_text += 1
-            if sent_text > 1 or deferred:
+            if sent_text > 1 or sender.batches > 1:
                 self._fresh_context()
         except NftError:
+            sender.cancel()
             self._applied = None  # unknown again: the next apply rebuilds from the kernel's listing
             self._inject_timeouts = None
             raise
         self._applied = new_applied
         self._inject_timeouts = timeouts
+
+    def _flush_chunk(self, rules: list[str], pending: list[list[Change]], sender: _ElementSender,
+                     *, final: bool) -> int:
+        """Send a chunk's rules (libnftables, here) and hand its elements to `sender` in batches
+        of at most `batch_elements` (whole listeners). Returns the text transactions sent."""
+        sent = 0
+        if rules:
+            self._send_text(rules)
+            sent = 1
+        batch: list[Change] = []
+        size = 0
+        for changes in pending:
+            n = op_elements(changes)
+            if batch and size + n > self.batch_elements:
+                sender.put(batch, start=not final or sender.batches > 0)
+                batch, size = [], 0
+            batch += changes
+            size += n
+        if batch:
+            sender.put(batch, start=not final)
+        return sent
 
     def _send_text(self, lines: list[str]) -> None:
         self.nft.run("\n".join(lines) + "\n")
@@ -633,11 +707,6 @@ class NftDataplane:
         reset = getattr(self.nft, "reset", None)
         if reset is not None:
             reset()
-
-    @staticmethod
-    def _fresh_heap() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).malloc_trim(0)  # glibc: return a sent batch's buffers
 
     def _listener_changes(self, plan: ListenerPlan, prev: _Applied | None,
                           existing: dict[tuple[str, str], int | None] | None

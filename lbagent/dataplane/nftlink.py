@@ -18,6 +18,7 @@ import contextlib
 import os
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,22 +79,36 @@ def int_to_mac(value: int) -> str:
 # Element encodings. Mark keys are in host byte order (as `meta mark` loads them); MACs and
 # addresses in network order, each concatenated field padded to 4 bytes.
 
-def _mark_rows(keys: np.ndarray, with_mac: np.ndarray | None) -> np.ndarray:
-    """(n, 16) or (n, 32) uint8 rows: one NFTA_LIST_ELEM per key, built at once (a full
-    listener's 6,421 buckets in microseconds, not a struct.pack each)."""
+_scratch = threading.local()
+
+
+def _rows_buffer(n: int, width: int) -> np.ndarray:
+    """An (n, width) uint8 work area kept per thread: a fresh 200 KB array per listener costs
+    its page faults again every time (about 1 ms here), which dominated a large load."""
+    buf = getattr(_scratch, "rows", None)
+    if buf is None or buf.size < n * 32:
+        buf = np.empty(max(n * 32, 1 << 18), dtype=np.uint8)
+        _scratch.rows = buf
+    return buf[:n * width].reshape(n, width)
+
+
+def _mark_rows(keys: np.ndarray, with_mac: np.ndarray | None) -> bytes:
+    """n NFTA_LIST_ELEMs of 16 or 32 bytes (one per key) built at once: a full listener's 6,421
+    buckets in tens of microseconds, not a struct.pack each."""
     n = len(keys)
     width = 16 if with_mac is None else 32
     head = struct.pack("=HHHHHH", width, _LIST_ELEM | NLA_F_NESTED, 12, _ELEM_KEY | NLA_F_NESTED,
                        8, _DATA_VALUE)
-    rows = np.zeros((n, width), dtype=np.uint8)
+    rows = _rows_buffer(n, width)
     rows[:, :12] = np.frombuffer(head, dtype=np.uint8)
     rows[:, 12:16] = np.ascontiguousarray(keys, dtype=np.uint32).view(np.uint8).reshape(n, 4)
     if with_mac is not None:
         rows[:, 16:24] = np.frombuffer(struct.pack("=HHHH", 16, _ELEM_DATA | NLA_F_NESTED, 10, _DATA_VALUE),
                                        dtype=np.uint8)
-        macs = np.ascontiguousarray(with_mac, dtype=">u8").view(np.uint8).reshape(n, 8)[:, 2:]
-        rows[:, 24:30] = macs
-    return rows
+        macs = np.ascontiguousarray(with_mac, dtype=">u8").view(np.uint8).reshape(n, 8)
+        rows[:, 24:30] = macs[:, 2:]
+        rows[:, 30:32] = 0
+    return rows.tobytes()
 
 
 def _mac_key(mac: str) -> bytes:
@@ -217,7 +232,8 @@ class Op:
         if self.key_type == "mark" and (not with_values or self.value_type in (None, "mac")):
             rows = _mark_rows(np.asarray(self.keys), np.asarray(self.values)
                               if with_values and self.value_type == "mac" else None)
-            return [rows[i:i + ELEMENTS_PER_MESSAGE].tobytes() for i in range(0, n, ELEMENTS_PER_MESSAGE)]
+            step = ELEMENTS_PER_MESSAGE * len(rows) // n
+            return [rows[i:i + step] for i in range(0, len(rows), step)]
         items = []
         for i, key in enumerate(self.keys):
             if self.key_type == "mark":
