@@ -59,4 +59,6 @@ FLOW_IDLE_TIMEOUT_RANGE = (
 # (lbagent.state.MAX_BACKENDS_PER_LISTENER). Null: the cluster's table size.
 BACKEND_CAP_MIN = 1
 BACKEND_CAP_MAX = 4096
-BACKEND_CAP_RANGE = f"a whole number from {BACKEND_CAP_MIN} to {BACKEND_CAP_MAX}, or null for the cluster's table size"
+BACKEND_CAP_RANGE = (
+    f"a whole number from {BACKEND_CAP_MIN} to {BACKEND_CAP_MAX}, or null for the cluster's table size"
+)
