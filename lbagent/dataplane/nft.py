@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import queue
@@ -245,6 +246,11 @@ class ListenerPlan:
     def in_transition(self) -> bool:
         return self.old is not None
 
+    @functools.cached_property
+    def dispatch_key(self) -> tuple[str, str, int]:
+        """(VIP, protocol, port): the listener's `dispatch` element."""
+        return (self.vip, self.protocol, int(self.port))
+
 
 def backend_counter(listener_id: int, address: str) -> str:
     """Name of a backend's packet counter (the daemon's metrics parse it back: `cb<id>_<addr>`)."""
@@ -282,7 +288,7 @@ def _rules_key(plan: ListenerPlan) -> tuple:
 
 
 def _dispatch_key(plan: ListenerPlan) -> tuple[str, str, int]:
-    return (plan.vip, plan.protocol, int(plan.port))
+    return plan.dispatch_key
 
 
 def _flow_tuple(plan: ListenerPlan) -> str:
@@ -541,12 +547,22 @@ class NftDataplane:
 
         A change of one listener is one transaction (two when it needs a rule: the rules, then
         its elements). A large apply goes in bounded transactions (see the class)."""
-        ids = [p.listener_id for p in plans]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"listener ids must be unique, got {ids}")
-        keys = [_dispatch_key(p) for p in plans]
-        if len(set(keys)) != len(keys):
-            raise ValueError("two listeners share one address, protocol and port")
+        # One pass, allocating nothing per unchanged plan (an apply of one change among 4,000
+        # listeners must not pay for the 3,999 others in tuples and garbage collections).
+        ids: set[int] = set()
+        keys: set[tuple[str, str, int]] = set()
+        longest: dict[str, float] = {}
+        for p in plans:
+            if p.listener_id in ids:
+                raise ValueError(f"listener id {p.listener_id} appears twice")
+            ids.add(p.listener_id)
+            key = p.dispatch_key
+            if key in keys:
+                vip, protocol, port = key
+                raise ValueError(f"two listeners share address, protocol and port {vip} {protocol} {port}")
+            keys.add(key)
+            if p.pin_timeout_s > longest.get(p.protocol, 0):
+                longest[p.protocol] = p.pin_timeout_s
         first = self._applied is None
         existing: dict[tuple[str, str], int | None] | None = None
         if first:
@@ -558,9 +574,6 @@ class NftDataplane:
         applied = self._applied
         assert applied is not None
         timeouts: dict[str, int] = {proto: 60 for proto in PROTOCOLS}
-        longest: dict[str, float] = {}
-        for p in plans:
-            longest[p.protocol] = max(longest.get(p.protocol, 0), p.pin_timeout_s)
         timeouts.update({proto: max(1, int(v)) for proto, v in longest.items()})
 
         new_applied: dict[int, _Applied] = {}

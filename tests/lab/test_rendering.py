@@ -129,7 +129,7 @@ def test_bad_plans_are_refused_with_the_reason():
         ListenerPlan(7, "203.0.113.10", "tcp", 80, (), np.zeros(11, dtype=np.int32),
                      np.zeros(5, dtype=np.int32), np.array([], dtype=np.int64))
     other = ListenerPlan(8, "203.0.113.10", "tcp", 80, (), np.zeros(11, dtype=np.int32))
-    with pytest.raises(ValueError, match="share one address"):
+    with pytest.raises(ValueError, match=r"share address, protocol and port 203\.0\.113\.10 tcp 80"):
         dp.apply([_plan(np.zeros(11, dtype=np.int32)), other])
     with pytest.raises(ValueError, match="protocol 'sctp'"):
         ListenerPlan(1, "203.0.113.1", "sctp", 80, (), np.zeros(11, dtype=np.int32))
