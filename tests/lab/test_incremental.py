@@ -188,10 +188,13 @@ def test_backend_changes_go_as_netlink_messages_and_land_exactly(netns):
     only the load wrote rules."""
     cli = NamespaceNft(netns)
     plans = [_plan(1, 409, 8), _plan(2, 409, 8), _plan(3, 409, 8)]
+    # Chunks of one listener and batches of 500 elements: the load's rules go in three
+    # libnftables transactions while the sender thread writes the elements behind them.
     dp = _in_netns(netns, lambda: NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nflog_group=5,
-                                               batch_elements=500))
+                                               batch_elements=500, batch_listeners=1))
     _in_netns(netns, lambda: dp.apply(plans))
     assert dp.netlink_transactions >= 3, "the load's elements went in bounded batches"
+    assert dp.transactions - dp.netlink_transactions >= 3, "the rules went in chunks"
     for plan in plans:
         assert _elements(cli, "map", f"cur_{plan.listener_id}") == _planned_cur(plan)
     before = {lid: _handles(cli, lid) for lid in (1, 2, 3)}
