@@ -1,25 +1,25 @@
 """One mux's kernel data plane at scale: N VIPs x 4 TCP listeners x 8 backends loaded into real
-nftables (a throwaway network namespace), through the driver the daemon uses (NftDataplane over
-libnftables in this process).
+nftables (a throwaway network namespace), through the driver the daemon uses (NftDataplane:
+libnftables for rules, netlink messages for elements, counters and deletions).
 
 For each listener count (10, 100 and N x 4) on an empty table: the time of the whole-document
-load, the kernel memory per listener, and the time of one change (a ninth backend added to one
-listener: a transition with its old table, unstable set and a new backend chain) and of one drain
-(the eighth backend out of one listener's current table: elements only), each five times on
-different listeners. Then the process's peak RSS (the driver, its plans and libnftables: what the daemon
-holds for the data plane) and its RSS after the load (what a fresh libnftables context gave back).
+load, the kernel memory per listener, and the time of one change of each kind, five each on
+different listeners: `add` (a ninth backend: a transition with its unstable set, the new
+backend's counter and buckets) and `drain` (the eighth backend out of the current table, still
+draining). Then the process's peak RSS (the driver, its plans and libnftables: what the daemon
+holds for the data plane) and its RSS after the load.
 
-Baseline in the same run: the driver as it was before incremental updates (commit 0298d40: maps
-declared with 131,072 elements, every apply flushing and re-adding every listener's chains), on
-the same tables (6,421 buckets) at 10 and 100 listeners, and at 10 listeners with its 65,537-bucket
-table; each in its own process so its RSS is its own.
+Baseline in the same run: the driver before this table format (main's commit 588fb88: one chain
+per backend reached through a `cur_` verdict map, element-only changes as netlink, rules through
+libnftables), on the same tables, at 10 and 100 listeners (and N x 4 with --baseline-top);
+each driver in its own process so its RSS is its own.
 
 Kernel memory: /proc/meminfo's MemTotal - MemFree - Buffers - Cached - AnonPages (memory neither
 page cache nor user pages: slab, vmalloc, large kmallocs) before the load and after, settled
 (nf_tables frees sets after an RCU grace period). Machine-wide: other processes add noise, which
 divided by 10 listeners is large; the figure at the largest N is the one to read.
 
-Run as root:  .venv/bin/python bench/mux_scale.py [--vips 1000] [--cap 64]
+Run as root:  .venv/bin/python bench/mux_scale.py [--vips 1000] [--cap 64] [--baseline-top]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from lbagent.core.maglev import maglev_table  # noqa: E402
 from lbagent.state import table_size_for_cap  # noqa: E402
 
-BASELINE_COMMIT = "0298d40"
+BASELINE_COMMIT = "588fb88"
 PORTS = (80, 443, 8080, 8443)
 BACKENDS = 8
 
@@ -92,8 +92,8 @@ def plans_for(module, listeners: int, table: np.ndarray) -> list:
 
 def one_change(module, plans: list, index: int, table: np.ndarray, kind: str, tables: dict) -> list:
     """The plans with listener `index` changed: `add` gives it a ninth backend (a transition
-    from `table`, a new backend chain); `drain` takes its eighth backend out of the current
-    table (a transition: the backend stays while its connections drain; elements only)."""
+    from `table`: its buckets, unstable set and counter); `drain` takes its eighth backend out
+    of the current table (a transition: the backend stays while its connections drain)."""
     p = plans[index]
     if kind == "add":
         backends = (*p.backends, (p.backends[0][0].rsplit(".", 1)[0] + ".99", "02:00:00:00:00:99"))
@@ -118,8 +118,8 @@ def measure(module, listeners: int, size: int, legacy: bool) -> dict:
         nft.run(f"delete table netdev {module.TABLE}\n")
     before = settled_kernel_used()
     plans = plans_for(module, listeners, table)
-    kwargs = {"table_size": size} if legacy else {"elements": module.NetlinkElements()}
-    dp = module.NftDataplane("eth0", "02:aa:00:00:00:01", seed=0x5EED, nft=nft, nflog_group=7, **kwargs)
+    dp = module.NftDataplane("eth0", "02:aa:00:00:00:01", seed=0x5EED, nft=nft, nflog_group=7,
+                             elements=module.NetlinkElements())
     t0 = time.perf_counter()
     dp.apply(plans)
     load_s = time.perf_counter() - t0
@@ -186,6 +186,9 @@ def main() -> None:
     parser.add_argument("--vips", type=int, default=1000, help="VIPs of 4 TCP listeners each (default 1000)")
     parser.add_argument("--cap", type=int, default=64, help="backend cap: table size = prime > 100 x cap")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--baseline-top", action="store_true",
+                        help="also run the baseline at VIPs x 4 listeners (about 6 minutes at 1,000 VIPs)")
+    parser.add_argument("--also", type=int, nargs="*", default=[], help="more listener counts to measure")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--legacy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--runs", help=argparse.SUPPRESS)
@@ -203,9 +206,11 @@ def main() -> None:
         subprocess.run(["ip", "-n", netns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"],
                        check=True)
         subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "up"], check=True)
-        results = [run_in(netns, [(n, size) for n in sorted({10, 100, top})], legacy=False)]
+        counts = sorted({10, 100, top, *args.also})
+        results = [run_in(netns, [(n, size) for n in counts], legacy=False)]
         if not args.no_baseline:
-            results.append(run_in(netns, [(10, size), (100, size), (10, 65537)], legacy=True))
+            base = sorted({10, 100, *args.also, *([top] if args.baseline_top else [])})
+            results.append(run_in(netns, [(n, size) for n in base], legacy=True))
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
     print(f"mux_scale: {args.vips} VIPs x {len(PORTS)} TCP listeners x {BACKENDS} backends, backend cap "

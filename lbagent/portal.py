@@ -101,13 +101,16 @@ class TableDriver:
         cache: dict[tuple, object] = {}
         by_listener: dict[int, tuple[object, tuple, object]] = {}
         for _, listener in state.listeners():
+            # The listener's own size (its `table_size`, else from its `backend_cap`, else the
+            # cluster's): the same function the mux daemon sizes its kernel maps with.
+            size = listener.table_size_in(state.cluster)
             reused = self._by_listener.get(listener.id)
-            if reused is not None and reused[0] is listener and reused[1][0] == state.cluster.table_size:
+            if reused is not None and reused[0] is listener and reused[1][0] == size:
                 # The parser reuses unchanged VIPs' objects: same object, same table.
                 key, table = reused[1], reused[2]
             else:
                 serving = [b for b in listener.backends if b.state == "active" and b.weight > 0]
-                key = (state.cluster.table_size, tuple((b.address, b.port, b.weight) for b in serving))
+                key = (size, tuple((b.address, b.port, b.weight) for b in serving))
                 table = self._cache[key] if key in self._cache else cache.get(key)
                 if table is None and self.build_tables and serving:
                     from lbagent.core.maglev import maglev_table
@@ -115,7 +118,7 @@ class TableDriver:
                     table = maglev_table(
                         [f"{b.address}:{b.port}" for b in serving],
                         [b.weight for b in serving],
-                        table_size=state.cluster.table_size,
+                        table_size=size,
                     )
                     self._counters["tables_built"] += 1
             cache[key] = table

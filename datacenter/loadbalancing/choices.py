@@ -54,3 +54,11 @@ FLOW_IDLE_TIMEOUT_RANGE = (
     f"whole seconds from {FLOW_IDLE_TIMEOUT_MIN_S} to {FLOW_IDLE_TIMEOUT_MAX_S} (7 days), "
     "or null for the agents' default (TCP 7440, UDP 120)"
 )
+# A listener's backend cap sizes its Maglev table on the agents (the smallest prime above 100 x the
+# cap, at most the cluster's table size: lbagent.state.table_size_for_cap); the agents' own bound
+# (lbagent.state.MAX_BACKENDS_PER_LISTENER). Null: the cluster's table size.
+BACKEND_CAP_MIN = 1
+BACKEND_CAP_MAX = 4096
+BACKEND_CAP_RANGE = (
+    f"a whole number from {BACKEND_CAP_MIN} to {BACKEND_CAP_MAX}, or null for the cluster's table size"
+)

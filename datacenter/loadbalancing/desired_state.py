@@ -83,6 +83,10 @@ def _listener_document(listener: Listener, table: ListenerTable, now: float) -> 
     if listener.flow_idle_timeout_s is not None:
         # Only when set: a listener on the agents' default keeps the document it had before.
         document["flow_idle_timeout_s"] = listener.flow_idle_timeout_s
+    if listener.backend_cap is not None:
+        # The agents size the listener's table from it (lbagent.state.Listener.table_size_in: the
+        # smallest prime above 100 x the cap, at most the cluster's) and refuse more backends.
+        document["backend_cap"] = listener.backend_cap
     return document
 
 
@@ -117,6 +121,7 @@ _LISTENER_FIELDS = (
     "port",
     "drain_timeout_s",
     "flow_idle_timeout_s",
+    "backend_cap",
     "fast_path",
     "health_check",
     "table__number",

@@ -13,6 +13,8 @@ from datacenter.inventory.models import Host
 from datacenter.tenancy.models import Tenant, hash_token_key
 
 from .choices import (
+    BACKEND_CAP_MAX,
+    BACKEND_CAP_MIN,
     BACKEND_WEIGHT_MAX,
     BACKEND_WEIGHT_MIN,
     DRAIN_TIMEOUT_MAX_S,
@@ -112,6 +114,15 @@ class Listener(models.Model):
         blank=True,
         validators=[MinValueValidator(FLOW_IDLE_TIMEOUT_MIN_S), MaxValueValidator(FLOW_IDLE_TIMEOUT_MAX_S)],
         help_text="Seconds a flow may stay idle before the muxes forget it; empty: TCP 7,440, UDP 120.",
+    )
+    # null: the cluster's table size; else the agents size this listener's Maglev table (and
+    # kernel map) to the smallest prime above 100 x the cap, and refuse more backends than it.
+    backend_cap = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(BACKEND_CAP_MIN), MaxValueValidator(BACKEND_CAP_MAX)],
+        help_text="Most backends this listener may get; sizes its table (a prime above 100 x the cap). "
+        "Empty: the cluster's table size.",
     )
     # null, or {"kind": "tcp"|"http", "path": "/", "interval_s", "timeout_s", "rise", "fall"}
     health_check = models.JSONField(null=True, blank=True)

@@ -21,6 +21,9 @@ from datacenter.services_errors import FieldErrors, QuotaExceeded, StaleGenerati
 from datacenter.tenancy.models import Tenant
 
 from .choices import (
+    BACKEND_CAP_MAX,
+    BACKEND_CAP_MIN,
+    BACKEND_CAP_RANGE,
     BACKEND_WEIGHT_MAX,
     BACKEND_WEIGHT_MIN,
     DRAIN_TIMEOUT_MAX_S,
@@ -35,6 +38,7 @@ from .choices import (
     ProvisioningStatus,
 )
 from .models import Backend, Generation, Listener, Vip, VipPool
+from .models_sync import ListenerTable
 from .signals import generation_created, generation_staged
 
 BACKEND_FIELDS = ("address", "port", "weight", "admin_state", "host")
@@ -218,10 +222,30 @@ def _check_listener_fields(
     port: Any,
     drain_timeout_s: Any,
     flow_idle_timeout_s: Any = None,
+    backend_cap: Any = None,
     *,
     exclude_id=None,
 ):
     errors: dict[str, list[str]] = {}
+    if backend_cap is not None and (
+        isinstance(backend_cap, bool)
+        or not isinstance(backend_cap, int)
+        or not BACKEND_CAP_MIN <= backend_cap <= BACKEND_CAP_MAX
+    ):
+        errors["backend_cap"] = [f"{backend_cap!r} is not a backend cap: {BACKEND_CAP_RANGE}."]
+    elif backend_cap is not None and exclude_id is not None:
+        # The agents refuse a listener with more backends than its cap: never send one.
+        count = Backend.objects.filter(listener_id=exclude_id).count()
+        # A transition's previous generation is in the document too (its backends drain).
+        previous = (
+            ListenerTable.objects.filter(listener_id=exclude_id).values_list("previous", flat=True).first()
+        )
+        if previous:
+            count = max(count, len(previous.get("backends", ())))
+        if count > backend_cap:
+            errors["backend_cap"] = [
+                f"{backend_cap} is below the listener's {count} backends; remove backends first."
+            ]
     if protocol not in Protocol.values:
         errors["protocol"] = [f"{protocol!r} is not one of {Protocol.values}."]
     if isinstance(port, bool) or not isinstance(port, int) or not PORT_MIN <= port <= PORT_MAX:
@@ -261,6 +285,7 @@ def create_listener(
     fast_path: bool = False,
     health_check: dict | None = None,
     flow_idle_timeout_s: int | None = None,
+    backend_cap: int | None = None,
     user=None,
 ) -> Listener:
     vip = Vip.objects.select_for_update().select_related("tenant").get(pk=vip.pk)
@@ -274,7 +299,7 @@ def create_listener(
             f"Quota exceeded: tenant {tenant.name!r} may have at most {tenant.max_listeners_per_vip} "
             f"listeners per VIP and VIP {vip.name!r} already has {count}.",
         )
-    _check_listener_fields(vip, protocol, port, drain_timeout_s, flow_idle_timeout_s)
+    _check_listener_fields(vip, protocol, port, drain_timeout_s, flow_idle_timeout_s, backend_cap)
     listener = Listener.objects.create(
         vip=vip,
         name=name,
@@ -284,6 +309,7 @@ def create_listener(
         fast_path=fast_path,
         health_check=validate_health_check(health_check),
         flow_idle_timeout_s=flow_idle_timeout_s,
+        backend_cap=backend_cap,
     )
     record_change(
         user=user, action="create", obj=listener, tenant_id=tenant.id, before=None, after=snapshot(listener)
@@ -299,6 +325,7 @@ LISTENER_MUTABLE_FIELDS = {
     "fast_path",
     "health_check",
     "flow_idle_timeout_s",
+    "backend_cap",
 }
 
 
@@ -315,6 +342,7 @@ def update_listener(listener: Listener, *, user=None, **changes: Any) -> Listene
         merged["port"],
         merged["drain_timeout_s"],
         merged["flow_idle_timeout_s"],
+        merged["backend_cap"],
         exclude_id=listener.pk,
     )
     if "health_check" in changes:
@@ -405,6 +433,16 @@ def validate_backend_list(listener: Listener, items: Any) -> list[BackendSpec]:
             len(items),
             f"Quota exceeded: tenant {tenant.name!r} may have at most {tenant.max_backends_per_listener} "
             f"backends per listener; this list has {len(items)}.",
+        )
+    if listener.backend_cap is not None and len(items) > listener.backend_cap:
+        # The agents would refuse the listener (its table is sized for the cap).
+        raise FieldErrors(
+            {
+                "backends": [
+                    f"{len(items)} backends exceed the listener's backend_cap {listener.backend_cap}; "
+                    "raise the cap first."
+                ]
+            }
         )
     vip_version = ipaddress.ip_address(vip.address).version
     errors: dict[str, list[str]] = {}

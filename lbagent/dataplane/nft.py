@@ -1,29 +1,31 @@
-"""Kernel data plane: renders listeners into one nftables netdev table on the mux's interface and
-applies every change as one atomic transaction through libnftables.
+"""Kernel data plane: renders listeners into one nftables netdev table on the mux's interface.
+Rules go through libnftables; every element, counter and deletion as raw netlink messages
+(`nftlink`), each change one transaction.
 
 Per listener `<id>` the table holds
-  * `cur_<id>` (bucket -> `jump b<id>_<backend>`), `old_<id>` (during a transition the oldest
-    live generation's table, same shape) and `unstable_<id>` (buckets where any live old table
-    differs from the current one);
-  * one chain `b<id>_<backend>` per backend: count, rewrite the MACs, `fwd` (L2 direct server
-    return: the backend answers the client itself);
+  * `cur_<id>`: bucket -> the backend's MAC (a data map, sized to the listener's table);
+    `unstable_<id>` (buckets where any live old table differs from the current one: empty in
+    steady state); `pinok_<id>` (MACs of backends whose connections may still live);
+    `cnt_<id>`: backend MAC -> its named counter `cb<id>_<address>`;
   * chain `l<id>`: per-flow pins first (a miss ends that rule and evaluation goes on), then the
-    flow hash into the mark; packets of unstable buckets that are not a TCP SYN (syn set, ack
-    clear) `accept`ed up to the stack (where iptables-nft hands them to NFQUEUE, the slow path);
-    everything else, SYNs of unstable buckets included, through `cur_<id>`;
-  * in each backend chain of a TCP listener, before the forwarding rule, decision rule 3's SYN
-    case compiled like rule 2 is: a SYN of an unstable bucket is pinned here to this (the current
-    table's) backend, its headers go to nfnetlink_log group `nflog_group` (the daemon records
-    the flow at its owner from there, asynchronously) and it is counted in `newflows<id>`.
+    flow hash into the mark; a SYN of an unstable bucket (decision rule 3) takes the current
+    table's MAC, is reported to nfnetlink_log group `nflog_group`, pinned to that MAC and counted
+    in `newflows<id>`; other packets of unstable buckets (not a TCP SYN) are `accept`ed up to the
+    stack (where iptables-nft hands them to NFQUEUE, the slow path); everything else (rule 2)
+    gets its bucket's MAC from `cur_<id>`, is counted by that MAC and forwarded (L2 direct
+    server return: the backend answers the client itself). A bucket with no backend has no
+    element: the lookup misses and the packet is dropped.
+No rule names a backend and no map holds a verdict but `dispatch` (VIP . protocol . port ->
+jump l<id>): adding, draining or removing a backend writes elements and counters only, and the
+kernel has no jump graph to re-validate when `cur_` changes.
 Pins live in one map per protocol for the whole table (`pins_tcp`, `pins_udp`: a 4-field key,
 because nft 1.0.6 aborts on 5-field dynamic keys), value = the backend's MAC, with the
 listener's idle timeout, which every packet of the flow renews in the kernel (`update`). A pin
-forwards only to a MAC in the listener's `pinok_<id>` set (backends whose connections may
-still live): at a drain deadline the ended backend's MAC leaves the set, so its flows fall
-through to the current table (whose backend answers them with a reset) at their next packet.
-The kernel adds them itself in chain `inject` (on the injection veth) from the packets the slow
-path re-injects. Counters are read over netlink (`read_counters`): `nft list` would load every
-map element first.
+forwards only to a MAC in the listener's `pinok_<id>` set: at a drain deadline the ended
+backend's MAC leaves the set, so its flows fall through to the current table (whose backend
+answers them with a reset) at their next packet. The kernel adds pins itself in chain `inject`
+(on the injection veth) from the packets the slow path re-injects. Counters are read over
+netlink (`read_counters`): `nft list` would load every map element first.
 
 The steady state is stateless: no pins, empty unstable sets, no packet leaves the kernel.
 """
@@ -36,15 +38,28 @@ import ctypes.util
 import functools
 import json
 import os
+import queue
 import re
 import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from lbagent.dataplane.nftlink import (
+    Change,
+    FillOp,
+    NetlinkElements,
+    NetlinkError,
+    Op,
+    int_to_mac,
+    mac_to_int,
+    mac_values,
+    op_elements,
+)
 
 TABLE = "lbagent"
 PROTOCOLS = {"tcp": 6, "udp": 17}
@@ -53,6 +68,7 @@ PIN_MAP_SIZE = 1 << 20
 # the owner's record needs (the bucket travels in the mark).
 NFLOG_SNAPLEN = 40
 MAP_SIZE = 1 << 17  # room for a 65537-bucket table
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 
 
 class NftError(RuntimeError):
@@ -191,145 +207,6 @@ def read_counters(table: str, family: int = _NFPROTO_NETDEV) -> dict[str, tuple[
 
 
 # ---------------------------------------------------------------------------------------------
-# Element-only transactions written as nf_tables netlink messages (one batch = one transaction)
-
-_NFNL_MSG_BATCH_BEGIN, _NFNL_MSG_BATCH_END = 0x10, 0x11
-_NFT_MSG_NEWSETELEM, _NFT_MSG_DELSETELEM = 12, 14
-_NLM_F_ACK, _NLM_F_CREATE = 0x4, 0x400
-_NLA_F_NESTED = 0x8000
-_NFTA_SET_ELEM_LIST_TABLE, _NFTA_SET_ELEM_LIST_SET, _NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
-_NFTA_LIST_ELEM = 1
-_NFTA_SET_ELEM_KEY, _NFTA_SET_ELEM_DATA = 1, 2
-_NFTA_DATA_VALUE, _NFTA_DATA_VERDICT = 1, 2
-_NFTA_VERDICT_CODE, _NFTA_VERDICT_CHAIN = 1, 2
-_NF_DROP, _NFT_JUMP = 0, -3
-_ELEMENTS_PER_MESSAGE = 400  # a nested attribute's length is 16 bits: keep each list under 64 KiB
-_ELEMENT_LINE = re.compile(r"^(add|delete) element netdev (\S+) (\S+) \{ (.*) \}$")
-_FLUSH_LINE = re.compile(r"^flush (?:map|set) netdev (\S+) (\S+)$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
-
-
-def _element(key_text: str, data: bytes) -> bytes:
-    """One NFTA_LIST_ELEM: the key (a MAC, or a mark in host byte order like `meta mark` loads
-    it) and the already encoded data (b"" for a set)."""
-    if _MAC_RE.match(key_text):
-        key = _nla(_NFTA_SET_ELEM_KEY | _NLA_F_NESTED,
-                   _nla(_NFTA_DATA_VALUE, bytes.fromhex(key_text.replace(":", ""))))
-    else:
-        # Fixed layout for a 4-byte key, packed at once: the hot path of a change.
-        key = struct.pack("=HHHHI", 12, _NFTA_SET_ELEM_KEY | _NLA_F_NESTED, 8, _NFTA_DATA_VALUE,
-                          int(key_text))
-    return struct.pack("=HH", 4 + len(key) + len(data), _NFTA_LIST_ELEM | _NLA_F_NESTED) + key + data
-
-
-@functools.lru_cache(maxsize=4096)
-def _element_data(text: str) -> bytes:
-    if text == "drop":
-        verdict = _nla(_NFTA_VERDICT_CODE, struct.pack("!i", _NF_DROP))
-    elif text.startswith("jump "):
-        verdict = (_nla(_NFTA_VERDICT_CODE, struct.pack("!i", _NFT_JUMP))
-                   + _nla(_NFTA_VERDICT_CHAIN, text[5:].encode() + b"\0"))
-    else:
-        raise ValueError(f"element value {text!r} is not a verdict this writer knows")
-    return _nla(_NFTA_SET_ELEM_DATA | _NLA_F_NESTED, _nla(_NFTA_DATA_VERDICT | _NLA_F_NESTED, verdict))
-
-
-class NetlinkElements:
-    """Writes element-only transactions (add/delete elements, flush a set) straight to nf_tables.
-
-    Why: libnftables 1.0.6 fetches every set of the ruleset before any element command (its
-    cache, refreshed after each of our commits), so a one-bucket change through it costs about
-    0.1 ms per listener on the mux. These messages name their table and set, so the kernel needs
-    nothing else: the cost is what changed. The same text the driver renders for libnftables is
-    translated line by line; anything else is refused (`parse` returns None) and goes through
-    libnftables."""
-
-    @staticmethod
-    def parse(text: str) -> list[tuple[int, str, str, list[bytes]]] | None:
-        """[(message type, table, set, [encoded element])] or None if a line is not element-only."""
-        ops: list[tuple[int, str, str, list[bytes]]] = []
-        for line in text.splitlines():
-            if not line:
-                continue
-            m = _FLUSH_LINE.match(line)
-            if m:
-                ops.append((_NFT_MSG_DELSETELEM, m.group(1), m.group(2), []))
-                continue
-            m = _ELEMENT_LINE.match(line)
-            if m is None:
-                return None
-            items = []
-            try:
-                for item in m.group(4).split(", "):
-                    key, _, value = item.partition(" : ")
-                    items.append(_element(key, _element_data(value) if value else b""))
-            except ValueError:
-                return None
-            kind = _NFT_MSG_NEWSETELEM if m.group(1) == "add" else _NFT_MSG_DELSETELEM
-            for start in range(0, len(items), _ELEMENTS_PER_MESSAGE):
-                ops.append((kind, m.group(2), m.group(3), items[start:start + _ELEMENTS_PER_MESSAGE]))
-        return ops
-
-    def run(self, ops: list[tuple[int, str, str, list[bytes]]]) -> None:
-        """Send one batch (one nf_tables transaction: all or nothing) and wait for every ack."""
-        res = struct.pack("!H", _NFNL_SUBSYS_NFTABLES)
-        seq = 1
-        parts = [struct.pack("=IHHII", 20, _NFNL_MSG_BATCH_BEGIN, _NLM_F_REQUEST, seq, 0)
-                 + struct.pack("=BB", 0, 0) + res]
-        names: dict[int, str] = {}
-        for kind, table, set_name, items in ops:
-            seq += 1
-            names[seq] = f"{'add' if kind == _NFT_MSG_NEWSETELEM else 'delete'} elements of {set_name}"
-            attrs = _nla(_NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
-            attrs += _nla(_NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0")
-            if items:
-                attrs += _nla(_NFTA_SET_ELEM_LIST_ELEMENTS | _NLA_F_NESTED, b"".join(items))
-            # An ack only for the last message (an error is reported for any message anyway):
-            # one ack per message overflowed the socket's receive buffer on a 65,537-bucket
-            # transition (hundreds of messages), and the errors come in message order.
-            last = seq == len(ops) + 1
-            flags = (_NLM_F_REQUEST | (_NLM_F_ACK if last else 0)
-                     | (_NLM_F_CREATE if kind == _NFT_MSG_NEWSETELEM else 0))
-            body = struct.pack("=BBH", _NFPROTO_NETDEV, 0, 0) + attrs
-            parts.append(struct.pack("=IHHII", 16 + len(body), (_NFNL_SUBSYS_NFTABLES << 8) | kind,
-                                     flags, seq, 0) + body)
-        seq += 1
-        parts.append(struct.pack("=IHHII", 20, _NFNL_MSG_BATCH_END, _NLM_F_REQUEST, seq, 0)
-                     + struct.pack("=BB", 0, 0) + res)
-        payload = b"".join(parts)
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
-        try:
-            sock.bind((0, 0))
-            with contextlib.suppress(OSError):  # SO_SNDBUFFORCE (32): root may exceed wmem_max
-                sock.setsockopt(socket.SOL_SOCKET, 32, max(1 << 20, 2 * len(payload)))
-            # Generous: the kernel answers in milliseconds; this only keeps a lost ack from
-            # hanging the daemon forever.
-            sock.settimeout(60)
-            sock.send(payload)
-            with contextlib.suppress(OSError):  # SO_RCVBUFFORCE (33): room for the error reports
-                sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)
-            pending = {seq - 1}  # the last element message's ack ends the transaction's answer
-            while pending:
-                data = sock.recv(1 << 16)
-                pos = 0
-                while pos + 16 <= len(data):
-                    length, kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data, pos)
-                    if kind == _NLMSG_ERROR:
-                        (err,) = struct.unpack_from("=i", data, pos + 16)
-                        if err != 0:
-                            raise NftError(f"nf_tables refused the transaction at "
-                                           f"{names.get(msg_seq, f'message {msg_seq}')}: {os.strerror(-err)}")
-                        pending.discard(msg_seq)
-                    pos += (length + 3) & ~3
-        except OSError as exc:
-            # The daemon handles NftError (state unknown, rebuilt at the next apply); a socket
-            # error must not end it.
-            raise NftError(f"nf_tables element batch: {exc}") from exc
-        finally:
-            sock.close()
-
-
-# ---------------------------------------------------------------------------------------------
 # What a listener looks like in the kernel
 
 
@@ -338,7 +215,8 @@ class ListenerPlan:
     """Everything the kernel needs for one listener. `backends` are (address, mac) in a fixed
     order; `current`/`old` are per-bucket indexes into `backends` (-1: no backend). During a
     transition `old` is the oldest live generation's table (what an owner answers for a flow it
-    never saw) and `unstable` the buckets where any live old table differs from the current one."""
+    never saw: the slow path's business, not the kernel's) and `unstable` the buckets where any
+    live old table differs from the current one."""
 
     listener_id: int
     vip: str
@@ -359,40 +237,42 @@ class ListenerPlan:
                              f"current {len(self.current)}")
         if (self.old is None) != (self.unstable is None):
             raise ValueError(f"listener {self.listener_id}: old table and unstable buckets go together")
+        for address, mac in self.backends:
+            if not _MAC_RE.match(mac):
+                raise ValueError(f"listener {self.listener_id}: backend {address} has MAC {mac!r}, "
+                                 "expected six lower-case hex pairs")
 
     @property
     def in_transition(self) -> bool:
         return self.old is not None
 
-
-def backend_chain(listener_id: int, address: str) -> str:
-    return f"b{listener_id}_{address.replace('.', '_').replace(':', '_')}"
-
-
-def _verdicts(plan: ListenerPlan, table: np.ndarray) -> np.ndarray:
-    names = np.array([f"jump {backend_chain(plan.listener_id, a)}" for a, _ in plan.backends] + ["drop"],
-                     dtype=object)
-    return names[table]  # index -1 picks the trailing "drop"
+    @functools.cached_property
+    def dispatch_key(self) -> tuple[str, str, int]:
+        """(VIP, protocol, port): the listener's `dispatch` element."""
+        return (self.vip, self.protocol, int(self.port))
 
 
-def _elements(buckets: Iterable[int], verdicts: np.ndarray | None = None) -> str:
-    if verdicts is None:
-        return ", ".join(str(int(b)) for b in buckets)
-    return ", ".join(f"{int(b)} : {verdicts[int(b)]}" for b in buckets)
+def backend_counter(listener_id: int, address: str) -> str:
+    """Name of a backend's packet counter (the daemon's metrics parse it back: `cb<id>_<addr>`)."""
+    return f"cb{listener_id}_{address.replace('.', '_').replace(':', '_')}"
 
 
-def _pinok_size(table_size: int) -> int:
-    """Room in `pinok_<id>` for the alive backends: a table has more than 100 buckets per
-    backend of its cap (docs/dataplane.md) and a transition at most doubles the backends."""
-    return max(64, table_size // 25)
+def _counters_by_mac(plan: ListenerPlan) -> dict[int, str]:
+    """The listener's backend counters keyed by MAC (what `cnt_<id>` holds). Backends sharing a
+    MAC (one host, two addresses) share the first one's counter: the kernel only sees the MAC."""
+    out: dict[int, str] = {}
+    for address, mac in plan.backends:
+        out.setdefault(mac_to_int(mac), backend_counter(plan.listener_id, address))
+    return out
 
 
 @dataclass
 class _Applied:
-    plan: ListenerPlan  # its int tables, not rendered verdicts: 8 B per bucket less per listener
+    plan: ListenerPlan  # its int tables, not rendered elements: 8 B per bucket less per listener
     unstable: set[int]
-    chains_key: tuple  # what the listener's chains are rendered from: same key, chains untouched
+    rules_key: tuple  # what the listener's rules are rendered from: same key, rules untouched
     pin_macs: tuple[str, ...]
+    counters: dict[int, str]  # cnt_<id>: backend MAC -> counter name
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -401,37 +281,118 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return a is not None and b is not None and np.array_equal(a, b)
 
 
-def _chains_key(plan: ListenerPlan) -> tuple:
-    """What the listener's chains are rendered from, backends aside (each backend's chain depends
-    on its own address and MAC only): same key, only new backends' chains are written."""
+def _rules_key(plan: ListenerPlan) -> tuple:
+    """What the listener's rules are rendered from: no backend is named in them (backends are
+    map elements), so adding, draining or removing one never writes a rule."""
     return (plan.protocol, int(plan.pin_timeout_s), len(plan.current))
 
 
-def _dispatch_key(plan: ListenerPlan) -> str:
-    return f"{plan.vip} . {plan.protocol} . {plan.port}"
+def _dispatch_key(plan: ListenerPlan) -> tuple[str, str, int]:
+    return plan.dispatch_key
+
+
+def _flow_tuple(plan: ListenerPlan) -> str:
+    """The 4-tuple a pin is keyed by (family-specific: IPv4 here)."""
+    return "ip saddr . ip daddr . th sport . th dport"
+
+
+def _flow_hash(plan: ListenerPlan) -> str:
+    """The 5-tuple hashed into a bucket (family-specific: IPv4 here)."""
+    return "ip saddr . ip daddr . ip protocol . th sport . th dport"
+
+
+class _ElementSender:
+    """Writes element batches in order, on a thread of its own once an apply has more than one
+    chunk (a whole-document load), so the kernel takes one batch while libnftables compiles the
+    next chunk's rules. A failed batch stops the rest; `finish` raises its error."""
+
+    def __init__(self, send) -> None:
+        self._send = send
+        self._queue: queue.Queue = queue.Queue()
+        self._held: list[list[Change]] = []  # batches of an apply that never needed the thread
+        self._thread: threading.Thread | None = None
+        self._error: NftError | None = None
+        self._cancelled = False
+        self.batches = 0
+
+    def put(self, batch: list[Change], *, start: bool) -> None:
+        if self._error is not None:
+            raise self._error
+        self.batches += 1
+        if self._thread is None and not start:
+            self._held.append(batch)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="nft-elements", daemon=True)
+            self._thread.start()
+            for held in self._held:
+                self._queue.put(held)
+            self._held = []
+        self._queue.put(batch)
+
+    def _run(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is None and not self._cancelled:
+                try:
+                    self._send(batch)
+                except NftError as exc:
+                    self._error = exc
+
+    def finish(self) -> None:
+        """Wait for every batch (sent here when no thread was needed)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        else:
+            for batch in self._held:
+                self._send(batch)
+            self._held = []
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._held = []
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 class NftDataplane:
     """The kernel driver for one mux interface. Not thread-safe: one caller applies.
 
     Each listener has its own table size (the length of its plan's tables): its `jhash ... mod`
-    and its maps' sizes follow it. An apply touches only what changed since the last one (the
-    changed buckets, unstable set and pin set of a listener; its chains only when its backends,
-    address or idle timeout changed; the dispatch map's element of an added or removed
-    listener), so its cost does not grow with the number of listeners the mux holds. A large
-    apply (a whole document, a restart) goes in transactions of at most `batch_elements` map
-    elements (each listener's own changes stay in one transaction), so neither libnftables nor
-    the command text grows with the document; the libnftables context is then recreated so the
-    daemon gives the memory back."""
+    and its `cur_` map's size follow it. No rule names a backend: bucket -> backend MAC is a data
+    map (`cur_<id>`), the backend's counter an object map (`cnt_<id>`, MAC -> named counter), so
+    every change but a new listener, a changed idle timeout or table size is elements and
+    counters only, written as netlink messages (`nftlink`): its cost is what changed, not the
+    number of listeners on the mux, and no verdict map means the kernel has no jump graph to
+    re-validate at commit. Rules go through libnftables.
+
+    An apply touches only what changed since the last one. A large apply (a whole document, a
+    restart) sends the rules of all new listeners first (libnftables, at most
+    `batch_listeners` listeners per transaction), then the elements in netlink transactions of
+    at most `batch_elements` elements each, then the dispatch changes and deletions: a listener
+    becomes reachable only once all its objects are in. The libnftables context is then
+    recreated so the daemon gives the memory back.
+
+    Without a netlink writer (`elements=None` with a caller's `nft`: tests that capture the
+    text, the `nft` binary fallback) everything goes through libnftables as text, each
+    listener's change in one transaction."""
 
     def __init__(self, iface: str, mux_mac: str, *, seed: int, table_size: int | None = None,
                  table: str = TABLE, learn: bool = False, inject_iface: str | None = None,
                  nft: Nft | None = None, nflog_group: int | None = None,
-                 batch_elements: int = 200_000, elements: NetlinkElements | None = None) -> None:
+                 batch_elements: int = 200_000, batch_listeners: int = 1000,
+                 elements: NetlinkElements | None = None) -> None:
         if not 0 <= seed <= 0xFFFFFFFF:
             raise ValueError(f"seed {seed} is not a 32-bit value")
         if batch_elements < 1:
             raise ValueError(f"batch_elements {batch_elements} must be positive")
+        if batch_listeners < 1:
+            raise ValueError(f"batch_listeners {batch_listeners} must be positive")
         self.iface = iface
         self.mux_mac = mux_mac
         self.seed = seed
@@ -439,8 +400,8 @@ class NftDataplane:
         self.table = table
         self.learn = learn  # learn each flow's bucket in the kernel (tests, debugging): costs a dynset
         self.inject_iface = inject_iface  # where the slow path re-injects decided packets
-        # Element-only transactions straight to nf_tables (the default with our own libnftables
-        # context; a caller passing its own `nft` sees every transaction as text unless it asks).
+        # Netlink for elements (the default with our own libnftables context; a caller passing its
+        # own `nft` sees every transaction as text unless it passes a writer too).
         self.elements = elements if elements is not None else (NetlinkElements() if nft is None else None)
         self.nft = nft or Nft()
         # None: SYNs of unstable buckets go to NFQUEUE like every other unknown packet (the
@@ -449,10 +410,11 @@ class NftDataplane:
             raise ValueError(f"nflog group {nflog_group} is not 0..65535")
         self.nflog_group = nflog_group
         self.batch_elements = batch_elements
+        self.batch_listeners = batch_listeners
         self._applied: dict[int, _Applied] | None = None  # None: the kernel's content is unknown
         self._inject_timeouts: dict[str, int] | None = None
-        self.transactions = 0  # nft transactions sent (the bench and tests read it)
-        self.netlink_transactions = 0  # of which element-only, written as netlink messages
+        self.transactions = 0  # transactions sent (the bench and tests read it)
+        self.netlink_transactions = 0  # of which written as netlink messages
 
     # -- rendering --------------------------------------------------------------------------
     def _t(self) -> str:
@@ -494,9 +456,9 @@ class NftDataplane:
     def _listener_rules(self, plan: ListenerPlan) -> list[str]:
         t, lid, proto = self._t(), plan.listener_id, plan.protocol
         chain = f"l{lid}"
-        tuple4 = "ip saddr . ip daddr . th sport . th dport"
-        renew = " ".join(("update", f"@pins_{proto} {{ {tuple4} timeout {max(1, int(plan.pin_timeout_s))}s "
-                                    ": ether daddr }"))
+        tuple4 = _flow_tuple(plan)
+        timeout = max(1, int(plan.pin_timeout_s))
+        renew = f"update @pins_{proto} {{ {tuple4} timeout {timeout}s : ether daddr }}"
         rules = [
             f"add chain {t} {chain}",
             f"flush chain {t} {chain}",
@@ -509,97 +471,98 @@ class NftDataplane:
             f'{renew} counter name pinned{lid} ether saddr set {self.mux_mac} fwd to "{self.iface}"',
             f"add rule {t} {chain} ether daddr set {self.mux_mac}",
             # The listener's own table size: the hash picks one of its len(current) buckets.
-            f"add rule {t} {chain} meta mark set jhash ip saddr . ip daddr . ip protocol . th sport . "
-            f"th dport mod {len(plan.current)} seed {self.seed:#x}",
+            f"add rule {t} {chain} meta mark set jhash {_flow_hash(plan)} "
+            f"mod {len(plan.current)} seed {self.seed:#x}",
         ]
         if self.learn:
             rules.append(f"add rule {t} {chain} add @learn{lid} {{ {tuple4} : meta mark }}")
         if self.nflog_group is not None and proto == "tcp":
+            # Rule 3's SYN case, compiled: a SYN of an unstable bucket takes the current table's
+            # backend (its MAC from `cur_<id>`), is reported to nfnetlink_log for the owner's
+            # record (no verdict: the packet goes on), pinned to that MAC (first writer wins:
+            # `add` never overwrites) and counted; the forwarding rule below sends it. `log` comes
+            # before `add`: if the pin map is full the `add` fails and ends this rule (the SYN is
+            # still forwarded below); the report is out by then, so the flow still gets its
+            # record. In steady state `unstable_<id>` is empty and this rule never matches.
+            rules.append(f"add rule {t} {chain} meta mark @unstable_{lid} tcp flags & (syn | ack) == syn "
+                         f"ether daddr set meta mark map @cur_{lid} "
+                         f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN} "
+                         f"add @pins_tcp {{ {tuple4} timeout {timeout}s : ether daddr }} "
+                         f"counter name newflows{lid}")
             # Unstable bucket, no pin, not a SYN: up to the stack, where iptables-nft queues it to
-            # the slow path (rule 4 needs the owner's answer). A SYN (rule 3) goes on through
-            # `cur_<id>`: its backend chain pins, logs and forwards it in the kernel.
+            # the slow path (rule 4 needs the owner's answer).
             unknown = f"meta mark @unstable_{lid} tcp flags & (syn | ack) != syn"
         else:
             # UDP has no SYN: every unknown flow of an unstable bucket goes to the slow path.
             unknown = f"meta mark @unstable_{lid}"
         rules += [
             f"add rule {t} {chain} {unknown} counter name slow{lid} accept",
-            f"add rule {t} {chain} meta mark vmap @cur_{lid}",
+            # Rule 2 (and the SYN of rule 3): the bucket's backend from the current table, its
+            # counter by its MAC. A bucket without a backend has no element: the lookup misses,
+            # the rule ends and the next one drops.
+            f"add rule {t} {chain} ether daddr set meta mark map @cur_{lid} "
+            f"counter name ether daddr map @cnt_{lid} ether saddr set {self.mux_mac} fwd to \"{self.iface}\"",
             f"add rule {t} {chain} drop",
         ]
         return rules
 
-    def _backend_chain_rules(self, plan: ListenerPlan, address: str, mac: str) -> list[str]:
-        t, lid, name = self._t(), plan.listener_id, backend_chain(plan.listener_id, address)
-        out = [f"add counter {t} c{name}", f"add chain {t} {name}", f"flush chain {t} {name}"]
-        if self.nflog_group is not None and plan.protocol == "tcp":
-            # Rule 3's SYN case, compiled: this chain is reached through `cur_<id>`, so this
-            # backend IS the current table's for the bucket (still in the mark). Pin the flow
-            # (first writer wins: `add` never overwrites), copy its headers to nfnetlink_log for
-            # the owner's record (no verdict: the packet goes on), count it, then forward below.
-            # In steady state `unstable_<id>` is empty and this rule never matches.
-            # `log` comes before `add`: if the pin map is full the `add` fails and ends the rule
-            # (the forwarding rule below still sends the SYN to this backend); the report is
-            # out by then, so the flow still gets its record, and its next packets (no pin, not a
-            # SYN) find that record through NFQUEUE instead of the old table's guess.
-            out.append(f"add rule {t} {name} meta mark @unstable_{lid} tcp flags & (syn | ack) == syn "
-                       f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN} "
-                       f"add @pins_tcp {{ ip saddr . ip daddr . th sport . th dport timeout "
-                       f"{max(1, int(plan.pin_timeout_s))}s : {mac} }} counter name newflows{lid}")
-        out.append(f"add rule {t} {name} counter name c{name} ether saddr set {self.mux_mac} "
-                   f'ether daddr set {mac} fwd to "{self.iface}"')
-        return out
-
     def _create_objects(self, plan: ListenerPlan) -> list[str]:
         t, lid, size = self._t(), plan.listener_id, len(plan.current)
-        # Each map holds at most one element per bucket: sized to the listener's table, so an
-        # empty or small map costs the kernel what its table needs, not a 65,537-bucket worth.
+        # `cur_<id>` holds one element per bucket: sized to the listener's table (a fixed hash of
+        # size x 4/3 rounded up to a power of two). The sets that are empty or small in steady
+        # state have no size: a resizable hash that starts with a few buckets, so they cost next
+        # to nothing until a transition fills them.
         out = [
             f"add counter {t} l{lid}", f"add counter {t} pinned{lid}", f"add counter {t} slow{lid}",
             f"add counter {t} newflows{lid}",
-            f"add map {t} cur_{lid} {{ type mark : verdict; size {size}; }}",
-            f"add map {t} old_{lid} {{ type mark : verdict; size {size}; }}",
-            f"add set {t} unstable_{lid} {{ type mark; size {size}; }}",
-            f"add set {t} pinok_{lid} {{ type ether_addr; size {_pinok_size(size)}; }}",
+            f"add map {t} cur_{lid} {{ type mark : ether_addr; size {size}; }}",
+            f"add set {t} unstable_{lid} {{ type mark; }}",
+            f"add set {t} pinok_{lid} {{ type ether_addr; }}",
+            f"add map {t} cnt_{lid} {{ type ether_addr : counter; }}",
         ]
         if self.learn:
             out.append(f"add map {t} learn{lid} {{ type ipv4_addr . ipv4_addr . inet_service . inet_service "
                        f": mark; size {MAP_SIZE}; flags dynamic; }}")
         return out
 
-    def _delete_maps(self, lid: int) -> list[str]:
-        t = self._t()
-        out = [f"delete map {t} cur_{lid}", f"delete map {t} old_{lid}", f"delete set {t} unstable_{lid}",
-               f"delete set {t} pinok_{lid}"]
+    def _listener_sets(self, lid: int) -> list[Op]:
+        out = [Op("delete set", f"cur_{lid}", is_map=True), Op("delete set", f"unstable_{lid}"),
+               Op("delete set", f"pinok_{lid}"), Op("delete set", f"cnt_{lid}", is_map=True)]
         if self.learn:
-            out.append(f"delete map {t} learn{lid}")
+            out.append(Op("delete set", f"learn{lid}", is_map=True))
         return out
 
-    def _delete_listener(self, applied: _Applied) -> list[str]:
-        t, lid = self._t(), applied.plan.listener_id
-        chains = [backend_chain(lid, address) for address, _ in applied.plan.backends]
-        # References decide the order: rules use the maps, the set and the counters; the maps'
-        # verdicts jump to the backend chains. Empty the chains, drop the maps, then the chains.
-        return [f"flush chain {t} l{lid}", *(f"flush chain {t} {c}" for c in chains),
-                f"delete chain {t} l{lid}", *self._delete_maps(lid),
-                *(f"delete chain {t} {c}" for c in chains), *(f"delete counter {t} c{c}" for c in chains),
-                f"delete counter {t} l{lid}", f"delete counter {t} pinned{lid}",
-                f"delete counter {t} slow{lid}", f"delete counter {t} newflows{lid}"]
+    def _delete_listener(self, applied: _Applied) -> list[Op]:
+        lid = applied.plan.listener_id
+        # References decide the order: the rules use the maps, sets and counters, the counter
+        # map's elements the backend counters. Empty the chain, drop it, the maps, the counters.
+        return [Op("flush chain", f"l{lid}"), Op("delete chain", f"l{lid}"), *self._listener_sets(lid),
+                *(Op("delete counter", name) for name in applied.counters.values()),
+                *(Op("delete counter", f"{prefix}{lid}") for prefix in ("l", "pinned", "slow", "newflows"))]
 
     # -- applying ---------------------------------------------------------------------------
     def apply(self, plans: Sequence[ListenerPlan]) -> None:
         """Make the kernel hold exactly these listeners. Pins live their listener's
         `pin_timeout_s` without a packet; each packet of the flow renews it.
 
-        One transaction unless the changes hold more than `batch_elements` map elements; then
-        each batch is one transaction holding whole listeners, and the last one the dispatch
-        changes and deletions (a listener is reachable only once all its objects are in)."""
-        ids = [p.listener_id for p in plans]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"listener ids must be unique, got {ids}")
-        keys = [_dispatch_key(p) for p in plans]
-        if len(set(keys)) != len(keys):
-            raise ValueError("two listeners share one address, protocol and port")
+        A change of one listener is one transaction (two when it needs a rule: the rules, then
+        its elements). A large apply goes in bounded transactions (see the class)."""
+        # One pass, allocating nothing per unchanged plan (an apply of one change among 4,000
+        # listeners must not pay for the 3,999 others in tuples and garbage collections).
+        ids: set[int] = set()
+        keys: set[tuple[str, str, int]] = set()
+        longest: dict[str, float] = {}
+        for p in plans:
+            if p.listener_id in ids:
+                raise ValueError(f"listener id {p.listener_id} appears twice")
+            ids.add(p.listener_id)
+            key = p.dispatch_key
+            if key in keys:
+                vip, protocol, port = key
+                raise ValueError(f"two listeners share address, protocol and port {vip} {protocol} {port}")
+            keys.add(key)
+            if p.pin_timeout_s > longest.get(p.protocol, 0):
+                longest[p.protocol] = p.pin_timeout_s
         first = self._applied is None
         existing: dict[tuple[str, str], int | None] | None = None
         if first:
@@ -611,79 +574,137 @@ class NftDataplane:
         applied = self._applied
         assert applied is not None
         timeouts: dict[str, int] = {proto: 60 for proto in PROTOCOLS}
-        longest: dict[str, float] = {}
-        for p in plans:
-            longest[p.protocol] = max(longest.get(p.protocol, 0), p.pin_timeout_s)
         timeouts.update({proto: max(1, int(v)) for proto, v in longest.items()})
 
-        # Batches are sent as they fill, so neither the command text nor libnftables' parse of it
-        # ever holds more than one batch (a whole document's text would be ~200 B per bucket).
         new_applied: dict[int, _Applied] = {}
-        current: list[str] = self._base() if first else []
-        size = 0
-        sent = 0
+        rules: list[str] = self._base() if first else []  # libnftables text, whole listeners
+        rules_listeners = 0
+        pending: list[list[Change]] = []  # netlink, one list per listener, after `rules`
+        ops_elements = 0
+        sent_text = 0
+        sender = _ElementSender(self._send_ops)
         try:
             for plan in plans:
-                cmds, elements, state = self._listener_changes(plan, applied.get(plan.listener_id), existing)
+                cmds, changes, state = self._listener_changes(plan, applied.get(plan.listener_id), existing)
                 new_applied[plan.listener_id] = state
-                if not cmds:
+                if not cmds and not changes:
                     continue
-                if size > 0 and size + elements > self.batch_elements:
-                    self._send(current, first)
-                    sent += 1
-                    # Each batch's parse tree and cache stay in the context until freed: without
-                    # this the daemon's RSS grows with the document instead of one batch.
-                    self._fresh_context()
-                    current, size = [], 0
-                current += cmds
-                size += elements
-            current += self._last_commands(plans, applied, new_applied, existing, timeouts, first)
-            if current:
-                self._send(current, first)
-                if sent:
-                    self._fresh_context()
+                n = op_elements(changes)
+                if self.elements is None:
+                    # Everything as text, each listener's change whole in one transaction.
+                    if rules_listeners and (ops_elements + n > self.batch_elements
+                                            or rules_listeners >= self.batch_listeners):
+                        self._send_text(rules)
+                        sent_text += 1
+                        rules, rules_listeners, ops_elements = [], 0, 0
+                    rules += cmds + [op.text(self._t()) for op in changes]
+                    rules_listeners += 1
+                    ops_elements += n
+                    continue
+                if cmds:
+                    rules += cmds
+                    rules_listeners += 1
+                if changes:
+                    pending.append(changes)
+                if rules_listeners >= self.batch_listeners:
+                    # A chunk: its rules now, its elements to the sender thread, which writes them
+                    # while libnftables compiles the next chunk's rules (two cores, and ctypes
+                    # and socket calls release the GIL).
+                    sent_text += self._flush_chunk(rules, pending, sender, final=False)
+                    rules, rules_listeners, pending = [], 0, []
+            if self.elements is None:
+                last = self._last_commands(plans, applied, new_applied, existing, timeouts, first)
+                rules += [op.text(self._t()) if isinstance(op, Op) else op for op in last]
+                if rules:
+                    self._send_text(rules)
+                    sent_text += 1
+            else:
+                # Rules first (a listener's elements need its maps), then its elements, then the
+                # dispatch and deletions.
+                sent_text += self._flush_chunk(rules, pending, sender, final=True)
+                sender.finish()
+                last = self._last_commands(plans, applied, new_applied, existing, timeouts, first)
+                last_ops = [c for c in last if isinstance(c, Op)]
+                last_text = [c for c in last if isinstance(c, str)]
+                if last_ops:
+                    self._send_ops(last_ops)
+                if last_text:
+                    self._send_text(last_text)
+                    sent_text += 1
+            if sent_text > 1 or sender.batches > 1:
+                self._fresh_context()
         except NftError:
+            sender.cancel()
             self._applied = None  # unknown again: the next apply rebuilds from the kernel's listing
             self._inject_timeouts = None
             raise
         self._applied = new_applied
         self._inject_timeouts = timeouts
 
-    def _send(self, batch: list[str], first: bool) -> None:
-        text = "\n".join(batch) + "\n"
-        ops = NetlinkElements.parse(text) if self.elements is not None and not first else None
-        if ops is not None:
-            self.elements.run(ops)  # type: ignore[union-attr]
-            self.netlink_transactions += 1
-        else:
-            self.nft.run(text)
+    def _flush_chunk(self, rules: list[str], pending: list[list[Change]], sender: _ElementSender,
+                     *, final: bool) -> int:
+        """Send a chunk's rules (libnftables, here) and hand its elements to `sender` in batches
+        of at most `batch_elements` (whole listeners). Returns the text transactions sent."""
+        sent = 0
+        if rules:
+            self._send_text(rules)
+            sent = 1
+        batch: list[Change] = []
+        size = 0
+        for changes in pending:
+            n = op_elements(changes)
+            if batch and size + n > self.batch_elements:
+                sender.put(batch, start=not final or sender.batches > 0)
+                batch, size = [], 0
+            batch += changes
+            size += n
+        if batch:
+            sender.put(batch, start=not final)
+        return sent
+
+    def _send_text(self, lines: list[str]) -> None:
+        self.nft.run("\n".join(lines) + "\n")
         self.transactions += 1
+
+    def _send_ops(self, ops: list[Change]) -> None:
+        assert self.elements is not None
+        try:
+            self.elements.run(self.table, ops)
+        except NetlinkError as exc:
+            raise NftError(str(exc)) from exc
+        self.transactions += 1
+        self.netlink_transactions += 1
 
     def _last_commands(self, plans: Sequence[ListenerPlan], applied: dict[int, _Applied],
                        new_applied: dict[int, _Applied], existing: dict[tuple[str, str], int | None] | None,
-                       timeouts: dict[str, int], first: bool) -> list[str]:
-        """The apply's last transaction: the dispatch map (a listener becomes reachable once all its
-        objects are in), the injection rules, then whatever no plan needs any more."""
+                       timeouts: dict[str, int], first: bool) -> list[str | Op]:
+        """The apply's last transaction(s): the dispatch map (a listener becomes reachable once all
+        its objects are in), the injection rules, then whatever no plan needs any more."""
         t = self._t()
-        last: list[str] = []
+        last: list[str | Op] = []
         if first:
             last += [f"flush chain {t} ingress",
                      f"add rule {t} ingress ip daddr . meta l4proto . th dport vmap @dispatch",
                      f"flush map {t} dispatch"]
             if plans:
-                last.append(f"add element {t} dispatch {{ "
-                            + ", ".join(f"{_dispatch_key(p)} : jump l{p.listener_id}" for p in plans) + " }")
+                last.append(Op("add", "dispatch", [_dispatch_key(p) for p in plans],
+                               [f"jump l{p.listener_id}" for p in plans], "dispatch", "verdict").text(t))
         else:
-            gone = [a for lid, a in applied.items() if lid not in new_applied
-                    or _dispatch_key(a.plan) != _dispatch_key(new_applied[lid].plan)]
+            # Only listeners whose plan is not the very object applied before can have moved
+            # (a same-object plan is skipped without a look: a change costs what changed).
+            moved = [lid for lid, a in new_applied.items()
+                     if lid not in applied or applied[lid].plan is not a.plan]
+            gone = [a for lid, a in applied.items() if lid not in new_applied]
+            gone += [applied[lid] for lid in moved if lid in applied
+                     and _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan)]
             if gone:
-                last.append(f"delete element {t} dispatch {{ "
-                            + ", ".join(_dispatch_key(a.plan) for a in gone) + " }")
-            added = [p for p in plans if p.listener_id not in applied
-                     or _dispatch_key(applied[p.listener_id].plan) != _dispatch_key(p)]
+                last.append(Op("delete", "dispatch", [_dispatch_key(a.plan) for a in gone], None,
+                               "dispatch", "verdict"))
+            added = [new_applied[lid].plan for lid in moved if lid not in applied
+                     or _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan)]
             if added:
-                last.append(f"add element {t} dispatch {{ "
-                            + ", ".join(f"{_dispatch_key(p)} : jump l{p.listener_id}" for p in added) + " }")
+                last.append(Op("add", "dispatch", [_dispatch_key(p) for p in added],
+                               [f"jump l{p.listener_id}" for p in added], "dispatch", "verdict"))
         if first or timeouts != self._inject_timeouts:
             last += self._inject(timeouts)
         for lid, a in applied.items():
@@ -702,115 +723,127 @@ class NftDataplane:
 
     def _listener_changes(self, plan: ListenerPlan, prev: _Applied | None,
                           existing: dict[tuple[str, str], int | None] | None
-                          ) -> tuple[list[str], int, _Applied]:
-        """(commands, map elements they carry, what the kernel holds after them) for one listener."""
+                          ) -> tuple[list[str], list[Change], _Applied]:
+        """(rule commands, element changes, what the kernel holds after them) for one listener.
+        Rule commands are libnftables text; element changes netlink (or text) `Op`s."""
+        if prev is not None and prev.plan is plan:
+            return [], [], prev  # the very plan applied before: nothing can have changed
         t, lid, size = self._t(), plan.listener_id, len(plan.current)
         pin_macs = tuple(sorted(set(plan.pin_macs)))
-        key = _chains_key(plan)
+        key = _rules_key(plan)
         unstable_arr = plan.unstable
-        if (prev is not None and prev.chains_key == key and prev.pin_macs == pin_macs
-                and prev.plan.backends == plan.backends
-                and _same(plan.current, prev.plan.current) and _same(plan.old, prev.plan.old)
-                and _same(unstable_arr, prev.plan.unstable)):
+        if (prev is not None and prev.rules_key == key and prev.pin_macs == pin_macs
+                and prev.plan.backends == plan.backends and prev.plan.vip == plan.vip
+                and prev.plan.port == plan.port
+                and _same(plan.current, prev.plan.current) and _same(unstable_arr, prev.plan.unstable)):
             # The same tables (usually the very same arrays: the daemon caches generations):
             # nothing to send and nothing to recompute.
-            return [], 0, _Applied(plan, prev.unstable, key, pin_macs)
+            return [], [], _Applied(plan, prev.unstable, key, pin_macs, prev.counters)
+        counters = _counters_by_mac(plan)
         unstable = set(unstable_arr.tolist()) if unstable_arr is not None else set()
-        state = _Applied(plan, unstable, key, pin_macs)
+        state = _Applied(plan, unstable, key, pin_macs, counters)
         cmds: list[str] = []
-        elements = 0
+        ops: list[Change] = []
         resize = prev is not None and len(prev.plan.current) != size
         if existing is not None and prev is None:
             held = existing.get(("map", f"cur_{lid}"), -1)
-            resize = held != -1 and held != size  # an earlier process made it with another size
+            # Another size, or an older daemon's verdict map (-2): recreate.
+            resize = held != -1 and held != size
         if resize:
-            # Map sizes are fixed at creation: empty what references the maps, drop and recreate
-            # them (same transaction: the listener is never without its tables).
-            old_backends = prev.plan.backends if prev is not None else plan.backends
-            cmds += [f"flush chain {t} l{lid}",
-                     *(f"flush chain {t} {backend_chain(lid, a)}" for a, _ in old_backends
-                       if existing is None or ("chain", backend_chain(lid, a)) in existing),
-                     *(cmd for cmd in self._delete_maps(lid)
-                       if existing is None or (cmd.split()[1], cmd.split()[-1]) in existing)]
-            in_use = {a for a, _ in plan.backends}
-            for address, _ in (prev.plan.backends if prev is not None else ()):
-                if address not in in_use:  # unreferenced now that the maps are gone
-                    name = backend_chain(lid, address)
-                    cmds += [f"delete chain {t} {name}", f"delete counter {t} c{name}"]
-            prev = None
+            # Map sizes and types are fixed at creation: empty the rules that reference the maps,
+            # drop and recreate them, all in one libnftables transaction (the listener is never
+            # without its tables), its elements included.
+            cmds += [f"flush chain {t} l{lid}"]
+            if existing is not None:
+                # An older daemon's per-backend chains reference its sets: empty them first (they
+                # are deleted with the other stale objects).
+                cmds += [f"flush chain {t} {name}" for kind, name in existing
+                         if kind == "chain" and name.startswith(f"b{lid}_")]
+            cmds += [op.text(t) for op in self._listener_sets(lid)
+                     if existing is None or (("map" if op.is_map else "set"), op.name) in existing]
+            cmds += self._create_objects(plan) + self._listener_rules(plan)
+            prev_counters = prev.counters if prev is not None else {}
+            full = self._fill(plan, pin_macs, counters, unstable, flush=False)
+            cmds += [op.text(t) for op in full]
+            unused = set(prev_counters.values()) - set(counters.values())
+            cmds += [f"delete counter {t} {name}" for name in sorted(unused)]
+            return cmds, [], state
         if prev is None:
-            cmds += self._create_objects(plan)
-        rerender = prev is None or prev.chains_key != key
-        had = set() if prev is None else set(prev.plan.backends)
-        for address, mac in plan.backends:
-            # A drain, a removal or a weight change writes no rule: only elements (rule commands
-            # make libnftables fetch every chain and object of the ruleset first).
-            if rerender or (address, mac) not in had:
-                cmds += self._backend_chain_rules(plan, address, mac)
-        if rerender:
+            cmds += self._create_objects(plan) + self._listener_rules(plan)
+            # An earlier process may have left this listener's elements: replace them whole
+            # (flush and fill in one transaction).
+            return cmds, self._fill(plan, pin_macs, counters, unstable, flush=existing is not None
+                                    and ("map", f"cur_{lid}") in existing), state
+        if prev.rules_key != key:
             cmds += self._listener_rules(plan)
-        if prev is None or prev.pin_macs != pin_macs:
-            cmds.append(f"flush set {t} pinok_{lid}")
+        # Counters of new backends before the elements that reference them; removed backends'
+        # counters after (an element holds a reference).
+        added_counters = {m: n for m, n in counters.items() if prev.counters.get(m) != n}
+        gone_counters = {m: n for m, n in prev.counters.items() if counters.get(m) != n}
+        ops += [Op("add counter", name) for name in added_counters.values()]
+        if gone_counters:
+            ops.append(Op("delete", f"cnt_{lid}", list(map(int_to_mac, gone_counters)), None, "mac",
+                          "objref"))
+        if added_counters:
+            ops.append(Op("add", f"cnt_{lid}", list(map(int_to_mac, added_counters)),
+                          list(added_counters.values()), "mac", "objref"))
+        if prev.pin_macs != pin_macs:
+            ops.append(Op("flush", f"pinok_{lid}"))
             if pin_macs:
-                cmds.append(f"add element {t} pinok_{lid} {{ {', '.join(pin_macs)} }}")
-        if prev is None:
-            cmds += [f"flush map {t} cur_{lid}", f"flush map {t} old_{lid}", f"flush set {t} unstable_{lid}"]
-            cur_v = _verdicts(plan, plan.current)
-            cmds.append(f"add element {t} cur_{lid} {{ {_elements(range(len(cur_v)), cur_v)} }}")
-            elements += len(cur_v)
-            if plan.old is not None:
-                old_v = _verdicts(plan, plan.old)
-                cmds.append(f"add element {t} old_{lid} {{ {_elements(range(len(old_v)), old_v)} }}")
-                elements += len(old_v)
-            if unstable:
-                cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(unstable))} }}")
-                elements += len(unstable)
-        else:
-            diff = self._diff_map(f"cur_{lid}", prev.plan, prev.plan.current, plan, plan.current)
-            diff += self._diff_map(f"old_{lid}", prev.plan, prev.plan.old, plan, plan.old)
-            cmds += diff
-            elements += sum(line.count(",") + 1 for line in diff if "element" in line)
-            gone, added = prev.unstable - unstable, unstable - prev.unstable
-            if gone:
-                cmds.append(f"delete element {t} unstable_{lid} {{ {_elements(sorted(gone))} }}")
-            if added:
-                cmds.append(f"add element {t} unstable_{lid} {{ {_elements(sorted(added))} }}")
-            elements += len(gone) + len(added)
-            in_use = {a for a, _ in plan.backends}
-            for address, _ in prev.plan.backends:
-                if address not in in_use:
-                    name = backend_chain(lid, address)
-                    cmds += [f"flush chain {t} {name}", f"delete chain {t} {name}",
-                             f"delete counter {t} c{name}"]
-        return cmds, elements, state
+                ops.append(Op("add", f"pinok_{lid}", list(pin_macs), None, "mac"))
+        ops += self._diff_cur(lid, mac_values(prev.plan.backends, prev.plan.current),
+                              mac_values(plan.backends, plan.current))
+        gone, added = prev.unstable - unstable, unstable - prev.unstable
+        if gone:
+            ops.append(Op("delete", f"unstable_{lid}", np.array(sorted(gone), dtype=np.int64)))
+        if added:
+            ops.append(Op("add", f"unstable_{lid}", np.array(sorted(added), dtype=np.int64)))
+        still_used = set(counters.values())
+        ops += [Op("delete counter", name) for name in gone_counters.values() if name not in still_used]
+        return cmds, ops, state
 
-    def _diff_map(self, name: str, before_plan: ListenerPlan, before: np.ndarray | None,
-                  plan: ListenerPlan, after: np.ndarray | None) -> list[str]:
-        """Commands turning map `name` from `before` (indexes into before_plan's backends) into
-        `after` (indexes into plan's): only the buckets whose backend chain differs."""
-        t = self._t()
-        if after is None:
-            return [f"flush map {t} {name}"] if before is not None else []
-        if before is None:
-            verdicts = _verdicts(plan, after)
-            return [f"flush map {t} {name}",
-                    f"add element {t} {name} {{ {_elements(range(len(after)), verdicts)} }}"]
-        # A bucket's verdict is its backend's chain, named by the address: map the old indexes to
-        # the new ones (-2: a backend the plan no longer has; the trailing -1 stays "drop").
-        where = {address: i for i, (address, _) in enumerate(plan.backends)}
-        remap = np.array([where.get(address, -2) for address, _ in before_plan.backends] + [-1],
-                         dtype=np.int64)
-        changed = np.flatnonzero(remap[before] != after)
+    def _fill(self, plan: ListenerPlan, pin_macs: tuple[str, ...], counters: dict[int, str],
+              unstable: set[int], *, flush: bool) -> list[Change]:
+        """A listener's whole content (after its maps are created, or to replace what an earlier
+        process left: `flush`)."""
+        lid = plan.listener_id
+        ops: list[Change] = [Op("add counter", name) for name in counters.values()]
+        if flush:
+            ops += [Op("flush", f"cur_{lid}", is_map=True), Op("flush", f"unstable_{lid}"),
+                    Op("flush", f"pinok_{lid}"), Op("flush", f"cnt_{lid}", is_map=True)]
+        if counters:
+            ops.append(Op("add", f"cnt_{lid}", list(map(int_to_mac, counters)), list(counters.values()),
+                          "mac", "objref"))
+        if pin_macs:
+            ops.append(Op("add", f"pinok_{lid}", list(pin_macs), None, "mac"))
+        ops.append(FillOp(f"cur_{lid}", plan.backends, plan.current))
+        if unstable:
+            ops.append(Op("add", f"unstable_{lid}", np.array(sorted(unstable), dtype=np.int64)))
+        return ops
+
+    @staticmethod
+    def _diff_cur(lid: int, before: np.ndarray, after: np.ndarray) -> list[Op]:
+        """`cur_<id>` from `before` to `after` (each bucket's backend MAC, -1: none): only the
+        buckets whose MAC changed. An element cannot be re-added with another value: delete and
+        add in the same transaction."""
+        if len(before) != len(after):
+            raise ValueError(f"listener {lid}: {len(before)} buckets before, {len(after)} after")
+        changed = np.flatnonzero(before != after)
         if len(changed) == 0:
             return []
-        verdicts = _verdicts(plan, after)
-        # An element cannot be re-added with another value: delete and add in the same transaction.
-        return [f"delete element {t} {name} {{ {_elements(changed)} }}",
-                f"add element {t} {name} {{ {_elements(changed, verdicts)} }}"]
+        out = []
+        drop = changed[before[changed] >= 0]
+        if len(drop):
+            out.append(Op("delete", f"cur_{lid}", drop, None, "mark", "mac"))
+        put = changed[after[changed] >= 0]
+        if len(put):
+            out.append(Op("add", f"cur_{lid}", put, after[put], "mark", "mac"))
+        return out
 
     def _existing_objects(self) -> dict[tuple[str, str], int | None]:
         """(kind, name) of the chains, maps, sets and counters the kernel holds in our table,
-        each with its declared size (maps and sets; None for the rest).
+        each with its declared size (maps and sets; None for the rest; -2 for a `cur_` map of
+        another type, an older daemon's verdict map).
 
         Listed per kind (`list chains|maps|sets`, terse) and counters over netlink: `list table`,
         `list tables` and `list counters` make nft 1.0.6 load every element of every map first,
@@ -822,7 +855,10 @@ class NftDataplane:
             for item in json.loads(out)["nftables"]:
                 obj = item.get(kind)
                 if obj is not None and obj.get("table") == self.table:
-                    found[(kind, obj["name"])] = obj.get("size")
+                    size = obj.get("size")
+                    if kind == "map" and obj["name"].startswith("cur_") and obj.get("map") != "ether_addr":
+                        size = -2
+                    found[(kind, obj["name"])] = size
         if found:
             with contextlib.suppress(NftError):  # the table went away meanwhile: nothing to keep
                 found.update({("counter", name): None for name in read_counters(self.table)})
@@ -835,17 +871,16 @@ class NftDataplane:
         keep |= {("map", f"pins_{p}") for p in PROTOCOLS}
         for plan in plans:
             lid = plan.listener_id
-            keep |= {("chain", f"l{lid}"), ("map", f"cur_{lid}"), ("map", f"old_{lid}"),
-                     ("set", f"pinok_{lid}"),
-                     ("map", f"learn{lid}"), ("set", f"unstable_{lid}"), ("counter", f"l{lid}"),
-                     ("counter", f"pinned{lid}"), ("counter", f"slow{lid}"), ("counter", f"newflows{lid}")}
-            for address, _ in plan.backends:
-                name = backend_chain(lid, address)
-                keep |= {("chain", name), ("counter", f"c{name}")}
+            keep |= {("chain", f"l{lid}"), ("map", f"cur_{lid}"), ("map", f"cnt_{lid}"),
+                     ("set", f"pinok_{lid}"), ("map", f"learn{lid}"), ("set", f"unstable_{lid}"),
+                     ("counter", f"l{lid}"), ("counter", f"pinned{lid}"), ("counter", f"slow{lid}"),
+                     ("counter", f"newflows{lid}")}
+            keep |= {("counter", name) for name in _counters_by_mac(plan).values()}
         stale = existing - keep
         t = self._t()
         chains = sorted(n for k, n in stale if k == "chain")
-        # Rules reference maps and maps reference chains: empty chains, drop maps, then chains.
+        # Rules reference maps and maps (of an older format) chains: empty chains, drop maps,
+        # then chains, then counters (no map element references them any more).
         return ([f"flush chain {t} {c}" for c in chains]
                 + [f"delete {k} {t} {n}" for k, n in sorted(stale) if k in ("map", "set")]
                 + [f"delete chain {t} {c}" for c in chains]
@@ -859,6 +894,7 @@ class NftDataplane:
         if self._table_exists():
             self.nft.run(f"delete table {self._t()}\n")
         self._applied = None
+
 
     # -- reading back ---------------------------------------------------------------------------
     def counters(self) -> dict[str, tuple[int, int]]:

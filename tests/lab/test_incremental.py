@@ -1,6 +1,7 @@
 """A change to one listener touches only that listener's kernel objects (real nftables in a
 throwaway namespace): the other listeners' rules keep their handles (a flush and re-add would
-renumber them) and their maps keep their elements; each listener's maps are sized to its table."""
+renumber them) and their maps keep their elements; a backend change writes no rule at all; each
+listener's `cur_` map is sized to its table; what the kernel holds is exactly the plan."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 from lbagent.core.maglev import maglev_table
-from lbagent.dataplane.nft import ListenerPlan, NetlinkElements, Nft, NftDataplane, NftError
+from lbagent.dataplane.nft import ListenerPlan, Nft, NftDataplane, NftError
+from lbagent.dataplane.nftlink import NetlinkElements, NetlinkError, Op
 from tests.environment import need_binary, need_root
 
 
@@ -66,7 +68,7 @@ def _plan(lid: int, size: int, count: int, old: np.ndarray | None = None) -> Lis
 
 
 def _handles(nft: NamespaceNft, lid: int) -> dict[str, list[int]]:
-    """Rule handles of every chain of a listener (l<id> and its backend chains)."""
+    """Rule handles of every chain of a listener (l<id>, and b<id>_* of an older format)."""
     out = json.loads(nft.run("list chains netdev", json_output=True))
     chains = [c["chain"]["name"] for c in out["nftables"] if "chain" in c
               and (c["chain"]["name"] == f"l{lid}" or c["chain"]["name"].startswith(f"b{lid}_"))]
@@ -83,6 +85,30 @@ def _map(nft: NamespaceNft, name: str) -> tuple[int | None, list]:
     return m.get("size"), sorted(map(str, m.get("elem", [])))
 
 
+def _elements(nft: NamespaceNft, kind: str, name: str) -> dict:
+    """A map's elements as {key: value} (a set's as {key: None}), read from the kernel."""
+    listing = json.loads(nft.run(f"list {kind} netdev lbagent {name}", json_output=True))
+    obj = next(item[kind] for item in listing["nftables"] if kind in item)
+    elems = obj.get("elem", [])
+    # Concatenated keys (dispatch, pins) are JSON objects: keyed by their JSON text.
+    raw = [e[0] if kind == "map" else e for e in elems]
+    keys = [json.dumps(k, sort_keys=True) if isinstance(k, dict) else k for k in raw]
+    return dict(zip(keys, (e[1] for e in elems), strict=True)) if kind == "map" else dict.fromkeys(keys)
+
+
+def _planned_cur(plan: ListenerPlan) -> dict[int, str]:
+    return {b: plan.backends[i][1] for b, i in enumerate(plan.current.tolist()) if i >= 0}
+
+
+def _objects(nft: NamespaceNft) -> set[tuple[str, str]]:
+    found = set()
+    for what, kind in (("chains", "chain"), ("maps", "map"), ("sets", "set"), ("counters", "counter")):
+        for item in json.loads(nft.run(f"list {what} netdev", json_output=True))["nftables"]:
+            if kind in item:
+                found.add((kind, item[kind]["name"]))
+    return found
+
+
 @pytest.mark.lab
 def test_a_change_to_one_listener_leaves_the_others_untouched(netns):
     nft = NamespaceNft(netns)
@@ -93,41 +119,39 @@ def test_a_change_to_one_listener_leaves_the_others_untouched(netns):
     maps_before = {name: _map(nft, name) for name in ("cur_1", "cur_3")}
     assert maps_before["cur_1"][0] == 409, "maps sized to their table"
     assert maps_before["cur_3"][0] == 809, "maps sized to their table"
-    assert len(maps_before["cur_3"][1]) == 809
-    assert all(len(h) >= 2 for h in before[1].values()), before[1]
+    assert _elements(nft, "map", "cur_3") == _planned_cur(plans[2])
+    assert list(before[1]) == ["l1"], "one chain per listener, none per backend"
+    assert len(before[1]["l1"]) >= 6, before[1]
 
     sent = dp.transactions
-    # Listener 2 gets a fifth backend: a transition (old table, unstable buckets, a new chain).
+    # Listener 2 gets a fifth backend: a transition (unstable buckets, the new backend's counter).
     changed = _plan(2, 409, 5, old=plans[1].current)
     dp.apply([plans[0], changed, plans[2]])
 
     assert dp.transactions == sent + 1, "one change is one transaction"
     assert _handles(nft, 1) == before[1], "listener 1's rules were flushed or re-added"
+    assert _handles(nft, 2) == before[2], "a new backend rewrote listener 2's rules"
     assert _handles(nft, 3) == before[3], "listener 3's rules were flushed or re-added"
     assert {name: _map(nft, name) for name in ("cur_1", "cur_3")} == maps_before
-    after_2 = _handles(nft, 2)
-    assert "b2_10_2_0_5" not in before[2]
-    assert "b2_10_2_0_5" in after_2, "the new backend's chain is in"
-    size, old_elements = _map(nft, "old_2")
-    assert size == 409
-    assert len(old_elements) == 409, "listener 2's old table is loaded"
+    assert _elements(nft, "map", "cur_2") == _planned_cur(changed)
+    assert _elements(nft, "map", "cnt_2")["02:00:00:02:00:05"] == "cb2_10_2_0_5"
+    assert sorted(_elements(nft, "set", "unstable_2")) == changed.unstable.tolist()
 
-    # A backend removed from listener 2: its chain goes, the listener's other chains keep their
-    # rules (a removal, a drain or a weight change writes elements only).
+    # A backend removed from listener 2: its counter and its counter element go, no rule moves.
     shrunk = _plan(2, 409, 4, old=changed.current)
     dp.apply([plans[0], shrunk, plans[2]])
-    after_removal = _handles(nft, 2)
-    assert "b2_10_2_0_5" not in after_removal
-    assert after_removal == {k: v for k, v in after_2.items() if k != "b2_10_2_0_5"}
-    changed = shrunk
-    after_2 = after_removal
+    assert _handles(nft, 2) == before[2]
+    assert _elements(nft, "map", "cur_2") == _planned_cur(shrunk)
+    assert "02:00:00:02:00:05" not in _elements(nft, "map", "cnt_2")
+    assert ("counter", "cb2_10_2_0_5") not in _objects(nft)
 
-    # Removing listener 1 touches neither 2 nor 3.
-    after_3 = _handles(nft, 3)
-    dp.apply([changed, plans[2]])
-    assert _handles(nft, 3) == after_3
-    assert _handles(nft, 2) == after_2
-    assert _handles(nft, 1) == {}, "listener 1's chains are gone"
+    # Removing listener 1 touches neither 2 nor 3, and leaves nothing of it behind.
+    dp.apply([shrunk, plans[2]])
+    assert _handles(nft, 3) == before[3]
+    assert _handles(nft, 2) == before[2]
+    assert _handles(nft, 1) == {}, "listener 1's chain is gone"
+    mine = {"l1", "cur_1", "unstable_1", "pinok_1", "cnt_1", "pinned1", "slow1", "newflows1"}
+    assert [o for o in _objects(nft) if o[1] in mine or o[1].startswith("cb1_")] == []
 
 
 def _in_netns(netns: str, work):
@@ -158,98 +182,141 @@ def _in_netns(netns: str, work):
 
 
 @pytest.mark.lab
-def test_element_only_changes_go_as_netlink_messages_and_land_exactly(netns):
-    """The daemon's driver (libnftables + the netlink element writer): a drain is written without
-    libnftables, in one transaction, and the kernel then holds exactly the planned buckets; no
-    rule of any listener is rewritten."""
+def test_backend_changes_go_as_netlink_messages_and_land_exactly(netns):
+    """The daemon's driver (libnftables for rules, netlink for the rest): a whole load, a drain,
+    a new backend and a removed listener; after each the kernel holds exactly the plan, and
+    only the load wrote rules."""
     cli = NamespaceNft(netns)
-    plans = [_plan(1, 409, 8), _plan(2, 409, 8)]
-    dp = _in_netns(netns, lambda: NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nflog_group=5))
+    plans = [_plan(1, 409, 8), _plan(2, 409, 8), _plan(3, 409, 8)]
+    # Chunks of one listener and batches of 500 elements: the load's rules go in three
+    # libnftables transactions while the sender thread writes the elements behind them.
+    dp = _in_netns(netns, lambda: NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nflog_group=5,
+                                               batch_elements=500, batch_listeners=1))
     _in_netns(netns, lambda: dp.apply(plans))
-    before = {lid: _handles(cli, lid) for lid in (1, 2)}
+    assert dp.netlink_transactions >= 3, "the load's elements went in bounded batches"
+    assert dp.transactions - dp.netlink_transactions >= 3, "the rules went in chunks"
+    for plan in plans:
+        assert _elements(cli, "map", f"cur_{plan.listener_id}") == _planned_cur(plan)
+    before = {lid: _handles(cli, lid) for lid in (1, 2, 3)}
     drained = _plan(2, 409, 7, old=plans[1].current)
     # The drained backend stays in the plan (its connections drain): same backends, new tables.
     drained = ListenerPlan(2, drained.vip, "tcp", 80, plans[1].backends, drained.current, drained.old,
                            drained.unstable, pin_timeout_s=60,
                            pin_macs=tuple(m for _, m in plans[1].backends[:7]))
     sent, by_netlink = dp.transactions, dp.netlink_transactions
-    _in_netns(netns, lambda: dp.apply([plans[0], drained]))
+    _in_netns(netns, lambda: dp.apply([plans[0], drained, plans[2]]))
     assert dp.transactions == sent + 1
     assert dp.netlink_transactions == by_netlink + 1, "the drain went through libnftables"
-    assert {lid: _handles(cli, lid) for lid in (1, 2)} == before
-    listing = json.loads(cli.run("list map netdev lbagent cur_2", json_output=True))
-    elems = next(item["map"] for item in listing["nftables"] if "map" in item)["elem"]
-    kernel = {int(key): value["jump"]["target"] for key, value in elems}
-    planned = {b: f"b2_{plans[1].backends[i][0].replace('.', '_')}" for b, i in enumerate(drained.current)}
-    assert kernel == planned
-    listing = json.loads(cli.run("list set netdev lbagent unstable_2", json_output=True))
-    unstable = next(item["set"] for item in listing["nftables"] if "set" in item).get("elem", [])
-    assert sorted(unstable) == sorted(drained.unstable.tolist())
+    assert {lid: _handles(cli, lid) for lid in (1, 2, 3)} == before
+    assert _elements(cli, "map", "cur_2") == _planned_cur(drained)
+    unstable = sorted(_elements(cli, "set", "unstable_2"))
+    assert unstable == sorted(drained.unstable.tolist())
     assert len(unstable) > 0
-    listing = json.loads(cli.run("list set netdev lbagent pinok_2", json_output=True))
-    pinok = next(item["set"] for item in listing["nftables"] if "set" in item)["elem"]
-    assert sorted(pinok) == sorted(drained.pin_macs)
+    assert sorted(_elements(cli, "set", "pinok_2")) == sorted(drained.pin_macs)
+
+    grown = _plan(3, 409, 9, old=plans[2].current)
+    sent, by_netlink = dp.transactions, dp.netlink_transactions
+    _in_netns(netns, lambda: dp.apply([plans[0], drained, grown]))
+    assert (dp.transactions, dp.netlink_transactions) == (sent + 1, by_netlink + 1)
+    assert _elements(cli, "map", "cur_3") == _planned_cur(grown)
+    assert _elements(cli, "map", "cnt_3") == {mac: f"cb3_{a.replace('.', '_')}" for a, mac in grown.backends}
+
+    sent, by_netlink = dp.transactions, dp.netlink_transactions
+    _in_netns(netns, lambda: dp.apply([drained, grown]))
+    assert (dp.transactions, dp.netlink_transactions) == (sent + 1, by_netlink + 1), "a removal is netlink"
+    assert _handles(cli, 1) == {}
+    dispatch = _elements(cli, "map", "dispatch")
+    assert sorted(v["jump"]["target"] for v in dispatch.values()) == ["l2", "l3"]
 
 
 @pytest.mark.lab
 def test_a_restarted_driver_recreates_maps_of_another_size(netns):
-    """A daemon restarted with another table size for a listener (a new backend_cap, or maps an
-    older daemon declared with 131,072 elements) recreates that listener's maps with the new
-    size in its first transaction and leaves the other listener's maps as they were."""
+    """A daemon restarted with another table size for a listener (a new backend_cap) recreates
+    that listener's maps with the new size in its first transaction and leaves the other
+    listener's maps as they were."""
     nft = NamespaceNft(netns)
     NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft).apply([_plan(1, 409, 4), _plan(2, 409, 4)])
     kept = _map(nft, "cur_2")
     restarted = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft)
     restarted.apply([_plan(1, 809, 4), _plan(2, 409, 4)])
-    size, elements = _map(nft, "cur_1")
-    assert size == 809
-    assert len(elements) == 809
-    listing = json.loads(nft.run("list set netdev lbagent unstable_1", json_output=True))
-    assert next(item["set"] for item in listing["nftables"] if "set" in item)["size"] == 809
+    assert _map(nft, "cur_1")[0] == 809
+    assert _elements(nft, "map", "cur_1") == _planned_cur(_plan(1, 809, 4))
     assert _map(nft, "cur_2") == kept
+
+
+@pytest.mark.lab
+def test_an_older_daemons_table_format_is_replaced_at_the_first_apply(netns):
+    """A mux upgraded from the per-backend-chain format (a `cur_` verdict map jumping to one
+    chain per backend, an `old_` map): the first apply of the new driver leaves exactly the new
+    format, with every bucket planned, and keeps the pins."""
+    nft = NamespaceNft(netns)
+    t = "netdev lbagent"
+    old = [f"add table {t}",
+           f"add map {t} pins_tcp {{ type ipv4_addr . ipv4_addr . inet_service . inet_service : ether_addr; "
+           "size 1048576; flags timeout; }",
+           f"add element {t} pins_tcp {{ 10.9.9.9 . 203.0.113.1 . 40000 . 80 timeout 600s "
+           ": 02:00:00:01:00:01 }",
+           f"add map {t} cur_1 {{ type mark : verdict; size 131072; }}",
+           f"add map {t} old_1 {{ type mark : verdict; size 131072; }}",
+           f"add set {t} unstable_1 {{ type mark; size 131072; }}",
+           f"add counter {t} cb1_10_1_0_1", f"add counter {t} newflows1",
+           f"add chain {t} b1_10_1_0_1",
+           f"add rule {t} b1_10_1_0_1 meta mark @unstable_1 counter name newflows1",
+           f"add rule {t} b1_10_1_0_1 counter name cb1_10_1_0_1 ether daddr set 02:00:00:01:00:01 "
+           'fwd to "eth0"',
+           f"add chain {t} l1", f"add rule {t} l1 meta mark vmap @cur_1",
+           f"add element {t} cur_1 {{ 0 : jump b1_10_1_0_1 }}"]
+    nft.run("\n".join(old) + "\n")
+    plan = _plan(1, 409, 4)
+    NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft, nflog_group=5).apply([plan])
+    objects = _objects(nft)
+    assert ("chain", "b1_10_1_0_1") not in objects
+    assert ("map", "old_1") not in objects
+    assert _map(nft, "cur_1")[0] == 409
+    assert _elements(nft, "map", "cur_1") == _planned_cur(plan)
+    assert len(_elements(nft, "map", "pins_tcp")) == 1, "the pins survive the upgrade"
 
 
 @pytest.mark.lab
 def test_a_refused_netlink_batch_names_the_set_and_applies_nothing(netns):
     """One batch is one transaction: a delete of a missing element fails the whole batch (the
     add before it is rolled back) with an error naming the set; a 65,537-bucket transition (over
-    300 messages) is acknowledged without overflowing the socket."""
+    60 messages) is acknowledged without overflowing the socket."""
     cli = NamespaceNft(netns)
     size = 65537
     first = _plan(1, size, 8)
+    drained = ListenerPlan(1, first.vip, "tcp", 80, first.backends, _plan(1, size, 7).current,
+                           first.current, np.flatnonzero(_plan(1, size, 7).current != first.current),
+                           pin_timeout_s=60)
 
     def work() -> str:
         dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nflog_group=5)
         dp.apply([first])
-        drained = ListenerPlan(1, first.vip, "tcp", 80, first.backends, _plan(1, size, 7).current,
-                               first.current, np.flatnonzero(_plan(1, size, 7).current != first.current),
-                               pin_timeout_s=60)
+        sent = dp.netlink_transactions
         dp.apply([drained])
-        assert dp.netlink_transactions == 1
-        bad = NetlinkElements.parse("add element netdev lbagent unstable_1 { 70001 }\n"
-                                    "delete element netdev lbagent unstable_1 { 70000 }\n")
-        with pytest.raises(NftError, match="delete elements of unstable_1: No such file") as excinfo:
-            NetlinkElements().run(bad)
+        assert dp.netlink_transactions == sent + 1
+        bad = [Op("add", "unstable_1", np.array([70001])), Op("delete", "unstable_1", np.array([70000]))]
+        with pytest.raises(NetlinkError, match="delete elements of unstable_1: No such file") as excinfo:
+            NetlinkElements().run("lbagent", bad)
         return str(excinfo.value)
 
     _in_netns(netns, work)
-    listing = json.loads(cli.run("list map netdev lbagent old_1", json_output=True))
-    assert len(next(item["map"] for item in listing["nftables"] if "map" in item)["elem"]) == size
-    listing = json.loads(cli.run("list set netdev lbagent unstable_1", json_output=True))
-    assert 70001 not in next(item["set"] for item in listing["nftables"] if "set" in item).get("elem", [])
+    assert _elements(cli, "map", "cur_1") == _planned_cur(drained)
+    assert 70001 not in _elements(cli, "set", "unstable_1")
 
 
 @pytest.mark.lab
 def test_a_new_table_size_recreates_the_maps_in_one_transaction(netns):
     """The same driver, a listener's table size changed (its backend cap grew) and a backend
-    gone: its maps are recreated with the new size, the gone backend's chain is deleted."""
+    gone: its map is recreated with the new size, the gone backend's counter is deleted."""
     nft = NamespaceNft(netns)
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft)
     dp.apply([_plan(1, 409, 5)])
     sent = dp.transactions
     dp.apply([_plan(1, 809, 4)])
     assert dp.transactions == sent + 1
-    size, elements = _map(nft, "cur_1")
+    size, _ = _map(nft, "cur_1")
     assert size == 809
-    assert len(elements) == 809
-    assert "b1_10_1_0_5" not in _handles(nft, 1)
+    assert _elements(nft, "map", "cur_1") == _planned_cur(_plan(1, 809, 4))
+    assert ("counter", "cb1_10_1_0_5") not in _objects(nft)
+    assert "02:00:00:01:00:05" not in _elements(nft, "map", "cnt_1")

@@ -39,10 +39,30 @@ def test_first_apply_is_one_transaction_with_seed_and_full_tables():
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=24301, table_size=11, nft=nft)
     dp.apply([_plan(np.array([0, 1] * 5 + [0], dtype=np.int32))])
     tx = nft.sent[-1]
+    assert dp.transactions == 1
     assert "mod 11 seed 0x5eed" in tx
-    assert "add element netdev lbagent cur_7 { 0 : jump b7_10_0_0_1, 1 : jump b7_10_0_0_2," in tx
-    assert 'ether daddr set 02:00:00:00:00:02 fwd to "eth0"' in tx
+    assert "add element netdev lbagent cur_7 { 0 : 02:00:00:00:00:01, 1 : 02:00:00:00:00:02," in tx
+    assert 'add element netdev lbagent cnt_7 { 02:00:00:00:00:01 : "cb7_10_0_0_1", ' in tx
+    assert "add counter netdev lbagent cb7_10_0_0_2" in tx
+    assert ("ether daddr set meta mark map @cur_7 counter name ether daddr map @cnt_7 "
+            'ether saddr set 02:aa:00:00:00:01 fwd to "eth0"') in tx
     assert "203.0.113.10 . tcp . 80 : jump l7" in tx
+
+
+def test_no_rule_names_a_backend_and_only_dispatch_holds_verdicts():
+    """The table format: backends are map elements (bucket -> MAC, MAC -> counter), never
+    chains or rules, so a backend change cannot need a rule; `dispatch` is the only verdict map
+    (no jump graph behind `cur_` for the kernel to re-validate)."""
+    nft = RecordingNft()
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, table_size=11, nft=nft, nflog_group=9)
+    dp.apply([_plan(np.array([0, 1] * 5 + [0], dtype=np.int32))])
+    lines = nft.sent[-1].splitlines()
+    assert [ln for ln in lines if "02:00:00:00:00:0" in ln and ln.startswith("add rule")] == []
+    assert [ln for ln in lines if ln.startswith("add chain")] == [
+        'add chain netdev lbagent ingress { type filter hook ingress device "eth0" priority 0; '
+        "policy accept; }", "add chain netdev lbagent l7"]
+    verdict_maps = [ln for ln in lines if ln.startswith("add map") and ": verdict" in ln]
+    assert [ln.split()[4] for ln in verdict_maps] == ["dispatch"]
 
 
 def test_second_apply_sends_only_changed_buckets():
@@ -55,8 +75,52 @@ def test_second_apply_sends_only_changed_buckets():
     dp.apply([_plan(after, old=before)])
     tx = nft.sent[-1]
     assert "delete element netdev lbagent cur_7 { 3, 9 }" in tx
-    assert "add element netdev lbagent cur_7 { 3 : jump b7_10_0_0_2, 9 : jump b7_10_0_0_2 }" in tx
+    assert "add element netdev lbagent cur_7 { 3 : 02:00:00:00:00:02, 9 : 02:00:00:00:00:02 }" in tx
     assert "add element netdev lbagent unstable_7 { 3, 9 }" in tx
+    assert "add rule" not in tx
+
+
+class RecordingElements:
+    """Stands in for the netlink writer only to capture what a change sends (no kernel here;
+    tests/lab/test_incremental.py sends the same to a real one)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def run(self, table: str, ops) -> None:
+        self.batches.append([op.text(f"netdev {table}") for op in ops])
+
+
+def test_adding_draining_and_removing_a_backend_send_no_rule():
+    """With the netlink writer, a backend added (its counter, its MAC's counter element, its
+    buckets), drained and removed is one element batch each and no libnftables transaction."""
+    nft, elements = RecordingNft(), RecordingElements()
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, nft=nft, elements=elements, nflog_group=9)
+    two = (("10.0.0.1", "02:00:00:00:00:01"), ("10.0.0.2", "02:00:00:00:00:02"))
+    three = (*two, ("10.0.0.3", "02:00:00:00:00:03"))
+    first = np.array([0, 1] * 5 + [0], dtype=np.int32)
+    dp.apply([ListenerPlan(7, "203.0.113.10", "tcp", 80, two, first)])
+    text_sent, batches = len(nft.sent), len(elements.batches)
+    grown = first.copy()
+    grown[[2, 5]] = 2
+    dp.apply([ListenerPlan(7, "203.0.113.10", "tcp", 80, three, grown, first, np.array([2, 5]),
+                           pin_macs=tuple(m for _, m in three))])
+    assert len(nft.sent) == text_sent, "adding a backend went through libnftables"
+    assert len(elements.batches) == batches + 1
+    batch = elements.batches[-1]
+    assert batch.index("add counter netdev lbagent cb7_10_0_0_3") < batch.index(
+        'add element netdev lbagent cnt_7 { 02:00:00:00:00:03 : "cb7_10_0_0_3" }')
+    assert "delete element netdev lbagent cur_7 { 2, 5 }" in batch
+    assert "add element netdev lbagent cur_7 { 2 : 02:00:00:00:00:03, 5 : 02:00:00:00:00:03 }" in batch
+    assert "add element netdev lbagent unstable_7 { 2, 5 }" in batch
+    # The third backend removed (its deadline passed): its buckets, its counter element, then
+    # its counter (an element references it), in one batch.
+    dp.apply([ListenerPlan(7, "203.0.113.10", "tcp", 80, two, first)])
+    assert len(nft.sent) == text_sent
+    batch = elements.batches[-1]
+    assert batch.index("delete element netdev lbagent cnt_7 { 02:00:00:00:00:03 }") < batch.index(
+        "delete counter netdev lbagent cb7_10_0_0_3")
+    assert "add element netdev lbagent cur_7 { 2 : 02:00:00:00:00:01, 5 : 02:00:00:00:00:02 }" in batch
 
 
 def test_bad_plans_are_refused_with_the_reason():
@@ -65,10 +129,13 @@ def test_bad_plans_are_refused_with_the_reason():
         ListenerPlan(7, "203.0.113.10", "tcp", 80, (), np.zeros(11, dtype=np.int32),
                      np.zeros(5, dtype=np.int32), np.array([], dtype=np.int64))
     other = ListenerPlan(8, "203.0.113.10", "tcp", 80, (), np.zeros(11, dtype=np.int32))
-    with pytest.raises(ValueError, match="share one address"):
+    with pytest.raises(ValueError, match=r"share address, protocol and port 203\.0\.113\.10 tcp 80"):
         dp.apply([_plan(np.zeros(11, dtype=np.int32)), other])
     with pytest.raises(ValueError, match="protocol 'sctp'"):
         ListenerPlan(1, "203.0.113.1", "sctp", 80, (), np.zeros(11, dtype=np.int32))
+    with pytest.raises(ValueError, match=r"backend 10\.0\.0\.9 has MAC '02:00:00:00:00'"):
+        ListenerPlan(1, "203.0.113.1", "tcp", 80, (("10.0.0.9", "02:00:00:00:00"),),
+                     np.zeros(11, dtype=np.int32))
     with pytest.raises(ValueError, match="seed"):
         NftDataplane("eth0", "02:aa:00:00:00:01", seed=2**32, table_size=11, nft=RecordingNft())
 
@@ -105,9 +172,9 @@ def test_metrics_text_round_trips():
 
 
 def test_syns_of_unstable_buckets_are_pinned_logged_and_forwarded_by_the_kernel():
-    """Rule 3's SYN case compiled: in each backend chain, before the forwarding rule, a SYN of an
-    unstable bucket is pinned to that backend, reported to nfnetlink_log and counted; the listener
-    chain sends only non-SYN unknown packets up to NFQUEUE. UDP (no SYN) keeps queueing all."""
+    """Rule 3's SYN case compiled: in the listener chain, a SYN of an unstable bucket takes the
+    current table's backend MAC, is reported to nfnetlink_log, pinned to that MAC and counted;
+    only non-SYN unknown packets go up to NFQUEUE. UDP (no SYN) keeps queueing all."""
     nft = RecordingNft()
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=24301, table_size=11, nft=nft, nflog_group=9)
     current = np.array([0, 1] * 5 + [0], dtype=np.int32)
@@ -120,18 +187,18 @@ def test_syns_of_unstable_buckets_are_pinned_logged_and_forwarded_by_the_kernel(
     def chain(name: str) -> list[str]:
         return [ln for ln in lines if ln.startswith(f"add rule netdev lbagent {name} ")]
 
-    for address, mac in (("10_0_0_1", "02:00:00:00:00:01"), ("10_0_0_2", "02:00:00:00:00:02")):
-        syn, fwd = chain(f"b7_{address}")
-        assert "meta mark @unstable_7 tcp flags & (syn | ack) == syn" in syn
-        assert f"add @pins_tcp {{ ip saddr . ip daddr . th sport . th dport timeout 125s : {mac} }}" in syn
-        assert "log group 9 snaplen 40 add @pins_tcp" in syn, "report first: a full pin map must not lose it"
-        assert syn.endswith("counter name newflows7")
-        assert fwd.endswith(f'ether daddr set {mac} fwd to "eth0"')
     listener = chain("l7")
+    syn = next(i for i, ln in enumerate(listener) if "== syn" in ln)
+    assert ("meta mark @unstable_7 tcp flags & (syn | ack) == syn ether daddr set meta mark map @cur_7 "
+            "log group 9 snaplen 40 add @pins_tcp { ip saddr . ip daddr . th sport . th dport timeout 125s "
+            ": ether daddr } counter name newflows7") in listener[syn], "report first: never lost"
     slow = next(i for i, ln in enumerate(listener) if "counter name slow7 accept" in ln)
     assert "meta mark @unstable_7 tcp flags & (syn | ack) != syn" in listener[slow]
-    assert slow < next(i for i, ln in enumerate(listener) if "vmap @cur_7" in ln)
-    assert [ln for ln in chain("b8_10_0_0_1") if "@pins_" in ln] == [], "UDP has no SYN rule"
+    forward = next(i for i, ln in enumerate(listener) if "map @cnt_7" in ln)
+    assert syn < forward
+    assert slow < forward
+    assert listener[-1].endswith("l7 drop"), "a bucket without a backend is dropped"
+    assert [ln for ln in chain("l8") if "== syn" in ln] == [], "UDP has no SYN rule"
     assert any(ln.endswith("meta mark @unstable_8 counter name slow8 accept") for ln in chain("l8"))
 
 
@@ -150,28 +217,27 @@ def test_pins_are_renewed_by_their_flow_and_forward_only_to_alive_backends():
     assert ("ether daddr @pinok_7 update @pins_tcp { ip saddr . ip daddr . th sport . th dport timeout "
             "7440s : ether daddr }") in listener[pin]
     assert listener[pin + 1].endswith("ether daddr set 02:aa:00:00:00:01"), "the mux's MAC is restored"
-    assert "flush set netdev lbagent pinok_7" in lines
     assert "add element netdev lbagent pinok_7 { 02:00:00:00:00:01 }" in lines
     inject = [ln for ln in lines if ln.startswith("add rule netdev lbagent inject ") and "tcp" in ln]
     assert "timeout 7440s : ether daddr" in inject[0]
 
 
 def test_maps_are_sized_to_each_listeners_table():
-    """cur_/old_/unstable_ hold at most one element per bucket: declared with the listener's own
-    table size (and the hash `mod` it), not a fixed 131,072; pinok_ with room for its backends."""
+    """cur_ holds one element per bucket: declared with the listener's own table size (and the
+    hash `mod` it), not a fixed 131,072; the sets that are empty or small in steady state
+    (unstable_, pinok_, cnt_) have no size: they grow only when a transition fills them."""
     nft = RecordingNft()
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, nft=nft)
     small = ListenerPlan(3, "203.0.113.3", "udp", 53, (("10.0.0.1", "02:00:00:00:00:01"),),
                          np.zeros(6421, dtype=np.int32))
     dp.apply([_plan(np.zeros(11, dtype=np.int32)), small])
     lines = nft.sent[-1].splitlines()
-    assert "add map netdev lbagent cur_7 { type mark : verdict; size 11; }" in lines
-    assert "add map netdev lbagent old_7 { type mark : verdict; size 11; }" in lines
-    assert "add set netdev lbagent unstable_7 { type mark; size 11; }" in lines
-    assert "add set netdev lbagent pinok_7 { type ether_addr; size 64; }" in lines
-    assert "add map netdev lbagent cur_3 { type mark : verdict; size 6421; }" in lines
-    assert "add set netdev lbagent unstable_3 { type mark; size 6421; }" in lines
-    assert "add set netdev lbagent pinok_3 { type ether_addr; size 256; }" in lines
+    assert "add map netdev lbagent cur_7 { type mark : ether_addr; size 11; }" in lines
+    assert "add set netdev lbagent unstable_7 { type mark; }" in lines
+    assert "add set netdev lbagent pinok_7 { type ether_addr; }" in lines
+    assert "add map netdev lbagent cnt_7 { type ether_addr : counter; }" in lines
+    assert "add map netdev lbagent cur_3 { type mark : ether_addr; size 6421; }" in lines
+    assert not [ln for ln in lines if "old_" in ln], "no rule reads an old table: the kernel holds none"
     hashes = {ln.split()[4]: ln for ln in lines if "jhash" in ln}
     assert hashes["l3"].endswith("mod 6421 seed 0x1")
     assert hashes["l7"].endswith("mod 11 seed 0x1")
@@ -198,6 +264,6 @@ def test_a_change_sends_only_that_listeners_changes():
     for lid in range(20, 30):
         assert f"l{lid} " not in tx, tx
         assert f"_{lid} " not in tx, tx
-        assert f"b{lid}_" not in tx, tx
+        assert f"cb{lid}_" not in tx, tx
     assert "flush chain netdev lbagent ingress" not in tx, "the dispatch rule is not rebuilt"
     assert "dispatch" not in tx, "no listener was added or removed"

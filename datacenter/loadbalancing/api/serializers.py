@@ -9,6 +9,9 @@ from datacenter.api.serializers import BaseModelSerializer, url_field
 from datacenter.tenancy.scoping import restrict, tenants_for
 
 from ..choices import (
+    BACKEND_CAP_MAX,
+    BACKEND_CAP_MIN,
+    BACKEND_CAP_RANGE,
     BACKEND_WEIGHT_MAX,
     BACKEND_WEIGHT_MIN,
     FLOW_IDLE_TIMEOUT_MAX_S,
@@ -118,6 +121,22 @@ class ListenerSerializer(BaseModelSerializer):
         ),
     )
 
+    backend_cap = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        min_value=BACKEND_CAP_MIN,
+        max_value=BACKEND_CAP_MAX,
+        error_messages={
+            key: f"Not a backend cap: {BACKEND_CAP_RANGE}."
+            for key in ("invalid", "min_value", "max_value", "max_string_length")
+        },
+        help_text=(
+            f"Most backends this listener may get ({BACKEND_CAP_MIN} to {BACKEND_CAP_MAX}); the muxes size "
+            "its table to the smallest prime above 100 x the cap (6,421 buckets for 64), at most the "
+            "cluster's table size. Null: the cluster's table size."
+        ),
+    )
+
     class Meta:
         model = Listener
         fields = [
@@ -132,6 +151,7 @@ class ListenerSerializer(BaseModelSerializer):
             "fast_path",
             "health_check",
             "flow_idle_timeout_s",
+            "backend_cap",
             "generation",
             "provisioning_status",
             "operating_status",
