@@ -25,6 +25,12 @@ def hold_file(point: str) -> Path | None:
     return Path(directory) / f"hold-{point}" if directory else None
 
 
+def armed(point: str) -> bool:
+    """Whether a hold at `point` is asked for now (always False in production: no directory set)."""
+    flag = hold_file(point)
+    return flag is not None and flag.exists()
+
+
 def hold(point: str, announce: Callable[[str], None], check: Callable[[], None]) -> None:
     """Wait while the hold file of `point` exists; `check` raises to end the wait (cancel, lease lost)."""
     flag = hold_file(point)
