@@ -333,7 +333,9 @@ def _clean_up_lost_run(job: ConversionJob, stage: JobStage) -> None:
         if resources.get("verify_domain"):
             try:
                 with _libvirt(job) as conn:
-                    problems = _remove_verify_domain(job, conn, resources["verify_domain"])
+                    problems = _remove_verify_domain(
+                        job, conn, resources["verify_domain"], "lost run clean-up"
+                    )
             except ConversionError as exc:
                 problems = [str(exc)]
             if problems:
@@ -342,6 +344,9 @@ def _clean_up_lost_run(job: ConversionJob, stage: JobStage) -> None:
             problems = isolation.remove(resources["isolation"])
             if problems:
                 raise ConversionError("cannot remove the lost run's isolated network: " + "; ".join(problems))
+            log(
+                job, f"lost run clean-up: isolated network {resources['isolation']} removed", LogLevel.WARNING
+            )
     if stage in (JobStage.ADJUST, JobStage.VERIFY):
         for note in release_volumes(job):
             log(job, f"lost run clean-up: {note}", LogLevel.WARNING)
@@ -1151,7 +1156,9 @@ def _remove_domain(job: ConversionJob, conn: libvirt.virConnect, info: dict) -> 
     return []
 
 
-def _remove_verify_domain(job: ConversionJob, conn: libvirt.virConnect, name: str) -> list[str]:
+def _remove_verify_domain(
+    job: ConversionJob, conn: libvirt.virConnect, name: str, why: str = "rollback"
+) -> list[str]:
     """The transient twin the verify stage booted: destroying it removes it."""
     try:
         domain = conn.lookupByName(name)
@@ -1164,7 +1171,7 @@ def _remove_verify_domain(job: ConversionJob, conn: libvirt.virConnect, name: st
             domain.destroy()
     except libvirt.libvirtError as exc:
         return [f"could not stop the verification domain {name}: {exc.get_error_message()}"]
-    log(job, f"rollback: verification domain {name} stopped")
+    log(job, f"{why}: verification domain {name} stopped")
     return []
 
 
