@@ -28,15 +28,8 @@ from p2v.conversion.choices import FINISHED_STATES, JobState
 from p2v.conversion.models import ConversionJob, Hypervisor, JobLog
 from p2v.models import ConversionEvent, Machine
 from p2v.services import queue_assessment
-from tests.chaos.p2v_workers import (  # noqa: F401  (fixtures)
-    LEASE_S,
-    Crew,
-    chaos_standin,
-    libvirt_conn,
-    p2v_crew,
-    p2v_pool,
-    p2v_prefix,
-)
+from tests.chaos import p2v_workers
+from tests.chaos.p2v_workers import LEASE_S, Crew
 from tests.p2v_conversion.conftest import MiB, leftovers
 from tests.services import wait_until
 
@@ -47,6 +40,12 @@ pytestmark = [
     pytest.mark.standin,
     pytest.mark.django_db(transaction=True),
 ]
+# The crew's fixtures, used by name below.
+p2v_crew = p2v_workers.p2v_crew
+chaos_standin = p2v_workers.chaos_standin
+libvirt_conn = p2v_workers.libvirt_conn
+p2v_pool = p2v_workers.p2v_pool
+p2v_prefix = p2v_workers.p2v_prefix
 STAGE_TIMEOUT_S = 240  # from the previous event to a stage's hold, under a busy machine
 RESUME_TIMEOUT_S = 120  # lease (8 s) + watchdog period (2 s) + a worker taking the job, with room
 JOB_TIMEOUT_S = 300
