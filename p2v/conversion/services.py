@@ -993,7 +993,9 @@ def verify_stage(job: ConversionJob) -> None:
         finally:
             with contextlib.suppress(libvirt.libvirtError):
                 verify.stop_domain(twin)
-            problems = isolation.remove(prefix)
+            lease = _LEASES.get(job.pk)
+            # A run that lost the job leaves the network (same names) to the run that took it over.
+            problems = isolation.remove(prefix) if lease is None or not lease.lost else []
             if problems:
                 log(job, "isolated network cleanup: " + "; ".join(problems), LogLevel.WARNING)
     log(job, f"proof of life after {result.seconds_to_proof:.1f} s")

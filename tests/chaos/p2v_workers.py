@@ -11,6 +11,7 @@ tag, so workers of other test sessions on the same Redis never take these jobs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import secrets
 import signal
@@ -176,6 +177,25 @@ class Crew:
         self.stop_beat()
         for worker in self.workers:
             worker.stop()
+        self.forget_messages()
+
+    def forget_messages(self) -> None:
+        """Drop what the killed workers left unacknowledged in Redis for this crew's queues (kombu
+        would restore it an hour later, into queues nobody consumes any more), and the queues."""
+        import redis
+        from django.conf import settings
+
+        broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+        ours = {self.hv_queue, self.default_queue}
+        for tag, raw in broker.hgetall("unacked").items():
+            try:
+                routing_key = json.loads(raw)[2]
+            except (ValueError, IndexError):
+                continue
+            if routing_key in ours:
+                broker.hdel("unacked", tag)
+                broker.zrem("unacked_index", tag)
+        broker.delete(*ours)
 
 
 @pytest.fixture(scope="module")
