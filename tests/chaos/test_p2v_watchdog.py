@@ -220,3 +220,23 @@ def test_heartbeat_is_at_most_a_third_of_the_lease():
         assert lease.heartbeat_seconds() == 2.0
     with override_settings(P2V_JOB_LEASE_S=None, P2V_JOB_HEARTBEAT_S=None):
         assert (lease.lease_seconds(), lease.heartbeat_seconds()) == (45.0, 5.0)
+
+
+def test_run_stage_drops_a_stale_message_and_defers_a_duplicate_without_touching_the_job(db):
+    from p2v.conversion import services
+
+    hypervisor = Hypervisor.objects.create(name=f"dup-{secrets.token_hex(3)}", storage_pool="none")
+    job = running_job(hypervisor, expires_in_s=30)
+    before = job.logs.count()
+    assert services.run_stage(job.pk, stage="plan") is False  # the job is at copy: nothing to do
+    with pytest.raises(lease.JobBusy) as busy:
+        services.run_stage(job.pk, stage="copy")  # a live run holds it: the task retries later
+    assert 25 < busy.value.retry_in_s <= 30
+    job.refresh_from_db()
+    assert (job.state, job.stage, job.lease_owner, job.lease_pid) == (
+        JobState.RUNNING,
+        "copy",
+        "p2v-hv-x@host-7",
+        4242,
+    )
+    assert job.logs.count() == before
