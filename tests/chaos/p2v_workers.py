@@ -97,7 +97,8 @@ class Crew:
         )
         return Process(name, process, logfile)
 
-    def start_worker(self) -> Process:
+    def start_worker(self, wait: bool = True) -> Process:
+        """Start one more worker; `wait`: until it is ready (otherwise call wait_ready later)."""
         name = f"p2vchaos-{self.tag}-{len(self.workers) + 1}@{socket.gethostname()}"
         logfile = self.workdir / f"worker-{len(self.workers) + 1}.log"
         worker = self._spawn(
@@ -128,13 +129,19 @@ class Crew:
             logfile,
         )
         self.workers.append(worker)
+        if wait:
+            self.wait_ready(worker)
+        return worker
+
+    def wait_ready(self, worker: Process) -> None:
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
         while " ready." not in worker.log():
             if not worker.alive() or time.monotonic() > deadline:
                 worker.stop()
-                raise RuntimeError(f"celery worker {name} did not become ready: {worker.log()[-2000:]}")
+                raise RuntimeError(
+                    f"celery worker {worker.name} did not become ready: {worker.log()[-2000:]}"
+                )
             time.sleep(0.1)
-        return worker
 
     def start_beat(self) -> Process:
         """Celery beat with only the P2V watchdog's entry of the real schedule (tests/chaos/p2v_beat.py)."""
@@ -246,8 +253,8 @@ def p2v_crew(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[C
     )
     previous_queue = app.conf.task_default_queue
     try:
-        crew.start_worker()
-        crew.start_worker()
+        for worker in [crew.start_worker(wait=False), crew.start_worker(wait=False)]:
+            crew.wait_ready(worker)
         app.conf.task_default_queue = default_queue  # this process's assessments go to the crew
         yield crew
     finally:

@@ -180,7 +180,7 @@ def test_a_job_killed_in_every_stage_resumes_each_time_and_ends_verified(
             assert twin.isActive()
         name, pid = kill_the_holder(p2v_crew, job, point)
         p2v_crew.release(point)
-        p2v_crew.start_worker()  # as a supervisor would; the job does not wait for it
+        p2v_crew.start_worker(wait=False)  # as a supervisor would; the job does not wait for it
         resumed_on = wait_for_resume(job, name, pid, point)
         assert resumed_on != name
         assert any(w.name == resumed_on and w.alive() for w in p2v_crew.workers)
