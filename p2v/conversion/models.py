@@ -104,6 +104,16 @@ class ConversionJob(models.Model):
     copy_state = models.JSONField(default=dict, blank=True, help_text="Per-disk checkpoints and digests.")
     changes = models.JSONField(default=list, blank=True, help_text="Guest changes made by adjust.")
     verification = models.JSONField(default=dict, blank=True, help_text="What the booted guest reported.")
+    # The lease of the run that holds the job (services.JobLease): renewed by a heartbeat while a
+    # stage runs, cleared between stages; an expired one means its worker is gone (watchdog.py).
+    lease_token = models.CharField(max_length=32, blank=True, db_index=True)
+    lease_owner = models.CharField(max_length=200, blank=True, help_text="Celery node name of the holder.")
+    lease_pid = models.PositiveIntegerField(null=True, blank=True, help_text="Process id of the holder.")
+    lease_expires = models.DateTimeField(null=True, blank=True)
+    resumes = models.PositiveSmallIntegerField(default=0, help_text="Times re-queued after a lost worker.")
+    lost_worker = models.CharField(
+        max_length=200, blank=True, help_text="The worker the watchdog found lost, until a run resumes."
+    )
     created = models.DateTimeField(auto_now_add=True)
     started = models.DateTimeField(null=True, blank=True)
     finished = models.DateTimeField(null=True, blank=True)

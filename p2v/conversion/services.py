@@ -16,6 +16,8 @@ import hashlib
 import logging
 import os
 import re
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -34,7 +36,8 @@ from p2v.facts import iter_devices
 
 from . import adjust as adjust_mod
 from . import copy as copy_mod
-from . import domain_xml, isolation, usedblocks, verify, workers
+from . import domain_xml, faults, isolation, usedblocks, verify, workers
+from . import lease as lease_mod
 from .choices import FINISHED_STATES, STAGE_ORDER, JobStage, JobState, LogLevel
 from .libvirt_binding import libvirt
 from .models import ConversionJob, Hypervisor, JobLog
@@ -216,44 +219,137 @@ def save_progress(job: ConversionJob, *fields: str) -> None:
 # --- running ----------------------------------------------------------------------------------------
 
 
-def run_stage(job_id: int) -> bool:
-    """Run the job's current stage; True if another stage should be queued."""
-    job = ConversionJob.objects.select_related("machine", "assessment", "hypervisor").get(pk=job_id)
-    if job.state in FINISHED_STATES:
+# Runs holding a job's lease in this process, by job id: checked wherever the stages already look
+# for a cancel, so a run whose job was given to another worker stops there.
+_LEASES: dict[int, lease_mod.JobLease] = {}
+
+
+def run_stage(
+    job_id: int,
+    *,
+    stage: str | None = None,
+    holder: lease_mod.Holder | None = None,
+    handoff: str = "",
+    enqueue_next: Callable[[str, str], None] | None = None,
+) -> bool:
+    """Run the job's current stage under its lease; True if another stage should be queued.
+
+    `stage` is the stage the message was sent for (a stale message is dropped), `handoff` the lease
+    token the previous stage passed on. With `enqueue_next(stage, token)`, the next stage is queued
+    while this run still holds the lease, so no moment exists where the job is running, unleased
+    and unqueued. Raises lease_mod.JobBusy when a live run holds the job (the caller retries later).
+    """
+    holder = holder or lease_mod.Holder.here()
+    claimed = lease_mod.claim(job_id, holder, stage, handoff)
+    if claimed.lease is None:
+        if claimed.busy_for_s > 0:
+            raise lease_mod.JobBusy(claimed.why, claimed.busy_for_s)
+        logger.info("p2v job %s: message dropped: %s", job_id, claimed.why)
         return False
+    lease = claimed.lease
+    _LEASES[job_id] = lease
+    lease.start_heartbeat()
+    try:
+        return _run_leased_stage(job_id, lease, claimed.lost_worker, enqueue_next)
+    except lease_mod.LeaseLost:
+        job = ConversionJob.objects.get(pk=job_id)
+        log(job, f"the run on {holder} stops: the job was given to another worker", LogLevel.WARNING)
+        return False
+    finally:
+        _LEASES.pop(job_id, None)
+        lease.release()
+
+
+def _run_leased_stage(
+    job_id: int,
+    lease: lease_mod.JobLease,
+    lost_worker: str,
+    enqueue_next: Callable[[str, str], None] | None,
+) -> bool:
+    job = ConversionJob.objects.select_related("machine", "assessment", "hypervisor").get(pk=job_id)
     if job.cancel_requested:
         _finish_with_rollback(job, JobState.CANCELLED, "cancelled by an admin")
         return False
     if job.state == JobState.QUEUED:
-        job.state, job.started = JobState.RUNNING, timezone.now()
+        job.state, job.started = JobState.RUNNING, job.started or timezone.now()
         save_progress(job, "state", "started")
     stage = JobStage(job.stage)
     if stage == JobStage.DONE:
         return False
-    log(job, f"stage {stage.label} started")
+    if lost_worker:
+        log(
+            job,
+            f"worker {lost_worker} lost during {stage.value}; resumed on {lease.holder}",
+            LogLevel.WARNING,
+        )
+    log(job, f"stage {stage.label} started on {lease.holder}")
     started = time.monotonic()
     try:
+        if lost_worker:
+            _clean_up_lost_run(job, stage)
         STAGES[stage](job)
+        lease.check()
+    except lease_mod.LeaseLost:
+        raise
     except JobCancelled:
+        if lease.lost:  # the verify stage reports a taken-over lease as a stop request
+            raise lease_mod.LeaseLost(f"conversion #{job.pk}") from None
         _finish_with_rollback(job, JobState.CANCELLED, "cancelled by an admin")
         return False
     except Exception as exc:  # every failure ends the job with its reason and a rollback
+        if lease.lost:  # failed because another worker took over (its rollback is not ours to do)
+            raise lease_mod.LeaseLost(f"conversion #{job.pk}") from exc
         reason = f"{stage.label} failed: {exc}"
         logger.exception("p2v job %s: %s", job.pk, reason)
         _finish_with_rollback(job, JobState.FAILED, reason)
         return False
     next_stage = STAGE_ORDER[STAGE_ORDER.index(stage) + 1]
-    log(job, f"stage {stage.label} finished in {time.monotonic() - started:.1f} s")
-    job.stage = next_stage
-    job.percent = 0.0
-    if next_stage == JobStage.DONE:
-        job.state, job.percent, job.finished = JobState.SUCCEEDED, 100.0, timezone.now()
-        save_progress(job, "stage", "state", "percent", "finished")
-        _event_follows(job)
-        log(job, "conversion finished: the VM boots and matches the assessment")
-        return False
-    save_progress(job, "stage", "percent")
+    with transaction.atomic():
+        if not lease.still_held():
+            raise lease_mod.LeaseLost(f"conversion #{job.pk}")
+        log(job, f"stage {stage.label} finished in {time.monotonic() - started:.1f} s")
+        job.stage = next_stage
+        job.percent = 0.0
+        if next_stage == JobStage.DONE:
+            job.state, job.percent, job.finished = JobState.SUCCEEDED, 100.0, timezone.now()
+            save_progress(job, "stage", "state", "percent", "finished")
+            _event_follows(job)
+            log(job, "conversion finished: the VM boots and matches the assessment")
+            return False
+        save_progress(job, "stage", "percent")
+    if enqueue_next is not None:
+        enqueue_next(next_stage, lease.hand_over())
     return True
+
+
+def _clean_up_lost_run(job: ConversionJob, stage: JobStage) -> None:
+    """What a killed worker left mid-stage that would stand in the re-run's way. The copy resumes at
+    its last checkpoint and build redefines the same domain, so they need nothing; adjust must not
+    share the volumes with the dead run's e2fsck or debugfs; verify boots a new twin on a new
+    isolated network, so the old ones go first (the twin through libvirt, before anything else
+    holding the volumes is killed)."""
+    resources = job.resources or {}
+    if stage == JobStage.VERIFY:
+        if resources.get("verify_domain"):
+            try:
+                with _libvirt(job) as conn:
+                    problems = _remove_verify_domain(
+                        job, conn, resources["verify_domain"], "lost run clean-up"
+                    )
+            except ConversionError as exc:
+                problems = [str(exc)]
+            if problems:
+                raise ConversionError("cannot clean up the lost run's verification: " + "; ".join(problems))
+        if resources.get("isolation"):
+            problems = isolation.remove(resources["isolation"])
+            if problems:
+                raise ConversionError("cannot remove the lost run's isolated network: " + "; ".join(problems))
+            log(
+                job, f"lost run clean-up: isolated network {resources['isolation']} removed", LogLevel.WARNING
+            )
+    if stage in (JobStage.ADJUST, JobStage.VERIFY):
+        for note in release_volumes(job):
+            log(job, f"lost run clean-up: {note}", LogLevel.WARNING)
 
 
 def _finish_with_rollback(job: ConversionJob, state: str, reason: str) -> None:
@@ -262,7 +358,10 @@ def _finish_with_rollback(job: ConversionJob, state: str, reason: str) -> None:
     problems = rollback(job)
     job.state, job.finished = state, timezone.now()
     job.error = reason + (f" (rollback problems: {'; '.join(problems)})" if problems else "")
-    save_progress(job, "state", "finished", "error")
+    job.lease_token, job.lease_owner, job.lease_pid, job.lease_expires = "", "", None, None
+    save_progress(
+        job, "state", "finished", "error", "lease_token", "lease_owner", "lease_pid", "lease_expires"
+    )
     _event_follows(job)
 
 
@@ -283,8 +382,71 @@ def _event_follows(job: ConversionJob) -> None:
 
 
 def _check_cancel(job: ConversionJob) -> None:
+    """Stop the stage if an admin cancelled the job, or another worker took it over."""
+    lease = _LEASES.get(job.pk)
+    if lease is not None:
+        lease.check()
     if ConversionJob.objects.filter(pk=job.pk, cancel_requested=True).exists():
         raise JobCancelled("cancelled")
+
+
+def _fault_point(job: ConversionJob, point: str) -> None:
+    """A place where the chaos tests may hold this stage (faults.py; off in production)."""
+    faults.hold(point, lambda message: log(job, message, LogLevel.WARNING), lambda: _check_cancel(job))
+
+
+def release_volumes(job: ConversionJob) -> list[str]:
+    """Free the job's volumes from what a lost run left holding them: processes with a volume (or a
+    loop device over it) open are killed by PID, loop devices detached. What was done, as notes."""
+    pool_path = (job.plan or {}).get("pool_path")
+    if not pool_path:
+        return []
+    paths = {str(Path(pool_path) / v["volume"]) for v in job.plan.get("volumes") or []}
+    notes: list[str] = []
+    loops: dict[str, str] = {}
+    for path in sorted(paths):
+        if not Path(path).exists():
+            continue
+        try:
+            listed = subprocess.run(
+                ["losetup", "--associated", path], capture_output=True, text=True, timeout=30, check=False
+            )
+        except OSError as exc:
+            notes.append(f"could not list loop devices: {exc}")
+            continue
+        for line in listed.stdout.splitlines():
+            loops[line.split(":", 1)[0]] = path
+    held = paths | set(loops)
+    for pid, name, what in _processes_holding(held):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            notes.append(f"killed {name} (pid {pid}) still holding {what}")
+    for loop, path in loops.items():
+        done = subprocess.run(
+            ["losetup", "-d", loop], capture_output=True, text=True, timeout=60, check=False
+        )
+        if done.returncode == 0:
+            notes.append(f"detached {loop} from {Path(path).name}")
+        else:
+            notes.append(f"could not detach {loop}: {done.stderr.strip()}")
+    return notes
+
+
+def _processes_holding(paths: set[str]) -> list[tuple[int, str, str]]:
+    """(pid, command name, path) of other processes with one of `paths` open (from /proc)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target in paths:
+                    found.append((int(proc.name), (proc / "comm").read_text().strip(), target))
+                    break
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 @contextlib.contextmanager
@@ -546,7 +708,13 @@ def copy_stage(job: ConversionJob) -> None:
                 last_save: list[float] = last_save,
             ) -> None:
                 now = time.monotonic()
-                if now - last_save[0] < PROGRESS_SAVE_INTERVAL_S and progress.position < progress.size_bytes:
+                # A chaos test holding the copy mid-disk needs this checkpoint saved before it holds.
+                hold = 0 < progress.checkpoint < progress.size_bytes and faults.armed("copy")
+                if (
+                    not hold
+                    and now - last_save[0] < PROGRESS_SAVE_INTERVAL_S
+                    and progress.position < progress.size_bytes
+                ):
                     return
                 last_save[0] = now
                 _check_cancel(job)
@@ -568,6 +736,8 @@ def copy_stage(job: ConversionJob) -> None:
                     },
                 }
                 save_progress(job, "bytes_done", "percent", "wire_bytes", "rate_bytes_per_s", "copy_state")
+                if hold:
+                    _fault_point(job, "copy")
 
             free = _free_space(job, endpoint, entry["disk"])
             log(
@@ -678,6 +848,7 @@ def build_stage(job: ConversionJob) -> None:
         f"domain {spec.name} defined ({spec.domain_type}, {spec.firmware}, {len(spec.disks)} virtio disks, "
         f"{len(spec.nics)} virtio NICs)",
     )
+    _fault_point(job, "build")
 
 
 def adjust_stage(job: ConversionJob) -> None:
@@ -690,6 +861,7 @@ def adjust_stage(job: ConversionJob) -> None:
         raise ConversionError(f"volumes {missing} are not visible from this worker; run it on the hypervisor")
     for note in adjust_mod.repair_filesystems(paths):
         log(job, f"filesystem check: {note}")
+    _fault_point(job, "adjust")
     changes = adjust_mod.adjust_guest(paths, job.assessment.facts or {}, job.plan["nics"])
     job.changes = [{"path": c.path, "summary": c.summary, "after": c.after} for c in changes]
     save_progress(job, "changes")
@@ -785,6 +957,13 @@ def verify_stage(job: ConversionJob) -> None:
         last_check = [0.0]
 
         def should_stop() -> bool:
+            lease = _LEASES.get(job.pk)
+            if lease is not None and lease.lost:
+                return True  # another worker took the job over: this boot is not ours any more
+            try:
+                _fault_point(job, "verify")
+            except (JobCancelled, lease_mod.LeaseLost):
+                return True
             if time.monotonic() - last_check[0] < 1.0:
                 return False
             last_check[0] = time.monotonic()
@@ -814,7 +993,9 @@ def verify_stage(job: ConversionJob) -> None:
         finally:
             with contextlib.suppress(libvirt.libvirtError):
                 verify.stop_domain(twin)
-            problems = isolation.remove(prefix)
+            lease = _LEASES.get(job.pk)
+            # A run that lost the job leaves the network (same names) to the run that took it over.
+            problems = isolation.remove(prefix) if lease is None or not lease.lost else []
             if problems:
                 log(job, "isolated network cleanup: " + "; ".join(problems), LogLevel.WARNING)
     log(job, f"proof of life after {result.seconds_to_proof:.1f} s")
@@ -943,6 +1124,9 @@ def rollback(job: ConversionJob) -> list[str]:
             domain_info = resources.get("domain")
             if domain_info:
                 problems += _remove_domain(job, conn, domain_info)
+            if resources.get("volumes"):
+                for note in release_volumes(job):
+                    log(job, f"rollback: {note}")
             for vol in resources.get("volumes", []):
                 problems += _remove_volume(job, conn, vol)
     except ConversionError as exc:
@@ -974,7 +1158,9 @@ def _remove_domain(job: ConversionJob, conn: libvirt.virConnect, info: dict) -> 
     return []
 
 
-def _remove_verify_domain(job: ConversionJob, conn: libvirt.virConnect, name: str) -> list[str]:
+def _remove_verify_domain(
+    job: ConversionJob, conn: libvirt.virConnect, name: str, why: str = "rollback"
+) -> list[str]:
     """The transient twin the verify stage booted: destroying it removes it."""
     try:
         domain = conn.lookupByName(name)
@@ -987,7 +1173,7 @@ def _remove_verify_domain(job: ConversionJob, conn: libvirt.virConnect, name: st
             domain.destroy()
     except libvirt.libvirtError as exc:
         return [f"could not stop the verification domain {name}: {exc.get_error_message()}"]
-    log(job, f"rollback: verification domain {name} stopped")
+    log(job, f"{why}: verification domain {name} stopped")
     return []
 
 
