@@ -131,21 +131,34 @@ class TableDriver:
         return dict(self._counters)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, text: str, *, durable: bool = False) -> None:
+    """Replace `path` with `text` in one step (a temporary file renamed over it): a reader, or an
+    agent restarting after a crash, sees the old content or the new, never half of it. `durable`
+    also fsyncs the file and its directory, so a power cut cannot leave an empty file behind the
+    rename. On failure (a full disk) the temporary file is removed and `path` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
-def _write_json_atomically(path: Path, document: dict) -> None:
-    _write_atomically(path, json.dumps(document, separators=(",", ":")))
+def _write_json_atomically(path: Path, document: dict, *, durable: bool = False) -> None:
+    _write_atomically(path, json.dumps(document, separators=(",", ":")), durable=durable)
 
 
 CACHE_QUIET_S = 0.5  # the state cache is written once applies pause this long...
@@ -219,7 +232,10 @@ class PortalClient:
             "applied_partial": 0,
             "protocol_errors": 0,
             "refused": 0,
+            "state_cache_writes": 0,
+            "state_cache_write_errors": 0,
         }
+        self.state_cache_error: str | None = None  # why the last state cache write failed (None: it did not)
         self.connected = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -409,7 +425,33 @@ class PortalClient:
                 break
         while self._cache_pending is not None:
             raw, self._cache_pending = self._cache_pending, None
-            await asyncio.to_thread(_write_json_atomically, self.state_cache, raw)
+            try:
+                await asyncio.to_thread(_write_json_atomically, self.state_cache, raw, durable=True)
+            except OSError as exc:
+                # A full or read-only disk: keep applying and serving (the data plane does not
+                # need the cache), say so once per distinct error and count every failure (the
+                # portal sees portal.state_cache_write_errors in the stats); the next applied
+                # state tries again. A restart meanwhile would start from the older cache.
+                self.counters["state_cache_write_errors"] += 1
+                reason = f"{type(exc).__name__}: {exc.strerror or exc}"
+                if reason != self.state_cache_error:
+                    logger.error(
+                        "cannot write the state cache %s (%s): still applying and serving generation %s; "
+                        "after a restart without the portal this agent would run an older state",
+                        self.state_cache,
+                        reason,
+                        raw.get("generation"),
+                    )
+                self.state_cache_error = reason
+            else:
+                self.counters["state_cache_writes"] += 1
+                if self.state_cache_error is not None:
+                    logger.info(
+                        "state cache %s written again (generation %s)",
+                        self.state_cache,
+                        raw.get("generation"),
+                    )
+                self.state_cache_error = None
 
     async def _apply(self, state: DesiredState, raw: dict) -> Applied:
         # A new document number with the same content (a change elsewhere) needs no data-plane work.

@@ -58,12 +58,15 @@ class Put:
 
 @dataclass
 class Stack:
-    services: PrivateServices
+    """The portal, its agents and its clients' view (shared with test_control_plane_disk_full)."""
+
+    query: Callable[[str], list[tuple]]  # SQL on the portal's database
     portal: PortalServer
     agents: dict[str, AgentProcess]
     keys: dict[str, str]
     listeners: dict[int, str]  # listener id -> the role that may change it
     puts: list[Put] = field(default_factory=list)
+    services: PrivateServices | None = None  # when the test runs private servers it restarts
 
     def api(self, role: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         request = urllib.request.Request(  # noqa: S310 (a loopback URL built here)
@@ -80,11 +83,16 @@ class Stack:
         except (OSError, urllib.error.URLError) as exc:  # no HTTP answer: the portal is down
             return 0, str(exc)
 
-    def query(self, sql: str) -> list[tuple]:
-        import psycopg
-
-        with psycopg.connect(self.services.postgres.url, autocommit=True, connect_timeout=5) as db:
-            return db.execute(sql).fetchall()
+    def api_text(self, role: str, path: str) -> tuple[int, str]:
+        """GET `path` as `role`; the status and the body as text (e.g. /metrics)."""
+        request = urllib.request.Request(  # noqa: S310 (a loopback URL built here)
+            self.portal.http_url + path, headers={"Authorization": f"Token {self.keys[role]}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                return response.status, response.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
 
     def database(self) -> dict[int, tuple[str, int, frozenset[tuple[str, int]]]]:
         """listener id -> (provisioning status, current table number, configured backends)."""
@@ -250,7 +258,15 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
             agents[name].start()
         listeners = {lid: "a_member" for lid in seeded["listeners_a"]}
         listeners[seeded["listener_b"]] = "b_member"
-        built = Stack(services, portal, agents, seeded["keys"], listeners)
+
+        def query(sql: str) -> list[tuple]:
+            import psycopg
+
+            with psycopg.connect(services.postgres.url, autocommit=True, connect_timeout=5) as db:
+                return db.execute(sql).fetchall()
+
+        built = Stack(query, portal, agents, seeded["keys"], listeners)
+        built.services = services
         built.wait_converged(START_TIMEOUT_S, "start-up")
         yield built
     finally:
@@ -347,6 +363,7 @@ def _check_recovered(stack: Stack, name: str, recovered: float) -> None:
 
 
 def test_redis_postgres_and_portal_restarts_lose_nothing_and_leave_nothing_pending(stack: Stack) -> None:
+    assert stack.services is not None
     redis, postgres, portal = stack.services.redis, stack.services.postgres, stack.portal
     faults = [
         ("redis", redis.stop, redis.start, redis.answers),
