@@ -14,12 +14,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,7 +45,7 @@ from lbagent.protocol import (
     decode_portal_message,
     encode,
 )
-from lbagent.state import DesiredState, StateError, StateParser, load_state_file
+from lbagent.state import DesiredState, StateError, StateParser, load_state_file, write_file_atomically
 
 logger = logging.getLogger("lbagent.portal")
 
@@ -132,29 +130,7 @@ class TableDriver:
 
 
 def _write_atomically(path: Path, text: str, *, durable: bool = False) -> None:
-    """Replace `path` with `text` in one step (a temporary file renamed over it): a reader, or an
-    agent restarting after a crash, sees the old content or the new, never half of it. `durable`
-    also fsyncs the file and its directory, so a power cut cannot leave an empty file behind the
-    rename. On failure (a full disk) the temporary file is removed and `path` is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if durable:
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    write_file_atomically(path, text, durable=durable)
 
 
 def _write_json_atomically(path: Path, document: dict, *, durable: bool = False) -> None:
