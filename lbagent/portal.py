@@ -139,6 +139,7 @@ def _write_json_atomically(path: Path, document: dict, *, durable: bool = False)
 
 CACHE_QUIET_S = 0.5  # the state cache is written once applies pause this long...
 CACHE_MAX_DELAY_S = 5.0  # ...or after this long at the latest
+CACHE_RETRY_S = 5.0  # a failed write (full disk) is tried again this often
 REFUSAL_WATCH_S = 1.0  # how often portal mode looks whether the daemon healed or lost a refused VIP
 
 
@@ -399,15 +400,15 @@ class PortalClient:
                 )
             if self._cache_pending is seen or loop.time() >= deadline:
                 break
-        while self._cache_pending is not None:
+        while self._cache_pending is not None and not self._stop.is_set():
             raw, self._cache_pending = self._cache_pending, None
             try:
                 await asyncio.to_thread(_write_json_atomically, self.state_cache, raw, durable=True)
             except OSError as exc:
                 # A full or read-only disk: keep applying and serving (the data plane does not
                 # need the cache), say so once per distinct error and count every failure (the
-                # portal sees portal.state_cache_write_errors in the stats); the next applied
-                # state tries again. A restart meanwhile would start from the older cache.
+                # portal sees portal.state_cache_write_errors in the stats); retried every
+                # CACHE_RETRY_S. A restart meanwhile would start from the older cache.
                 self.counters["state_cache_write_errors"] += 1
                 reason = f"{type(exc).__name__}: {exc.strerror or exc}"
                 if reason != self.state_cache_error:
@@ -419,6 +420,10 @@ class PortalClient:
                         raw.get("generation"),
                     )
                 self.state_cache_error = reason
+                if self._cache_pending is None:
+                    self._cache_pending = raw  # try it again unless a newer state comes first
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), CACHE_RETRY_S)
             else:
                 self.counters["state_cache_writes"] += 1
                 if self.state_cache_error is not None:
