@@ -331,6 +331,11 @@ def _restart(
     recovered = time.monotonic()
     failures = sorted({p.status for p in stack.puts if stopped_at <= p.at <= recovered and p.status != 200})
     print(f"\n{name} down {recovered - stopped_at:.1f} s; failed calls got {failures}")
+    if name == "redis":
+        # The database is the truth: without Redis the API still answers and commits (the per-token
+        # rate limit is not enforced meanwhile), and what it committed must reach the agents.
+        assert not failures, f"API calls failed while only Redis was down: HTTP {failures}"
+        assert stream.count(stopped_at, ok=True) > 0
     stream.wait(
         lambda: stream.count(recovered, ok=True) >= 6,
         f"changes flowing again after {name} came back",
