@@ -400,7 +400,7 @@ class PortalClient:
                 )
             if self._cache_pending is seen or loop.time() >= deadline:
                 break
-        while self._cache_pending is not None and not self._stop.is_set():
+        while self._cache_pending is not None:
             raw, self._cache_pending = self._cache_pending, None
             try:
                 await asyncio.to_thread(_write_json_atomically, self.state_cache, raw, durable=True)
@@ -420,6 +420,8 @@ class PortalClient:
                         raw.get("generation"),
                     )
                 self.state_cache_error = reason
+                if self._stop.is_set():
+                    break  # stopping: no retries (run() waits for this task a bounded time)
                 if self._cache_pending is None:
                     self._cache_pending = raw  # try it again unless a newer state comes first
                 with contextlib.suppress(TimeoutError):
