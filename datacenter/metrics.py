@@ -11,6 +11,7 @@ What they are (docs/operations.md explains each):
   datacenter_agents_behind{role}                connected agents not at every listener's generation
   datacenter_listeners{provisioning_status}     listeners by provisioning status
   datacenter_p2v_jobs{state}                    P2V conversion jobs by state
+  datacenter_log_write_errors_total             log records this process could not write (full disk)
 
 The gauges are read from the database (and Redis) at scrape time, so every web process answers
 the same; the request histogram is per process (set PROMETHEUS_MULTIPROC_DIR with several workers).
@@ -29,6 +30,8 @@ from django.db.models import Count, F, Max, OuterRef, Q, Subquery
 from django.http import HttpResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from datacenter.log_handlers import LOG_WRITE_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +129,7 @@ def _registry() -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PortalCollector())
     registry.register(REQUEST_SECONDS)
+    registry.register(LOG_WRITE_ERRORS)
     return registry
 
 

@@ -344,7 +344,8 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # counts what it cannot write (a full log disk) for /metrics instead of failing
+    "handlers": {"console": {"class": "datacenter.log_handlers.CountingStreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DATACENTER_LOG_LEVEL", "INFO")},
     "filters": {"channel_overflow": {"()": "datacenter.loadbalancing.log_filters.ChannelOverflowAsWarning"}},
     "loggers": {

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,17 @@ from lbagent.dataplane.slowpath import (
     remove_iptables,
 )
 from lbagent.metrics import Metric, MetricsServer, render
-from lbagent.state import Backend, DesiredState, Listener, StateError, Vip, load_state_file
+from lbagent.state import (
+    Backend,
+    DesiredState,
+    Listener,
+    StateError,
+    Vip,
+    dump_last_good,
+    load_state_file,
+    parse_last_good,
+    write_file_atomically,
+)
 
 REFUSED_RETRY_S = 10.0  # how often a VIP whose state could not be planned is tried again
 # Keep-alive rounds (active pins renew their owners' records) run every third of the shortest
@@ -166,6 +177,8 @@ class MuxDaemon:
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # Closed by shutdown(), or when the object goes away without one (tests build many).
+        self._close_wake_fds = weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self.dataplane: NftDataplane | None = None
         self.slowpath: SlowPath | None = None
         self.nflog: NflogReader | None = None
@@ -181,6 +194,9 @@ class MuxDaemon:
         self.mux_mac = ""
         self._slow_keys: list[tuple[str, str, int]] = []
         self._last_good: dict[str, Vip] = {}  # VIP address -> the last state of it in the kernel
+        self._saved_last_good: dict[str, Vip] | None = None  # what last-good.json holds
+        self._state_write_error: str | None = None  # why last-good.json could not be written
+        self.state_write_errors = 0
         self._refused: dict[str, str] = {}  # VIP address -> why its desired state is not applied
         self.running_generations: dict[int, int] = {}  # listener id -> generation in the kernel (0: none)
         self.listener_errors: dict[int, str] = {}  # listener id -> why it is not at its generation
@@ -498,6 +514,7 @@ class MuxDaemon:
                                for lid, t in self.tables.items()}
         (self._last_good, self._refused, self.running_generations, self.listener_errors,
          self._retry_refused) = self._planned
+        self._save_last_good()
         self.applied_generation = self.state.generation
         self.apply_count += 1
         what = "applied generation" if self._state_sig != self._applied_state_sig else "re-applied generation"
@@ -506,6 +523,45 @@ class MuxDaemon:
                  self.state.generation, len(plans), sum(1 for ln in slow if ln.tables.draining),
                  sum(1 for ln in slow if not ln.tables.draining), self.last_apply_s,
                  f"; {len(self._refused)} VIP(s) not at their desired state" if self._refused else "")
+
+    # -- each VIP's last good state, across restarts --------------------------------------------
+    def _last_good_file(self) -> Path:
+        return self.o.run_dir / "last-good.json"
+
+    def _save_last_good(self) -> None:
+        """Persist what each VIP runs in the kernel now (atomically, fsynced), so a restart whose
+        document is refused for a VIP keeps serving that VIP's last good state. A write that
+        fails (full disk) is logged once and counted; the daemon keeps serving."""
+        if self._last_good == self._saved_last_good:  # unchanged VIPs are the very same objects
+            return
+        path = self._last_good_file()
+        try:
+            write_file_atomically(path, dump_last_good(self._last_good), durable=True)
+        except OSError as exc:
+            self.state_write_errors += 1
+            reason = f"{type(exc).__name__}: {exc.strerror or exc}"
+            if reason != self._state_write_error:
+                log.error("cannot write %s (%s): serving on; after a restart, a VIP whose desired state is "
+                          "refused would fall back to an older last good state", path, reason)
+            self._state_write_error = reason
+            return
+        if self._state_write_error is not None:
+            log.info("%s written again", path)
+        self._state_write_error = None
+        self._saved_last_good = dict(self._last_good)
+
+    def _load_last_good(self) -> None:
+        path = self._last_good_file()
+        try:
+            self._last_good = parse_last_good(path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, StateError) as exc:
+            log.error("ignoring %s: %s (a VIP whose desired state is refused will not be served)", path, exc)
+            return
+        self._saved_last_good = dict(self._last_good)
+        log.info("last good state of %d VIP(s) loaded from %s (kept for a VIP whose desired state is "
+                 "refused)", len(self._last_good), path)
 
     # -- flow state that lives as long as its flow ------------------------------------------------
     def keepalive_round(self, now: float) -> None:
@@ -706,6 +762,7 @@ class MuxDaemon:
             self.bgp.start()
         if self.o.transitions:
             self._load_history(time.time())
+        self._load_last_good()
         self.apply()
         self._applied_sig = self._signature(time.time())
         self.metrics = MetricsServer(self.o.metrics_host, self.o.metrics_port, self.metric_families,
@@ -746,11 +803,12 @@ class MuxDaemon:
     def stop(self) -> None:
         """Ask run_forever to return; safe to call from a signal handler or any thread."""
         self._stopping = True
-        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the loop
-            os.write(self._wake_w, b"\0")
+        if self._close_wake_fds.alive:  # after shutdown() there is no loop left to wake
+            with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the loop
+                os.write(self._wake_w, b"\0")
 
     def _wait_for_stop(self, timeout_s: float) -> bool:
-        if not self._stopping:
+        if not self._stopping and self._close_wake_fds.alive:
             select.select([self._wake_r], [], [], timeout_s)
         return self._stopping
 
@@ -774,6 +832,8 @@ class MuxDaemon:
         remove_inject_veth()
         if getattr(self, "metrics", None) is not None:
             self.metrics.stop()
+        self._stopping = True
+        self._close_wake_fds()
         log.info("shutdown: done (%.2f s)", time.monotonic() - t0)
 
     # -- metrics ----------------------------------------------------------------------------------
@@ -896,6 +956,9 @@ class MuxDaemon:
         ms.append(Metric("lbagent_apply_errors_total", "Failed applies", "counter").add(self.apply_errors))
         ms.append(Metric("lbagent_config_errors_total", "Refused config files", "counter")
                   .add(self.config_errors))
+        ms.append(Metric("lbagent_state_write_errors_total",
+                         "Failed writes of the per-VIP last good state (run_dir/last-good.json; e.g. a "
+                         "full disk)", "counter").add(self.state_write_errors))
         ms.append(Metric("lbagent_last_apply_seconds", "Duration of the last apply").add(self.last_apply_s))
         bgp_up = Metric("lbagent_bgp_session_up", "1 when the BGP session to the router is established")
         routes = Metric("lbagent_bgp_routes", "Routes announced, by next hop")
@@ -907,6 +970,12 @@ class MuxDaemon:
                           "counter").add(self.bgp.restarts if self.bgp is not None else 0)
         ms += [bgp_up, routes, restarts]
         return ms
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _parse_args(argv: list[str] | None) -> DaemonOptions:

@@ -14,12 +14,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,7 +45,7 @@ from lbagent.protocol import (
     decode_portal_message,
     encode,
 )
-from lbagent.state import DesiredState, StateError, StateParser, load_state_file
+from lbagent.state import DesiredState, StateError, StateParser, load_state_file, write_file_atomically
 
 logger = logging.getLogger("lbagent.portal")
 
@@ -134,25 +132,17 @@ class TableDriver:
         return dict(self._counters)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def _write_atomically(path: Path, text: str, *, durable: bool = False) -> None:
+    write_file_atomically(path, text, durable=durable)
 
 
-def _write_json_atomically(path: Path, document: dict) -> None:
-    _write_atomically(path, json.dumps(document, separators=(",", ":")))
+def _write_json_atomically(path: Path, document: dict, *, durable: bool = False) -> None:
+    _write_atomically(path, json.dumps(document, separators=(",", ":")), durable=durable)
 
 
 CACHE_QUIET_S = 0.5  # the state cache is written once applies pause this long...
 CACHE_MAX_DELAY_S = 5.0  # ...or after this long at the latest
+CACHE_RETRY_S = 5.0  # a failed write (full disk) is tried again this often
 REFUSAL_WATCH_S = 1.0  # how often portal mode looks whether the daemon healed or lost a refused VIP
 
 
@@ -222,7 +212,10 @@ class PortalClient:
             "applied_partial": 0,
             "protocol_errors": 0,
             "refused": 0,
+            "state_cache_writes": 0,
+            "state_cache_write_errors": 0,
         }
+        self.state_cache_error: str | None = None  # why the last state cache write failed (None: it did not)
         self.connected = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -412,7 +405,39 @@ class PortalClient:
                 break
         while self._cache_pending is not None:
             raw, self._cache_pending = self._cache_pending, None
-            await asyncio.to_thread(_write_json_atomically, self.state_cache, raw)
+            try:
+                await asyncio.to_thread(_write_json_atomically, self.state_cache, raw, durable=True)
+            except OSError as exc:
+                # A full or read-only disk: keep applying and serving (the data plane does not
+                # need the cache), say so once per distinct error and count every failure (the
+                # portal sees portal.state_cache_write_errors in the stats); retried every
+                # CACHE_RETRY_S. A restart meanwhile would start from the older cache.
+                self.counters["state_cache_write_errors"] += 1
+                reason = f"{type(exc).__name__}: {exc.strerror or exc}"
+                if reason != self.state_cache_error:
+                    logger.error(
+                        "cannot write the state cache %s (%s): still applying and serving generation %s; "
+                        "after a restart without the portal this agent would run an older state",
+                        self.state_cache,
+                        reason,
+                        raw.get("generation"),
+                    )
+                self.state_cache_error = reason
+                if self._stop.is_set():
+                    break  # stopping: no retries (run() waits for this task a bounded time)
+                if self._cache_pending is None:
+                    self._cache_pending = raw  # try it again unless a newer state comes first
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), CACHE_RETRY_S)
+            else:
+                self.counters["state_cache_writes"] += 1
+                if self.state_cache_error is not None:
+                    logger.info(
+                        "state cache %s written again (generation %s)",
+                        self.state_cache,
+                        raw.get("generation"),
+                    )
+                self.state_cache_error = None
 
     async def _apply(self, state: DesiredState, raw: dict) -> Applied:
         # A new document number with the same content (a change elsewhere) needs no data-plane work.

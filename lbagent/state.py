@@ -8,12 +8,15 @@ applied. Schema (version 1) is documented in docs/agent-protocol.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import json
 import math
+import os
 import re
 import socket
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -678,3 +681,57 @@ def load_state_file(path: str | Path) -> DesiredState:
     except OSError as exc:
         raise StateError("", f"cannot read desired state file {path}: {exc.strerror}") from None
     return parse_state(text)
+
+
+# --- the daemon's last good state per VIP ---------------------------------------------------------
+# What each VIP last ran in the kernel, kept across daemon restarts: a restart with a document
+# that one VIP's part is refused from (an unresolvable backend) keeps that VIP on its last good
+# tables instead of dropping it. Same VIP schema as the desired state, validated the same way.
+LAST_GOOD_VERSION = 1
+
+
+def dump_last_good(vips: Mapping[str, Vip]) -> str:
+    return json.dumps(
+        {"version": LAST_GOOD_VERSION, "vips": [vips[address].to_dict() for address in sorted(vips)]},
+        separators=(",", ":"),
+    )
+
+
+def parse_last_good(text: str | bytes) -> dict[str, Vip]:
+    """VIP address -> Vip from dump_last_good's text; StateError names what is wrong."""
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise StateError("", f"not valid JSON: {exc}") from None
+    obj = _object(document, "", ("version", "vips"))
+    if obj["version"] != LAST_GOOD_VERSION or isinstance(obj["version"], bool):
+        raise StateError("version", f"expected {LAST_GOOD_VERSION}, got {_describe(obj['version'])}")
+    vips = [_parse_vip(raw, f"vips[{i}]") for i, raw in enumerate(_list(obj["vips"], "vips", MAX_VIPS))]
+    _unique(vips, lambda v: v.address, "vips", "VIP address")
+    return {vip.address: vip for vip in vips}
+
+
+def write_file_atomically(path: Path, text: str, *, durable: bool = False) -> None:
+    """Replace `path` with `text` in one step (a temporary file renamed over it): a reader, or an
+    agent restarting after a crash, sees the old content or the new, never half of it. `durable`
+    also fsyncs the file and its directory, so a power cut cannot leave an empty file behind the
+    rename. On failure (a full disk) the temporary file is removed and `path` is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

@@ -13,6 +13,7 @@ which is Redis when REDIS_URL is set, so every web process shares them.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -22,6 +23,8 @@ from django.http import JsonResponse
 from rest_framework.throttling import SimpleRateThrottle
 
 from datacenter.tenancy.models import ApiToken
+
+logger = logging.getLogger(__name__)
 
 UNITS_S = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
 
@@ -53,7 +56,13 @@ class TokenRateThrottle(SimpleRateThrottle):
         if self.num_requests is None:  # "off"
             return True
         self.rate = self.get_rate()
-        return super().allow_request(request, view)
+        try:
+            return super().allow_request(request, view)
+        except Exception as exc:  # any cache backend's outage, e.g. Redis restarting)
+            # A per-token budget is fairness, not authentication: while its counters cannot be
+            # read (Redis down) the API keeps answering instead of failing every call with 500.
+            logger.warning("API rate limit not enforced: its cache is unavailable (%s)", exc)
+            return True
 
     def get_cache_key(self, request, view):
         if not isinstance(request.auth, ApiToken):
