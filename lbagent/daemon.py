@@ -855,6 +855,13 @@ class MuxDaemon:
                 peer.add(getattr(c, outcome), outcome=outcome)
             peer.add(c.dropped(), outcome="dropped")
         ms.append(peer)
+        answered = Metric("lbagent_owner_queries_answered_total",
+                          "Owner queries this mux answered, by the role it was asked in (backup: the "
+                          "asker's primary did not answer)", "counter")
+        if self.peers is not None:
+            answered.add(self.peers.peer.counters.queries_as_primary, **{"as": "primary"})
+            answered.add(self.peers.peer.counters.queries_as_backup, **{"as": "backup"})
+        ms.append(answered)
         ms.append(Metric("lbagent_flow_records", "Flow records held")
                   .add(len(self.store) if self.store is not None else 0))
         ms.append(Metric("lbagent_listeners_in_transition", "Listeners with an old table still draining")

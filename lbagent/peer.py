@@ -16,7 +16,8 @@ REPLICATE are requests; RECORDS and REPLICATE carry their records packed (`Recor
 fixed 23-byte rows, base64, plus the backend names they index, inside the JSON payload;
 the JSON list form "r" of the previous version is still accepted). ANSWER (to QUERY/RECORD)
 and ACK (to REPLICATE/RECORDS) are responses and must carry the request id of a request we
-sent to that sender.
+sent to that sender. A QUERY sent to the backup owner after the primary did not answer carries
+"as": "backup", so the backup counts the answers it gives in the primary's place.
 """
 
 from __future__ import annotations
@@ -350,6 +351,10 @@ class PeerCounters:
     timeouts: int = 0
     backup_retries: int = 0
     answered: int = 0
+    # Owner queries this mux answered, by the role it was asked in: "backup" when the asker had
+    # asked the flow's primary owner first and got no answer (the primary is gone or mute).
+    queries_as_primary: int = 0
+    queries_as_backup: int = 0
 
     def dropped(self) -> int:
         return (self.malformed + self.bad_mac + self.stale + self.replayed + self.unknown_sender
@@ -493,6 +498,8 @@ class PeerNode:
         for n, target in enumerate(targets):
             if n:
                 self.counters.backup_retries += 1
+                # The backup learns it answers in the primary's place (its metric counts that).
+                payload = {**payload, "as": "backup"}
             if target == self.name:
                 backend, status = self._handle_request(mtype, self.name, payload)
                 return PeerAnswer(backend, status, self.name)
@@ -570,8 +577,13 @@ class PeerNode:
 
     def _handle_request(self, mtype: MsgType, sender: str, p: Mapping[str, Any]) -> tuple[str, str]:
         if mtype == MsgType.QUERY:
-            return self.handler.on_query(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
-                                         _str(p, "h"))
+            answer = self.handler.on_query(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
+                                           _str(p, "h"))
+            if p.get("as") == "backup":
+                self.counters.queries_as_backup += 1
+            else:
+                self.counters.queries_as_primary += 1
+            return answer
         if mtype == MsgType.RECORD:
             return self.handler.on_record(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
                                           _str(p, "be"))

@@ -1,0 +1,122 @@
+"""A pool of four kernel muxes (issue 12, acceptance 2): 300 long-lived connections, a backend
+added and another drained while one mux is killed with kill -9 in the middle of the transition.
+Nothing breaks, and the flows whose primary owner died were answered by their backup owner (the
+survivors' `lbagent_owner_queries_answered_total{as="backup"}`).
+
+Every wait is for an event (a generation applied, a route, an exchange round, a replica present at
+the backup) with a generous bound; no assertion depends on the machine's speed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lbagent.core.ownership import build_ownership
+from lbagent.lab.harness import (
+    OWNER_SEED,
+    TABLE_SIZE,
+    LongConnections,
+    backend_doc,
+    listener_doc,
+    vip_doc,
+    wait_route,
+)
+from tests.lab.conftest import POOL_MUXES
+from tests.services import wait_until
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+VIP = "203.0.113.12"
+LISTENER = 41
+CONNECTIONS = 300
+DRAIN_S = 600  # longer than the test: the drained backend's connections must live throughout
+BOUND_S = 90  # generous bound for any single event on a loaded machine
+AS_BACKUP = {"as": "backup"}
+
+
+def _doc(gen: int, backends: list[dict], previous: tuple[int, list[dict]] | None) -> dict:
+    prev = None
+    if previous is not None:
+        prev = {"generation": previous[0], "backends": previous[1], "drain_deadline": time.time() + DRAIN_S}
+    return vip_doc(VIP, [listener_doc(LISTENER, backends, generation=gen, drain_timeout_s=DRAIN_S,
+                                      previous=prev)])
+
+
+def _unreplicated(cluster, ownership) -> list[str]:
+    """Records a running mux holds as the bucket's primary owner whose copy its backup lacks."""
+    held = {m.mux.name: m.records() for m in cluster.muxes if m.alive()}
+    keys = {name: {(r[0], tuple(r[1])) for r in recs if r[0] == LISTENER} for name, recs in held.items()}
+    missing = []
+    for name, recs in held.items():
+        for lid, flow, bucket, _backend, replica in recs:
+            if lid != LISTENER or replica:
+                continue
+            primary, backup = ownership.owners(bucket)
+            if primary == name and backup in keys and (lid, tuple(flow)) not in keys[backup]:
+                missing.append(f"{flow} (bucket {bucket}) at {name}, not at {backup}")
+    return missing
+
+
+@pytest.fixture
+def pool(pool_cluster):
+    for mux in pool_cluster.muxes:
+        if not mux.alive() or not mux.transitions:
+            pool_cluster.restart(mux, transitions=True)
+    yield pool_cluster
+    for mux in pool_cluster.muxes:
+        if not mux.alive():
+            pool_cluster.restart(mux, transitions=True)
+
+
+def test_kill_9_of_one_of_four_muxes_mid_transition_breaks_nothing_and_backups_answer(pool):
+    cluster = pool
+    lab = cluster.lab
+    assert len(cluster.muxes) == POOL_MUXES
+    ownership = build_ownership([m.name for m in lab.muxes], owner_seed=OWNER_SEED, table_size=TABLE_SIZE)
+    web1, web2, web3, web4 = lab.backends[:4]
+    gen1 = [backend_doc(web1), backend_doc(web2), backend_doc(web3)]
+    cluster.set_vip(_doc(1, gen1, None))
+    wait_route(lab, VIP, [m.address for m in lab.muxes], timeout_s=BOUND_S)
+    conns = LongConnections(lab.clients[0].netns, VIP, CONNECTIONS)
+    assert conns.broken == {}, f"broken before any change: {list(conns.broken.items())[:5]}"
+    try:
+        conns.start_background()
+        gen2 = [*gen1, backend_doc(web4)]  # add a backend: about a quarter of the buckets move
+        cluster.set_vip(_doc(2, gen2, (1, gen1)))
+        conns.settle(2)  # every moved flow has sent a packet: its owner has recorded it
+        records = cluster.total("lbagent_flow_records")
+        assert records > 0, "no flow was recorded at its owner after the add"
+        wait_until(lambda: not _unreplicated(cluster, ownership), timeout_s=BOUND_S,
+                   what="every owner record copied to its backup owner")
+
+        # The victim: the mux that is primary owner of the most records (each mux owns about a
+        # quarter of the buckets, so any would do; this makes the backups' work the largest).
+        primaries = {m.mux.name: sum(1 for r in m.records() if r[0] == LISTENER and not r[4])
+                     for m in cluster.muxes}
+        victim = max(cluster.muxes, key=lambda m: primaries[m.mux.name])
+        survivors = [m for m in cluster.muxes if m is not victim]
+        backup_before = sum(m.metric("lbagent_owner_queries_answered_total", **AS_BACKUP) for m in survivors)
+        killed_round = conns.rounds
+        victim.kill9_with_bgp()  # daemon and ExaBGP: the route goes, the kernel tables stay
+        gen3 = [backend_doc(web1, state="draining"), *gen2[1:]]  # drain another, mid-transition
+        cluster.set_vip(_doc(3, gen3, (2, gen2)))  # published to the three running muxes
+        wait_route(lab, VIP, [m.mux.address for m in survivors], timeout_s=BOUND_S)
+        conns.settle(3)
+        answered_as_backup = sum(m.metric("lbagent_owner_queries_answered_total", **AS_BACKUP)
+                                 for m in survivors) - backup_before
+        retries = sum(m.metric("lbagent_peer_messages_total", outcome="backup_retries") for m in survivors)
+        on_drained = sum(1 for b in conns.backend if b == web1.name)
+    finally:
+        conns.close()
+        cluster.remove_vip(VIP)
+    print(f"\npool of {POOL_MUXES}: killed {victim.mux.name} (primary of {primaries[victim.mux.name]} "
+          f"records; {records:.0f} records held before), {len(conns.broken)} of {CONNECTIONS} broken, "
+          f"{on_drained} on the drained backend; {answered_as_backup:.0f} owner queries answered by "
+          f"a backup owner after the kill, {retries:.0f} backup retries")
+    assert conns.broken == {}, (f"{len(conns.broken)} broke (kill at round {killed_round}): "
+                                f"{list(conns.broken.items())[:5]}")
+    assert on_drained > 0, "no connection on the drained backend: the drain proved nothing"
+    assert answered_as_backup > 0, (
+        f"no owner query was answered by a backup after {victim.mux.name} died; survivors' logs: "
+        + " | ".join(m.log_tail(800) for m in survivors))
