@@ -857,10 +857,12 @@ class MuxDaemon:
         ms.append(peer)
         answered = Metric("lbagent_owner_queries_answered_total",
                           "Owner queries this mux answered, by the role it was asked in (backup: the "
-                          "asker's primary did not answer)", "counter")
+                          "asker's primary did not answer) and the source (record held, or table)", "counter")
         if self.peers is not None:
-            answered.add(self.peers.peer.counters.queries_as_primary, **{"as": "primary"})
-            answered.add(self.peers.peer.counters.queries_as_backup, **{"as": "backup"})
+            for role in ("primary", "backup"):
+                for source in ("record", "table"):
+                    answered.add(self.peers.peer.counters.owner_answers(role, source),
+                                 **{"as": role, "source": source})
         ms.append(answered)
         ms.append(Metric("lbagent_flow_records", "Flow records held")
                   .add(len(self.store) if self.store is not None else 0))

@@ -351,10 +351,18 @@ class PeerCounters:
     timeouts: int = 0
     backup_retries: int = 0
     answered: int = 0
-    # Owner queries this mux answered, by the role it was asked in: "backup" when the asker had
-    # asked the flow's primary owner first and got no answer (the primary is gone or mute).
-    queries_as_primary: int = 0
-    queries_as_backup: int = 0
+    # Owner queries this mux answered, by (role it was asked in, where the answer came from):
+    # role "backup" when the asker had asked the flow's primary owner first and got no answer
+    # (the primary is gone or mute); source "record" when a record held here answered, "table"
+    # when none did (the oldest table's backend, now recorded, or the hint when degraded).
+    answered_primary_record: int = 0
+    answered_primary_table: int = 0
+    answered_backup_record: int = 0
+    answered_backup_table: int = 0
+
+    def owner_answers(self, role: str, source: str) -> int:
+        """Owner queries answered as `role` (primary, backup) from `source` (record, table)."""
+        return getattr(self, f"answered_{role}_{source}")
 
     def dropped(self) -> int:
         return (self.malformed + self.bad_mac + self.stale + self.replayed + self.unknown_sender
@@ -579,10 +587,9 @@ class PeerNode:
         if mtype == MsgType.QUERY:
             answer = self.handler.on_query(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
                                            _str(p, "h"))
-            if p.get("as") == "backup":
-                self.counters.queries_as_backup += 1
-            else:
-                self.counters.queries_as_primary += 1
+            counter = (f"answered_{'backup' if p.get('as') == 'backup' else 'primary'}_"
+                       f"{'record' if answer[1] == 'found' else 'table'}")
+            setattr(self.counters, counter, getattr(self.counters, counter) + 1)
             return answer
         if mtype == MsgType.RECORD:
             return self.handler.on_record(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),

@@ -1,7 +1,9 @@
 """A pool of four kernel muxes (issue 12, acceptance 2): 300 long-lived connections, a backend
 added and another drained while one mux is killed with kill -9 in the middle of the transition.
-Nothing breaks, and the flows whose primary owner died were answered by their backup owner (the
-survivors' `lbagent_owner_queries_answered_total{as="backup"}`).
+Connections opened during the transition (some on the new backend, which no old table names)
+depend on their owner records: after the kill, the flows whose primary owner died are answered
+by their backup owner from its replica (the survivors'
+`lbagent_owner_queries_answered_total{as="backup",source="record"}`). Nothing breaks.
 
 Every wait is for an event (a generation applied, a route, an exchange round, a replica present at
 the backup) with a generous bound; no assertion depends on the machine's speed."""
@@ -29,10 +31,11 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 VIP = "203.0.113.12"
 LISTENER = 41
-CONNECTIONS = 300
+CONNECTIONS = 300  # long-lived, opened before any change
+FRESH = 100  # opened during the transition, after the add
 DRAIN_S = 600  # longer than the test: the drained backend's connections must live throughout
 BOUND_S = 90  # generous bound for any single event on a loaded machine
-AS_BACKUP = {"as": "backup"}
+BACKUP_FROM_RECORD = {"as": "backup", "source": "record"}
 
 
 def _doc(gen: int, backends: list[dict], previous: tuple[int, list[dict]] | None) -> dict:
@@ -79,12 +82,16 @@ def test_kill_9_of_one_of_four_muxes_mid_transition_breaks_nothing_and_backups_a
     cluster.set_vip(_doc(1, gen1, None))
     wait_route(lab, VIP, [m.address for m in lab.muxes], timeout_s=BOUND_S)
     conns = LongConnections(lab.clients[0].netns, VIP, CONNECTIONS)
+    fresh: LongConnections | None = None
     assert conns.broken == {}, f"broken before any change: {list(conns.broken.items())[:5]}"
     try:
         conns.start_background()
         gen2 = [*gen1, backend_doc(web4)]  # add a backend: about a quarter of the buckets move
         cluster.set_vip(_doc(2, gen2, (1, gen1)))
+        fresh = LongConnections(lab.clients[0].netns, VIP, FRESH)
+        fresh.start_background()
         conns.settle(2)  # every moved flow has sent a packet: its owner has recorded it
+        fresh.settle(2)
         records = cluster.total("lbagent_flow_records")
         assert records > 0, "no flow was recorded at its owner after the add"
         wait_until(lambda: not _unreplicated(cluster, ownership), timeout_s=BOUND_S,
@@ -96,27 +103,36 @@ def test_kill_9_of_one_of_four_muxes_mid_transition_breaks_nothing_and_backups_a
                      for m in cluster.muxes}
         victim = max(cluster.muxes, key=lambda m: primaries[m.mux.name])
         survivors = [m for m in cluster.muxes if m is not victim]
-        backup_before = sum(m.metric("lbagent_owner_queries_answered_total", **AS_BACKUP) for m in survivors)
+        backup_before = sum(m.metric("lbagent_owner_queries_answered_total", **BACKUP_FROM_RECORD)
+                            for m in survivors)
         killed_round = conns.rounds
         victim.kill9_with_bgp()  # daemon and ExaBGP: the route goes, the kernel tables stay
         gen3 = [backend_doc(web1, state="draining"), *gen2[1:]]  # drain another, mid-transition
         cluster.set_vip(_doc(3, gen3, (2, gen2)))  # published to the three running muxes
         wait_route(lab, VIP, [m.mux.address for m in survivors], timeout_s=BOUND_S)
         conns.settle(3)
-        answered_as_backup = sum(m.metric("lbagent_owner_queries_answered_total", **AS_BACKUP)
+        fresh.settle(3)
+        answered_as_backup = sum(m.metric("lbagent_owner_queries_answered_total", **BACKUP_FROM_RECORD)
                                  for m in survivors) - backup_before
         retries = sum(m.metric("lbagent_peer_messages_total", outcome="backup_retries") for m in survivors)
         on_drained = sum(1 for b in conns.backend if b == web1.name)
+        on_new = sum(1 for b in fresh.backend if b == web4.name)
     finally:
         conns.close()
+        if fresh is not None:
+            fresh.close()
         cluster.remove_vip(VIP)
     print(f"\npool of {POOL_MUXES}: killed {victim.mux.name} (primary of {primaries[victim.mux.name]} "
           f"records; {records:.0f} records held before), {len(conns.broken)} of {CONNECTIONS} broken, "
-          f"{on_drained} on the drained backend; {answered_as_backup:.0f} owner queries answered by "
-          f"a backup owner after the kill, {retries:.0f} backup retries")
+          f"{on_drained} on the drained backend; {len(fresh.broken)} of {FRESH} opened during the "
+          f"transition broken ({on_new} on the new backend); {answered_as_backup:.0f} owner queries "
+          f"answered by a backup owner from its replica after the kill, {retries:.0f} backup retries")
     assert conns.broken == {}, (f"{len(conns.broken)} broke (kill at round {killed_round}): "
                                 f"{list(conns.broken.items())[:5]}")
+    assert fresh.broken == {}, f"opened during the transition, broken: {list(fresh.broken.items())[:5]}"
     assert on_drained > 0, "no connection on the drained backend: the drain proved nothing"
+    assert on_new > 0, "no connection opened on the new backend: no flow needed its record"
     assert answered_as_backup > 0, (
-        f"no owner query was answered by a backup after {victim.mux.name} died; survivors' logs: "
+        f"no owner query was answered by a backup from its replica after {victim.mux.name} died; "
+        "survivors' logs: "
         + " | ".join(m.log_tail(800) for m in survivors))

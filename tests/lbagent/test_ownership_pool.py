@@ -157,3 +157,47 @@ def test_when_a_primary_goes_its_backup_becomes_primary_for_most_of_its_buckets(
     old_backup = np.asarray(old.muxes, dtype=object)[old.backup[lost]]
     new_primary = np.asarray(new.muxes, dtype=object)[new.primary[lost]]
     assert np.array_equal(old_backup, new_primary)
+
+
+# --- the backup answers in the primary's place, and says so ----------------------------------
+
+def test_a_backup_counts_the_queries_it_answers_for_a_silent_primary():
+    """Real UDP on loopback: the primary's address answers nothing (its mux is gone), so the
+    asker retries at the backup, which answers from its replica and counts it as a backup answer
+    from a record; a query to a live primary counts as a primary answer."""
+    import asyncio
+    import socket
+
+    from lbagent.peer import PeerNode
+
+    key = b"k" * 32
+    flow = (0x0A5B0102, 0xCB00710C, 6, 40000, 80)
+
+    async def scenario():
+        backup_store = RecordStore(max_records=100)
+        backup_store.put_first((7, flow), "web-4", 11, 100.0, replica=True)
+        backup = PeerNode("mux-b", key, FlowOwner("mux-b", backup_store, lambda _lid: None))
+        asker = PeerNode("mux-c", key, FlowOwner("mux-c", RecordStore(max_records=100), lambda _lid: None),
+                         timeout_s=0.5)
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never read: a dead primary
+        silent.bind(("127.0.0.1", 0))
+        try:
+            await backup.start()
+            await asker.start()
+            backup.peers = {"mux-c": asker.address}
+            asker.peers = {"mux-a": silent.getsockname(), "mux-b": backup.address}
+            via_backup = await asker.query("mux-a", "mux-b", 7, flow, 11, "web-1")
+            direct = await asker.query("mux-b", None, 7, flow, 11, "web-1")
+            return via_backup, direct, backup.counters, asker.counters
+        finally:
+            backup.close()
+            asker.close()
+            silent.close()
+
+    via_backup, direct, answers, asker = asyncio.run(scenario())
+    assert (via_backup.backend, via_backup.status, via_backup.answered_by) == ("web-4", "found", "mux-b")
+    assert direct.backend == "web-4"
+    assert (answers.owner_answers("backup", "record"), answers.owner_answers("primary", "record")) == (1, 1)
+    assert answers.owner_answers("backup", "table") == answers.owner_answers("primary", "table") == 0
+    assert asker.backup_retries == 1
+    assert asker.timeouts == 1
