@@ -181,6 +181,10 @@ class MuxDaemon:
         self.mux_mac = ""
         self._slow_keys: list[tuple[str, str, int]] = []
         self._last_good: dict[str, Vip] = {}  # VIP address -> the last state of it in the kernel
+        # listener id -> every backend its live tables name (current and old): a listener changed
+        # again during its drain keeps an old table whose backends neither the new generation nor
+        # its `previous` lists, and their addresses and MACs are still needed.
+        self._backends_in_tables: dict[int, dict[str, Backend]] = {}
         self._refused: dict[str, str] = {}  # VIP address -> why its desired state is not applied
         self.running_generations: dict[int, int] = {}  # listener id -> generation in the kernel (0: none)
         self.listener_errors: dict[int, str] = {}  # listener id -> why it is not at its generation
@@ -420,6 +424,11 @@ class MuxDaemon:
                                           np.full(listener.table_size_in(self.state.cluster), -1,
                                                   dtype=np.int32)))
                 continue
+            known = self._backends_in_tables.get(listener.id, {})
+            for n in tables.names:
+                if n not in by_name and n in known:
+                    by_name[n] = known[n]
+            self._backends_in_tables[listener.id] = {n: by_name[n] for n in tables.names}
             backends = tuple((by_name[n].address, self._mac_of(by_name[n])) for n in tables.names)
             tables_of[listener.id] = tables
             unstable = tables.unstable_buckets() if tables.in_transition else None

@@ -136,3 +136,45 @@ def test_kill_9_of_one_of_four_muxes_mid_transition_breaks_nothing_and_backups_a
         f"no owner query was answered by a backup from its replica after {victim.mux.name} died; "
         "survivors' logs: "
         + " | ".join(m.log_tail(800) for m in survivors))
+
+
+def test_a_listener_changed_again_during_its_drain_is_applied_and_keeps_serving(pool):
+    """Found by `bench/propagation.py --kernel`: a listener changed three times within its drain
+    (A -> B -> C) keeps table A alive, whose replaced backend neither C nor its `previous` (B)
+    lists. Every mux must still apply C (it refused the whole generation and withdrew its routes),
+    and connections opened on A keep their backend."""
+    cluster = pool
+    lab = cluster.lab
+    web1, web2, web3, web4, *_ = lab.backends
+    vip, lid = "203.0.113.16", 42
+    gen_a = [backend_doc(web1), backend_doc(web2)]
+    gen_b = [backend_doc(web3), backend_doc(web2)]  # web-1 replaced
+    gen_c = [backend_doc(web3), backend_doc(web4)]  # web-2 replaced; A still names web-1
+
+    def doc(gen: int, backends: list[dict], previous: list[dict] | None) -> dict:
+        prev = None if previous is None else {"generation": gen - 1, "backends": previous,
+                                              "drain_deadline": time.time() + DRAIN_S}
+        return vip_doc(vip, [listener_doc(lid, backends, generation=gen, drain_timeout_s=DRAIN_S,
+                                          previous=prev)])
+
+    cluster.set_vip(doc(1, gen_a, None))
+    wait_route(lab, vip, [m.address for m in lab.muxes], timeout_s=BOUND_S)
+    conns = LongConnections(lab.clients[0].netns, vip, 50)
+    errors_before = {m.mux.name: m.metric("lbagent_apply_errors_total") for m in cluster.muxes}
+    try:
+        cluster.set_vip(doc(2, gen_b, gen_a))
+        conns.exchange_round()
+        generation = cluster.set_vip(doc(3, gen_c, gen_b))  # waits for every mux to apply it
+        conns.exchange_round()
+        refused = [m.mux.name for m in cluster.muxes
+                   if m.metric("lbagent_apply_errors_total") > errors_before[m.mux.name]]
+        routes = lab.router_routes(vip)
+    finally:
+        conns.close()
+        cluster.remove_vip(vip)
+    assert generation > 0
+    assert refused == [], f"muxes that failed an apply: {refused}"
+    assert routes == sorted(m.address for m in lab.muxes), f"routes after the third change: {routes}"
+    on_web1 = sum(1 for b in conns.backend if b == web1.name)
+    assert on_web1 > 0
+    assert conns.broken == {}, f"broken: {list(conns.broken.items())[:5]}"
