@@ -137,8 +137,15 @@ class TenantClient:
     def put_backends(self, listener_id: int, backends: list[dict]) -> float:
         body = json.dumps({"backends": backends}).encode()
         started = time.perf_counter()
-        self._connection.request("PUT", f"/api/listeners/{listener_id}/backends/", body, self._headers)
-        response = self._connection.getresponse()
+        try:
+            self._connection.request("PUT", f"/api/listeners/{listener_id}/backends/", body, self._headers)
+            response = self._connection.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # The server closes a connection idle for 5 s (a slow ACTIVE before this call): the
+            # PUT is idempotent, send it again on a new connection (its handshake is in the figure).
+            self._connection.close()
+            self._connection.request("PUT", f"/api/listeners/{listener_id}/backends/", body, self._headers)
+            response = self._connection.getresponse()
         response.read()
         assert response.status == 200, response.status
         return time.perf_counter() - started
