@@ -13,6 +13,9 @@ measured in the same run.
    kernel and the senders alone on the cores), and the records drained once they resume.
 4. The remaining userspace path: non-SYN packets of unknown flows in unstable buckets (NFQUEUE,
    decide, ask the owner, re-inject), packets/s.
+5. Beside ours (after 2): IPVS in direct-routing mode with its Maglev scheduler in the same mux
+   namespace, to the same backend (bench/ipvs.py): TCP, 64 B UDP, new connections/s; on a kernel
+   without IPVS it prints why and measures nothing.
 
 Usage: sudo .venv/bin/python bench/dataplane.py [--seconds 3] [--repeats 10] [--streams 1]
        [--flows 200000] [--senders 2]
@@ -33,6 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import ipvs  # bench/ipvs.py, beside this script
+
 from lbagent.core.flowhash import flow_buckets, ipv4_to_int
 from lbagent.core.transition import ListenerTables, OldTable, build_generation
 from lbagent.dataplane.nft import read_counters
@@ -51,6 +56,7 @@ from lbagent.lab.harness import (
 IPERF_PORT = 5201
 VIP_IPERF = "203.0.113.13"
 VIP_SLOW = "203.0.113.14"
+VIP_IPVS = "203.0.113.19"  # served by IPVS in mux-1's namespace (bench/ipvs.py), never by our daemon
 
 
 def iperf(lab: topology.Lab, target: str, seconds: int, udp: bool = False, streams: int = 1) -> dict:
@@ -160,6 +166,59 @@ def python_cost_per_packet(tables: ListenerTables, count: int = 20_000) -> tuple
     return per_packet, (time.perf_counter() - t0)
 
 
+def ipvs_beside_ours(lab: topology.Lab, cluster: LabCluster, args: argparse.Namespace,
+                     results: dict[str, float]) -> None:
+    """The same TCP, 64 B UDP and new-connection figures through IPVS (DR, Maglev scheduler) in
+    mux-1's namespace, to the same backend (bench/ipvs.py); or why IPVS cannot run here."""
+    reason = ipvs.unavailable(cluster.muxes[0].mux.netns)
+    if reason is not None:
+        print(f"IPVS (DR, -s mh) beside ours: not measured: {reason}")
+        return
+    mux, web1 = cluster.muxes[0].mux, lab.backends[0]
+    lab.spawn(f"iperf-{VIP_IPVS}", web1.netns, ["iperf3", "-s", "-p", str(IPERF_PORT), "-B", VIP_IPVS])
+    tcp = ipvs.setup_dr_service(mux.netns, VIP_IPVS, IPERF_PORT, [web1.address])
+    ipvs.IpvsService(mux.netns, VIP_IPVS, IPERF_PORT, "udp").add()
+    ipvs.IpvsService(mux.netns, VIP_IPVS, IPERF_PORT, "udp").add_real(web1.address)
+    # Our daemon never announces this VIP: a static route sends it to mux-1 alone.
+    netns.run(["ip", "route", "replace", f"{VIP_IPVS}/32", "via", mux.address], netns=lab.router.netns)
+    try:
+        ours, theirs = [], []
+        for i in range(args.repeats):
+            order = [(ours, VIP_IPERF), (theirs, VIP_IPVS)]
+            for out, target in order if i % 2 == 0 else order[::-1]:
+                out.append(tcp_gbps(iperf(lab, target, args.seconds, streams=args.streams)))
+        o, t = statistics.median(ours), statistics.median(theirs)
+        u_t = udp_pps(iperf(lab, VIP_IPVS, args.seconds, udp=True), args.seconds)
+        results.update(ipvs_tcp_gbps=t, ipvs_udp_pps=u_t)
+        print(f"IPVS (DR, -s mh) in the same mux namespace: TCP {t:.2f} Gbit/s (ours {o:.2f} in the same "
+              f"ABBA runs, ratio ours/IPVS {o / t:.2f}); UDP 64 B {u_t:,.0f} packets/s "
+              f"(ours above: {results['udp_via_mux_pps']:,.0f}/s)")
+        flows = [(ipv4_to_int(f"10.{100 + k // 60000}.{(k // 250) % 240}.{k % 250 + 1}"), 1024 + k % 60000)
+                 for k in range(args.flows)]
+        frames = tcp_frames(mux.mac, lab.router.mac, flows, VIP_IPVS, port=IPERF_PORT)
+        before = _ipvs_connections(mux.netns, tcp)
+        t0 = time.monotonic()
+        sent_s = send_frames(lab.router.netns, "br0", frames, processes=args.senders)
+        done, last = settle(lambda: _ipvs_connections(mux.netns, tcp), before)
+        rate = (done - before) / max(sent_s, last - t0)
+        results.update(ipvs_new_connections_per_s=rate)
+        print(f"IPVS new connections (SYNs of distinct flows): {done - before:,.0f} of {len(frames):,} "
+              f"at {rate:,.0f}/s; offered {len(frames) / sent_s:,.0f}/s")
+    finally:
+        netns.run(["ip", "route", "del", f"{VIP_IPVS}/32"], netns=lab.router.netns, check=False)
+        ipvs.clear(mux.netns)
+
+
+def _ipvs_connections(ns: str, svc: ipvs.IpvsService) -> float:
+    """Connections IPVS scheduled for a service so far (`ipvsadm -Ln --stats --exact`)."""
+    out = netns.run(["ipvsadm", "-Ln", "--stats", "--exact", *svc.spec], netns=ns).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] in ("TCP", "UDP"):
+            return float(fields[2])
+    raise RuntimeError(f"no service line in ipvsadm output: {out[:300]!r}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,6 +280,8 @@ def main() -> int:
         results.update(udp_via_mux_pps=u_via, udp_direct_pps=u_direct, udp_ratio=u_via / u_direct)
         print(f"UDP 64-byte packets received through a mux: {u_via:,.0f}/s; direct: {u_direct:,.0f}/s; "
               f"ratio {u_via / u_direct:.2f}")
+
+        ipvs_beside_ours(lab, cluster, args, results)
 
         # New flows: SYNs of distinct flows in unstable buckets, straight at mux-1's MAC.
         size = TABLE_SIZE

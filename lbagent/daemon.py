@@ -197,6 +197,10 @@ class MuxDaemon:
         self._saved_last_good: dict[str, Vip] | None = None  # what last-good.json holds
         self._state_write_error: str | None = None  # why last-good.json could not be written
         self.state_write_errors = 0
+        # listener id -> every backend its live tables name (current and old): a listener changed
+        # again during its drain keeps an old table whose backends neither the new generation nor
+        # its `previous` lists, and their addresses and MACs are still needed.
+        self._backends_in_tables: dict[int, dict[str, Backend]] = {}
         self._refused: dict[str, str] = {}  # VIP address -> why its desired state is not applied
         self.running_generations: dict[int, int] = {}  # listener id -> generation in the kernel (0: none)
         self.listener_errors: dict[int, str] = {}  # listener id -> why it is not at its generation
@@ -436,6 +440,11 @@ class MuxDaemon:
                                           np.full(listener.table_size_in(self.state.cluster), -1,
                                                   dtype=np.int32)))
                 continue
+            known = self._backends_in_tables.get(listener.id, {})
+            for n in tables.names:
+                if n not in by_name and n in known:
+                    by_name[n] = known[n]
+            self._backends_in_tables[listener.id] = {n: by_name[n] for n in tables.names}
             backends = tuple((by_name[n].address, self._mac_of(by_name[n])) for n in tables.names)
             tables_of[listener.id] = tables
             unstable = tables.unstable_buckets() if tables.in_transition else None
@@ -919,6 +928,15 @@ class MuxDaemon:
                 peer.add(getattr(c, outcome), outcome=outcome)
             peer.add(c.dropped(), outcome="dropped")
         ms.append(peer)
+        answered = Metric("lbagent_owner_queries_answered_total",
+                          "Owner queries this mux answered, by the role it was asked in (backup: the "
+                          "asker's primary did not answer) and the source (record held, or table)", "counter")
+        if self.peers is not None:
+            for role in ("primary", "backup"):
+                for source in ("record", "table"):
+                    answered.add(self.peers.peer.counters.owner_answers(role, source),
+                                 **{"as": role, "source": source})
+        ms.append(answered)
         ms.append(Metric("lbagent_flow_records", "Flow records held")
                   .add(len(self.store) if self.store is not None else 0))
         ms.append(Metric("lbagent_listeners_in_transition", "Listeners with an old table still draining")

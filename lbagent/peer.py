@@ -16,7 +16,8 @@ REPLICATE are requests; RECORDS and REPLICATE carry their records packed (`Recor
 fixed 23-byte rows, base64, plus the backend names they index, inside the JSON payload;
 the JSON list form "r" of the previous version is still accepted). ANSWER (to QUERY/RECORD)
 and ACK (to REPLICATE/RECORDS) are responses and must carry the request id of a request we
-sent to that sender.
+sent to that sender. A QUERY sent to the backup owner after the primary did not answer carries
+"as": "backup", so the backup counts the answers it gives in the primary's place.
 """
 
 from __future__ import annotations
@@ -350,6 +351,18 @@ class PeerCounters:
     timeouts: int = 0
     backup_retries: int = 0
     answered: int = 0
+    # Owner queries this mux answered, by (role it was asked in, where the answer came from):
+    # role "backup" when the asker had asked the flow's primary owner first and got no answer
+    # (the primary is gone or mute); source "record" when a record held here answered, "table"
+    # when none did (the oldest table's backend, now recorded, or the hint when degraded).
+    answered_primary_record: int = 0
+    answered_primary_table: int = 0
+    answered_backup_record: int = 0
+    answered_backup_table: int = 0
+
+    def owner_answers(self, role: str, source: str) -> int:
+        """Owner queries answered as `role` (primary, backup) from `source` (record, table)."""
+        return getattr(self, f"answered_{role}_{source}")
 
     def dropped(self) -> int:
         return (self.malformed + self.bad_mac + self.stale + self.replayed + self.unknown_sender
@@ -493,6 +506,8 @@ class PeerNode:
         for n, target in enumerate(targets):
             if n:
                 self.counters.backup_retries += 1
+                # The backup learns it answers in the primary's place (its metric counts that).
+                payload = {**payload, "as": "backup"}
             if target == self.name:
                 backend, status = self._handle_request(mtype, self.name, payload)
                 return PeerAnswer(backend, status, self.name)
@@ -570,8 +585,12 @@ class PeerNode:
 
     def _handle_request(self, mtype: MsgType, sender: str, p: Mapping[str, Any]) -> tuple[str, str]:
         if mtype == MsgType.QUERY:
-            return self.handler.on_query(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
-                                         _str(p, "h"))
+            answer = self.handler.on_query(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
+                                           _str(p, "h"))
+            counter = (f"answered_{'backup' if p.get('as') == 'backup' else 'primary'}_"
+                       f"{'record' if answer[1] == 'found' else 'table'}")
+            setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+            return answer
         if mtype == MsgType.RECORD:
             return self.handler.on_record(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
                                           _str(p, "be"))

@@ -5,7 +5,7 @@
 set -euo pipefail
 groups="${*:-all}"
 declare -A PKGS
-PKGS[network]="nftables iptables iproute2 bird2 iperf3 curl tcpdump ethtool libnetfilter-queue-dev build-essential"
+PKGS[network]="nftables iptables iproute2 bird2 iperf3 curl tcpdump ethtool libnetfilter-queue-dev build-essential ipvsadm"
 PKGS[virt]="qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config ovmf"
 PKGS[standin]="openssh-server openssh-client sudo busybox-static kmod cpio fdisk extlinux syslinux syslinux-common dosfstools mtools grub-efi-amd64-bin grub-common e2fsprogs smartmontools"
 # A real Debian guest as the P2V source (tests/realguest): built with debootstrap; XFS/LVM roots.

@@ -1,5 +1,7 @@
 """One lab per test session (the same builder as `lbagent lab up`), and both mux daemons running
-on it; each test publishes its own VIP through `cluster` and removes it when done."""
+on it; each test publishes its own VIP through `cluster` and removes it when done. Tests of mux
+pools ask for `pool_cluster` instead: a second lab with POOL_MUXES muxes, built once per session
+only when a test asks for it."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import pytest
 from lbagent.lab import topology
 from lbagent.lab.harness import LabCluster
 from tests.environment import need, need_binary, need_root
+
+POOL_MUXES = 4  # issue 12: ownership and replication are only risky with more than two muxes
 
 
 def _lab_prerequisites() -> None:
@@ -43,6 +47,27 @@ def lab() -> Iterator[topology.Lab]:
 @pytest.fixture(scope="session")
 def cluster(lab: topology.Lab) -> Iterator[LabCluster]:
     c = LabCluster(lab)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture(scope="session")
+def pool_lab() -> Iterator[topology.Lab]:
+    """A lab of POOL_MUXES muxes (its own prefix and namespaces, beside the two-mux `lab`)."""
+    _lab_prerequisites()
+    built = topology.build(mux_count=POOL_MUXES)
+    try:
+        yield built
+    finally:
+        topology.teardown(built)
+
+
+@pytest.fixture(scope="session")
+def pool_cluster(pool_lab: topology.Lab) -> Iterator[LabCluster]:
+    c = LabCluster(pool_lab)
     c.start()
     try:
         yield c
