@@ -35,7 +35,9 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.django_db]
 
 VIP = "203.0.113.17"  # not used by the other lab tests
 DRAIN_S = 120  # longer than the test: connections on the removed backend drain, not break
-PROPAGATION_BUDGET_S = 5.0  # REST call -> both kernels applied and acknowledged -> ACTIVE
+# REST call -> both kernels applied and acknowledged -> ACTIVE: a generous bound on the event, not a
+# speed goal (bench/propagation.py --kernel measures the speed; this test printed 0.9-2.3 s idle).
+PROPAGATION_BOUND_S = 120.0
 SHORT_CONNECTIONS = 200
 LONG_CONNECTIONS = 24
 
@@ -205,7 +207,7 @@ def test_a_tenant_replaces_backends_over_rest_and_lab_traffic_follows(portal_lab
         code, body = portal_lab.api("PUT", f"/api/listeners/{portal_lab.listener_id}/backends/",
                                     {"backends": [_backend(web2), _backend(web3)]})
         assert code == 200, body
-        node = wait_for(lambda: portal_lab.settled(newer_than=generation_before), PROPAGATION_BUDGET_S,
+        node = wait_for(lambda: portal_lab.settled(newer_than=generation_before), PROPAGATION_BOUND_S,
                         "both muxes to apply and acknowledge the new backends (listener ACTIVE)")
         propagation_s = time.monotonic() - started
         apply_s = {m.mux.name: round(m.metric("lbagent_last_apply_seconds"), 3) for m in portal_lab.muxes}
@@ -217,7 +219,7 @@ def test_a_tenant_replaces_backends_over_rest_and_lab_traffic_follows(portal_lab
             # The portal may push a newer document meanwhile (a health report): wait until the
             # config file and the applied generation agree, then check its content.
             wait_for(lambda mux=mux: mux.metric("lbagent_config_generation")
-                     == json.loads(mux.config.read_text())["generation"], 10,
+                     == json.loads(mux.config.read_text())["generation"], PROPAGATION_BOUND_S,
                      f"{mux.mux.name} to apply the configuration it wrote")
             applied = json.loads(mux.config.read_text())
             listener = next(li for v in applied["vips"] for li in v["listeners"]
