@@ -21,11 +21,8 @@ import csv
 import json
 import os
 import random
-import secrets
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -34,36 +31,12 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from load import REPO_ROOT, admin_execute, current_code, database_url, percentile, seed  # noqa: E402
+from stack import BenchStack, current_code, percentile, rss_and_fds, tree  # noqa: E402
 
 SAMPLE_EVERY_S = 10.0
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def rss_and_fds(pids: list[int]) -> tuple[float, int]:
-    """Summed resident memory (MiB) and open file descriptors of these processes."""
-    rss_kib, fds = 0, 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss_kib += int(line.split()[1])
-            fds += len(os.listdir(f"/proc/{pid}/fd"))
-        except OSError:
-            continue  # it exited between the listing and the read
-    return rss_kib / 1024, fds
+# A kept-alive connection idle longer than this is replaced before the next change: uvicorn closes
+# it after 5 s (--timeout-keep-alive), and a slow propagation wait can last longer than that.
+KEEP_ALIVE_REUSE_S = 4.0
 
 
 def write_png(path: Path, series: dict[str, list[float]], width: int = 900, panel_h: int = 110) -> None:
@@ -156,7 +129,8 @@ def report(
             f"p95 {p95:.1f} ms; portal RSS {rows[-1]['portal_rss_mib']:.0f} MiB "
             f"fds {rows[-1]['portal_fds']}; "
             f"worker RSS {rows[-1]['worker_rss_mib']:.0f} MiB fds {rows[-1]['worker_fds']}; "
-            f"agent RSS (mean) {agents_rss:.0f} MiB; db connections {rows[-1]['db_connections']}"
+            f"agent RSS (mean) {agents_rss:.0f} MiB; db connections {rows[-1]['db_connections']}; "
+            f"machine load average {min(r['load1'] for r in rows):.1f}-{max(r['load1'] for r in rows):.1f}"
         )
     if samples:
         first, last = samples[0], samples[-1]
@@ -208,65 +182,15 @@ def main() -> int:
     if args.minutes <= 0 or args.rate <= 0 or args.window_minutes <= 0:
         print("--minutes, --rate and --window-minutes must be positive", file=sys.stderr)
         return 2
-    db_name = f"bench_soak_{os.getpid()}"
-    admin_execute(base_db, f'CREATE DATABASE "{db_name}"')
-    url = database_url(base_db, db_name)
-    os.environ["DATABASE_URL"] = url
-    os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
-    os.environ["DATACENTER_LOG_LEVEL"] = os.environ.get("BENCH_LOG_LEVEL", "WARNING")
-    import django
+    stack = BenchStack("bench_soak", tenants=1, vips=args.vips, clients=1, agents=args.agents, workers=2)
+    print(f"code: {args.code}", flush=True)
+    with stack:
+        import psycopg
 
-    django.setup()
-    import psycopg
-
-    from tests.push.stack import AgentProcess, PortalServer
-
-    workdir = Path(tempfile.mkdtemp(prefix="bench-soak-"))
-    portal, agents, worker = None, [], None
-    try:
-        clients_seed, tokens = seed(1, args.vips, 1, args.agents)
-        key, listener_ids = clients_seed[0]
-        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-        env.update({"DATACENTER_EMBEDDED_WORKER": "0", "PYTHONPATH": str(REPO_ROOT)})
-        portal = PortalServer(env=env, workdir=workdir, workers=2)
-        portal.start()
-        with (workdir / "worker.log").open("w") as log:
-            worker = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "datacenter.celery:app",
-                    "worker",
-                    "--pool",
-                    "threads",
-                    "--concurrency",
-                    "2",
-                    "--loglevel",
-                    "WARNING",
-                    "-n",
-                    f"soak-{os.getpid()}@%h",
-                ],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        agents = [
-            AgentProcess(
-                name,
-                token,
-                portal,
-                workdir,
-                write_applied_file=False,
-                extra_args=("--no-tables", "--no-health", "--log-level", "WARNING"),
-            )
-            for name, token in tokens.items()
-        ]
-        for agent in agents:
-            agent.start()
+        portal, worker, agents, url, db_name = (
+            stack.portal, stack.worker, stack.agents, stack.url, stack.db_name
+        )
+        key, listener_ids = stack.client_seed[0]
         db = psycopg.connect(url, autocommit=True)
 
         def status(listener_id: int) -> str:
@@ -274,17 +198,10 @@ def main() -> int:
                 "SELECT provisioning_status FROM loadbalancing_listener WHERE id = %s", [listener_id]
             ).fetchone()[0]
 
-        deadline = time.monotonic() + 120
-        while db.execute(
-            "SELECT count(*) FROM loadbalancing_agentnode WHERE applied_generation IS NULL"
-        ).fetchone()[0]:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"agents did not sync: {agents[0].log()[-2000:]}")
-            time.sleep(0.2)
-
         import http.client
 
         connection = http.client.HTTPConnection("127.0.0.1", portal.port, timeout=60)
+        last_used = time.monotonic()
         headers = {"Authorization": f"Token {key}", "Content-Type": "application/json"}
         propagation: list[tuple[float, float]] = []  # (elapsed since start, seconds)
         errors: list[str] = []
@@ -295,11 +212,11 @@ def main() -> int:
         def sample() -> None:
             with psycopg.connect(url, autocommit=True) as own:
                 while not stop.is_set():
-                    portal_pids = [portal.process.pid, *children(portal.process.pid)]
-                    row = {"t": round(time.monotonic() - started, 1)}
+                    portal_pids = tree(portal.process.pid)
+                    row = {"t": round(time.monotonic() - started, 1), "load1": os.getloadavg()[0]}
                     row["portal_rss_mib"], row["portal_fds"] = rss_and_fds(portal_pids)
                     row["worker_rss_mib"], row["worker_fds"] = rss_and_fds(
-                        [worker.pid, *children(worker.pid)]
+                        tree(worker.pid)
                     )
                     for agent in agents:
                         row[f"{agent.name}_rss_mib"], row[f"{agent.name}_fds"] = rss_and_fds(
@@ -327,6 +244,9 @@ def main() -> int:
                 {"address": f"10.201.{change % 250}.{b + 1}", "port": 8080} for b in range(1 + change % 3)
             ]
             t0 = time.monotonic()
+            if t0 - last_used > KEEP_ALIVE_REUSE_S:  # uvicorn closes idle connections after 5 s
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", portal.port, timeout=60)
             try:
                 connection.request(
                     "PUT",
@@ -336,6 +256,7 @@ def main() -> int:
                 )
                 response = connection.getresponse()
                 body = response.read()
+                last_used = time.monotonic()
             except (OSError, http.client.HTTPException) as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
                 connection = http.client.HTTPConnection("127.0.0.1", portal.port, timeout=60)
@@ -355,18 +276,6 @@ def main() -> int:
 
         report(args, change, errors, propagation, samples, [a.name for a in agents])
         db.close()
-    finally:
-        for agent in agents:
-            agent.stop()
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            worker.wait(timeout=30)
-        if portal is not None:
-            portal.stop()
-        from django.db import connections
-
-        connections.close_all()
-        admin_execute(base_db, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
     return 0
 
 

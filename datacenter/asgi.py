@@ -18,6 +18,8 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.http.request import validate_host  # noqa: E402
 
+from datacenter.api.concurrency import HttpConcurrencyLimit  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 
@@ -118,7 +120,7 @@ class Lifespan:
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": HttpConcurrencyLimit(django_asgi_app, settings.DATACENTER_HTTP_CONCURRENCY),
         "websocket": BrowserOriginGuard(AuthMiddlewareStack(URLRouter(_websocket_urlpatterns()))),
         "lifespan": Lifespan(),
     }

@@ -19,6 +19,8 @@ Environment variables:
   DATACENTER_API_TOKEN_RATE  API calls per token, default "20000/min" ("off" disables; 429 + Retry-After)
   DATACENTER_METRICS_TOKEN   bearer token a Prometheus scraper presents at /metrics (operators need none)
   DATACENTER_TOKEN_GRACE_S   seconds a rotated API/agent token keeps working, default 0 (?grace_s= per call)
+  DATACENTER_HTTP_CONCURRENCY  HTTP requests one web process runs at once, default 16 (the others
+                             wait their turn, none is refused; 0: no limit; datacenter/api/concurrency.py)
   DATACENTER_LOGIN_RATE      login POSTs per client address and user name, default "30/min"
                              (ten times that per address alone)
 """
@@ -95,6 +97,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Keeps the chain sync under ASGI (one thread hand-over instead of ~8 per request): see its doc.
+    "datacenter.api.middleware.SyncChainEnd",
 ]
 
 ROOT_URLCONF = "datacenter.urls"
@@ -271,6 +275,11 @@ if REDIS_URL:
                           "KEY_PREFIX": "dc-cache"}}
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# HTTP requests one web process runs at once (datacenter/api/concurrency.py). 16: below the
+# database pool's 20, so requests beyond it wait in the event loop instead of for a connection
+# (10 s, then an error), and the agent connections' acknowledgements always find one.
+DATACENTER_HTTP_CONCURRENCY = int(os.environ.get("DATACENTER_HTTP_CONCURRENCY", "16"))
 
 # High defaults: abuse protection, never a limit the suite or the benchmarks meet.
 DATACENTER_API_TOKEN_RATE = os.environ.get("DATACENTER_API_TOKEN_RATE", "20000/min")

@@ -20,3 +20,24 @@ class RejectNulInQueryMiddleware:
                         {"detail": f"NUL characters are not allowed (query parameter {name!r}).",
                          "code": "invalid"}, status=400)
         return self.get_response(request)
+
+
+class SyncChainEnd:
+    """Last in MIDDLEWARE, sync only, does nothing: it keeps the whole middleware chain sync.
+
+    Under ASGI, Django runs a middleware that can be both sync and async in the mode of what it
+    wraps. The innermost handler is async, so CSRF, authentication, messages and X-Frame-Options
+    (all both) ran as async middleware, each calling its process_request/_view/_response through
+    sync_to_async: about eight thread hand-overs per request, which cost the API a measurable
+    share of its CPU under load (docs/bench-load.md). With a sync-only middleware innermost, the
+    chain is one sync_to_async for the whole chain and one async_to_sync around the view.
+    """
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)

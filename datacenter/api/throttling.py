@@ -1,8 +1,8 @@
 """Throttling: API calls per token, and login attempts per client, both answered 429 + Retry-After.
 
 Rates are "<count>/<s|min|hour|day>" from the environment (settings.py), high by default so the
-test suite and the benchmarks never meet them; "off" disables one. Counters live in Django's cache,
-which is Redis when REDIS_URL is set, so every web process shares them.
+test suite and the benchmarks never meet them; "off" disables one. Counters are fixed windows in
+Redis when REDIS_URL is set, so every web process shares them (Django's local cache otherwise).
 
 * API: each token has its own budget (DATACENTER_API_TOKEN_RATE); one noisy client cannot starve
   the others, and a session user (the dashboard) is not counted against any token.
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 
 from django.conf import settings
 from django.core.cache import cache
 from django.http import JsonResponse
-from rest_framework.throttling import SimpleRateThrottle
+from rest_framework.throttling import BaseThrottle
 
 from datacenter.tenancy.models import ApiToken
 
@@ -39,42 +40,66 @@ def parse_rate(rate: str | None) -> tuple[int, int] | None:
     return int(count), UNITS_S[unit]
 
 
-class TokenRateThrottle(SimpleRateThrottle):
-    """One budget per API token (DATACENTER_API_TOKEN_RATE, read per request so it can change)."""
+class TokenRateThrottle(BaseThrottle):
+    """One budget per API token (DATACENTER_API_TOKEN_RATE, read per request so it can change).
 
-    scope = "token"
+    A fixed-window counter: one Redis round trip per request (DRF's SimpleRateThrottle read and
+    rewrote the token's whole list of request times, two round trips and a pickle of up to
+    `count` floats). A client may send up to twice the rate across a window boundary, which is
+    fine for abuse protection, the only purpose of this limit.
+    """
 
-    def get_rate(self):
-        return getattr(settings, "DATACENTER_API_TOKEN_RATE", None)
+    wait_s: float | None = None
 
-    def parse_rate(self, rate):
-        parsed = parse_rate(rate)
-        return (None, None) if parsed is None else parsed
-
-    def allow_request(self, request, view):
-        self.num_requests, self.duration = self.parse_rate(self.get_rate())
-        if self.num_requests is None:  # "off"
-            return True
-        self.rate = self.get_rate()
+    def allow_request(self, request, view) -> bool:
+        parsed = parse_rate(getattr(settings, "DATACENTER_API_TOKEN_RATE", None))
+        if parsed is None or not isinstance(request.auth, ApiToken):
+            return True  # "off", or a session user / anonymous request: not a token's call
+        limit, window_s = parsed
+        # The hash prefix keeps keys unique even across databases sharing one Redis.
         try:
-            return super().allow_request(request, view)
-        except Exception as exc:  # any cache backend's outage, e.g. Redis restarting)
+            self.wait_s = _hit(f"throttle:token:{request.auth.key_hash[:24]}", limit, window_s, time.time())
+        except Exception as exc:  # any counter store's outage, e.g. Redis restarting
             # A per-token budget is fairness, not authentication: while its counters cannot be
             # read (Redis down) the API keeps answering instead of failing every call with 500.
-            logger.warning("API rate limit not enforced: its cache is unavailable (%s)", exc)
-            return True
+            logger.warning("API rate limit not enforced: its counters are unavailable (%s)", exc)
+            self.wait_s = None
+        return self.wait_s is None
 
-    def get_cache_key(self, request, view):
-        if not isinstance(request.auth, ApiToken):
-            return None  # session users and anonymous requests: not a token's call
-        return f"throttle:token:{request.auth.key_hash[:24]}"  # unique even across databases
+    def wait(self) -> float | None:
+        return self.wait_s
+
+
+_redis_lock = threading.Lock()
+_redis_client = None
+
+
+def _shared_redis():
+    """This process's client of REDIS_URL (thread-safe, made on first use), or None without Redis."""
+    global _redis_client
+    if not settings.REDIS_URL:
+        return None
+    with _redis_lock:
+        if _redis_client is None:
+            import redis
+
+            _redis_client = redis.Redis.from_url(
+                settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5
+            )
+        return _redis_client
 
 
 def _hit(key: str, limit: int, window_s: int, now: float) -> float | None:
     """Count one attempt in a fixed window; seconds to wait if over `limit`, else None."""
     window = int(now // window_s)
     cache_key = f"{key}:{window}"
-    if cache.add(cache_key, 1, timeout=window_s + 1):
+    client = _shared_redis()
+    if client is not None:  # INCR and EXPIRE in one round trip (Django's cache.incr takes three)
+        pipe = client.pipeline(transaction=False)
+        pipe.incr(f"dc-throttle:{cache_key}")
+        pipe.expire(f"dc-throttle:{cache_key}", window_s + 1)
+        count = pipe.execute()[0]
+    elif cache.add(cache_key, 1, timeout=window_s + 1):
         count = 1
     else:
         try:

@@ -330,3 +330,81 @@ class AgentNodeWithTokenSerializer(AgentNodeSerializer):
 
     class Meta(AgentNodeSerializer.Meta):
         fields = [*AgentNodeSerializer.Meta.fields, "token"]
+
+
+class _Row:
+    """A VIP list row from `.values()` with what `Vip.__str__` and the url field read (pk, name,
+    address): no model instance, no field descriptors."""
+
+    __slots__ = ("address", "name", "pk")
+
+    def __init__(self, pk: int, name: str, address: str) -> None:
+        self.pk, self.name, self.address = pk, name, address
+
+    __str__ = Vip.__str__
+
+
+VIP_LIST_COLUMNS = (
+    "id",
+    "tenant_id",
+    "pool_id",
+    "name",
+    "address",
+    "description",
+    "provisioning_status",
+    "operating_status",
+    "created",
+    "updated",
+)
+
+
+# The serializer's fields, in order, that vip_list_items renders (a field added to VipSerializer
+# and not there sends the list back through the serializer: views.VipViewSet.list checks).
+VIP_LIST_FIELDS = [
+    "id",
+    "url",
+    "display",
+    "tenant",
+    "pool",
+    "name",
+    "address",
+    "description",
+    "provisioning_status",
+    "operating_status",
+    "created",
+    "updated",
+]
+
+
+def vip_list_items(rows, serializer: VipSerializer) -> list[dict]:
+    """What `VipSerializer(many=True)` gives for these VIPs, from `.values(*VIP_LIST_COLUMNS)` rows.
+
+    The VIP list is 60 % of a tenant client's calls (issue 15); building a model instance and
+    walking eleven DRF fields per VIP was most of its CPU time. The url and the timestamps still
+    go through the serializer's own fields, so their format cannot drift; the rest are the
+    columns' values, which is what DRF's CharField/IPAddressField (str of a str) and
+    PrimaryKeyRelatedField (the id) return. The body is byte for byte the serializer's:
+    test_list_and_detail_bodies_are_byte_for_byte_what_stock_drf_fields_give compares them.
+    """
+    fields = serializer.fields
+    url, created, updated = fields["url"], fields["created"], fields["updated"]
+    items = []
+    for row in rows:
+        vip = _Row(row["id"], row["name"], row["address"])
+        items.append(
+            {
+                "id": row["id"],
+                "url": url.to_representation(vip),
+                "display": str(vip),
+                "tenant": row["tenant_id"],
+                "pool": row["pool_id"],
+                "name": row["name"],
+                "address": row["address"],
+                "description": row["description"],
+                "provisioning_status": row["provisioning_status"],
+                "operating_status": row["operating_status"],
+                "created": created.to_representation(row["created"]),
+                "updated": updated.to_representation(row["updated"]),
+            }
+        )
+    return items

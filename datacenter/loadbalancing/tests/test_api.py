@@ -229,8 +229,9 @@ def test_listener_flow_idle_timeout_is_optional_range_checked_and_clearable(worl
 
 
 def test_list_and_detail_bodies_are_byte_for_byte_what_stock_drf_fields_give(world, monkeypatch):
-    """The VIP list's cheap URLs (reversed once per request) and time-zone lookups change no byte
-    of any response: the same requests with DRF's own fields answer exactly the same bodies."""
+    """The VIP list's cheap URLs (reversed once per request), time-zone lookups and rendering from
+    `.values()` rows change no byte of any response: the same requests with DRF's own fields and
+    the serializer answer exactly the same bodies."""
     from rest_framework import serializers as drf
 
     from datacenter.loadbalancing.api import serializers, views
@@ -260,11 +261,16 @@ def test_list_and_detail_bodies_are_byte_for_byte_what_stock_drf_fields_give(wor
     for _, _, _, path in cases:
         first = client.get(path).json()["results"][0]["id"]
         requests += [(path, {}), (path, {"limit": 1000}), (path, {"format": "json"}), (f"{path}{first}/", {})]
+    # the VIP list's own path (rendered from rows): an ordering, an offset past the end, no match
+    vips = "/api/vips/"
+    requests += [(vips, {"ordering": "-created"}), (vips, {"offset": 5}), (vips, {"q": "no-such"})]
     ours = [client.get(path, params) for path, params in requests]
     for viewset, serializer_class, view_name, _ in cases:
         monkeypatch.setattr(viewset, "serializer_class", stock(serializer_class, view_name))
+    monkeypatch.setattr(views.VipViewSet, "values_list_rendering", False)
     theirs = [client.get(path, params) for path, params in requests]
     for (path, params), mine, reference in zip(requests, ours, theirs, strict=True):
         assert mine.status_code == reference.status_code == 200, (path, params)
-        assert b'"url":"http://testserver/api/' in mine.content, mine.content[:200]
+        if b'"results":[]' not in mine.content:
+            assert b'"url":"http://testserver/api/' in mine.content, mine.content[:200]
         assert mine.content == reference.content, (path, params)
