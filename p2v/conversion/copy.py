@@ -679,7 +679,8 @@ def copy_disk(
         disk=disk_name or device, size_bytes=size_bytes, segment_bytes=segment_bytes
     )
     retry = retry or RetryPolicy()
-    resume_chosen = False  # the reader is chosen once per copy, then kept across resumes
+    requested_reader = reader
+    reader_chosen = False  # chosen once per copy, then kept across resumes
     attempts = 0
     failures_in_a_row = 0
     seen_data_until = progress.position
@@ -691,11 +692,9 @@ def copy_disk(
         reader = None
         try:
             ssh = open_ssh()
-            if reader is None and not resume_chosen:
-                progress.reader = choose_reader(ssh)
-                resume_chosen = True
-            elif reader is not None:
-                progress.reader = reader
+            if not reader_chosen:
+                progress.reader = requested_reader or choose_reader(ssh)
+                reader_chosen = True
             if openssh is not None and shutil.which("ssh"):
                 host_key = ssh.get_transport().get_remote_server_key()
                 ssh.close()  # the verified key is all the bulk stream needs from this session
