@@ -36,7 +36,13 @@ def disk_image(tmp_path_factory) -> Path:
     size = 5 * MiB + 3 * SUB + 1000
     with path.open("wb") as image:
         image.truncate(size)
-        for offset, length in ((0, 4096), (70_000, 200_000), (MiB, 3 * SUB), (3 * MiB + 5, MiB), (size - 900, 900)):
+        for offset, length in (
+            (0, 4096),
+            (70_000, 200_000),
+            (MiB, 3 * SUB),
+            (3 * MiB + 5, MiB),
+            (size - 900, 900),
+        ):
             image.seek(offset)
             image.write(os.urandom(length))
     return path
@@ -83,7 +89,7 @@ def _reader(stream: bytes):
         pos[0] += size
         return data
 
-    size, start = copy_mod.read_header(read_exact)
+    _size, start = copy_mod.read_header(read_exact)
     assert start == 0 or start % MiB == 0
     return read_exact
 
