@@ -2,11 +2,11 @@
 
 - no python3: the base image as is; this session's copy loses /usr/bin/python3* (debugfs, on the
   ext4 root) before the boot, so nothing is cached and the base cache serves.
-- LVM + XFS: the same debootstrap tree on a second "real server" layout: an ext4 /boot (extlinux),
-  an LVM PV holding vg0/root (XFS) and vg0/swap, /etc/fstab naming /dev/mapper/vg0-root and
-  /dev/mapper/vg0-swap. Built on the host without device-mapper (PLATFORM-NOTES): the LVM metadata
-  is written by `lvm ... --driverloaded n` restricted to one loop device over the PV partition, and
-  each linear LV is reached through a loop device at its extents' offset (mkfs.xfs, mount, cp -a;
+- LVM + XFS: the same debootstrap tree on a second "real server" layout: an ext4 /boot
+  (extlinux), an LVM PV holding vg0/root (XFS) and vg0/swap, /etc/fstab naming
+  /dev/mapper/vg0-root and /dev/mapper/vg0-swap. Built on the host without device-mapper
+  (PLATFORM-NOTES): the LVM metadata is written by `lvm ... --driverloaded n` restricted to one
+  loop device over the PV partition, and each linear LV is reached through a loop device at its extents' offset (mkfs.xfs, mount, cp -a;
   mkswap). About a minute on an idle machine; cached under P2V_REALGUEST_CACHE keyed by the base
   image's inputs and this file.
 """
@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import shutil
-import struct
 import subprocess
 import tempfile
 import uuid
@@ -42,8 +41,6 @@ ROOT_LV_BYTES = 1536 * MiB
 SWAP_LV_BYTES = 128 * MiB
 VG = "vg0"
 PYTHON3_FILES = ("/usr/bin/python3", "/usr/bin/python3.11")
-# The FAT/ext boot sector's "hidden sectors" field: where the partition starts, for the VBR.
-HIDDEN_SECTORS_OFFSET = 0x1C
 
 
 def lvm_xfs_key() -> str:
@@ -187,17 +184,15 @@ def _write_system_disk(
         f"  KERNEL /vmlinuz-{release}\n  INITRD /initrd.img-{release}\n"
         f"  APPEND root=/dev/mapper/{VG}-root ro console=ttyS0,115200 panic=10\n"
     )
-    # extlinux reads neither 64bit nor metadata_csum ext4 reliably: a plain /boot, as old servers have.
+    # syslinux 6.04 fails to load a kernel stored in extents ("I/O error", measured here): a /boot
+    # with block maps, no 64bit and no metadata_csum (an ext4 as older installers made it).
     _run(
-        "mkfs.ext4", "-F", "-q", "-L", "boot", "-U", boot_uuid, "-O", "^64bit,^metadata_csum",
+        "mkfs.ext4", "-F", "-q", "-L", "boot", "-U", boot_uuid, "-O", "^64bit,^metadata_csum,^extent",
         "-E", f"offset={boot_offset},nodiscard", "-d", boot_dir, path, f"{BOOT_BYTES // 1024}k",
     )  # fmt: skip
     with loop_device(path, boot_offset, BOOT_BYTES) as loop, mounted(loop, "ext4") as boot:
         _run("extlinux", "--install", boot)
-    with path.open("r+b") as disk:  # the VBR finds ldlinux.sys relative to the partition start
-        disk.seek(boot_offset + HIDDEN_SECTORS_OFFSET)
-        disk.write(struct.pack("<I", BOOT_START_SECTOR))
-        disk.seek(0)
+    with path.open("r+b") as disk:  # extlinux took the partition offset from the loop device
         disk.write(Path("/usr/lib/syslinux/mbr/mbr.bin").read_bytes()[:440])
     with loop_device(path, pv_offset, pv_size) as loop:
         lvm(loop, "pvcreate", "-ff", "-y", loop)
