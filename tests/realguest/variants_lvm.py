@@ -6,15 +6,16 @@
   (extlinux), an LVM PV holding vg0/root (XFS) and vg0/swap, /etc/fstab naming
   /dev/mapper/vg0-root and /dev/mapper/vg0-swap. Built on the host without device-mapper
   (PLATFORM-NOTES): the LVM metadata is written by `lvm ... --driverloaded n` restricted to one
-  loop device over the PV partition, and each linear LV is reached through a loop device at its extents' offset (mkfs.xfs, mount, cp -a;
-  mkswap). About a minute on an idle machine; cached under P2V_REALGUEST_CACHE keyed by the base
-  image's inputs and this file.
+  loop device over the PV partition, and each linear LV is reached through a loop device at its
+  extents' offset (mkfs.xfs, mount, cp -a; mkswap). About a minute and a half on a busy machine;
+  cached under P2V_REALGUEST_CACHE keyed by the base image's inputs and the build code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import shutil
 import subprocess
@@ -44,7 +45,12 @@ PYTHON3_FILES = ("/usr/bin/python3", "/usr/bin/python3.11")
 
 
 def lvm_xfs_key() -> str:
-    return hashlib.sha256(base.image_key().encode() + Path(__file__).read_bytes()).hexdigest()[:16]
+    """The base image's key and the code that builds this variant (comments and docs do not count)."""
+    code = "".join(
+        inspect.getsource(f) for f in (ensure_lvm_xfs_image, _build, _write_system_disk, lvm, _lv_extents)
+    )
+    constants = json.dumps([ROOT_LV_BYTES, SWAP_LV_BYTES, VG])
+    return hashlib.sha256((base.image_key() + constants + code).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
