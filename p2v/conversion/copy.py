@@ -399,6 +399,13 @@ def sub_block_free_arg(free_arg: str) -> str:
     return ",".join(f"{first}+{end - first}" for first, end in blocks)
 
 
+def reader_description(progress: CopyProgress) -> str:
+    """Which source reader moved the data, for the job's log."""
+    if progress.reader == READER_SH:
+        return "read by the sh + dd fallback reader (the source has no usable python3)"
+    return "read by the python3 reader"
+
+
 PYTHON3_PROBE = "command -v python3 >/dev/null 2>&1 && python3 -c 'import hashlib, os, struct' && echo yes"
 
 
