@@ -128,22 +128,25 @@ out.flush()
 """ % {"chunk": CHUNK_BYTES, "sub": SUB_BLOCK_BYTES}  # noqa: UP031 (the program's own braces stay literal)
 
 
-# The fallback for a source without python3: POSIX sh with dd, cmp, split, tr, wc, mktemp and
+# The fallback for a source without python3: POSIX sh with dd, split, tr, wc, mktemp and
 # sha256sum (coreutils or busybox), no helper binary to upload. It writes the same stream as
 # SOURCE_READER (header, "D" runs of non-zero 64 KiB sub-blocks, "S" segment digests over the
 # per-chunk sha256, "E"), so the host side stays one implementation. Free space arrives in whole
 # 64 KiB sub-blocks (the host rounds the free ranges inwards): a sub-block the filesystems report
-# free is never sent and counts as zeros. Forks per used chunk: about 20 (dd, split, one cmp per
-# sub-block, sha256sum); wholly free chunks cost none. argv: device, start (chunk-aligned), segment,
-# device size, free "first+count" in sub-blocks. Scratch files live in a mktemp directory (1 MiB)
-# removed on exit.
+# free is never sent and counts as zeros. Processes per used chunk: about 5 (dd, split, one
+# sha256sum over the chunk and its sub-blocks, whose digests also tell the zero ones, cat per run);
+# wholly free chunks cost none. argv: device, start (chunk-aligned), segment,
+# device size, free "first+count" in sub-blocks. Scratch files (2 MiB) live in a mktemp directory
+# in /dev/shm (else $TMPDIR or /tmp), removed on exit.
 SH_READER = r"""
 dev=$1 pos=$2 seg=$3 size=$4 free=$5
 CH=%(chunk)d SUB=%(sub)d
-for tool in dd cmp split tr wc mktemp sha256sum; do
+for tool in dd split tr wc mktemp sha256sum; do
   command -v $tool >/dev/null 2>&1 || { echo "p2v sh reader: $tool is missing on the source" >&2; exit 4; }
 done
-T=$(mktemp -d "${TMPDIR:-/tmp}/p2v-reader.XXXXXX") || exit 5
+# Scratch space in RAM when there is a tmpfs: not on the filesystems being copied.
+T=$(mktemp -d /dev/shm/p2v-reader.XXXXXX 2>/dev/null ||
+  mktemp -d "${TMPDIR:-/tmp}/p2v-reader.XXXXXX") || exit 5
 trap 'rm -rf "$T"' EXIT
 trap 'exit 6' HUP INT TERM PIPE
 dd if=/dev/zero of="$T/z" bs=$SUB count=1 2>/dev/null || exit 5
@@ -155,7 +158,6 @@ be() { # $1 as $2 big-endian bytes, as printf escapes in E
   while [ $i -ge 0 ]; do oct $(( ($1 >> i) & 255 )); E=$E$B; i=$((i - 8)); done
 }
 hexbin() { E=; h=$1; while [ -n "$h" ]; do r=${h#??}; oct $(( 0x${h%%"$r"} )); E=$E$B; h=$r; done; }
-sha() { set -- $(sha256sum "$@") && hexbin $1; }
 NONE=4611686018427387904
 fs=-1 fe=-1
 skip_free() { # the free range (fs, fe] holding or following sub-block $1
@@ -165,10 +167,9 @@ skip_free() { # the free range (fs, fe] holding or following sub-block $1
     fs=${r%%+*} fe=$(( ${r%%+*} + ${r#*+} ))
   done
 }
-is_zero() { # file, length
-  if [ $2 -eq $SUB ]; then cmp -s "$1" "$T/z"; else [ "$(tr -d '\000' < "$1" | wc -c)" -eq 0 ]; fi
-}
+is_zero() { [ "$(tr -d '\000' < "$1" | wc -c)" -eq 0 ]; }  # a short last sub-block
 ZD=; k=0; while [ $k -lt 32 ]; do ZD="$ZD\\000"; k=$((k + 1)); done
+set -- $(sha256sum "$T/z" "$T/Z") && ZH_SUB=$1 ZH_CHUNK=$3
 printf P2VR; be $size 8; printf "$E"; be $pos 8; printf "$E"
 while [ $pos -lt $size ]; do
   seg_end=$(( (pos / seg + 1) * seg )); [ $seg_end -gt $size ] && seg_end=$size
@@ -178,15 +179,18 @@ while [ $pos -lt $size ]; do
     sb=$((pos / SUB)) ns=$(( (n + SUB - 1) / SUB ))
     skip_free $sb
     if [ $fs -le $sb ] && [ $fe -ge $((sb + ns)) ]; then D=$D$ZD; pos=$((pos + n)); continue; fi
-    rm -f "$T"/c "$T"/s??
     dd if="$dev" of="$T/c" bs=$CH skip=$((pos / CH)) count=1 2>/dev/null ||
       { echo "p2v sh reader: read error at $pos" >&2; exit 8; }
-    if [ $n -eq $CH ] && cmp -s "$T/c" "$T/Z"; then D=$D$ZD; pos=$((pos + n)); continue; fi
+    [ $n -eq $CH ] || rm -f "$T"/s??
     split -b $SUB -a 2 "$T/c" "$T/s" || exit 8
-    set -- "$T"/s??
-    [ $# -eq $ns ] || { echo "p2v sh reader: short read at $pos ($# of $ns sub-blocks)" >&2; exit 8; }
+    # One sha256sum for the chunk and its sub-blocks: a zero block is known by its digest.
+    set -- $(sha256sum "$T/c" "$T"/s??)
+    [ $# -eq $((2 * ns + 2)) ] || { echo "p2v sh reader: short read at $pos" >&2; exit 8; }
+    ch=$1; shift 2
+    if [ $n -eq $CH ] && [ "$ch" = "$ZH_CHUNK" ]; then D=$D$ZD; pos=$((pos + n)); continue; fi
     k=0 run= runat=0 parts= anyfree= anydata=
-    for f in "$@"; do
+    while [ $# -gt 0 ]; do
+      h=$1 f=$2; shift 2
       len=$SUB; [ $(( (k + 1) * SUB )) -gt $n ] && len=$((n - k * SUB))
       skip_free $((sb + k))
       zero=
@@ -195,7 +199,8 @@ while [ $pos -lt $size ]; do
         if [ $len -eq $SUB ]; then parts="$parts $T/z"
         else dd if=/dev/zero of="$T/zs" bs=$len count=1 2>/dev/null; parts="$parts $T/zs"; fi
       else
-        parts="$parts $f"; is_zero "$f" $len && zero=1
+        parts="$parts $f"
+        if [ $len -eq $SUB ]; then [ "$h" = "$ZH_SUB" ] && zero=1; else is_zero "$f" $len && zero=1; fi
       fi
       if [ -z "$zero" ]; then
         anydata=1; [ -z "$run" ] && runat=$((pos + k * SUB)) runlen=0
@@ -207,7 +212,7 @@ while [ $pos -lt $size ]; do
     done
     if [ -n "$run" ]; then printf D; be $runat 8; printf "$E"; be $runlen 4; printf "$E"; cat $run; fi
     if [ -z "$anydata" ]; then D=$D$ZD
-    elif [ -z "$anyfree" ]; then sha "$T/c"; D=$D$E
+    elif [ -z "$anyfree" ]; then hexbin $ch; D=$D$E
     else set -- $(cat $parts | sha256sum) && hexbin $1; D=$D$E
     fi
     pos=$((pos + n))
