@@ -6,7 +6,8 @@ import pytest
 
 from p2v import facts
 
-# Captured from the LVM + XFS real guest (tests/realguest/variants_lvm.py), lvm2 2.03.16.
+# As the LVM + XFS real guest printed them (tests/realguest/variants_lvm.py, lvm2 2.03.16), with a
+# striped volume added by hand.
 LVS = """  {
       "report": [
           {
