@@ -91,7 +91,10 @@ def test_lvm_xfs_root_is_converted_and_verified_with_its_nic_name(
             f"\nP2V-BYTES lvm-xfs wire={job.wire_bytes} used={used} nonzero_copy={nonzero} "
             f"ratio_used={job.wire_bytes / used:.3f} ratio_nonzero={nonzero / used:.3f}"
         )
-        assert nonzero > used + FREED_FILE_BYTES * 0.9  # the freed file is really still on the disk
+        # The freed file's bytes are still on the source disks and did not cross. (Not `nonzero > used +
+        # freed` as for ext4: XFS's df "used" counts per-AG metadata reservations that are zeros on disk;
+        # measured 2026-12-06: used 620.6 MB, non-zero 846.7 MB, wire 578.2 MB.)
+        assert nonzero - job.wire_bytes > FREED_FILE_BYTES * 0.9
         assert job.wire_bytes <= used * 1.05
     finally:
         assert remove_converted_vm(job) == []
