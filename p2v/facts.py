@@ -27,7 +27,7 @@ FACTS_SCHEMA = 1
 # Probe commands, exactly as run on the machine (each is also the name used in error messages).
 CMD_TOOLS = (
     "for t in lscpu lsblk blkid sfdisk df ip dpkg-query rpm systemctl smartctl dmesg uname python3 "
-    "dmidecode lsinitramfs lsinitrd; do "
+    "dmidecode lsinitramfs lsinitrd lvs; do "
     'command -v "$t" >/dev/null 2>&1 && echo "$t"; done; true'
 )
 CMD_LSCPU = "lscpu -J"
@@ -68,6 +68,12 @@ CMD_INITRAMFS = (
     'elif command -v lsinitrd >/dev/null 2>&1; then lsinitrd "$f"; fi | grep -E "\\.ko"; fi; done; true'
 )
 CMD_DMESG = "dmesg"
+# LVM layout: one row per LV segment, and each PV's data start (where extent 0 begins).
+CMD_LVS = (
+    "lvs --reportformat json --units b --nosuffix -o "
+    "lv_path,lv_dm_path,vg_name,lv_name,segtype,seg_start,seg_size,seg_pe_ranges,vg_extent_size"
+)
+CMD_PVS = "pvs --reportformat json --units b --nosuffix -o pv_name,vg_name,pe_start"
 CMD_EDAC = (
     # The edac core alone creates .../edac/mc; only mcN directories are memory controllers.
     "if ls -d /sys/devices/system/edac/mc/mc[0-9]* >/dev/null 2>&1; then echo '@edac present'; "
@@ -852,6 +858,7 @@ def collect_facts(run: Runner, run_many: BatchRunner | None = None) -> dict:
     facts["disks"], facts["filesystems"], facts["encrypted_volumes"] = _collect_storage(
         run, tools, probe, unknown
     )
+    facts["lvm"] = _collect_lvm(probe, facts["disks"] or [], unknown)
     facts["nics"] = _collect_nics(probe)
 
     text = probe("", CMD_FIRMWARE)
@@ -1008,6 +1015,71 @@ def _installed_memory(run: Runner, tools: set[str], mem_total: int | None) -> tu
         if installed:
             return installed, "kernel"
     return mem_total, ("meminfo" if mem_total else None)
+
+
+def _lvm_report(command: str, text: str, kind: str) -> list[dict]:
+    doc = _load_json(command, text)
+    try:
+        rows = [row for report in doc["report"] for row in report[kind]]
+    except (KeyError, TypeError) as exc:
+        raise FactsParseError(command, f"expected report[].{kind}[] ({exc})", text) from exc
+    if not all(isinstance(row, dict) for row in rows):
+        raise FactsParseError(command, f"a {kind} row is not an object", text)
+    return rows
+
+
+@parser
+def parse_lvs(lvs_text: str, pvs_text: str) -> dict:
+    """`lvs`/`pvs` JSON reports → {"logical_volumes": [...], "physical_volumes": [...]}; each LV with
+    its segments: type, byte range inside the LV, and for linear ones the PV and first extent."""
+    pvs = [
+        {
+            "device": row.get("pv_name"),
+            "vg": row.get("vg_name"),
+            "pe_start_bytes": _int(CMD_PVS, row.get("pe_start"), "pe_start", pvs_text),
+        }
+        for row in _lvm_report(CMD_PVS, pvs_text, "pv")
+    ]
+    lvs: dict[str, dict] = {}
+    for row in _lvm_report(CMD_LVS, lvs_text, "lv"):
+        path = row.get("lv_path")
+        if not isinstance(path, str) or not path:
+            raise FactsParseError(CMD_LVS, f"LV without a path: {row!r}"[:120], lvs_text)
+        lv = lvs.setdefault(
+            path,
+            {
+                "path": path,
+                "dm_path": row.get("lv_dm_path") or None,
+                "vg": row.get("vg_name"),
+                "name": row.get("lv_name"),
+                "segments": [],
+            },
+        )
+        segment = {
+            "type": row.get("segtype"),
+            "start_bytes": _int(CMD_LVS, row.get("seg_start"), "seg_start", lvs_text),
+            "size_bytes": _int(CMD_LVS, row.get("seg_size"), "seg_size", lvs_text),
+            "extent_bytes": _int(CMD_LVS, row.get("vg_extent_size"), "vg_extent_size", lvs_text),
+        }
+        ranges = (row.get("seg_pe_ranges") or "").split()
+        if segment["type"] == "linear" and len(ranges) == 1 and ":" in ranges[0]:
+            pv, _, extents = ranges[0].rpartition(":")
+            segment["pv"] = pv
+            segment["first_pe"] = _int(CMD_LVS, extents.split("-")[0], "seg_pe_ranges", lvs_text)
+        lv["segments"].append(segment)
+    return {"logical_volumes": list(lvs.values()), "physical_volumes": pvs}
+
+
+def _collect_lvm(probe, disks: list[dict], unknown: list[str]) -> dict | None:
+    """The LVM layout when the machine has LVM volumes; None when it has none or it cannot be read."""
+    if not any(d.get("type") == "lvm" or d.get("fstype") == "LVM2_member" for d in iter_devices(disks)):
+        return None
+    lvs_text = probe("lvs", CMD_LVS)
+    pvs_text = probe("lvs", CMD_PVS) if lvs_text is not None else None
+    if lvs_text is None or pvs_text is None:
+        unknown.append("LVM: the volumes' layout could not be read (lvs/pvs)")
+        return None
+    return parse_lvs(lvs_text, pvs_text)
 
 
 def _collect_nics(probe) -> list[dict] | None:

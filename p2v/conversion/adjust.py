@@ -13,16 +13,20 @@ shows is needed, and each change is recorded:
   something we do blind).
 
 Filesystems are edited in place inside the raw volume with e2fsprogs' debugfs at the partition's
-offset (`image?offset=N`), so no loop device or mount is needed. ext2/3/4 roots only.
+offset (`image?offset=N`), so no loop device or mount is needed. An XFS root is mounted through a
+loop device at its offset (the host kernel has XFS). The root may sit on a partition or on a
+linear LVM volume, located from the copied PV's metadata (p2v.conversion.disk_layout).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 REQUIRED_VIRTIO_MODULES = ("virtio_blk", "virtio_pci", "virtio_net")
@@ -180,25 +184,68 @@ def repair_filesystems(volumes: list[str]) -> list[str]:
     return notes
 
 
-def find_root(volumes: list[str], facts: dict) -> tuple[str, VolumePartition]:
-    """The volume and partition holding the guest's root filesystem (by the assessed UUID first)."""
-    root_fs = next((fs for fs in facts.get("filesystems") or [] if fs.get("mountpoint") == "/"), None)
-    root_uuid = (root_fs or {}).get("uuid")
-    candidates = []
-    for volume in volumes:
-        for part in volume_partitions(volume):
-            if part.fstype in EXT_FSTYPES:
-                if root_uuid and part.uuid and part.uuid.lower() == root_uuid.lower():
-                    return volume, part
-                candidates.append((volume, part))
-    for volume, part in candidates:
-        fstab = read_file(volume, part, "/etc/fstab")
-        if fstab is not None and re.search(r"^\S+\s+/\s", fstab, re.MULTILINE):
-            return volume, part
-    raise AdjustError(
-        "no ext2/3/4 root filesystem with /etc/fstab found on the copied disks "
-        f"(assessed root UUID {root_uuid!r})"
-    )
+def find_root(volumes: list[str], facts: dict):
+    """The copied root filesystem (p2v.conversion.disk_layout.FilesystemLocation): on a partition or
+    a linear LVM volume, by the assessed UUID first."""
+    from .disk_layout import find_root_filesystem  # disk_layout builds on this module's helpers
+
+    return find_root_filesystem(volumes, facts)
+
+
+@contextlib.contextmanager
+def _mounted_xfs(location, read_only: bool) -> Iterator[Path]:
+    """The XFS filesystem at `location` mounted on a private directory through a loop device.
+
+    Read-write mounts replay a log the live copy left dirty (as e2fsck does for ext4); a read-only
+    look skips the replay (norecovery) so it never changes the copy."""
+    from .disk_layout import loop_device
+
+    with (
+        loop_device(location.volume, location.offset_bytes, location.size_bytes, read_only=read_only) as loop,
+        tempfile.TemporaryDirectory(prefix="p2v-adjust-") as directory,
+    ):
+        options = "ro,norecovery" if read_only else "rw"
+        _run(["mount", "-t", "xfs", "-o", options, loop, directory])
+        try:
+            yield Path(directory)
+        finally:
+            _run(["umount", directory])
+
+
+def _inside(root: Path, path: str) -> Path:
+    target = (root / path.lstrip("/")).resolve()
+    if root.resolve() not in target.parents:
+        raise AdjustError(f"{path} resolves outside the guest's root filesystem")
+    return target
+
+
+def read_guest_file(location, path: str) -> str | None:
+    """A file of the guest's filesystem at `location` (ext2/3/4 or XFS); None when it does not exist."""
+    if location.fstype in EXT_FSTYPES:
+        return read_file(location.volume, location.as_partition(), path)
+    if location.fstype == "xfs":
+        with _mounted_xfs(location, read_only=True) as root:
+            target = _inside(root, path)
+            return target.read_text() if target.is_file() else None
+    raise AdjustError(f"cannot read {path} from {location.where}: {location.fstype} is not ext2/3/4 or xfs")
+
+
+def write_guest_file(location, path: str, content: str) -> None:
+    """Replace (or create, with parent directories) a file of the guest's filesystem at `location`."""
+    if location.fstype in EXT_FSTYPES:
+        write_file(location.volume, location.as_partition(), path, content)
+        return
+    if location.fstype != "xfs":
+        raise AdjustError(
+            f"cannot write {path} on {location.where}: {location.fstype} is not ext2/3/4 or xfs"
+        )
+    with _mounted_xfs(location, read_only=False) as root:
+        target = _inside(root, path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
+        target.chmod(0o644)
+        if target.read_text() != content:
+            raise AdjustError(f"wrote {path} into the guest, but reading it back gave something else")
 
 
 def _uuid_for_device(device: str, volumes: list[str]) -> str | None:
@@ -264,23 +311,25 @@ def adjust_guest(volumes: list[str], facts: dict, nics: list[dict]) -> list[Chan
             f"the guest kernel lacks virtio drivers {missing}; install them and rebuild "
             "its initramfs on the physical machine, then assess again"
         )
-    volume, root = find_root(volumes, facts)
+    root = find_root(volumes, facts)
     changes: list[Change] = []
-    fstab = read_file(volume, root, "/etc/fstab")
+    fstab = read_guest_file(root, "/etc/fstab")
     if fstab is not None:
         new_fstab, replaced = rewrite_fstab(fstab, volumes)
         if replaced:
-            write_file(volume, root, "/etc/fstab", new_fstab)
+            write_guest_file(root, "/etc/fstab", new_fstab)
             changes.append(Change("/etc/fstab", "; ".join(replaced), fstab, new_fstab))
     if nics:
         rules = udev_rules_for(nics)
-        before = read_file(volume, root, UDEV_RULES_PATH)
+        before = read_guest_file(root, UDEV_RULES_PATH)
         if before != rules:
-            write_file(volume, root, UDEV_RULES_PATH, rules)
+            write_guest_file(root, UDEV_RULES_PATH, rules)
             changes.append(
                 Change(
                     UDEV_RULES_PATH,
-                    "pinned " + ", ".join(f"{n['name']}={n['mac']}" for n in nics),
+                    "pinned "
+                    + ", ".join(f"{n['name']}={n['mac']}" for n in nics)
+                    + f" (root on {root.where})",
                     before,
                     rules,
                 )

@@ -128,6 +128,104 @@ out.flush()
 """ % {"chunk": CHUNK_BYTES, "sub": SUB_BLOCK_BYTES}  # noqa: UP031 (the program's own braces stay literal)
 
 
+# The fallback for a source without python3: POSIX sh with dd, split, tr, wc, mktemp and
+# sha256sum (coreutils or busybox), no helper binary to upload. It writes the same stream as
+# SOURCE_READER (header, "D" runs of non-zero 64 KiB sub-blocks, "S" segment digests over the
+# per-chunk sha256, "E"), so the host side stays one implementation. Free space arrives in whole
+# 64 KiB sub-blocks (the host rounds the free ranges inwards): a sub-block the filesystems report
+# free is never sent and counts as zeros. Processes per used chunk: about 5 (dd, split, one
+# sha256sum over the chunk and its sub-blocks, whose digests also tell the zero ones, cat per run);
+# wholly free chunks cost none. argv: device, start (chunk-aligned), segment,
+# device size, free "first+count" in sub-blocks. Scratch files (2 MiB) live in a mktemp directory
+# in /dev/shm (else $TMPDIR or /tmp), removed on exit.
+SH_READER = r"""
+dev=$1 pos=$2 seg=$3 size=$4 free=$5
+CH=%(chunk)d SUB=%(sub)d
+for tool in dd split tr wc mktemp sha256sum; do
+  command -v $tool >/dev/null 2>&1 || { echo "p2v sh reader: $tool is missing on the source" >&2; exit 4; }
+done
+# Scratch space in RAM when there is a tmpfs: not on the filesystems being copied.
+T=$(mktemp -d /dev/shm/p2v-reader.XXXXXX 2>/dev/null ||
+  mktemp -d "${TMPDIR:-/tmp}/p2v-reader.XXXXXX") || exit 5
+trap 'rm -rf "$T"' EXIT
+trap 'exit 6' HUP INT TERM PIPE
+dd if=/dev/zero of="$T/z" bs=$SUB count=1 2>/dev/null || exit 5
+dd if=/dev/zero of="$T/Z" bs=$CH count=1 2>/dev/null || exit 5
+[ -r "$dev" ] || { echo "p2v sh reader: cannot read $dev" >&2; exit 7; }
+oct() { B="\\$(( $1 / 64 ))$(( $1 / 8 %% 8 ))$(( $1 %% 8 ))"; }
+be() { # $1 as $2 big-endian bytes, as printf escapes in E
+  E=; i=$(( ($2 - 1) * 8 ))
+  while [ $i -ge 0 ]; do oct $(( ($1 >> i) & 255 )); E=$E$B; i=$((i - 8)); done
+}
+hexbin() { E=; h=$1; while [ -n "$h" ]; do r=${h#??}; oct $(( 0x${h%%"$r"} )); E=$E$B; h=$r; done; }
+NONE=4611686018427387904
+fs=-1 fe=-1
+skip_free() { # the free range (fs, fe] holding or following sub-block $1
+  while [ $fe -le $1 ]; do
+    if [ -z "$free" ]; then fs=$NONE fe=$NONE; return; fi
+    r=${free%%%%,*}; case $free in *,*) free=${free#*,} ;; *) free= ;; esac
+    fs=${r%%+*} fe=$(( ${r%%+*} + ${r#*+} ))
+  done
+}
+is_zero() { [ "$(tr -d '\000' < "$1" | wc -c)" -eq 0 ]; }  # a short last sub-block
+ZD=; k=0; while [ $k -lt 32 ]; do ZD="$ZD\\000"; k=$((k + 1)); done
+set -- $(sha256sum "$T/z" "$T/Z") && ZH_SUB=$1 ZH_CHUNK=$3
+printf P2VR; be $size 8; printf "$E"; be $pos 8; printf "$E"
+while [ $pos -lt $size ]; do
+  seg_end=$(( (pos / seg + 1) * seg )); [ $seg_end -gt $size ] && seg_end=$size
+  D=
+  while [ $pos -lt $seg_end ]; do
+    n=$CH; [ $((seg_end - pos)) -lt $n ] && n=$((seg_end - pos))
+    sb=$((pos / SUB)) ns=$(( (n + SUB - 1) / SUB ))
+    skip_free $sb
+    if [ $fs -le $sb ] && [ $fe -ge $((sb + ns)) ]; then D=$D$ZD; pos=$((pos + n)); continue; fi
+    dd if="$dev" of="$T/c" bs=$CH skip=$((pos / CH)) count=1 2>/dev/null ||
+      { echo "p2v sh reader: read error at $pos" >&2; exit 8; }
+    [ $n -eq $CH ] || rm -f "$T"/s??
+    split -b $SUB -a 2 "$T/c" "$T/s" || exit 8
+    # One sha256sum for the chunk and its sub-blocks: a zero block is known by its digest.
+    set -- $(sha256sum "$T/c" "$T"/s??)
+    [ $# -eq $((2 * ns + 2)) ] || { echo "p2v sh reader: short read at $pos" >&2; exit 8; }
+    ch=$1; shift 2
+    if [ $n -eq $CH ] && [ "$ch" = "$ZH_CHUNK" ]; then D=$D$ZD; pos=$((pos + n)); continue; fi
+    k=0 run= runat=0 parts= anyfree= anydata=
+    while [ $# -gt 0 ]; do
+      h=$1 f=$2; shift 2
+      len=$SUB; [ $(( (k + 1) * SUB )) -gt $n ] && len=$((n - k * SUB))
+      skip_free $((sb + k))
+      zero=
+      if [ $fs -le $((sb + k)) ]; then
+        zero=1 anyfree=1
+        if [ $len -eq $SUB ]; then parts="$parts $T/z"
+        else dd if=/dev/zero of="$T/zs" bs=$len count=1 2>/dev/null; parts="$parts $T/zs"; fi
+      else
+        parts="$parts $f"
+        if [ $len -eq $SUB ]; then [ "$h" = "$ZH_SUB" ] && zero=1; else is_zero "$f" $len && zero=1; fi
+      fi
+      if [ -z "$zero" ]; then
+        anydata=1; [ -z "$run" ] && runat=$((pos + k * SUB)) runlen=0
+        run="$run $f" runlen=$((runlen + len))
+      elif [ -n "$run" ]; then
+        printf D; be $runat 8; printf "$E"; be $runlen 4; printf "$E"; cat $run; run=
+      fi
+      k=$((k + 1))
+    done
+    if [ -n "$run" ]; then printf D; be $runat 8; printf "$E"; be $runlen 4; printf "$E"; cat $run; fi
+    if [ -z "$anydata" ]; then D=$D$ZD
+    elif [ -z "$anyfree" ]; then hexbin $ch; D=$D$E
+    else set -- $(cat $parts | sha256sum) && hexbin $1; D=$D$E
+    fi
+    pos=$((pos + n))
+  done
+  set -- $(printf "$D" | sha256sum) && hexbin $1
+  DG=$E; be $seg_end 8; printf "S$E$DG"
+done
+printf E
+""" % {"chunk": CHUNK_BYTES, "sub": SUB_BLOCK_BYTES}  # noqa: UP031 (the script's own braces stay literal)
+READER_PYTHON = "python3"
+READER_SH = "sh"
+
+
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     """How long a broken copy keeps trying: exponential backoff, given up only after a quiet window.
@@ -178,6 +276,7 @@ class CopyProgress:
     resumes: int = 0
     segment_bytes: int = DEFAULT_SEGMENT_BYTES
     segment_digests: dict[int, str] = dataclasses.field(default_factory=dict)  # seg end -> hex
+    reader: str = READER_PYTHON  # which source reader ran: READER_PYTHON or READER_SH (no python3)
     started_at: float = dataclasses.field(default_factory=time.monotonic)
 
     @property
@@ -238,7 +337,7 @@ class _ChannelReader:
         status = self.channel.exit_status if self.channel.exit_status_ready() else None
         message = err.decode(errors="replace").strip()[-500:]
         if status == 127:
-            raise CopyError("the source has no python3; the P2V reader needs it to skip unused blocks")
+            raise CopyError(f"the source reader could not start (exit 127, command not found): {message}")
         if status not in (None, -1) and status != 0:
             raise CopyError(f"source reader exited with status {status}: {message or 'no message'}")
         return f"SSH stream ended early (exit status {status}){': ' + message if message else ''}"
@@ -260,7 +359,7 @@ def _open_reader(
     # A large window lets paramiko's transport thread read ahead while we block in vol.upload.
     channel = transport.open_session(window_size=SSH_WINDOW_BYTES, timeout=30)
     channel.settimeout(READ_TIMEOUT_S)
-    command = _reader_command(device, start, segment_bytes, free_arg, privilege)
+    command = _reader_command(device, start, segment_bytes, free_arg, privilege, progress)
     channel.exec_command(command)
     stdin = privilege.stdin() if privilege is not None else None
     if stdin:
@@ -270,14 +369,55 @@ def _open_reader(
 
 
 def _reader_command(
-    device: str, start: int, segment_bytes: int, free_arg: str, privilege: Privilege | None
+    device: str,
+    start: int,
+    segment_bytes: int,
+    free_arg: str,
+    privilege: Privilege | None,
+    progress: CopyProgress,
 ) -> str:
     """The reader's command line on the source, through sudo when the login user is not root."""
-    command = " ".join(
-        shlex.quote(a)
-        for a in ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes), free_arg)
-    )
+    if progress.reader == READER_SH:
+        argv = ("sh", "-c", SH_READER, "p2v-reader", device, str(start), str(segment_bytes))
+        argv += (str(progress.size_bytes), sub_block_free_arg(free_arg))
+    else:
+        argv = ("python3", "-c", SOURCE_READER, device, str(start), str(segment_bytes), free_arg)
+    command = " ".join(shlex.quote(a) for a in argv)
     return privilege.wrap(command) if privilege is not None else command
+
+
+def sub_block_free_arg(free_arg: str) -> str:
+    """Byte ranges "start+length,..." → the whole SUB_BLOCK_BYTES sub-blocks inside them, as
+    "first+count,..." (what the sh reader takes), adjacent ones merged. Rounding inwards only ever
+    sends a free byte, never skips a used one."""
+    blocks: list[list[int]] = []
+    for part in filter(None, free_arg.split(",")):
+        start, length = (int(x) for x in part.split("+"))
+        first = -(-start // SUB_BLOCK_BYTES)
+        end = (start + length) // SUB_BLOCK_BYTES
+        if end <= first:
+            continue
+        if blocks and blocks[-1][1] >= first:
+            blocks[-1][1] = max(blocks[-1][1], end)
+        else:
+            blocks.append([first, end])
+    return ",".join(f"{first}+{end - first}" for first, end in blocks)
+
+
+def reader_description(progress: CopyProgress) -> str:
+    """Which source reader moved the data, for the job's log."""
+    if progress.reader == READER_SH:
+        return "read by the sh + dd fallback reader (the source has no usable python3)"
+    return "read by the python3 reader"
+
+
+PYTHON3_PROBE = "command -v python3 >/dev/null 2>&1 && python3 -c 'import hashlib, os, struct' && echo yes"
+
+
+def choose_reader(ssh: paramiko.SSHClient) -> str:
+    """READER_PYTHON when the source has a working python3, else READER_SH (the sh + dd fallback)."""
+    _, stdout, _ = ssh.exec_command(PYTHON3_PROBE, timeout=60)
+    return READER_PYTHON if stdout.read().strip() == b"yes" else READER_SH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +481,7 @@ class _ProcessReader:
             self.process.stderr.read().decode(errors="replace").strip()[-500:] if status is not None else ""
         )
         if status == 127:
-            raise CopyError("the source has no python3; the P2V reader needs it to skip unused blocks")
+            raise CopyError(f"the source reader could not start (exit 127, command not found): {message}")
         if status not in (None, 0, 255):  # 255: ssh itself lost the connection (retry)
             raise CopyError(f"source reader exited with status {status}: {message or 'no message'}")
         return f"SSH stream ended early (ssh exit status {status}){': ' + message if message else ''}"
@@ -374,7 +514,7 @@ def _open_openssh_reader(
     known_hosts = workdir / "known_hosts"
     entry = f"{host_key.get_name()} {host_key.get_base64()}"
     known_hosts.write_text(f"{login.address} {entry}\n[{login.address}]:{login.port} {entry}\n")
-    command = _reader_command(device, start, segment_bytes, free_arg, privilege)
+    command = _reader_command(device, start, segment_bytes, free_arg, privilege, progress)
     argv = [
         "ssh",
         "-F",
@@ -527,6 +667,7 @@ def copy_disk(
     openssh: OpenSSHLogin | None = None,
     free_ranges: list[tuple[int, int]] | None = None,
     privilege: Privilege | None = None,
+    reader: str | None = None,
 ) -> CopyProgress:
     """Copy `device` on the source into `vol`; resume at the last checkpoint after a break.
 
@@ -538,14 +679,20 @@ def copy_disk(
     free_ranges: (offset, length) byte ranges of the disk its filesystems report free (see
     p2v.conversion.usedblocks): never read or sent; the volume keeps holes there.
     privilege: how the reader gets root (p2v.ssh.Privilege: sudo for a non-root login); None: as is.
+    reader: READER_PYTHON or READER_SH; None: python3 when the source has it (asked once over the
+    first session), else the sh + dd fallback. progress.reader says which one ran.
     """
-    free_arg = ",".join(f"{start}+{length}" for start, length in free_ranges or [] if length > 0)
+    free_arg = ",".join(f"{start}+{length}" for start, length in sorted(free_ranges or []) if length > 0)
+    if reader not in (None, READER_PYTHON, READER_SH):
+        raise ValueError(f"reader must be {READER_PYTHON!r} or {READER_SH!r}, got {reader!r}")
     if segment_bytes % CHUNK_BYTES:
         raise ValueError(f"segment_bytes must be a multiple of {CHUNK_BYTES}, got {segment_bytes}")
     progress = resume or CopyProgress(
         disk=disk_name or device, size_bytes=size_bytes, segment_bytes=segment_bytes
     )
     retry = retry or RetryPolicy()
+    requested_reader = reader
+    reader_chosen = False  # chosen once per copy, then kept across resumes
     attempts = 0
     failures_in_a_row = 0
     seen_data_until = progress.position
@@ -557,6 +704,9 @@ def copy_disk(
         reader = None
         try:
             ssh = open_ssh()
+            if not reader_chosen:
+                progress.reader = requested_reader or choose_reader(ssh)
+                reader_chosen = True
             if openssh is not None and shutil.which("ssh"):
                 host_key = ssh.get_transport().get_remote_server_key()
                 ssh.close()  # the verified key is all the bulk stream needs from this session

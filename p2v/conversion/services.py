@@ -792,7 +792,8 @@ def copy_stage(job: ConversionJob) -> None:
                 job,
                 f"{entry['disk']}: copied in {seconds:.1f} s; {progress.wire_bytes} bytes over SSH, "
                 f"{progress.data_bytes} data bytes, volume allocation {allocation} of {entry['size_bytes']}, "
-                f"{progress.resumes} resumes; checksum verified ({copy_mod.overall_digest(progress)[:16]})",
+                f"{progress.resumes} resumes; checksum verified ({copy_mod.overall_digest(progress)[:16]}); "
+                f"{copy_mod.reader_description(progress)}",
             )
 
 

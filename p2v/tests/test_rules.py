@@ -89,6 +89,39 @@ def changed(path: str, value) -> dict:
     return facts
 
 
+def lvm_root(segment_type: str | None) -> dict:
+    """Root on /dev/mapper/vg0-root (XFS) in a PV on sda2; segment_type None: lvs was not readable."""
+    facts = changed("filesystems.0.device", "/dev/mapper/vg0-root")
+    facts["filesystems"][0]["fstype"] = "xfs"
+    pv = facts["disks"][0]["partitions"][0]
+    pv.update(path="/dev/sda2", name="sda2", fstype="LVM2_member")
+    pv["children"] = [
+        {
+            "name": "vg0-root",
+            "path": "/dev/mapper/vg0-root",
+            "type": "lvm",
+            "fstype": "xfs",
+            "uuid": "u-2",
+            "size_bytes": GiB,
+        }
+    ]
+    segment = {"type": segment_type, "start_bytes": 0, "size_bytes": GiB, "extent_bytes": 4 * MiB}
+    if segment_type == "linear":
+        segment.update(pv="/dev/sda2", first_pe=0)
+    facts["lvm"] = (
+        None
+        if segment_type is None
+        else {
+            "logical_volumes": [
+                {"path": "/dev/vg0/root", "dm_path": "/dev/mapper/vg0-root", "vg": "vg0", "name": "root",
+                 "segments": [segment]}
+            ],
+            "physical_volumes": [{"device": "/dev/sda2", "vg": "vg0", "pe_start_bytes": MiB}],
+        }
+    )  # fmt: skip
+    return facts
+
+
 @pytest.mark.parametrize(
     ("facts", "blockers", "warnings", "text"),
     [
@@ -100,14 +133,19 @@ def changed(path: str, value) -> dict:
         (changed("kernel.virtio_modules", None), [], ["virtio_drivers"], "could not tell"),
         (changed("filesystems.0.avail_bytes", 50 * MiB), ["initramfs_space"], [], "/ has 50 MiB free"),
         (changed("filesystems", []), [], ["initramfs_space"], "not checked"),
-        (changed("tools", ["lsblk", "ip"]), ["python3"], [], "python3 is not installed"),
+        (changed("tools", ["lsblk", "ip"]), [], ["python3"], "sh + dd fallback reader"),
         (
             changed("initramfs", {"path": "/boot/initrd.img-6.1", "has_modules": True, "virtio_modules": []}),
             ["initramfs_virtio"],
             [],
             "no virtio disk driver",
         ),
-        (changed("filesystems.0.fstype", "xfs"), ["root_filesystem"], [], "root filesystem is xfs"),
+        (changed("filesystems.0.fstype", "btrfs"), ["root_filesystem"], [], "root filesystem is btrfs"),
+        (changed("filesystems.0.fstype", "xfs"), [], [], ""),
+        (lvm_root("linear"), [], ["root_filesystem"], "vg0/root (linear, 1 segment(s))"),
+        (lvm_root("striped"), ["root_filesystem"], [], "with striped segments: only linear"),
+        (lvm_root("thin"), ["root_filesystem"], [], "with thin segments"),
+        (lvm_root(None), [], ["root_filesystem"], "its layout could not be read"),
         (changed("filesystems.0.device", "/dev/mapper/vg0-root"), ["root_filesystem"], [], "device-mapper"),
         (
             changed("encrypted_volumes", [{"device": "/dev/sda2", "fstype": "crypto_LUKS"}]),

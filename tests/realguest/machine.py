@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.realguest.image import NETWORK_FILE, GuestImage, ensure_guest_image
@@ -230,9 +231,17 @@ def write_network_config(guest: RealGuest) -> None:
     )
 
 
-def start_real_guest(memory_bytes: int = 1024 * MiB, vcpus: int = 2) -> RealGuest:
-    """Copy the cached disks, set up the tap, boot, and wait until sshd answers."""
-    image = ensure_guest_image()
+def start_real_guest(
+    memory_bytes: int = 1024 * MiB,
+    vcpus: int = 2,
+    image: GuestImage | None = None,
+    prepare: Callable[[RealGuest], None] = write_network_config,
+) -> RealGuest:
+    """Copy the cached disks, set up the tap, boot, and wait until sshd answers.
+
+    image: a variant's cached build (default: the base guest); prepare: what is written into this
+    session's copy of the disks before the boot (default: the static network config)."""
+    image = image or ensure_guest_image()
     prefix = f"dcr{secrets.token_hex(3)}"
     workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=os.environ.get("P2V_REALGUEST_WORKDIR")))
     net = _free_subnet()
@@ -253,7 +262,7 @@ def start_real_guest(memory_bytes: int = 1024 * MiB, vcpus: int = 2) -> RealGues
     try:
         for source, target in ((image.system_disk, guest.system_disk), (image.data_disk, guest.data_disk)):
             _run("cp", "--sparse=always", str(source), str(target))
-        write_network_config(guest)
+        prepare(guest)
         guest.start()  # QEMU creates the tap (and removes it when it exits)
         deadline = time.monotonic() + 60
         while _run("ip", "link", "show", guest.tap, check=False).returncode != 0:

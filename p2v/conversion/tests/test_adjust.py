@@ -58,7 +58,7 @@ def test_fstab_by_uuid_and_pinned_nic_names_are_written_and_recorded(disk):
     path, fs_uuid = disk
     changes = adjust.adjust_guest([path], FACTS, NICS)
     assert [c.path for c in changes] == ["/etc/fstab", adjust.UDEV_RULES_PATH]
-    _volume, root = adjust.find_root([path], FACTS)
+    root = adjust.find_root([path], FACTS).as_partition()
     fstab = adjust.read_file(path, root, "/etc/fstab")
     assert f"UUID={fs_uuid} / ext4 defaults 0 1" in fstab
     assert "proc /proc proc" in fstab
