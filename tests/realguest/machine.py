@@ -230,9 +230,12 @@ def write_network_config(guest: RealGuest) -> None:
     )
 
 
-def start_real_guest(memory_bytes: int = 1024 * MiB, vcpus: int = 2) -> RealGuest:
-    """Copy the cached disks, set up the tap, boot, and wait until sshd answers."""
-    image = ensure_guest_image()
+def start_real_guest(
+    memory_bytes: int = 1024 * MiB, vcpus: int = 2, image: GuestImage | None = None
+) -> RealGuest:
+    """Copy the cached disks (the base image, or a variant's), set up the tap, boot, and wait until
+    sshd answers."""
+    image = image or ensure_guest_image()
     prefix = f"dcr{secrets.token_hex(3)}"
     workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir=os.environ.get("P2V_REALGUEST_WORKDIR")))
     net = _free_subnet()
