@@ -119,11 +119,16 @@ def rebuild_tool(root: Path) -> str | None:
     return None
 
 
-def sandbox_argv(root: Path, command: list[str], binds: dict[str, Path] | None = None) -> list[str]:
-    """bubblewrap around `command`: the copied root as /, nothing of the host inside."""
+def sandbox_argv(
+    root: Path, command: list[str], binds: dict[str, Path] | None = None, devices: tuple[str, ...] = ()
+) -> list[str]:
+    """bubblewrap around `command`: the copied root as /, nothing of the host inside but the copy's
+    own loop devices (`devices`: the tools find the root's filesystem type by its UUID on them)."""
     argv = [
         "bwrap",
         "--unshare-all",  # net, pid, ipc, uts, cgroup, user where possible: no network, no host
+        "--cap-drop",
+        "ALL",  # root inside owns the copy's files; it needs no privilege beyond that
         "--die-with-parent",
         "--new-session",
         "--clearenv",
@@ -143,6 +148,8 @@ def sandbox_argv(root: Path, command: list[str], binds: dict[str, Path] | None =
     for target, source in (binds or {}).items():
         argv += ["--bind", str(source), target]
     argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/run", "--chdir", "/"]
+    for device in devices:
+        argv += ["--dev-bind", device, device]
     return [*argv, "--", *command]
 
 
@@ -169,11 +176,11 @@ def _loop(location: FilesystemLocation) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _mounted(location: FilesystemLocation, where: Path) -> Iterator[None]:
+def _mounted(location: FilesystemLocation, where: Path) -> Iterator[str]:
     with _loop(location) as device:
         _run(["mount", "-t", location.fstype, device, str(where)])
         try:
-            yield
+            yield device
         finally:
             done = subprocess.run(
                 ["umount", str(where)], capture_output=True, text=True, timeout=120, check=False
@@ -227,19 +234,32 @@ def _mtools(argv: list[str], env: dict) -> None:
         raise RebuildError(f"writing back to the FAT /boot failed: `{argv[0]}` {done.stderr.strip()[:300]}")
 
 
+@dataclasses.dataclass(frozen=True)
+class GuestTree:
+    """The copied guest made reachable: its root directory, the directories to bind over staged
+    mountpoints (mountpoint -> scratch directory), and the loop devices of its mounted filesystems."""
+
+    root: Path
+    binds: dict[str, Path]
+    devices: tuple[str, ...]
+
+    def sandbox(self, command: list[str]) -> list[str]:
+        return sandbox_argv(self.root, command, self.binds, self.devices)
+
+
 @contextlib.contextmanager
 def guest_tree(
     root: FilesystemLocation, separate: dict[str, FilesystemLocation], workdir: Path
-) -> Iterator[tuple[Path, dict[str, Path]]]:
+) -> Iterator[GuestTree]:
     """The copied root mounted read-write, and the separate filesystems (mountpoint → location) made
-    reachable: yields the root directory and the bind mounts the sandbox needs for staged ones."""
+    reachable: loop-mounted, or for a FAT one the host cannot mount, staged with mtools."""
     if not host_can_mount(root.fstype):
         raise RebuildUnavailable(f"the host kernel cannot mount the root filesystem type {root.fstype!r}")
     mountpoint = workdir / "root"
     mountpoint.mkdir()
     binds: dict[str, Path] = {}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_mounted(root, mountpoint))
+        devices = [stack.enter_context(_mounted(root, mountpoint))]
         for target, location in sorted(separate.items()):
             inside = mountpoint / target.lstrip("/")
             if not inside.is_dir():
@@ -247,7 +267,7 @@ def guest_tree(
                     f"the guest's {target} mountpoint is missing from its root filesystem"
                 )
             if host_can_mount(location.fstype):
-                stack.enter_context(_mounted(location, inside))
+                devices.append(stack.enter_context(_mounted(location, inside)))
             elif location.fstype == "vfat":
                 stage = workdir / ("stage" + target.replace("/", "-"))
                 stage.mkdir()
@@ -257,15 +277,13 @@ def guest_tree(
                 raise RebuildUnavailable(
                     f"the guest's {target} is {location.fstype}, which the host kernel cannot mount"
                 )
-        yield mountpoint, binds
+        yield GuestTree(mountpoint, binds, tuple(devices))
 
 
-def _in_sandbox(
-    root: Path, binds: dict[str, Path], command: list[str], timeout_s: float
-) -> subprocess.CompletedProcess:
+def _in_sandbox(tree: GuestTree, command: list[str], timeout_s: float) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
-            sandbox_argv(root, command, binds),
+            tree.sandbox(command),
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -275,9 +293,9 @@ def _in_sandbox(
         raise RebuildError(f"`{' '.join(command)}` did not finish within {timeout_s} s") from exc
 
 
-def _images(root: Path, binds: dict[str, Path], tool: str) -> list[str]:
+def _images(tree: GuestTree, tool: str) -> list[str]:
     """The guest's initramfs images, as paths inside the guest."""
-    boot = binds.get("/boot", root / "boot")
+    boot = tree.binds.get("/boot", tree.root / "boot")
     pattern = "initrd.img-*" if tool == "update-initramfs" else "initramfs-*.img"
     return sorted(f"/boot/{p.name}" for p in boot.glob(pattern) if not p.name.endswith(".dpkg-bak"))
 
@@ -290,9 +308,9 @@ def rebuild_initramfs(
         raise RebuildUnavailable("bubblewrap (bwrap) is not installed on the conversion host")
     with (
         tempfile.TemporaryDirectory(prefix="p2v-initramfs-") as tmp,
-        guest_tree(root, separate or {}, Path(tmp)) as (tree, binds),
+        guest_tree(root, separate or {}, Path(tmp)) as tree,
     ):
-        tool = rebuild_tool(tree)
+        tool = rebuild_tool(tree.root)
         if tool is None:
             raise RebuildUnavailable("the guest has neither update-initramfs nor dracut")
         if tool == "update-initramfs":
@@ -301,12 +319,12 @@ def rebuild_initramfs(
         else:
             config_path, config_text = DRACUT_CONF, DRACUT_CONF_TEXT
             command, lister = ["dracut", "--force", "--regenerate-all"], "lsinitrd"
-        config = tree / config_path.lstrip("/")
+        config = tree.root / config_path.lstrip("/")
         before = config.read_text() if config.exists() else None
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(config_text)
         try:
-            seconds, output, found = _rebuild_and_list(tree, binds, tool, command, lister)
+            seconds, output, found = _rebuild_and_list(tree, tool, command, lister)
         except BaseException:
             # A failed rebuild leaves the guest as it was (the staged /boot is not written back).
             if before is None:
@@ -318,17 +336,17 @@ def rebuild_initramfs(
 
 
 def _rebuild_and_list(
-    tree: Path, binds: dict[str, Path], tool: str, command: list[str], lister: str
+    tree: GuestTree, tool: str, command: list[str], lister: str
 ) -> tuple[float, str, dict[str, list[str]]]:
     started = time.monotonic()
-    done = _in_sandbox(tree, binds, command, REBUILD_TIMEOUT_S)
+    done = _in_sandbox(tree, command, REBUILD_TIMEOUT_S)
     seconds = time.monotonic() - started
     output = (done.stdout + done.stderr).strip()[-OUTPUT_TAIL_CHARS:]
     if done.returncode != 0:
         raise RebuildError(f"`{' '.join(command)}` failed in the sandbox ({done.returncode}): {output}")
     found: dict[str, list[str]] = {}
-    for image in _images(tree, binds, tool):
-        listing = _in_sandbox(tree, binds, [lister, image], LIST_TIMEOUT_S)
+    for image in _images(tree, tool):
+        listing = _in_sandbox(tree, [lister, image], LIST_TIMEOUT_S)
         if listing.returncode != 0:
             raise RebuildError(f"`{lister} {image}` failed: {listing.stderr.strip()[-300:]}")
         found[image] = sorted(m for m in modules_in(listing.stdout) if m.startswith("virtio"))

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -93,11 +92,10 @@ def root_location(path: str) -> initramfs.FilesystemLocation:
 def test_the_sandbox_has_no_network_and_no_host_path(guest_disk, tmp_path):
     path, _ = guest_disk
     (tmp_path / "work").mkdir()
-    with initramfs.guest_tree(root_location(path), {}, tmp_path / "work") as (tree, _):
+    with initramfs.guest_tree(root_location(path), {}, tmp_path / "work") as tree:
         done = subprocess.run(
-            initramfs.sandbox_argv(
-                tree,
-                ["/bin/busybox", "sh", "-c", "/bin/busybox ls /; echo @net; /bin/busybox cat /proc/net/dev"],
+            tree.sandbox(
+                ["/bin/busybox", "sh", "-c", "/bin/busybox ls /; echo @net; /bin/busybox cat /proc/net/dev"]
             ),
             capture_output=True,
             text=True,
@@ -110,7 +108,7 @@ def test_the_sandbox_has_no_network_and_no_host_path(guest_disk, tmp_path):
     assert set(listing.split()) == {"bin", "boot", "dev", "etc", "lost+found", "proc", "run", "tmp"}
     interfaces = [line.split(":")[0].strip() for line in net.splitlines() if ":" in line]
     assert interfaces == ["lo"]  # its own network namespace: loopback only, none of the host's NICs
-    assert not Path(tree).joinpath("etc").exists()  # and the copy is unmounted afterwards
+    assert not tree.root.joinpath("etc").exists()  # and the copy is unmounted afterwards
 
 
 def test_a_fat_boot_is_staged_and_what_changed_is_written_back(guest_disk, tmp_path):
@@ -118,11 +116,9 @@ def test_a_fat_boot_is_staged_and_what_changed_is_written_back(guest_disk, tmp_p
     separate = adjust.separate_filesystems(f"UUID={boot_uuid} /boot vfat umask=0077 0 2\n", [path])
     assert separate == {"/boot": initramfs.FilesystemLocation(path, "vfat", BOOT_START, BOOT_BYTES)}
     (tmp_path / "work").mkdir()
-    with initramfs.guest_tree(root_location(path), separate, tmp_path / "work") as (tree, binds):
+    with initramfs.guest_tree(root_location(path), separate, tmp_path / "work") as tree:
         done = subprocess.run(
-            initramfs.sandbox_argv(
-                tree, ["/bin/busybox", "sh", "-c", "echo new initrd > /boot/initrd.img-6.1"], binds
-            ),
+            tree.sandbox(["/bin/busybox", "sh", "-c", "echo new initrd > /boot/initrd.img-6.1"]),
             capture_output=True,
             text=True,
             timeout=120,
