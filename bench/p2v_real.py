@@ -42,6 +42,7 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 V2V_PACKAGES = ("virt-v2v", "nbdkit", "libnbd-bin", "linux-image-amd64")
 V2V_TIMEOUT_S = 4 * 3600
+ASSESS_ATTEMPTS = 3
 
 
 def setup_django(workdir: Path) -> None:
@@ -85,7 +86,16 @@ def convert(guest, pool_name: str, prefix: str, workdir: Path, label: str) -> di
     machine.save()
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    assessment = p2v_services.run_assessment(Assessment.objects.create(machine=machine).pk)
+    for attempt in range(1, ASSESS_ATTEMPTS + 1):
+        # On a shared, overloaded machine a probe inside the emulated source can exceed its 30 s limit;
+        # the bench retries (and says so) rather than measuring nothing. The time of failed attempts
+        # counts: the figure is the wall time from the first request.
+        assessment = p2v_services.run_assessment(Assessment.objects.create(machine=machine).pk)
+        if assessment.status == "succeeded":
+            break
+        print(f"  {label}: assessment attempt {attempt} failed: {assessment.error}", flush=True)
+    else:
+        raise SystemExit(f"{label}: no successful assessment in {ASSESS_ATTEMPTS} attempts")
     timings["assess"] = time.perf_counter() - start
     if assessment.blockers:
         raise SystemExit(f"{label}: the assessment has blockers: {assessment.blockers}")
@@ -203,7 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-v2v", action="store_true", help="do not run virt-v2v")
     parser.add_argument("--install-v2v", action="store_true", help="apt-get install virt-v2v if missing")
-    parser.add_argument("--v2v-image", choices=["base", "modules-dep"], default="base")
+    parser.add_argument("--v2v-image", choices=["base", "modules-dep"], default="modules-dep")
     parser.add_argument("--skip-base", action="store_true", help="only the MODULES=dep guest (and virt-v2v)")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -230,7 +240,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     try:
         base, dep = ensure_guest_image(), modules_dep_image()  # cached builds: not part of the figures
-        for label, image in (("base", base), ("modules-dep", dep)):
+        for label, image in (("modules-dep", dep), ("base", base)):
             if label == "base" and args.skip_base:
                 continue
             guest = start_real_guest(image=image)
