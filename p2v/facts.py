@@ -76,8 +76,9 @@ CMD_EDAC = (
 )
 
 # Probes that read a lot on a slow machine (listing a compressed initramfs takes tens of seconds on
-# an old or emulated CPU): their own time limit, above the default per-command one.
-PROBE_TIMEOUTS_S = {CMD_INITRAMFS: 300}
+# an old or emulated CPU; systemd loading every unit file took over 30 s in an emulated guest on a
+# busy host): their own time limit, above the default per-command one.
+PROBE_TIMEOUTS_S = {CMD_INITRAMFS: 300, CMD_SERVICES: 300, CMD_RUNNING: 300}
 
 # Virtio drivers a guest needs to see its disk and its network on the hypervisor's virtual hardware.
 VIRTIO_DISK_DRIVERS = ("virtio_blk", "virtio_scsi")
