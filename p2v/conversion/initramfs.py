@@ -38,13 +38,15 @@ VIRTIO_DISK_DRIVERS = ("virtio_blk", "virtio_scsi")
 # What the VM needs early: its PCI transport, its disk, and its NIC (PLATFORM-NOTES: load order is
 # the kernel's business once the modules are in the image).
 VIRTIO_INITRAMFS_DRIVERS = ("virtio_pci", "virtio_blk", "virtio_scsi", "virtio_net")
-INITRAMFS_TOOLS_CONF = "/etc/initramfs-tools/conf.d/90-p2v-virtio.conf"
+# Both tools read their conf.d files in C sort order, the last setting winning: "zz-" comes after the
+# admin's own files (a "host-only.conf" with MODULES=dep sorted after "90-..." and won).
+INITRAMFS_TOOLS_CONF = "/etc/initramfs-tools/conf.d/zz-p2v-virtio.conf"
 INITRAMFS_TOOLS_CONF_TEXT = (
     "# Written by P2V: the initramfs holds the drivers of most hardware, virtio included, so it\n"
     "# boots on the hypervisor (MODULES=dep would only hold the physical machine's disk driver).\n"
     "MODULES=most\n"
 )
-DRACUT_CONF = "/etc/dracut.conf.d/90-p2v-virtio.conf"
+DRACUT_CONF = "/etc/dracut.conf.d/zz-p2v-virtio.conf"
 DRACUT_CONF_TEXT = (
     "# Written by P2V: a generic initramfs with the virtio drivers, so it boots on the hypervisor.\n"
     'hostonly="no"\n'
