@@ -1,10 +1,12 @@
 """Benchmark: P2V of the real Debian 12 server, request -> verified VM, next to virt-v2v on the same
 image in the same run; and the native initramfs rebuild next to the same rebuild under emulation.
 
-    .venv/bin/python bench/p2v_real.py [--skip-v2v] [--v2v-image base|modules-dep]   (as root)
+    .venv/bin/python bench/p2v_real.py [--skip-base] [--skip-v2v] [--install-v2v]
+                                       [--v2v-image modules-dep|base]      (as root)
 
 In this run, on this machine:
-1. base guest (tests/realguest, Debian's default MODULES=most initramfs): boot it under QEMU (TCG,
+1. base guest (tests/realguest, Debian's default MODULES=most initramfs; skipped with --skip-base,
+   measured after the variant): boot it under QEMU (TCG,
    AHCI + e1000e), then time assess + every conversion stage in this process (the same
    services.run_stage the Celery worker runs; a throwaway SQLite database, no Redis) until the VM is
    verified: booted on an isolated network, logged into over SSH, its own probes diffed with the
