@@ -27,7 +27,7 @@ FACTS_SCHEMA = 1
 # Probe commands, exactly as run on the machine (each is also the name used in error messages).
 CMD_TOOLS = (
     "for t in lscpu lsblk blkid sfdisk df ip dpkg-query rpm systemctl smartctl dmesg uname python3 "
-    "dmidecode lsinitramfs lsinitrd lvs; do "
+    "dmidecode lsinitramfs lsinitrd lvs update-initramfs dracut; do "
     'command -v "$t" >/dev/null 2>&1 && echo "$t"; done; true'
 )
 CMD_LSCPU = "lscpu -J"
@@ -82,8 +82,9 @@ CMD_EDAC = (
 )
 
 # Probes that read a lot on a slow machine (listing a compressed initramfs takes tens of seconds on
-# an old or emulated CPU): their own time limit, above the default per-command one.
-PROBE_TIMEOUTS_S = {CMD_INITRAMFS: 300}
+# an old or emulated CPU; systemd loading every unit file took over 30 s in an emulated guest on a
+# busy host): their own time limit, above the default per-command one.
+PROBE_TIMEOUTS_S = {CMD_INITRAMFS: 300, CMD_SERVICES: 300, CMD_RUNNING: 300}
 
 # Virtio drivers a guest needs to see its disk and its network on the hypervisor's virtual hardware.
 VIRTIO_DISK_DRIVERS = ("virtio_blk", "virtio_scsi")
@@ -740,6 +741,21 @@ def parse_initramfs(text: str, command: str = CMD_INITRAMFS) -> dict | None:
     }
 
 
+# The guest's own initramfs builders the conversion can run (initramfs-tools, dracut), by preference.
+INITRAMFS_REBUILD_TOOLS = ("update-initramfs", "dracut")
+
+
+def initramfs_has_virtio_disk_driver(facts: dict) -> bool | None:
+    """Whether the initramfs that boots (or the kernel itself) has a virtio disk driver; None when
+    the assessment could not tell (no initramfs found, or its module list unreadable)."""
+    initramfs = facts.get("initramfs")
+    if not initramfs or not initramfs.get("has_modules"):
+        return None
+    builtin = set((facts.get("kernel") or {}).get("virtio_builtin") or [])
+    inside = set(initramfs.get("virtio_modules") or [])
+    return bool((inside | builtin) & set(VIRTIO_DISK_DRIVERS))
+
+
 # --- health ---------------------------------------------------------------------------------------
 
 
@@ -880,6 +896,8 @@ def collect_facts(run: Runner, run_many: BatchRunner | None = None) -> dict:
     facts["initramfs"] = parse_initramfs(text) if text is not None else None
     if facts["initramfs"] is not None and not facts["initramfs"]["has_modules"]:
         unknown.append(f"initramfs {facts['initramfs']['path']}: its module list could not be read")
+    if facts["initramfs"] is not None:
+        facts["initramfs"]["rebuild_tool"] = next((t for t in INITRAMFS_REBUILD_TOOLS if t in tools), None)
 
     facts["health"] = _collect_health(run, tools, probe, facts["disks"] or [], unknown)
     for key in ("cpu", "memory_bytes", "disks", "nics", "firmware", "os"):

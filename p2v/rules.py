@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .facts import VIRTIO_DISK_DRIVERS, VIRTIO_NET_DRIVER, iter_devices
+from .facts import VIRTIO_DISK_DRIVERS, VIRTIO_NET_DRIVER, initramfs_has_virtio_disk_driver, iter_devices
 
 BLOCKER_PENALTY = 40
 WARNING_PENALTY = 10
@@ -271,21 +271,34 @@ def rule_root_access(facts: dict, target: TargetProfile) -> list[Finding]:
 def rule_initramfs_virtio(facts: dict, target: TargetProfile) -> list[Finding]:
     """A host-only initramfs (`MODULES=dep`, dracut's hostonly) holds only the drivers of the disk
     controller in use (ahci, megaraid...): the VM's virtio disk is invisible to it and the guest stops
-    in the initramfs shell. Built-in drivers need no initramfs."""
-    initramfs = facts.get("initramfs")
-    kernel = facts.get("kernel") or {}
-    if not initramfs or not initramfs.get("has_modules"):
-        return []
-    inside = set(initramfs.get("virtio_modules") or [])
-    builtin = set(kernel.get("virtio_builtin") or [])
-    if (inside | builtin) & set(VIRTIO_DISK_DRIVERS):
-        return []
+    in the initramfs shell. The conversion rebuilds it natively with the guest's own tool when the
+    guest has one and its kernel has the virtio disk driver as a module; otherwise nothing can."""
+    if initramfs_has_virtio_disk_driver(facts) is not False:
+        return []  # it has one, or the kernel has it built in, or unknown (said in `unknown`)
+    initramfs = facts["initramfs"]
+    tool = initramfs.get("rebuild_tool")
+    kernel_modules = set((facts.get("kernel") or {}).get("virtio_modules") or [])
+    missing = "the VM would stop in the initramfs shell"
+    if tool and kernel_modules & set(VIRTIO_DISK_DRIVERS):
+        return [
+            _warning(
+                "initramfs_virtio",
+                f"the initramfs {initramfs['path']} has no virtio disk driver (virtio_blk or virtio_scsi): "
+                f"{missing}, so the conversion will rebuild it natively with the guest's own {tool} "
+                "(in a sandbox on the conversion host, the copy only, never the source)",
+            )
+        ]
+    why = (
+        "the guest has neither update-initramfs nor dracut to rebuild it"
+        if not tool
+        else "the kernel has no virtio disk driver module to put in it"
+    )
     return [
         _blocker(
             "initramfs_virtio",
             f"the initramfs {initramfs['path']} has no virtio disk driver (virtio_blk or virtio_scsi): "
-            "the VM would stop in the initramfs shell; rebuild it on the source with the virtio "
-            "drivers (MODULES=most, or add virtio_blk to /etc/initramfs-tools/modules) and re-assess",
+            f"{missing}, and {why}; rebuild it on the source with the virtio drivers (MODULES=most, or "
+            "add virtio_blk to /etc/initramfs-tools/modules) and re-assess",
         )
     ]
 

@@ -9,8 +9,10 @@ shows is needed, and each change is recorded:
 - every physical NIC's name is pinned to its MAC with a udev rule (a NIC moved to virtio gets a
   new name otherwise);
 - the virtio drivers must be available to the guest's early boot: if the assessment says the
-  kernel lacks them, the conversion stops with the reason (rebuilding a foreign initramfs is not
-  something we do blind).
+  kernel lacks them, the conversion stops with the reason; if the kernel has them but the initramfs
+  that boots does not (a host-only initramfs), the guest's own update-initramfs/dracut rebuilds it
+  natively in a sandbox (initramfs.py). A rebuild that cannot run or fails is logged with its
+  reason and the conversion goes on: the verification decides whether the VM boots.
 
 Filesystems are edited in place inside the raw volume with e2fsprogs' debugfs at the partition's
 offset (`image?offset=N`), so no loop device or mount is needed. An XFS root is mounted through a
@@ -26,8 +28,12 @@ import json
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from p2v.facts import initramfs_has_virtio_disk_driver
+
+from . import initramfs
 
 REQUIRED_VIRTIO_MODULES = ("virtio_blk", "virtio_pci", "virtio_net")
 KERNEL_DISK_NAME_RE = re.compile(
@@ -303,7 +309,79 @@ def missing_virtio_modules(facts: dict) -> list[str] | None:
     return [m for m in REQUIRED_VIRTIO_MODULES if m not in modules]
 
 
-def adjust_guest(volumes: list[str], facts: dict, nics: list[dict]) -> list[Change]:
+# note(message, level): a line for the job's events ("info" or "warning").
+Note = Callable[[str, str], None]
+
+
+def _no_note(message: str, level: str) -> None:
+    return None
+
+
+def separate_filesystems(fstab: str, volumes: list[str]) -> dict[str, initramfs.FilesystemLocation]:
+    """Where the guest's separate /boot and /usr are on the copied volumes (by the UUID its fstab names)."""
+    by_uuid = {
+        part.uuid.lower(): initramfs.FilesystemLocation(
+            volume, part.fstype or "", part.offset_bytes, part.size_bytes
+        )
+        for volume in volumes
+        for part in volume_partitions(volume)
+        if part.uuid
+    }
+    found = {}
+    for line in fstab.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or fields[0].startswith("#") or fields[1] not in initramfs.SEPARATE_MOUNTPOINTS:
+            continue
+        spec = fields[0]
+        uuid = spec.removeprefix("UUID=").removeprefix("/dev/disk/by-uuid/")
+        if uuid == spec or uuid.lower() not in by_uuid:
+            raise initramfs.RebuildUnavailable(
+                f"the guest's {fields[1]} ({spec}) was not found by UUID on the copied disks"
+            )
+        found[fields[1]] = by_uuid[uuid.lower()]
+    return found
+
+
+def fix_initramfs(
+    volume: str, root: VolumePartition, volumes: list[str], fstab: str | None, note: Note
+) -> list[Change]:
+    """Rebuild the copied guest's initramfs with the virtio drivers, natively; never fails the job."""
+    location = initramfs.FilesystemLocation(volume, root.fstype or "", root.offset_bytes, root.size_bytes)
+    try:
+        result = initramfs.rebuild_initramfs(location, separate_filesystems(fstab or "", volumes))
+    except initramfs.RebuildError as exc:
+        why = "cannot run" if isinstance(exc, initramfs.RebuildUnavailable) else "failed"
+        note(
+            f"initramfs: the native rebuild {why}: {exc}. The initramfs has no virtio disk driver; "
+            "the verification decides whether the VM boots",
+            "warning",
+        )
+        return []
+    inside = "; ".join(f"{image}: {', '.join(mods)}" for image, mods in result.virtio_modules.items())
+    note(
+        f"initramfs: rebuilt natively in {result.seconds:.1f} s by the guest's own "
+        f"`{' '.join(result.command)}` in a bubblewrap sandbox; virtio drivers inside now: {inside}",
+        "info",
+    )
+    note(f"initramfs: {result.tool} output: {result.output or '(none)'}", "info")
+    changes = [
+        Change(
+            result.config_path,
+            "virtio drivers in every initramfs built",
+            result.config_before,
+            result.config_after,
+        )
+    ]
+    for image, mods in result.virtio_modules.items():
+        changes.append(
+            Change(
+                image, f"rebuilt natively by {result.tool} in {result.seconds:.1f} s", None, ", ".join(mods)
+            )
+        )
+    return changes
+
+
+def adjust_guest(volumes: list[str], facts: dict, nics: list[dict], note: Note = _no_note) -> list[Change]:
     """Make the needed changes on the copied volumes (in disk order); return what changed."""
     missing = missing_virtio_modules(facts)
     if missing:
@@ -334,4 +412,6 @@ def adjust_guest(volumes: list[str], facts: dict, nics: list[dict]) -> list[Chan
                     rules,
                 )
             )
+    if initramfs_has_virtio_disk_driver(facts) is False:
+        changes += fix_initramfs(volume, root, volumes, read_file(volume, root, "/etc/fstab"), note)
     return changes

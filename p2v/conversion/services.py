@@ -863,7 +863,9 @@ def adjust_stage(job: ConversionJob) -> None:
     for note in adjust_mod.repair_filesystems(paths):
         log(job, f"filesystem check: {note}")
     _fault_point(job, "adjust")
-    changes = adjust_mod.adjust_guest(paths, job.assessment.facts or {}, job.plan["nics"])
+    changes = adjust_mod.adjust_guest(
+        paths, job.assessment.facts or {}, job.plan["nics"], note=lambda text, level: log(job, text, level)
+    )
     job.changes = [{"path": c.path, "summary": c.summary, "after": c.after} for c in changes]
     save_progress(job, "changes")
     if not changes:

@@ -71,6 +71,18 @@ def test_initramfs_without_virtio_is_fine_when_the_kernel_has_it_built_in():
     assert rules.evaluate(facts, TARGET).blockers == []
 
 
+def test_initramfs_without_virtio_blocks_when_the_kernel_has_no_module_to_put_in_it():
+    facts = changed(
+        "initramfs",
+        {"path": "/boot/initrd.img-6.1", "has_modules": True, "virtio_modules": [], "rebuild_tool": "dracut"},
+    )
+    facts["kernel"]["virtio_modules"] = ["virtio_net"]
+    verdict = rules.evaluate(facts, TARGET)
+    messages = [b["message"] for b in verdict.blockers if b["rule"] == "initramfs_virtio"]
+    assert len(messages) == 1
+    assert "no virtio disk driver module" in messages[0]
+
+
 def test_healthy_machine_scores_100():
     verdict = rules.evaluate(healthy_facts(), TARGET)
     assert (verdict.score, verdict.compatible, verdict.blockers, verdict.warnings) == (100, True, [], [])
@@ -138,7 +150,21 @@ def lvm_root(segment_type: str | None) -> dict:
             changed("initramfs", {"path": "/boot/initrd.img-6.1", "has_modules": True, "virtio_modules": []}),
             ["initramfs_virtio"],
             [],
-            "no virtio disk driver",
+            "neither update-initramfs nor dracut",
+        ),
+        (
+            changed(
+                "initramfs",
+                {
+                    "path": "/boot/initrd.img-6.1",
+                    "has_modules": True,
+                    "virtio_modules": [],
+                    "rebuild_tool": "update-initramfs",
+                },
+            ),
+            [],
+            ["initramfs_virtio"],
+            "the conversion will rebuild it natively with the guest's own update-initramfs",
         ),
         (changed("filesystems.0.fstype", "btrfs"), ["root_filesystem"], [], "root filesystem is btrfs"),
         (changed("filesystems.0.fstype", "xfs"), [], [], ""),
