@@ -342,11 +342,14 @@ def separate_filesystems(fstab: str, volumes: list[str]) -> dict[str, initramfs.
     return found
 
 
-def fix_initramfs(
-    volume: str, root: VolumePartition, volumes: list[str], fstab: str | None, note: Note
-) -> list[Change]:
-    """Rebuild the copied guest's initramfs with the virtio drivers, natively; never fails the job."""
-    location = initramfs.FilesystemLocation(volume, root.fstype or "", root.offset_bytes, root.size_bytes)
+def fix_initramfs(root, volumes: list[str], fstab: str | None, note: Note) -> list[Change]:
+    """Rebuild the copied guest's initramfs with the virtio drivers, natively; never fails the job.
+
+    root: where the copied root filesystem is (disk_layout.FilesystemLocation: a partition or a
+    linear LVM volume, as adjust_guest found it)."""
+    location = initramfs.FilesystemLocation(
+        root.volume, root.fstype or "", root.offset_bytes, root.size_bytes
+    )
     try:
         result = initramfs.rebuild_initramfs(location, separate_filesystems(fstab or "", volumes))
     except initramfs.RebuildError as exc:
@@ -413,5 +416,5 @@ def adjust_guest(volumes: list[str], facts: dict, nics: list[dict], note: Note =
                 )
             )
     if initramfs_has_virtio_disk_driver(facts) is False:
-        changes += fix_initramfs(volume, root, volumes, read_file(volume, root, "/etc/fstab"), note)
+        changes += fix_initramfs(root, volumes, read_guest_file(root, "/etc/fstab"), note)
     return changes

@@ -138,7 +138,7 @@ def test_a_rebuild_that_cannot_run_is_logged_and_the_conversion_goes_on(guest_di
     assert "the native rebuild cannot run: the guest has neither update-initramfs nor dracut" in text
     assert "the verification decides" in text
     assert fat_file(path, "initrd.img-6.1") == b"old initrd"  # nothing written back
-    assert adjust.read_file(path, adjust.find_root([path], {})[1], initramfs.INITRAMFS_TOOLS_CONF) is None
+    assert adjust.read_guest_file(adjust.find_root([path], {}), initramfs.INITRAMFS_TOOLS_CONF) is None
 
 
 def test_no_rebuild_when_the_initramfs_already_has_a_virtio_disk_driver(guest_disk):
