@@ -29,6 +29,7 @@ from tests.realguest.variants_lvm import ensure_lvm_xfs_image, network_config, w
 pytestmark = [
     pytest.mark.libvirt,
     pytest.mark.slow,
+    pytest.mark.guest_variants,  # minutes each under emulation: `make guest-variants`, not `make test`
     pytest.mark.django_db(transaction=True),
     pytest.mark.timeout(2400),
 ]

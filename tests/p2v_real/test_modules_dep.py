@@ -31,6 +31,7 @@ from tests.services import wait_until
 pytestmark = [
     pytest.mark.libvirt,
     pytest.mark.slow,
+    pytest.mark.guest_variants,  # minutes each under emulation: `make guest-variants`, not `make test`
     pytest.mark.django_db(transaction=True),
     pytest.mark.timeout(3600),  # the first run on a machine also builds the variant under emulation
 ]

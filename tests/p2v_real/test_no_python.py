@@ -26,6 +26,7 @@ from tests.realguest.variants_lvm import remove_python3
 pytestmark = [
     pytest.mark.libvirt,
     pytest.mark.slow,
+    pytest.mark.guest_variants,  # minutes each under emulation: `make guest-variants`, not `make test`
     pytest.mark.django_db(transaction=True),
     pytest.mark.timeout(2400),
 ]
