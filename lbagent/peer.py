@@ -224,6 +224,15 @@ class RecordBatch:
     rows: np.ndarray  # RECORD_DTYPE
     backends: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        # The wire form is these rows' bytes: any other layout (numpy 2 turns a structured array
+        # native-endian in np.concatenate, for one) would reach the peer garbled. Same fields
+        # in another byte order are converted by name; anything else is a bug of the caller.
+        if self.rows.dtype != RECORD_DTYPE:
+            if self.rows.dtype.names != RECORD_DTYPE.names:
+                raise TypeError(f"record rows must be RECORD_DTYPE, got {self.rows.dtype}")
+            object.__setattr__(self, "rows", self.rows.astype(RECORD_DTYPE))
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -295,7 +304,8 @@ class RecordBatch:
             rows = b.rows.copy()
             rows["be"] = remap[rows["be"]]
             parts.append(rows)
-        rows = np.concatenate(parts) if parts else np.empty(0, dtype=RECORD_DTYPE)
+        # dtype=: numpy 2 concatenates structured arrays into native byte order otherwise.
+        rows = np.concatenate(parts, dtype=RECORD_DTYPE) if parts else np.empty(0, dtype=RECORD_DTYPE)
         return RecordBatch(rows, tuple(index))
 
     def encode(self) -> dict[str, Any]:
