@@ -76,6 +76,7 @@ PACKED_BATCH = 1500
 # (an index into the message's list of backend names).
 RECORD_DTYPE = np.dtype([("l", ">u4"), ("s", ">u4"), ("d", ">u4"), ("p", "u1"), ("sp", ">u2"),
                          ("dp", ">u2"), ("b", ">u4"), ("be", ">u2")])
+_ROW_LAYOUTS = (RECORD_DTYPE,)  # what a RecordBatch's rows may be (each has its wire key)
 
 
 class MsgType(IntEnum):
@@ -225,13 +226,16 @@ class RecordBatch:
     backends: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        # The wire form is these rows' bytes: any other layout (numpy 2 turns a structured array
-        # native-endian in np.concatenate, for one) would reach the peer garbled. Same fields
-        # in another byte order are converted by name; anything else is a bug of the caller.
-        if self.rows.dtype != RECORD_DTYPE:
-            if self.rows.dtype.names != RECORD_DTYPE.names:
-                raise TypeError(f"record rows must be RECORD_DTYPE, got {self.rows.dtype}")
-            object.__setattr__(self, "rows", self.rows.astype(RECORD_DTYPE))
+        # The wire form is these rows' bytes: rows in another byte order (numpy 2's np.concatenate
+        # makes structured arrays native-endian, for one) would reach the peer garbled, so they
+        # are converted; any other layout is a bug of the caller.
+        dtype = self.rows.dtype
+        if dtype in _ROW_LAYOUTS:
+            return
+        layout = next((d for d in _ROW_LAYOUTS if d.newbyteorder("<") == dtype.newbyteorder("<")), None)
+        if layout is None:
+            raise TypeError(f"record rows must be RECORD_DTYPE, got {dtype}")
+        object.__setattr__(self, "rows", self.rows.astype(layout))
 
     def __len__(self) -> int:
         return len(self.rows)
