@@ -77,6 +77,7 @@ PACKED_BATCH = 1500
 # (an index into the message's list of backend names).
 RECORD_DTYPE = np.dtype([("l", ">u4"), ("s", ">u4"), ("d", ">u4"), ("p", "u1"), ("sp", ">u2"),
                          ("dp", ">u2"), ("b", ">u4"), ("be", ">u2")])
+_ROW_LAYOUTS = (RECORD_DTYPE,)  # what a RecordBatch's rows may be (each has its wire key)
 
 
 class MsgType(IntEnum):
@@ -225,6 +226,18 @@ class RecordBatch:
     rows: np.ndarray  # RECORD_DTYPE
     backends: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        # The wire form is these rows' bytes: rows in another byte order (numpy 2's np.concatenate
+        # makes structured arrays native-endian, for one) would reach the peer garbled, so they
+        # are converted; any other layout is a bug of the caller.
+        dtype = self.rows.dtype
+        if dtype in _ROW_LAYOUTS:
+            return
+        layout = next((d for d in _ROW_LAYOUTS if d.newbyteorder("<") == dtype.newbyteorder("<")), None)
+        if layout is None:
+            raise TypeError(f"record rows must be RECORD_DTYPE, got {dtype}")
+        object.__setattr__(self, "rows", self.rows.astype(layout))
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -296,7 +309,8 @@ class RecordBatch:
             rows = b.rows.copy()
             rows["be"] = remap[rows["be"]]
             parts.append(rows)
-        rows = np.concatenate(parts) if parts else np.empty(0, dtype=RECORD_DTYPE)
+        # dtype=: numpy 2 concatenates structured arrays into native byte order otherwise.
+        rows = np.concatenate(parts, dtype=RECORD_DTYPE) if parts else np.empty(0, dtype=RECORD_DTYPE)
         return RecordBatch(rows, tuple(index))
 
     def encode(self) -> dict[str, Any]:

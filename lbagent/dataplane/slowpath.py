@@ -432,10 +432,16 @@ class SlowPath:
             if listener is None:
                 return False
             tables = listener.tables
-            # Only an owner's own record (never a replica): copies must not renew each other in a
-            # circle, or a dead flow's records would never expire and the table never end.
+            # Only a record of a bucket this mux is the primary owner of (never a replica): copies
+            # must not renew each other in a circle, or a dead flow's records would never expire
+            # and the table never end. Not "any record held as owner": when the primary answers
+            # late, the backup records the flow as owner too (the query's fallback), and two
+            # owner records of one flow, each beaconed to the other mux, renewed each other for
+            # ever (every REPLICATE refreshes the record it lands on).
+            own, me = self.decider.ownership, self.decider.node
             found = next(((k, r) for k, r in self.decider.store
                           if k[0] == listener_id and not r.replica
+                          and r.bucket < own.table_size and own.muxes[int(own.primary[r.bucket])] == me
                           and r.backend != tables.current_backend(r.bucket)), None)
             if found is None:
                 return False

@@ -14,7 +14,7 @@ from lbagent.core.decide import Forward, Reason, RecordAndForward, decide, decid
 from lbagent.core.ownership import build_ownership
 from lbagent.core.records import RecordStore
 from lbagent.core.transition import ListenerTables, build_generation
-from lbagent.peer import DecodeError, RecordBatch, ReplicatedRecord
+from lbagent.peer import RECORD_DTYPE, DecodeError, RecordBatch, ReplicatedRecord
 
 M = 257  # small prime: fast tables, same logic
 BACKENDS = [f"b{i}" for i in range(6)]
@@ -124,6 +124,28 @@ def test_record_batch_round_trips_and_concatenates(records, cut):
     assert again.backend_names() == [r.backend for r in records]
     joined = RecordBatch.concat([RecordBatch.of(records[:cut]), RecordBatch.of(records[cut:])])
     assert list(joined) == records
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(record, max_size=10), min_size=2, max_size=4))
+def test_concatenated_batches_reach_the_peer_intact(parts):
+    """Batches combined for one peer (slowpath's outbox) travel as what they were: numpy 2's
+    np.concatenate makes structured rows native-endian, and the peer, reading network byte
+    order, got garbage listeners, addresses and buckets (issue 11/12)."""
+    joined = RecordBatch.concat([RecordBatch.of(p) for p in parts])
+    assert joined.rows.dtype == RECORD_DTYPE
+    received = RecordBatch.decode(joined.encode())
+    assert list(received) == [r for p in parts for r in p]
+
+
+def test_record_batch_keeps_the_wire_layout_of_rows_in_another_byte_order():
+    native = np.zeros(2, dtype=RECORD_DTYPE.newbyteorder("<"))
+    native["l"], native["s"], native["sp"], native["b"] = 16, 0xCB007110, 40000, 7
+    sent = RecordBatch(native, ("web1:80",)).encode()
+    want = ReplicatedRecord(16, (0xCB007110, 0, 0, 40000, 0), 7, "web1:80")
+    assert list(RecordBatch.decode(sent)) == [want, want]
+    with pytest.raises(TypeError, match="RECORD_DTYPE"):
+        RecordBatch(np.zeros(2, dtype=[("l", ">u4")]), ("web1:80",))
 
 
 def test_record_batch_refuses_what_it_cannot_carry():

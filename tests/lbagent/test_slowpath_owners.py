@@ -179,3 +179,26 @@ def test_a_moved_flow_is_beaconed_to_every_mux_so_none_ends_its_lingering_table_
     # copies never beacon again: records must not keep each other alive once the flow is gone
     assert not paths["mux-c"].beacon_moved(3, NAMES)
     assert not paths["mux-b"].beacon_moved(3, NAMES)
+
+
+def test_owner_records_of_one_flow_on_two_muxes_do_not_renew_each_other_through_beacons(muxes):
+    """When the primary answers a query late, the backup records the flow as owner too (the
+    query's fallback): both then hold an owner record of it. Only the bucket's primary beacons,
+    so once the flow is idle its records expire and the lingering table can end; before, each
+    mux beaconed its record to the other every round and they renewed each other for ever."""
+    paths, _bridges, tables, ownership = muxes
+    bucket = _buckets_owned(ownership, tables, "mux-a", "mux-b", 1)[0]
+    old = tables.fallback_backend(bucket)
+    flow = (0x0C000002, VIP, 6, 5001, 80)
+    long_ago = time.time() - 100
+    for name in ("mux-a", "mux-b"):
+        paths[name].decider.store.put_first((3, flow), old, bucket, long_ago)
+        assert not paths[name].decider.store.peek((3, flow)).replica
+    assert not paths["mux-b"].beacon_moved(3, NAMES), "the backup beaconed its owner record"
+    assert paths["mux-a"].beacon_moved(3, NAMES)
+    _wait_for(lambda: paths["mux-b"].decider.store.peek((3, flow)).last_seen_s > long_ago)
+    assert paths["mux-a"].decider.store.peek((3, flow)).last_seen_s == long_ago
+    # the flow is idle: the primary's record expires, then nothing renews the backup's any more
+    assert paths["mux-a"].decider.store.expire_idle_by(lambda _lid: 50.0, time.time()) == 1
+    assert not paths["mux-a"].beacon_moved(3, NAMES)
+    assert not paths["mux-b"].beacon_moved(3, NAMES)
