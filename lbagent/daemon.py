@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import gc
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -30,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from lbagent.bgp import BgpSettings, BgpSpeaker
-from lbagent.core.flowhash import flow_buckets
+from lbagent.core.flowhash import flow_bucket, flow_buckets
 from lbagent.core.ownership import build_ownership
 from lbagent.core.records import RecordStore
 from lbagent.core.transition import GenerationTable, ListenerTables, OldTable, build_generation
 from lbagent.dataplane.nflog import NflogReader
-from lbagent.dataplane.nft import NFLOG_SNAPLEN, ListenerPlan, Nft, NftDataplane, NftError
+from lbagent.dataplane.nft import NFLOG_SNAPLEN, NFLOG_SNAPLEN6, ListenerPlan, Nft, NftDataplane, NftError
 from lbagent.dataplane.slowpath import (
     INJECT_IFACE,
     INJECT_PEER,
@@ -119,8 +120,9 @@ def resolve_mac(address: str, iface: str, timeout_s: float = 1.0) -> str:
             raise BackendUnreachable(f"no MAC for backend {address} on {iface} within {timeout_s} s (is it "
                                      f"on the mux's L2 segment?)")
         if not probed:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
-                s.sendto(b"", (address, 9))  # makes the kernel ARP for it
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+                s.sendto(b"", (address, 9))  # makes the kernel ARP for it (IPv6: neighbour discovery)
             probed = True
         time.sleep(0.02)
 
@@ -309,23 +311,17 @@ class MuxDaemon:
         for vip in self.state.vips:
             served: Vip | None = vip
             planned = None
-            if ":" in vip.address:
-                # The kernel tables are IPv4 only (ip saddr/daddr, 4-field pin keys): never announce
-                # what this mux cannot forward.
-                reason = "IPv6 is not supported by the nft data plane"
-                served = None
-            else:
-                try:
-                    planned = self._plan_vip(vip, now)
-                except (BackendUnreachable, ValueError) as exc:
-                    reason = str(exc)
-                    retryable = retryable or isinstance(exc, BackendUnreachable)
-                    served = self._last_good.get(vip.address)
-                    if served is not None:
-                        try:
-                            planned = self._plan_vip(served, now)
-                        except (BackendUnreachable, ValueError):
-                            served = None
+            try:
+                planned = self._plan_vip(vip, now)
+            except (BackendUnreachable, ValueError) as exc:
+                reason = str(exc)
+                retryable = retryable or isinstance(exc, BackendUnreachable)
+                served = self._last_good.get(vip.address)
+                if served is not None:
+                    try:
+                        planned = self._plan_vip(served, now)
+                    except (BackendUnreachable, ValueError):
+                        served = None
             if planned is None or served is not vip:
                 refused[vip.address] = reason
                 if self._refused.get(vip.address) != reason:
@@ -539,10 +535,11 @@ class MuxDaemon:
         per_listener: dict[int, tuple[SlowListener, list[tuple[int, int, int, int, int]], list[str]]] = {}
         by_mac: dict[int, dict[str, str]] = {}
         protos = {ln.protocol for ln in slow}
-        for proto in sorted(protos):
+        families = {"ip6" if ":" in ln.vip else "ip" for ln in slow}
+        for proto, family in sorted((p, f) for p in protos for f in families):
             number = 6 if proto == "tcp" else 17
             try:
-                pins = self.dataplane.pins_with_idle(proto, nft=nft)
+                pins = self.dataplane.pins_with_idle(proto, nft=nft, family=family)
             except NftError as exc:
                 log.error("keep-alive: cannot read the %s pins: %s", proto, exc)
                 continue
@@ -566,10 +563,19 @@ class MuxDaemon:
         batches = []
         assert self.state is not None
         for listener, flows, backends in per_listener.values():
-            arr = np.asarray(flows, dtype=np.int64)
             cluster = self.state.cluster
+            size = listener.tables.current.table_size
+            if ":" in listener.vip:  # IPv6: 128-bit addresses, hashed one by one
+                arr = np.empty((len(flows), 5), dtype=object)
+                arr[:] = flows
+                buckets = [flow_bucket(ipaddress.IPv6Address(s), ipaddress.IPv6Address(d), p, sp, dp,
+                                       seed=cluster.hash_seed, table_size=size) for s, d, p, sp, dp in flows]
+                rows = np.column_stack([arr, np.asarray(buckets, dtype=object)])
+                batches.append((listener, rows, backends))
+                continue
+            arr = np.asarray(flows, dtype=np.int64)
             buckets = flow_buckets(arr[:, 0], arr[:, 1], int(arr[0, 2]), arr[:, 3], arr[:, 4],
-                                   seed=cluster.hash_seed, table_size=listener.tables.current.table_size)
+                                   seed=cluster.hash_seed, table_size=size)
             batches.append((listener, np.column_stack([arr, np.asarray(buckets, dtype=np.int64)]), backends))
         self.slowpath.keep_alive(batches)
         self.slowpath.expire_records(now)
@@ -692,7 +698,8 @@ class MuxDaemon:
         self.slowpath.start()
         # The kernel pins and forwards SYNs of unstable buckets itself and reports them here
         # (nfnetlink_log): bound before the first apply, so no report of ours goes unread.
-        self.nflog = NflogReader(self.o.nflog_group, self.slowpath.on_new_flows, snaplen=NFLOG_SNAPLEN)
+        self.nflog = NflogReader(self.o.nflog_group, self.slowpath.on_new_flows, snaplen=NFLOG_SNAPLEN,
+                                 copy_range=NFLOG_SNAPLEN6)
         try:
             self.nflog.start()
         except OSError as exc:

@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -52,6 +53,9 @@ PIN_MAP_SIZE = 1 << 20
 # Bytes of each new-flow SYN copied to nfnetlink_log: the IPv4 header and the TCP ports are all
 # the owner's record needs (the bucket travels in the mark).
 NFLOG_SNAPLEN = 40
+# IPv6: the 40-byte fixed header and the ports right after it (a SYN with extension headers is
+# still pinned and forwarded; its report is counted malformed and the flow gets no record).
+NFLOG_SNAPLEN6 = 44
 MAP_SIZE = 1 << 17  # room for a 65537-bucket table
 
 
@@ -411,6 +415,58 @@ def _dispatch_key(plan: ListenerPlan) -> str:
     return f"{plan.vip} . {plan.protocol} . {plan.port}"
 
 
+# -- address family: everything that differs between an IPv4 and an IPv6 listener -------------
+
+FAMILIES = ("ip", "ip6")
+
+
+def family_of(address: str) -> str:
+    """nft's family keyword of an address: "ip" (IPv4) or "ip6"."""
+    return "ip6" if ":" in address else "ip"
+
+
+def _addr_type(family: str) -> str:
+    return "ipv6_addr" if family == "ip6" else "ipv4_addr"
+
+
+def pin_map(protocol: str, family: str) -> str:
+    """The pin map of a protocol and family: pins_tcp, pins6_tcp, ... (keys differ in size)."""
+    return f"pins{'6' if family == 'ip6' else ''}_{protocol}"
+
+
+def _dispatch_map(family: str) -> str:
+    return "dispatch6" if family == "ip6" else "dispatch"
+
+
+def _flow_tuple(family: str) -> str:
+    """The pin key: saddr . daddr . sport . dport."""
+    return f"{family} saddr . {family} daddr . th sport . th dport"
+
+
+def _hash_input(family: str) -> str:
+    """The 5-tuple jhash reads (lbagent.core.flowhash lays out the same registers)."""
+    proto = "ip protocol" if family == "ip" else "meta l4proto"
+    return f"{family} saddr . {family} daddr . {proto} . th sport . th dport"
+
+
+def _family_match(family: str, protocol: str) -> str:
+    if family == "ip6":
+        return f"meta protocol ip6 meta l4proto {protocol}"
+    return f"meta protocol ip ip protocol {protocol}"
+
+
+def _dispatch_elements(t: str, verb: str, plans: Sequence[ListenerPlan]) -> list[str]:
+    """`add`/`delete element` commands of the listeners' dispatch entries, one per family map."""
+    out = []
+    for family in FAMILIES:
+        mine = [p for p in plans if family_of(p.vip) == family]
+        if mine:
+            items = (f"{_dispatch_key(p)} : jump l{p.listener_id}" if verb == "add" else _dispatch_key(p)
+                     for p in mine)
+            out.append(f"{verb} element {t} {_dispatch_map(family)} {{ {', '.join(items)} }}")
+    return out
+
+
 class NftDataplane:
     """The kernel driver for one mux interface. Not thread-safe: one caller applies.
 
@@ -463,12 +519,16 @@ class NftDataplane:
         daemon restart, and the ingress chain keeps dispatching until the apply's last batch."""
         t = self._t()
         out = [f"add table {t}"]
-        for proto in PROTOCOLS:
-            out.append(f"add map {t} pins_{proto} {{ type ipv4_addr . ipv4_addr . inet_service . "
-                       f"inet_service : ether_addr; size {PIN_MAP_SIZE}; flags timeout; }}")
+        for family in FAMILIES:
+            addr = _addr_type(family)
+            for proto in PROTOCOLS:
+                out.append(f"add map {t} {pin_map(proto, family)} {{ type {addr} . {addr} . inet_service . "
+                           f"inet_service : ether_addr; size {PIN_MAP_SIZE}; flags timeout; }}")
         out.append(f"add counter {t} slowpath_reinjected")
         # No size: a hash that grows with the listeners (one element each).
-        out.append(f"add map {t} dispatch {{ type ipv4_addr . inet_proto . inet_service : verdict; }}")
+        for family in FAMILIES:
+            out.append(f"add map {t} {_dispatch_map(family)} {{ type {_addr_type(family)} . inet_proto . "
+                       f"inet_service : verdict; }}")
         out.append(f'add chain {t} ingress {{ type filter hook ingress device "{self.iface}" priority 0; '
                    f"policy accept; }}")
         return out
@@ -482,20 +542,23 @@ class NftDataplane:
         # overwrites) and forwards the packet to the backend. No nft call per flow.
         out = [f'add chain {t} inject {{ type filter hook ingress device "{self.inject_iface}" '
                f"priority 0; policy drop; }}", f"flush chain {t} inject"]
-        for proto in PROTOCOLS:
-            # The longest idle timeout of the protocol's listeners; the flow's next packet
-            # sets its own listener's timeout (rule 1's `update`).
-            out.append(f"add rule {t} inject meta protocol ip ip protocol {proto} add @pins_{proto} "
-                       f"{{ ip saddr . ip daddr . th sport . th dport timeout {timeouts[proto]}s "
-                       f": ether daddr }} "
-                       f'counter name slowpath_reinjected fwd to "{self.iface}"')
+        for family in FAMILIES:
+            for proto in PROTOCOLS:
+                # The longest idle timeout of the protocol's listeners; the flow's next packet
+                # sets its own listener's timeout (rule 1's `update`).
+                out.append(f"add rule {t} inject {_family_match(family, proto)} "
+                           f"add @{pin_map(proto, family)} "
+                           f"{{ {_flow_tuple(family)} timeout {timeouts[proto]}s : ether daddr }} "
+                           f'counter name slowpath_reinjected fwd to "{self.iface}"')
         return out
 
     def _listener_rules(self, plan: ListenerPlan) -> list[str]:
         t, lid, proto = self._t(), plan.listener_id, plan.protocol
         chain = f"l{lid}"
-        tuple4 = "ip saddr . ip daddr . th sport . th dport"
-        renew = " ".join(("update", f"@pins_{proto} {{ {tuple4} timeout {max(1, int(plan.pin_timeout_s))}s "
+        family = family_of(plan.vip)
+        tuple4 = _flow_tuple(family)
+        pins = pin_map(proto, family)
+        renew = " ".join(("update", f"@{pins} {{ {tuple4} timeout {max(1, int(plan.pin_timeout_s))}s "
                                     ": ether daddr }"))
         rules = [
             f"add chain {t} {chain}",
@@ -505,12 +568,12 @@ class NftDataplane:
             # (the flow's packets keep its state alive, however long it lives). A pin to an
             # ended backend (drain deadline passed) rewrote the MAC but does not match the set:
             # the next rule puts the mux's MAC back and the packet goes on like an unpinned one.
-            f"add rule {t} {chain} ether daddr set {tuple4} map @pins_{proto} ether daddr @pinok_{lid} "
+            f"add rule {t} {chain} ether daddr set {tuple4} map @{pins} ether daddr @pinok_{lid} "
             f'{renew} counter name pinned{lid} ether saddr set {self.mux_mac} fwd to "{self.iface}"',
             f"add rule {t} {chain} ether daddr set {self.mux_mac}",
             # The listener's own table size: the hash picks one of its len(current) buckets.
-            f"add rule {t} {chain} meta mark set jhash ip saddr . ip daddr . ip protocol . th sport . "
-            f"th dport mod {len(plan.current)} seed {self.seed:#x}",
+            f"add rule {t} {chain} meta mark set jhash {_hash_input(family)} "
+            f"mod {len(plan.current)} seed {self.seed:#x}",
         ]
         if self.learn:
             rules.append(f"add rule {t} {chain} add @learn{lid} {{ {tuple4} : meta mark }}")
@@ -533,6 +596,8 @@ class NftDataplane:
         t, lid, name = self._t(), plan.listener_id, backend_chain(plan.listener_id, address)
         out = [f"add counter {t} c{name}", f"add chain {t} {name}", f"flush chain {t} {name}"]
         if self.nflog_group is not None and plan.protocol == "tcp":
+            family = family_of(plan.vip)
+            snaplen = NFLOG_SNAPLEN6 if family == "ip6" else NFLOG_SNAPLEN
             # Rule 3's SYN case, compiled: this chain is reached through `cur_<id>`, so this
             # backend IS the current table's for the bucket (still in the mark). Pin the flow
             # (first writer wins: `add` never overwrites), copy its headers to nfnetlink_log for
@@ -543,8 +608,8 @@ class NftDataplane:
             # out by then, so the flow still gets its record, and its next packets (no pin, not a
             # SYN) find that record through NFQUEUE instead of the old table's guess.
             out.append(f"add rule {t} {name} meta mark @unstable_{lid} tcp flags & (syn | ack) == syn "
-                       f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN} "
-                       f"add @pins_tcp {{ ip saddr . ip daddr . th sport . th dport timeout "
+                       f"log group {self.nflog_group} snaplen {snaplen} "
+                       f"add @{pin_map('tcp', family)} {{ {_flow_tuple(family)} timeout "
                        f"{max(1, int(plan.pin_timeout_s))}s : {mac} }} counter name newflows{lid}")
         out.append(f"add rule {t} {name} counter name c{name} ether saddr set {self.mux_mac} "
                    f'ether daddr set {mac} fwd to "{self.iface}"')
@@ -563,7 +628,8 @@ class NftDataplane:
             f"add set {t} pinok_{lid} {{ type ether_addr; size {_pinok_size(size)}; }}",
         ]
         if self.learn:
-            out.append(f"add map {t} learn{lid} {{ type ipv4_addr . ipv4_addr . inet_service . inet_service "
+            addr = _addr_type(family_of(plan.vip))
+            out.append(f"add map {t} learn{lid} {{ type {addr} . {addr} . inet_service . inet_service "
                        f": mark; size {MAP_SIZE}; flags dynamic; }}")
         return out
 
@@ -667,23 +733,18 @@ class NftDataplane:
         t = self._t()
         last: list[str] = []
         if first:
-            last += [f"flush chain {t} ingress",
-                     f"add rule {t} ingress ip daddr . meta l4proto . th dport vmap @dispatch",
-                     f"flush map {t} dispatch"]
-            if plans:
-                last.append(f"add element {t} dispatch {{ "
-                            + ", ".join(f"{_dispatch_key(p)} : jump l{p.listener_id}" for p in plans) + " }")
+            last.append(f"flush chain {t} ingress")
+            last += [f"add rule {t} ingress {f} daddr . meta l4proto . th dport vmap @{_dispatch_map(f)}"
+                     for f in FAMILIES]
+            last += [f"flush map {t} {_dispatch_map(f)}" for f in FAMILIES]
+            last += _dispatch_elements(t, "add", plans)
         else:
-            gone = [a for lid, a in applied.items() if lid not in new_applied
+            gone = [a.plan for lid, a in applied.items() if lid not in new_applied
                     or _dispatch_key(a.plan) != _dispatch_key(new_applied[lid].plan)]
-            if gone:
-                last.append(f"delete element {t} dispatch {{ "
-                            + ", ".join(_dispatch_key(a.plan) for a in gone) + " }")
+            last += _dispatch_elements(t, "delete", gone)
             added = [p for p in plans if p.listener_id not in applied
                      or _dispatch_key(applied[p.listener_id].plan) != _dispatch_key(p)]
-            if added:
-                last.append(f"add element {t} dispatch {{ "
-                            + ", ".join(f"{_dispatch_key(p)} : jump l{p.listener_id}" for p in added) + " }")
+            last += _dispatch_elements(t, "add", added)
         if first or timeouts != self._inject_timeouts:
             last += self._inject(timeouts)
         for lid, a in applied.items():
@@ -831,8 +892,8 @@ class NftDataplane:
     def _delete_stale(self, existing: set[tuple[str, str]], plans: Sequence[ListenerPlan]) -> list[str]:
         """Commands deleting objects left by an earlier process that no plan uses (pins stay)."""
         keep = {("chain", "ingress"), ("chain", "inject"), ("counter", "slowpath_reinjected"),
-                ("map", "dispatch")}
-        keep |= {("map", f"pins_{p}") for p in PROTOCOLS}
+                ("map", "dispatch"), ("map", "dispatch6")}
+        keep |= {("map", pin_map(p, f)) for p in PROTOCOLS for f in FAMILIES}
         for plan in plans:
             lid = plan.listener_id
             keep |= {("chain", f"l{lid}"), ("map", f"cur_{lid}"), ("map", f"old_{lid}"),
@@ -873,13 +934,13 @@ class NftDataplane:
                 return len(item["map"].get("elem", []))
         return 0
 
-    def pins_with_idle(self, protocol: str,
-                       nft: Nft | None = None) -> list[tuple[int, int, int, int, str, int]]:
+    def pins_with_idle(self, protocol: str, nft: Nft | None = None,
+                       family: str = "ip") -> list[tuple[int, int, int, int, str, int]]:
         """Every pin of a protocol: (saddr, daddr, sport, dport as integers, MAC, seconds since the
         flow's last packet renewed it). Costs an `nft list` of the map (about 1.6 s per 65,000
         pins): the keep-alive thread does it once per round, only while listeners are in transition,
         with its own context (`nft`) so the main loop's applies never wait for it."""
-        out = (nft or self.nft).run(f"list map {self._t()} pins_{protocol}", json_output=True)
+        out = (nft or self.nft).run(f"list map {self._t()} {pin_map(protocol, family)}", json_output=True)
         result: list[tuple[int, int, int, int, str, int]] = []
         for item in json.loads(out)["nftables"]:
             for elem in item.get("map", {}).get("elem", []):
@@ -887,8 +948,7 @@ class NftDataplane:
                 meta = key.get("elem", {}) if isinstance(key, dict) else {}
                 parts = meta.get("val", key)["concat"] if isinstance(key, dict) else key
                 idle = int(meta.get("timeout", 0)) - int(meta.get("expires", meta.get("timeout", 0)))
-                result.append((int.from_bytes(socket.inet_aton(parts[0]), "big"),
-                               int.from_bytes(socket.inet_aton(parts[1]), "big"),
+                result.append((int(ipaddress.ip_address(parts[0])), int(ipaddress.ip_address(parts[1])),
                                int(parts[2]), int(parts[3]), str(mac), max(0, idle)))
         return result
 
