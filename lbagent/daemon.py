@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import gc
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lbagent.bgp import BgpSettings, BgpSpeaker
-from lbagent.core.flowhash import flow_bucket, flow_buckets
+from lbagent.core.flowhash import flow_buckets
 from lbagent.core.ownership import build_ownership
 from lbagent.core.records import RecordStore
 from lbagent.core.transition import GenerationTable, ListenerTables, OldTable, build_generation
@@ -535,11 +534,10 @@ class MuxDaemon:
         per_listener: dict[int, tuple[SlowListener, list[tuple[int, int, int, int, int]], list[str]]] = {}
         by_mac: dict[int, dict[str, str]] = {}
         protos = {ln.protocol for ln in slow}
-        families = {"ip6" if ":" in ln.vip else "ip" for ln in slow}
-        for proto, family in sorted((p, f) for p in protos for f in families):
+        for proto in sorted(protos):
             number = 6 if proto == "tcp" else 17
             try:
-                pins = self.dataplane.pins_with_idle(proto, nft=nft, family=family)
+                pins = self.dataplane.pins_with_idle(proto, nft=nft)
             except NftError as exc:
                 log.error("keep-alive: cannot read the %s pins: %s", proto, exc)
                 continue
@@ -563,19 +561,10 @@ class MuxDaemon:
         batches = []
         assert self.state is not None
         for listener, flows, backends in per_listener.values():
-            cluster = self.state.cluster
-            size = listener.tables.current.table_size
-            if ":" in listener.vip:  # IPv6: 128-bit addresses, hashed one by one
-                arr = np.empty((len(flows), 5), dtype=object)
-                arr[:] = flows
-                buckets = [flow_bucket(ipaddress.IPv6Address(s), ipaddress.IPv6Address(d), p, sp, dp,
-                                       seed=cluster.hash_seed, table_size=size) for s, d, p, sp, dp in flows]
-                rows = np.column_stack([arr, np.asarray(buckets, dtype=object)])
-                batches.append((listener, rows, backends))
-                continue
             arr = np.asarray(flows, dtype=np.int64)
+            cluster = self.state.cluster
             buckets = flow_buckets(arr[:, 0], arr[:, 1], int(arr[0, 2]), arr[:, 3], arr[:, 4],
-                                   seed=cluster.hash_seed, table_size=size)
+                                   seed=cluster.hash_seed, table_size=listener.tables.current.table_size)
             batches.append((listener, np.column_stack([arr, np.asarray(buckets, dtype=np.int64)]), backends))
         self.slowpath.keep_alive(batches)
         self.slowpath.expire_records(now)

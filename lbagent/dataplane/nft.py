@@ -439,8 +439,40 @@ def _dispatch_map(family: str) -> str:
 
 
 def _flow_tuple(family: str) -> str:
-    """The pin key: saddr . daddr . sport . dport."""
+    """The pin key. IPv4: saddr . daddr . sport . dport. IPv6: the address pair's 64-bit
+    fingerprint (two jhashes, loaded by `_fingerprint` into the mark and the priority) . sport .
+    dport, because nft 1.0.6 cannot add or update a dynamic key longer than 16 bytes (a 40-byte
+    IPv6 4-tuple aborts it, as a 5-field IPv4 key does). Two live flows with the same ports whose
+    address pairs collide in 64 bits would share a pin: accepted (docs/dataplane.md)."""
+    if family == "ip6":
+        return "meta mark . meta priority . th sport . th dport"
     return f"{family} saddr . {family} daddr . th sport . th dport"
+
+
+def _pin_key_type(family: str) -> str:
+    if family == "ip6":
+        return "mark . classid . inet_service . inet_service"
+    return "ipv4_addr . ipv4_addr . inet_service . inet_service"
+
+
+def fingerprint_seeds(seed: int) -> tuple[int, int]:
+    """The seeds of an IPv6 flow's address fingerprint (lbagent.core.flowhash.ipv6_fingerprint)."""
+    return (seed ^ 0x5BD1E995) & 0xFFFFFFFF, (seed ^ 0x27D4EB2F) & 0xFFFFFFFF
+
+
+def _fingerprint(family: str, seed: int) -> str:
+    """Statements loading an IPv6 flow's address fingerprint into the mark and the priority
+    (nothing for IPv4). The mark is overwritten by the bucket afterwards; the priority is put
+    back to 0 before a packet leaves (`_clear_priority`)."""
+    if family != "ip6":
+        return ""
+    a, b = fingerprint_seeds(seed)
+    return (f"meta mark set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {a:#x} "
+            f"meta priority set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {b:#x} ")
+
+
+def _clear_priority(family: str) -> str:
+    return "meta priority set 0 " if family == "ip6" else ""
 
 
 def _hash_input(family: str) -> str:
@@ -520,10 +552,9 @@ class NftDataplane:
         t = self._t()
         out = [f"add table {t}"]
         for family in FAMILIES:
-            addr = _addr_type(family)
             for proto in PROTOCOLS:
-                out.append(f"add map {t} {pin_map(proto, family)} {{ type {addr} . {addr} . inet_service . "
-                           f"inet_service : ether_addr; size {PIN_MAP_SIZE}; flags timeout; }}")
+                out.append(f"add map {t} {pin_map(proto, family)} {{ type {_pin_key_type(family)} "
+                           f": ether_addr; size {PIN_MAP_SIZE}; flags timeout; }}")
         out.append(f"add counter {t} slowpath_reinjected")
         # No size: a hash that grows with the listeners (one element each).
         for family in FAMILIES:
@@ -547,9 +578,9 @@ class NftDataplane:
                 # The longest idle timeout of the protocol's listeners; the flow's next packet
                 # sets its own listener's timeout (rule 1's `update`).
                 out.append(f"add rule {t} inject {_family_match(family, proto)} "
-                           f"add @{pin_map(proto, family)} "
+                           f"{_fingerprint(family, self.seed)}add @{pin_map(proto, family)} "
                            f"{{ {_flow_tuple(family)} timeout {timeouts[proto]}s : ether daddr }} "
-                           f'counter name slowpath_reinjected fwd to "{self.iface}"')
+                           f'{_clear_priority(family)}counter name slowpath_reinjected fwd to "{self.iface}"')
         return out
 
     def _listener_rules(self, plan: ListenerPlan) -> list[str]:
@@ -568,15 +599,21 @@ class NftDataplane:
             # (the flow's packets keep its state alive, however long it lives). A pin to an
             # ended backend (drain deadline passed) rewrote the MAC but does not match the set:
             # the next rule puts the mux's MAC back and the packet goes on like an unpinned one.
-            f"add rule {t} {chain} ether daddr set {tuple4} map @{pins} ether daddr @pinok_{lid} "
-            f'{renew} counter name pinned{lid} ether saddr set {self.mux_mac} fwd to "{self.iface}"',
+            # (IPv6: the pin key's address fingerprint is loaded first, see _flow_tuple.)
+            f"add rule {t} {chain} {_fingerprint(family, self.seed)}ether daddr set {tuple4} map @{pins} "
+            f"ether daddr @pinok_{lid} {renew} counter name pinned{lid} {_clear_priority(family)}"
+            f'ether saddr set {self.mux_mac} fwd to "{self.iface}"',
             f"add rule {t} {chain} ether daddr set {self.mux_mac}",
             # The listener's own table size: the hash picks one of its len(current) buckets.
             f"add rule {t} {chain} meta mark set jhash {_hash_input(family)} "
-            f"mod {len(plan.current)} seed {self.seed:#x}",
+            f"mod {len(plan.current)} seed {self.seed:#x}"
+            + ("" if self.learn else f" {_clear_priority(family)}".rstrip()),
         ]
         if self.learn:
-            rules.append(f"add rule {t} {chain} add @learn{lid} {{ {tuple4} : meta mark }}")
+            # IPv6: keyed by the fingerprint's second half (still in the priority) and the ports
+            learn_key = "meta priority . th sport . th dport" if family == "ip6" else tuple4
+            rules.append(f"add rule {t} {chain} add @learn{lid} {{ {learn_key} : meta mark }} "
+                         f"{_clear_priority(family)}".rstrip())
         if self.nflog_group is not None and proto == "tcp":
             # Unstable bucket, no pin, not a SYN: up to the stack, where iptables-nft queues it to
             # the slow path (rule 4 needs the owner's answer). A SYN (rule 3) goes on through
@@ -608,9 +645,10 @@ class NftDataplane:
             # out by then, so the flow still gets its record, and its next packets (no pin, not a
             # SYN) find that record through NFQUEUE instead of the old table's guess.
             out.append(f"add rule {t} {name} meta mark @unstable_{lid} tcp flags & (syn | ack) == syn "
-                       f"log group {self.nflog_group} snaplen {snaplen} "
+                       f"log group {self.nflog_group} snaplen {snaplen} {_fingerprint(family, self.seed)}"
                        f"add @{pin_map('tcp', family)} {{ {_flow_tuple(family)} timeout "
-                       f"{max(1, int(plan.pin_timeout_s))}s : {mac} }} counter name newflows{lid}")
+                       f"{max(1, int(plan.pin_timeout_s))}s : {mac} }} {_clear_priority(family)}"
+                       f"counter name newflows{lid}")
         out.append(f"add rule {t} {name} counter name c{name} ether saddr set {self.mux_mac} "
                    f'ether daddr set {mac} fwd to "{self.iface}"')
         return out
@@ -628,8 +666,10 @@ class NftDataplane:
             f"add set {t} pinok_{lid} {{ type ether_addr; size {_pinok_size(size)}; }}",
         ]
         if self.learn:
-            addr = _addr_type(family_of(plan.vip))
-            out.append(f"add map {t} learn{lid} {{ type {addr} . {addr} . inet_service . inet_service "
+            family = family_of(plan.vip)
+            key = ("ipv4_addr . ipv4_addr . inet_service . inet_service" if family == "ip"
+                   else "classid . inet_service . inet_service")
+            out.append(f"add map {t} learn{lid} {{ type {key} "
                        f": mark; size {MAP_SIZE}; flags dynamic; }}")
         return out
 
@@ -934,13 +974,14 @@ class NftDataplane:
                 return len(item["map"].get("elem", []))
         return 0
 
-    def pins_with_idle(self, protocol: str, nft: Nft | None = None,
-                       family: str = "ip") -> list[tuple[int, int, int, int, str, int]]:
+    def pins_with_idle(self, protocol: str,
+                       nft: Nft | None = None) -> list[tuple[int, int, int, int, str, int]]:
         """Every pin of a protocol: (saddr, daddr, sport, dport as integers, MAC, seconds since the
         flow's last packet renewed it). Costs an `nft list` of the map (about 1.6 s per 65,000
         pins): the keep-alive thread does it once per round, only while listeners are in transition,
         with its own context (`nft`) so the main loop's applies never wait for it."""
-        out = (nft or self.nft).run(f"list map {self._t()} {pin_map(protocol, family)}", json_output=True)
+        # IPv4 pins only: an IPv6 pin's key holds a fingerprint of the addresses, not the addresses
+        out = (nft or self.nft).run(f"list map {self._t()} {pin_map(protocol, 'ip')}", json_output=True)
         result: list[tuple[int, int, int, int, str, int]] = []
         for item in json.loads(out)["nftables"]:
             for elem in item.get("map", {}).get("elem", []):
