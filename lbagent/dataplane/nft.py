@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lbagent.core.flowhash import ipv6_fingerprint_seeds
+
 TABLE = "lbagent"
 PROTOCOLS = {"tcp": 6, "udp": 17}
 PIN_MAP_SIZE = 1 << 20
@@ -455,18 +457,13 @@ def _pin_key_type(family: str) -> str:
     return "ipv4_addr . ipv4_addr . inet_service . inet_service"
 
 
-def fingerprint_seeds(seed: int) -> tuple[int, int]:
-    """The seeds of an IPv6 flow's address fingerprint (lbagent.core.flowhash.ipv6_fingerprint)."""
-    return (seed ^ 0x5BD1E995) & 0xFFFFFFFF, (seed ^ 0x27D4EB2F) & 0xFFFFFFFF
-
-
 def _fingerprint(family: str, seed: int) -> str:
     """Statements loading an IPv6 flow's address fingerprint into the mark and the priority
     (nothing for IPv4). The mark is overwritten by the bucket afterwards; the priority is put
     back to 0 before a packet leaves (`_clear_priority`)."""
     if family != "ip6":
         return ""
-    a, b = fingerprint_seeds(seed)
+    a, b = ipv6_fingerprint_seeds(seed)  # lbagent.core.flowhash.ipv6_fingerprint computes the same
     return (f"meta mark set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {a:#x} "
             f"meta priority set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {b:#x} ")
 

@@ -10,11 +10,12 @@ listener ids (60-63)."""
 from __future__ import annotations
 
 import collections
+import json
 import time
 
 import pytest
 
-from lbagent.core.flowhash import flow_bucket
+from lbagent.core.flowhash import flow_bucket, ipv6_fingerprint
 from lbagent.core.maglev import maglev_table
 from lbagent.lab import netns
 from lbagent.lab.harness import (
@@ -22,7 +23,6 @@ from lbagent.lab.harness import (
     LongConnections,
     backend_doc,
     connect_and_ask,
-    learned_buckets,
     listener_doc,
     pins,
     vip_doc,
@@ -116,20 +116,51 @@ def test_ipv6_steady_state_is_stateless(cluster, weighted_vip6):
         assert pins(mux.mux, ipv6=True) == {}, f"{mux.mux.name} pinned IPv6 flows in steady state"
 
 
+def _classid(value) -> int:
+    """A `classid` as nft's JSON shows it ("major:minor" in hex) as its 32-bit value."""
+    if isinstance(value, int):
+        return value
+    if value == "none":
+        return 0
+    major, _, minor = str(value).partition(":")
+    return (int(major or "0", 16) << 16) | int(minor or "0", 16)
+
+
+def _learned6(mux, listener_id: int) -> dict[tuple[int, int, int], int]:
+    """The kernel's bucket per IPv6 flow (daemon --learn): keyed by the second half of the
+    address pair's fingerprint and the ports (nft 1.0.6 cannot learn a longer key)."""
+    out = netns.run(["nft", "-j", "list", "map", "netdev", "lbagent", f"learn{listener_id}"],
+                    netns=mux.netns, timeout_s=60).stdout
+    result = {}
+    for item in json.loads(out)["nftables"]:
+        for key, value in item.get("map", {}).get("elem", []):
+            fp, sport, dport = key["concat"]
+            result[(_classid(fp), int(sport), int(dport))] = int(value)
+    return result
+
+
 def test_ipv6_kernel_and_python_agree_on_buckets(cluster, weighted_vip6):
+    """>1,000 real IPv6 connections: the bucket each mux's kernel computed (jhash over the IPv6
+    5-tuple, mod the listener's table) equals lbagent.core.flowhash.flow_bucket's; and the
+    address fingerprint the pins are keyed by equals ipv6_fingerprint's."""
     client = cluster.lab.clients[0]
-    for _ in range(1000):
-        connect_and_ask(client.netns, VIP_WEIGHTS)
+    flows = [connect_and_ask(client.netns, VIP_WEIGHTS)[:2] for _ in range(1100)]
     learned: dict = {}
     for mux in cluster.lab.muxes:
-        learned.update(learned_buckets(mux, 60))
-    assert len(learned) >= 1000, f"only {len(learned)} IPv6 flows learnt"
-    assert all(":" in s and d == VIP_WEIGHTS for s, d, _, _ in learned)
-    mismatches = [(flow, kernel) for flow, kernel in learned.items()
-                  if flow_bucket(flow[0], flow[1], 6, flow[2], flow[3], seed=HASH_SEED,
-                                 table_size=TABLE) != kernel]
-    assert mismatches == [], (f"{len(mismatches)} of {len(learned)} IPv6 flows hashed differently: "
-                              f"{mismatches[:5]}")
+        learned.update(_learned6(mux, 60))
+    compared, mismatches = 0, []
+    for saddr, sport in flows:
+        _, fp = ipv6_fingerprint(saddr, VIP_WEIGHTS, seed=HASH_SEED)
+        kernel = learned.get((fp, sport, 80))
+        if kernel is None:
+            mismatches.append((saddr, sport, "no kernel bucket under Python's fingerprint"))
+            continue
+        compared += 1
+        python = flow_bucket(saddr, VIP_WEIGHTS, 6, sport, 80, seed=HASH_SEED, table_size=TABLE)
+        if python != kernel:
+            mismatches.append((saddr, sport, kernel, python))
+    assert mismatches == [], f"{len(mismatches)} of {len(flows)} IPv6 flows disagree: {mismatches[:5]}"
+    assert compared >= 1000
 
 
 def _changes(gen: int, backends: list[dict], previous: tuple[int, list[dict]] | None) -> dict:
