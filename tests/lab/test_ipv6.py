@@ -270,10 +270,11 @@ def test_ipv6_bypass_moves_the_route_and_scale_up_keeps_connections(cluster):
     wait_route(lab, VIP_BYPASS, _mux_hops(lab), timeout_s=60)
     try:
         one = [_b6(web1)]
-        # No bypass_next_hop: the mux announces the single backend's (IPv6) host itself.
+        # The next hop the router gets is the backend host's IPv6 address (MP-BGP over IPv4).
         cluster.vips[VIP_BYPASS] = vip_doc(VIP_BYPASS, [listener_doc(
             62, one, generation=2, drain_timeout_s=0,
-            previous={"generation": 1, "backends": two, "drain_deadline": time.time()})], bypass=True)
+            previous={"generation": 1, "backends": two, "drain_deadline": time.time()})],
+            bypass=True, bypass_next_hop=web1.address6)
         cluster.publish()
         wait_route(lab, VIP_BYPASS, [web1.address6], timeout_s=60)
         rx_before = [_rx_packets(m.netns) for m in lab.muxes]
