@@ -566,6 +566,13 @@ class MuxDaemon:
             buckets = flow_buckets(arr[:, 0], arr[:, 1], int(arr[0, 2]), arr[:, 3], arr[:, 4],
                                    seed=cluster.hash_seed, table_size=listener.tables.current.table_size)
             batches.append((listener, np.column_stack([arr, np.asarray(buckets, dtype=np.int64)]), backends))
+        for proto in sorted({ln.protocol for ln in slow if ":" in ln.vip}):  # IPv6: by fingerprint
+            try:
+                pins6 = self.dataplane.pins6_with_idle(proto, nft=nft)
+            except NftError as exc:
+                log.error("keep-alive: cannot read the IPv6 %s pins: %s", proto, exc)
+                continue
+            batches += self.slowpath.ipv6_keepalive_batches(pins6, interval_s, self.state.cluster.hash_seed)
         self.slowpath.keep_alive(batches)
         self.slowpath.expire_records(now)
         self.keepalive_rounds += 1

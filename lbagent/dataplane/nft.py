@@ -496,6 +496,18 @@ def _dispatch_elements(t: str, verb: str, plans: Sequence[ListenerPlan]) -> list
     return out
 
 
+def _classid(value: int | str) -> int:
+    """A `classid` (`meta priority`) as nft's JSON writes it ("major:minor" in hex, or a name)."""
+    if isinstance(value, int):
+        return value
+    if value == "none":
+        return 0
+    if value == "root":
+        return 0xFFFFFFFF
+    major, _, minor = value.partition(":")
+    return (int(major or "0", 16) << 16) | int(minor or "0", 16)
+
+
 class NftDataplane:
     """The kernel driver for one mux interface. Not thread-safe: one caller applies.
 
@@ -988,6 +1000,21 @@ class NftDataplane:
                 idle = int(meta.get("timeout", 0)) - int(meta.get("expires", meta.get("timeout", 0)))
                 result.append((int(ipaddress.ip_address(parts[0])), int(ipaddress.ip_address(parts[1])),
                                int(parts[2]), int(parts[3]), str(mac), max(0, idle)))
+        return result
+
+    def pins6_with_idle(self, protocol: str,
+                        nft: Nft | None = None) -> list[tuple[int, int, int, int, str, int]]:
+        """Every IPv6 pin of a protocol: (F1, F2, sport, dport, MAC, seconds since the flow's last
+        packet renewed it), F1 . F2 being the address fingerprint the pin is keyed by
+        (lbagent.core.flowhash.ipv6_fingerprint); same cost as `pins_with_idle`."""
+        out = (nft or self.nft).run(f"list map {self._t()} {pin_map(protocol, 'ip6')}", json_output=True)
+        result: list[tuple[int, int, int, int, str, int]] = []
+        for item in json.loads(out)["nftables"]:
+            for key, mac in item.get("map", {}).get("elem", []):
+                meta = key.get("elem", {}) if isinstance(key, dict) and "elem" in key else {}
+                f1, f2, sport, dport = (meta.get("val", key) if meta else key)["concat"]
+                idle = int(meta.get("timeout", 0)) - int(meta.get("expires", meta.get("timeout", 0)))
+                result.append((int(f1), _classid(f2), int(sport), int(dport), str(mac), max(0, idle)))
         return result
 
     def learned(self, listener_id: int) -> dict[tuple[str, str, int, int], int]:

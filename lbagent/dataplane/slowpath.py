@@ -43,6 +43,7 @@ from lbagent.core.decide import (
     decide_owner_unreachable,
     owner_answer,
 )
+from lbagent.core.flowhash import ipv6_fingerprint
 from lbagent.core.ownership import Ownership
 from lbagent.core.records import FlowKey, RecordStore
 from lbagent.core.transition import ListenerTables
@@ -418,6 +419,46 @@ class SlowPath:
 
     def listener_of(self, daddr: int, proto: int, dport: int) -> SlowListener | None:
         return self._listeners.get((daddr, proto, dport))
+
+    def ipv6_keepalive_batches(self, pins: Sequence[tuple[int, int, int, int, str, int]], interval_s: float,
+                               seed: int) -> list[tuple[SlowListener, np.ndarray, list[str]]]:
+        """The keep-alive rows of IPv6 flows (for `keep_alive`). An IPv6 pin is keyed by a
+        fingerprint of the addresses (lbagent.dataplane.nft), not the addresses, so the flows are
+        found among the records this mux holds (every flow it pinned has one here, as owner or as
+        a copy): each IPv6 record whose fingerprint and ports match a pin a packet renewed since
+        the last round. Costs a Python jhash pair per IPv6 record in transition."""
+        active = {(f1, f2, sp, dp): mac for f1, f2, sp, dp, mac, idle in pins if idle <= interval_s + 1}
+        if not active:
+            return []
+        found: dict[int, tuple[SlowListener, list[tuple[int, ...]], list[str]]] = {}
+        with self._lock:
+            names_of: dict[int, dict[str, str]] = {}
+            for (lid, flow), rec in self.decider.store:
+                listener = self._by_id.get(lid)
+                if listener is None or ":" not in listener.vip:
+                    continue
+                saddr, daddr, proto, sport, dport = flow
+                f1, f2 = ipv6_fingerprint(ipaddress.IPv6Address(saddr), ipaddress.IPv6Address(daddr),
+                                          seed=seed)
+                mac = active.get((f1, f2, sport, dport))
+                if mac is None:
+                    continue
+                names = names_of.get(lid)
+                if names is None:
+                    alive = listener.tables.alive_backends()
+                    names = names_of[lid] = {m: n for n, m in listener.macs.items() if n in alive}
+                backend = names.get(mac)
+                if backend is None:
+                    continue  # a pin to an ended backend: its flow is over
+                entry = found.setdefault(lid, (listener, [], []))
+                entry[1].append((saddr, daddr, proto, sport, dport, rec.bucket))
+                entry[2].append(backend)
+        out = []
+        for listener, rows, backends in found.values():
+            arr = np.empty((len(rows), 6), dtype=object)
+            arr[:] = rows
+            out.append((listener, arr, backends))
+        return out
 
     def keep_alive(self, per_listener: Sequence[tuple[SlowListener, np.ndarray, list[str]]]) -> int:
         """Renew the records of the flows this mux's kernel forwarded by a pin since the last
