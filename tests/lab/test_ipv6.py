@@ -298,3 +298,55 @@ def test_ipv6_bypass_moves_the_route_and_scale_up_keeps_connections(cluster):
         during.close()
     finally:
         cluster.remove_vip(VIP_BYPASS)
+
+
+def test_ipv6_records_outlive_the_idle_timeout_while_pinned_flows_are_active(cluster):
+    """The keep-alive finds active IPv6 pins by their address fingerprint among the mux's records
+    and renews the records at both owners: connections opened during a transition (those on the
+    new backend exist only in records, no old table names it) exchange a line a second for more
+    than 3x the records' 4 s idle timeout, then their mux is killed (daemon and ExaBGP) and the
+    other mux sends them on from the records. Without renewal the records would have expired and
+    the moved flows would go to the old table's backend."""
+    lab = cluster.lab
+    for mux in cluster.muxes:
+        if not mux.alive():
+            cluster.restart(mux)
+    vip, lid, idle_s, drain_s = "2001:db8:113::14", 64, 4, 4
+    web1, web2, web3 = lab.backends[:3]
+    gen1 = [_b6(web1), _b6(web2)]
+
+    def doc(gen: int, backends: list[dict], previous: dict | None) -> dict:
+        return vip_doc(vip, [listener_doc(lid, backends, generation=gen, drain_timeout_s=drain_s,
+                                          previous=previous, flow_idle_timeout_s=idle_s)])
+
+    cluster.set_vip(doc(1, gen1, None))
+    wait_route(lab, vip, _mux_hops(lab), timeout_s=60)
+    renewed_before = cluster.total("lbagent_keepalive_flows_total")
+    previous = {"generation": 1, "backends": gen1, "drain_deadline": time.time() + drain_s}
+    cluster.set_vip(doc(2, [*gen1, _b6(web3)], previous))
+    conns = LongConnections(lab.clients[0].netns, vip, 80, interval_s=1.0)
+    try:
+        conns.start_background()
+        started = time.time()
+        deadline = time.monotonic() + 300
+        while time.time() < started + 3 * idle_s + 2:  # let the records' idle timeout pass 3 times
+            assert time.monotonic() < deadline, "exchange rounds stalled"
+            conns.settle(1)
+        assert conns.broken == {}, f"broken before the kill: {list(conns.broken.items())[:5]}"
+        renewed = cluster.total("lbagent_keepalive_flows_total") - renewed_before
+        assert renewed > 0, "no active IPv6 pin renewed its records"
+        victim, survivor = cluster.muxes
+        victim.kill9_with_bgp()
+        wait_route(lab, vip, [survivor.mux.address6], timeout_s=90)
+        conns.settle(3)
+    finally:
+        conns.close()
+        cluster.remove_vip(vip)
+        for mux in cluster.muxes:
+            if not mux.alive():
+                cluster.restart(mux)
+    on_new = sum(1 for b in conns.backend if b == web3.name)
+    print(f"\nIPv6 keep-alive: {renewed:.0f} flow renewals, {on_new} of 80 on the new backend, "
+          f"{len(conns.broken)} broken after the kill")
+    assert on_new > 0
+    assert conns.broken == {}, f"{len(conns.broken)} broke after the kill: {list(conns.broken.items())[:5]}"
