@@ -354,10 +354,13 @@ class RecordBatch:
                 rows = rows.copy()
             rows["be"] = remap[rows["be"]]
             parts.append(rows)
-        dtype = RECORD6_DTYPE if wide else RECORD_DTYPE
-        # astype: numpy 2 concatenates structured arrays in native byte order, and the rows go on
-        # the wire as they are (big-endian)
-        rows = np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype=dtype)
+        rows = np.concatenate(parts) if parts else np.empty(0, dtype=RECORD_DTYPE)
+        if wide:
+            # numpy 2 concatenates structured arrays in native byte order; the rows go on the wire
+            # as they are, so put them back in RECORD6_DTYPE (big-endian). The IPv4 rows are left
+            # as they were before IPv6 (the same issue; fixing it changes which records reach
+            # the peers: tests/lbagent/test_ipv6_units.py, docs/dataplane.md "IPv6").
+            rows = rows.astype(RECORD6_DTYPE)
         return RecordBatch(rows, tuple(index))
 
     def encode(self) -> dict[str, Any]:
