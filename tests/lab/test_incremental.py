@@ -5,6 +5,7 @@ listener's `cur_` map is sized to its table; what the kernel holds is exactly th
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -320,3 +321,61 @@ def test_a_new_table_size_recreates_the_maps_in_one_transaction(netns):
     assert _elements(nft, "map", "cur_1") == _planned_cur(_plan(1, 809, 4))
     assert ("counter", "cb1_10_1_0_5") not in _objects(nft)
     assert "02:00:00:01:00:05" not in _elements(nft, "map", "cnt_1")
+
+
+def _plan6(lid: int, size: int, count: int, old: np.ndarray | None = None) -> ListenerPlan:
+    current = maglev_table([f"b{i}" for i in range(count)], None, size)
+    unstable = None if old is None else np.flatnonzero(current != old)
+    backends = tuple((f"fd00:{lid:x}::{i + 1:x}", f"02:00:00:{lid:02x}:00:{i + 1:02x}") for i in range(count))
+    return ListenerPlan(lid, f"2001:db8:113::{lid:x}", "tcp", 80, backends, current, old, unstable,
+                        pin_timeout_s=60)
+
+
+@pytest.mark.lab
+def test_ipv6_listeners_share_the_format_and_go_as_netlink_messages(netns):
+    """IPv6 listeners beside IPv4 ones through the daemon's driver: the kernel takes their rules
+    (ip6 hash, fingerprint-keyed pins, the SYN rule, learning, the injection chain), their
+    dispatch entries land in `dispatch6` over netlink (24-byte keys), a transition of an IPv6
+    listener is elements only, and removing one deletes its entry and objects."""
+    cli = NamespaceNft(netns)
+    v4, v6 = _plan(1, 409, 4), _plan6(2, 409, 4)
+    dp = _in_netns(netns, lambda: NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nflog_group=5,
+                                               learn=True, inject_iface="eth1"))
+    _in_netns(netns, lambda: dp.apply([v4, v6]))
+    assert _elements(cli, "map", "cur_2") == _planned_cur(v6)
+    dispatch6 = _elements(cli, "map", "dispatch6")
+    assert [(json.loads(k)["concat"], v["jump"]["target"]) for k, v in dispatch6.items()] == [
+        (["2001:db8:113::2", "tcp", 80], "l2")]
+    assert [v["jump"]["target"] for v in _elements(cli, "map", "dispatch").values()] == ["l1"]
+    objects = _objects(cli)
+    assert {("map", "pins6_tcp"), ("map", "pins6_udp"), ("map", "learn2")} <= objects
+    rules = cli.run("list chain netdev lbagent l2")
+    assert "jhash ip6 saddr . ip6 daddr . meta l4proto . th sport . th dport mod 409 seed" in rules
+    handles = _handles(cli, 2)
+
+    grown = _plan6(2, 409, 5, old=v6.current)
+    sent, by_netlink = dp.transactions, dp.netlink_transactions
+    _in_netns(netns, lambda: dp.apply([v4, grown]))
+    assert (dp.transactions, dp.netlink_transactions) == (sent + 1, by_netlink + 1)
+    assert _handles(cli, 2) == handles, "a new IPv6 backend rewrote the listener's rules"
+    assert _elements(cli, "map", "cur_2") == _planned_cur(grown)
+    assert sorted(_elements(cli, "set", "unstable_2")) == grown.unstable.tolist()
+
+    _in_netns(netns, lambda: dp.apply([v4]))
+    assert _elements(cli, "map", "dispatch6") == {}
+    assert [o for o in _objects(cli) if o[1] in {"l2", "cur_2", "cnt_2", "learn2"}] == []
+
+
+@pytest.mark.lab
+def test_many_ipv6_dispatch_elements_go_in_messages_the_kernel_takes(netns):
+    """1,500 IPv6 dispatch entries (about 70 bytes each with their verdict: 1,000 of them would
+    overflow a netlink attribute's 16-bit length) in one netlink batch all land."""
+    cli = NamespaceNft(netns)
+    cli.run("add table netdev lbagent\nadd chain netdev lbagent l1\n"
+            "add map netdev lbagent dispatch6 { type ipv6_addr . inet_proto . inet_service : verdict; }\n")
+    keys = [(str(ipaddress.IPv6Address("2001:db8::1") + (i << 16)), "tcp", 80) for i in range(1500)]
+    op = Op("add", "dispatch6", keys, ["jump l1"] * len(keys), "dispatch", "verdict")
+    assert len(op.messages("lbagent")) >= 2
+    _in_netns(netns, lambda: NetlinkElements().run("lbagent", [op]))
+    landed = {tuple(json.loads(k)["concat"]) for k in _elements(cli, "map", "dispatch6")}
+    assert landed == {(vip, "tcp", 80) for vip, _, _ in keys}
