@@ -44,7 +44,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import ipaddress
 import json
 import os
 import queue
@@ -245,9 +244,9 @@ class ListenerPlan:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"listener {self.listener_id}: protocol {self.protocol!r} is not tcp or udp")
-        try:
-            ipaddress.ip_address(self.vip)
-        except ValueError:
+        try:  # inet_pton, not ipaddress: a twentieth of the cost, paid per plan of every apply
+            socket.inet_pton(socket.AF_INET6 if ":" in self.vip else socket.AF_INET, self.vip)
+        except (OSError, TypeError):
             raise ValueError(f"listener {self.listener_id}: VIP {self.vip!r} is not an IPv4 or IPv6 "
                              "address") from None
         if self.old is not None and len(self.old) != len(self.current):

@@ -159,3 +159,10 @@ def test_concatenated_ipv4_batches_keep_network_byte_order():
     v4 = [ReplicatedRecord(4, (0x0A5B0102, 0xCB00710A, 6, 1000, 80), 5, "web-9")]
     only4 = RecordBatch.concat([RecordBatch.of(v4), RecordBatch.of(v4)])
     assert list(RecordBatch.decode(only4.encode())) == v4 + v4
+
+
+def test_a_plan_whose_vip_is_no_address_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"listener 9: VIP '2001:db8::1::2' is not an IPv4 or IPv6 address"):
+        ListenerPlan(9, "2001:db8::1::2", "tcp", 80, (), np.zeros(11, dtype=np.int32))
+    with pytest.raises(ValueError, match=r"listener 9: VIP '203.0.113' is not"):
+        ListenerPlan(9, "203.0.113", "tcp", 80, (), np.zeros(11, dtype=np.int32))
