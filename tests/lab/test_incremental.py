@@ -8,13 +8,18 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import socket
+import struct
 import subprocess
+import time
 import uuid
 
 import numpy as np
 import pytest
 
+from lbagent.core.flowhash import flow_bucket
 from lbagent.core.maglev import maglev_table
+from lbagent.dataplane import nft as nft_module
 from lbagent.dataplane.nft import ListenerPlan, Nft, NftDataplane, NftError
 from lbagent.dataplane.nftlink import NetlinkElements, NetlinkError, Op
 from tests.environment import need_binary, need_root
@@ -379,3 +384,72 @@ def test_many_ipv6_dispatch_elements_go_in_messages_the_kernel_takes(netns):
     _in_netns(netns, lambda: NetlinkElements().run("lbagent", [op]))
     landed = {tuple(json.loads(k)["concat"]) for k in _elements(cli, "map", "dispatch6")}
     assert landed == {(vip, "tcp", 80) for vip, _, _ in keys}
+
+
+@pytest.mark.lab
+def test_an_ipv6_syn_whose_pin_cannot_be_added_is_still_forwarded(netns, monkeypatch):
+    """The IPv6 SYN rule loads the address fingerprint into the mark (overwriting the bucket) and
+    forwards the SYN itself; when its pin `add` fails (the pin map is full) the rule after it
+    forwards the SYN to the backend the current table gave it. A pin map of one element here:
+    the first SYN is pinned, the second is not, both reach their backend."""
+    mux_mac, client_mac = "02:aa:00:00:00:01", "02:cc:00:00:00:01"
+    subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "address", mux_mac], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "eth1", "up"], check=True)
+    monkeypatch.setattr(nft_module, "PIN_MAP_SIZE", 1)
+    cli = NamespaceNft(netns)
+    plan = _plan6(3, 11, 2)
+    everything = np.arange(11)
+    plan = ListenerPlan(3, plan.vip, "tcp", 80, plan.backends, plan.current, plan.current[::-1].copy(),
+                        everything, pin_timeout_s=60)  # every bucket unstable: every SYN takes rule 3
+    NftDataplane("eth0", mux_mac, seed=7, nft=cli, nflog_group=5).apply([plan])
+
+    vip = ipaddress.IPv6Address(plan.vip)
+
+    def backend_of(saddr: str, sport: int) -> int:
+        return int(plan.current[flow_bucket(saddr, plan.vip, 6, sport, 80, seed=7, table_size=11)])
+
+    # two flows the table gives different backends (the second SYN's MAC comes from its own bucket)
+    first = backend_of("fd00:99::1", 40001)
+    second = next(p for p in range(40002, 41000) if backend_of("fd00:99::2", p) != first)
+    flows = [("fd00:99::1", 40001), ("fd00:99::2", second)]
+
+    mux_raw = bytes.fromhex(mux_mac.replace(":", ""))
+
+    def frame(saddr: str, sport: int) -> bytes:
+        eth = mux_raw + bytes.fromhex(client_mac.replace(":", "")) + b"\x86\xdd"
+        ip6 = struct.pack("!IHBB16s16s", 0x60000000, 20, 6, 64, ipaddress.IPv6Address(saddr).packed,
+                          vip.packed)
+        return eth + ip6 + struct.pack("!HHIIBBHHH", sport, 80, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+
+    def exchange() -> dict[int, str]:
+        """Send the SYNs into eth0 (through its peer eth1) and read what eth0 forwards back out:
+        source port -> destination MAC of each forwarded SYN."""
+        rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+        rx.bind(("eth1", 0))
+        rx.settimeout(0.2)
+        tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        tx.bind(("eth1", 0))
+        seen: dict[int, str] = {}
+        try:
+            for saddr, sport in flows:
+                tx.send(frame(saddr, sport))
+            deadline = time.monotonic() + 60
+            while len(seen) < len(flows) and time.monotonic() < deadline:
+                try:
+                    data = rx.recv(2048)
+                except TimeoutError:
+                    continue
+                # forwarded by the mux: its source MAC, an IPv6 TCP segment to port 80
+                if data[6:12] == mux_raw and data[20] == 6 and len(data) >= 58:
+                    sport, dport = struct.unpack_from("!HH", data, 54)
+                    if dport == 80:
+                        seen[sport] = data[0:6].hex(":")
+        finally:
+            rx.close()
+            tx.close()
+        return seen
+
+    forwarded = _in_netns(netns, exchange)
+    expected = {sport: plan.backends[backend_of(saddr, sport)][1] for saddr, sport in flows}
+    assert forwarded == expected, f"forwarded SYNs (sport -> MAC) {forwarded}, the table says {expected}"
+    assert len(_elements(cli, "map", "pins6_tcp")) == 1, "the pin map holds one element: one add failed"
