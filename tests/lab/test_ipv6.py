@@ -4,8 +4,8 @@ netdev tables (ip6 hash, pins6_*, dispatch6) to the backends (VIP on lo, direct 
 Backend MACs come from neighbour discovery (no `mac` in the documents). The peer network between
 the muxes stays IPv4 (the cluster's addresses); IPv6 flows travel in it as 128-bit keys.
 
-Runs on the session's lab (tests/lab/conftest.py) with its own VIPs (2001:db8:113::10-13) and
-listener ids (60-63)."""
+Runs on the session's lab (tests/lab/conftest.py) with its own VIPs (2001:db8:113::10-15) and
+listener ids (60-65)."""
 
 from __future__ import annotations
 
