@@ -152,9 +152,9 @@ class Op:
     verb: "add" / "delete" (elements), "flush" (a set or map), "add counter" / "delete counter",
     "flush chain" (its rules), "delete chain", "delete set" (a set or map).
     key_type says what `keys` are: "mark" (bucket numbers, an int array), "mac" (strings),
-    "dispatch" ((vip, protocol, port) tuples). value_type says what `values` are (one per key):
-    "mac" (48-bit ints, an int array: a bucket's backend), "objref" (counter names), "verdict"
-    (text such as "jump l7"); None for a set."""
+    "dispatch" ((vip, protocol, port) tuples, an IPv4 or IPv6 VIP). value_type says what
+    `values` are (one per key): "mac" (48-bit ints, an int array: a bucket's backend), "objref"
+    (counter names), "verdict" (text such as "jump l7"); None for a set."""
 
     verb: str
     name: str
