@@ -80,6 +80,7 @@ NFLOG_SNAPLEN = 40
 # still pinned and forwarded; its report is counted malformed and the flow gets no record).
 NFLOG_SNAPLEN6 = 44
 MAP_SIZE = 1 << 17  # room for a 65537-bucket table
+_LEARN_IP6 = -6  # `_existing_objects`' mark of a learn map keyed for an IPv6 listener
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 
 
@@ -884,8 +885,12 @@ class NftDataplane:
                                        or (self.learn and prev.plan.family != plan.family))
         if existing is not None and prev is None:
             held = existing.get(("map", f"cur_{lid}"), -1)
-            # Another size, or an older daemon's verdict map (-2): recreate.
+            # Another size, or an older daemon's verdict map (-2): recreate. So too a learn map
+            # left by a listener of the other address family (its key type differs).
             resize = held != -1 and held != size
+            learned = existing.get(("map", f"learn{lid}"), -1)
+            if self.learn and learned != -1 and (learned == _LEARN_IP6) != (plan.family == "ip6"):
+                resize = True
         if resize:
             # Map sizes and types are fixed at creation: empty the rules that reference the maps,
             # drop and recreate them, all in one libnftables transaction (the listener is never
@@ -980,7 +985,8 @@ class NftDataplane:
     def _existing_objects(self) -> dict[tuple[str, str], int | None]:
         """(kind, name) of the chains, maps, sets and counters the kernel holds in our table,
         each with its declared size (maps and sets; None for the rest; -2 for a `cur_` map of
-        another type, an older daemon's verdict map).
+        another type, an older daemon's verdict map; for a `learn` map `_LEARN_IP6` when its key
+        is an IPv6 listener's).
 
         Listed per kind (`list chains|maps|sets`, terse) and counters over netlink: `list table`,
         `list tables` and `list counters` make nft 1.0.6 load every element of every map first,
@@ -995,6 +1001,8 @@ class NftDataplane:
                     size = obj.get("size")
                     if kind == "map" and obj["name"].startswith("cur_") and obj.get("map") != "ether_addr":
                         size = -2
+                    if kind == "map" and obj["name"].startswith("learn") and "classid" in obj.get("type", ()):
+                        size = _LEARN_IP6
                     found[(kind, obj["name"])] = size
         if found:
             with contextlib.suppress(NftError):  # the table went away meanwhile: nothing to keep

@@ -453,3 +453,32 @@ def test_an_ipv6_syn_whose_pin_cannot_be_added_is_still_forwarded(netns, monkeyp
     expected = {sport: plan.backends[backend_of(saddr, sport)][1] for saddr, sport in flows}
     assert forwarded == expected, f"forwarded SYNs (sport -> MAC) {forwarded}, the table says {expected}"
     assert len(_elements(cli, "map", "pins6_tcp")) == 1, "the pin map holds one element: one add failed"
+
+
+@pytest.mark.lab
+def test_a_listener_changing_address_family_gets_rules_and_learn_map_of_its_family(netns):
+    """A listener id moved from an IPv4 VIP to an IPv6 one (and back): its rules are re-rendered
+    for the family and, with learning, its learn map recreated with the family's key, by the same
+    driver and by a restarted one (which finds the other family's map in the kernel)."""
+    cli = NamespaceNft(netns)
+
+    def learn_key() -> list[str]:
+        listing = json.loads(cli.run("list map netdev lbagent learn4", json_output=True))
+        return next(item["map"]["type"] for item in listing["nftables"] if "map" in item)
+
+    v4 = _plan(4, 409, 4)
+    v6 = ListenerPlan(4, "2001:db8:113::4", "tcp", 80, _plan6(4, 409, 4).backends, v4.current,
+                      pin_timeout_s=60)
+    NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=cli, learn=True, nflog_group=5).apply([v4])
+    assert learn_key() == ["ipv4_addr", "ipv4_addr", "inet_service", "inet_service"]
+    restarted = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=cli, learn=True, nflog_group=5)
+    restarted.apply([v6])
+    assert learn_key() == ["classid", "inet_service", "inet_service"]
+    assert "jhash ip6 saddr" in cli.run("list chain netdev lbagent l4")
+    assert [json.loads(k)["concat"][0] for k in _elements(cli, "map", "dispatch6")] == ["2001:db8:113::4"]
+    assert _elements(cli, "map", "dispatch") == {}
+    restarted.apply([v4])
+    assert learn_key() == ["ipv4_addr", "ipv4_addr", "inet_service", "inet_service"]
+    assert "jhash ip saddr" in cli.run("list chain netdev lbagent l4")
+    assert _elements(cli, "map", "dispatch6") == {}
+    assert _elements(cli, "map", "cur_4") == _planned_cur(v4)
