@@ -33,6 +33,9 @@ class BgpSettings:
     local_as: int
     peer_as: int
     hold_time_s: int = 3
+    # The next hop for `self` of IPv6 VIPs (the session itself may be IPv4: MP-BGP carries IPv6
+    # unicast over it). None: the first global IPv6 address of the interface holding local_address.
+    local_address6: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("local_as", "peer_as"):
@@ -76,6 +79,10 @@ neighbor {settings.neighbor} {{
     local-as {settings.local_as};
     peer-as {settings.peer_as};
     hold-time {settings.hold_time_s};
+    family {{
+        ipv4 unicast;
+        ipv6 unicast;
+    }}
     api events {{
         processes [ lbagent-events ];
         neighbor-changes;
@@ -108,6 +115,23 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return status.rpartition(")")[2].split()[0] != "Z"
+
+
+def ipv6_of_interface_holding(address: str) -> str | None:
+    """The first global IPv6 address of the interface that holds `address` here (None if none)."""
+    out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=False).stdout
+    for link in json.loads(out or "[]"):
+        infos = link.get("addr_info", [])
+        if any(a.get("local") == address for a in infos):
+            for a in infos:
+                if a.get("family") == "inet6" and a.get("scope") == "global" and not a.get("tentative"):
+                    return str(a["local"])
+    return None
+
+
+def host_prefix(vip: str) -> str:
+    """The route of one address: /32 for IPv4, /128 for IPv6."""
+    return f"{vip}/128" if ":" in vip else f"{vip}/32"
 
 
 class BgpSpeaker:
@@ -231,17 +255,28 @@ class BgpSpeaker:
         self.commands_sent += 1
         log.info("bgp: %s", line)
 
+    def _self_hop(self, vip: str) -> str:
+        if ":" not in vip:
+            return self.settings.local_address
+        hop = self.settings.local_address6 or ipv6_of_interface_holding(self.settings.local_address)
+        if hop is None:
+            raise ValueError(f"VIP {vip}: this mux has no global IPv6 address on the interface of "
+                             f"{self.settings.local_address} to announce as next hop")
+        return hop
+
     def announce(self, vip: str, next_hop: str | None = None) -> None:
-        """Announce vip/32 with this mux (None) or another host as next hop; repeats are no-ops."""
-        prefix = f"{vip}/32"
-        hop = next_hop or self.settings.local_address
+        """Announce vip/32 (vip/128 for IPv6) with this mux (None) or another host as next hop;
+        repeats are no-ops. An IPv6 route goes over the same session (MP-BGP, IPv6 unicast) with
+        this mux's IPv6 address as next hop."""
+        prefix = host_prefix(vip)
+        hop = next_hop or self._self_hop(vip)
         if self.announced.get(prefix) == hop:
             return
         self._send(f"announce route {prefix} next-hop {hop}")
         self.announced[prefix] = hop
 
     def withdraw(self, vip_or_prefix: str) -> None:
-        prefix = vip_or_prefix if "/" in vip_or_prefix else f"{vip_or_prefix}/32"
+        prefix = vip_or_prefix if "/" in vip_or_prefix else host_prefix(vip_or_prefix)
         if prefix not in self.announced:
             return
         self._send(f"withdraw route {prefix}")

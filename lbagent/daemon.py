@@ -36,7 +36,7 @@ from lbagent.core.ownership import build_ownership
 from lbagent.core.records import RecordStore
 from lbagent.core.transition import GenerationTable, ListenerTables, OldTable, build_generation
 from lbagent.dataplane.nflog import NflogReader
-from lbagent.dataplane.nft import NFLOG_SNAPLEN, ListenerPlan, Nft, NftDataplane, NftError
+from lbagent.dataplane.nft import NFLOG_SNAPLEN, NFLOG_SNAPLEN6, ListenerPlan, Nft, NftDataplane, NftError
 from lbagent.dataplane.slowpath import (
     INJECT_IFACE,
     INJECT_PEER,
@@ -130,8 +130,9 @@ def resolve_mac(address: str, iface: str, timeout_s: float = 1.0) -> str:
             raise BackendUnreachable(f"no MAC for backend {address} on {iface} within {timeout_s} s (is it "
                                      f"on the mux's L2 segment?)")
         if not probed:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
-                s.sendto(b"", (address, 9))  # makes the kernel ARP for it
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            with socket.socket(family, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+                s.sendto(b"", (address, 9))  # makes the kernel ARP for it (IPv6: neighbour discovery)
             probed = True
         time.sleep(0.02)
 
@@ -329,23 +330,17 @@ class MuxDaemon:
         for vip in self.state.vips:
             served: Vip | None = vip
             planned = None
-            if ":" in vip.address:
-                # The kernel tables are IPv4 only (ip saddr/daddr, 4-field pin keys): never announce
-                # what this mux cannot forward.
-                reason = "IPv6 is not supported by the nft data plane"
-                served = None
-            else:
-                try:
-                    planned = self._plan_vip(vip, now)
-                except (BackendUnreachable, ValueError) as exc:
-                    reason = str(exc)
-                    retryable = retryable or isinstance(exc, BackendUnreachable)
-                    served = self._last_good.get(vip.address)
-                    if served is not None:
-                        try:
-                            planned = self._plan_vip(served, now)
-                        except (BackendUnreachable, ValueError):
-                            served = None
+            try:
+                planned = self._plan_vip(vip, now)
+            except (BackendUnreachable, ValueError) as exc:
+                reason = str(exc)
+                retryable = retryable or isinstance(exc, BackendUnreachable)
+                served = self._last_good.get(vip.address)
+                if served is not None:
+                    try:
+                        planned = self._plan_vip(served, now)
+                    except (BackendUnreachable, ValueError):
+                        served = None
             if planned is None or served is not vip:
                 refused[vip.address] = reason
                 if self._refused.get(vip.address) != reason:
@@ -636,6 +631,13 @@ class MuxDaemon:
             buckets = flow_buckets(arr[:, 0], arr[:, 1], int(arr[0, 2]), arr[:, 3], arr[:, 4],
                                    seed=cluster.hash_seed, table_size=listener.tables.current.table_size)
             batches.append((listener, np.column_stack([arr, np.asarray(buckets, dtype=np.int64)]), backends))
+        for proto in sorted({ln.protocol for ln in slow if ":" in ln.vip}):  # IPv6: by fingerprint
+            try:
+                pins6 = self.dataplane.pins6_with_idle(proto, nft=nft)
+            except NftError as exc:
+                log.error("keep-alive: cannot read the IPv6 %s pins: %s", proto, exc)
+                continue
+            batches += self.slowpath.ipv6_keepalive_batches(pins6, interval_s, self.state.cluster.hash_seed)
         self.slowpath.keep_alive(batches)
         self.slowpath.expire_records(now)
         self.keepalive_rounds += 1
@@ -757,7 +759,8 @@ class MuxDaemon:
         self.slowpath.start()
         # The kernel pins and forwards SYNs of unstable buckets itself and reports them here
         # (nfnetlink_log): bound before the first apply, so no report of ours goes unread.
-        self.nflog = NflogReader(self.o.nflog_group, self.slowpath.on_new_flows, snaplen=NFLOG_SNAPLEN)
+        self.nflog = NflogReader(self.o.nflog_group, self.slowpath.on_new_flows, snaplen=NFLOG_SNAPLEN,
+                                 copy_range=NFLOG_SNAPLEN6)
         try:
             self.nflog.start()
         except OSError as exc:

@@ -73,11 +73,35 @@ MAX_DATAGRAM = 60_000
 REPLICATE_BATCH = 200  # records per REPLICATE/RECORDS datagram in the JSON list form ("r")
 # Records per datagram in the packed form ("rb"): 1,500 x 23 bytes, base64, is 46 KB.
 PACKED_BATCH = 1500
+PACKED_BATCH6 = 700  # the wide (IPv6) rows: 700 x 47 bytes, base64, is 44 KB
 # One record in the packed form: listener, saddr, daddr, proto, sport, dport, bucket, backend
 # (an index into the message's list of backend names).
 RECORD_DTYPE = np.dtype([("l", ">u4"), ("s", ">u4"), ("d", ">u4"), ("p", "u1"), ("sp", ">u2"),
                          ("dp", ">u2"), ("b", ">u4"), ("be", ">u2")])
-_ROW_LAYOUTS = (RECORD_DTYPE,)  # what a RecordBatch's rows may be (each has its wire key)
+# The same with 128-bit addresses (two big-endian 64-bit halves), for batches holding an IPv6 flow
+# ("rb6" in the payload, 47 bytes a row). A flow key's addresses are plain integers whatever the
+# family (an IPv6 listener's daddr, its VIP, is never below 2**32: see `address_int`).
+RECORD6_DTYPE = np.dtype([("l", ">u4"), ("s", ">u8", (2,)), ("d", ">u8", (2,)), ("p", "u1"), ("sp", ">u2"),
+                          ("dp", ">u2"), ("b", ">u4"), ("be", ">u2")])
+_U64 = (1 << 64) - 1
+
+
+def _wide(rows: np.ndarray) -> np.ndarray:
+    """RECORD_DTYPE rows as RECORD6_DTYPE (a batch mixing IPv4 and IPv6 flows is wide)."""
+    if rows.dtype == RECORD6_DTYPE:
+        return rows
+    out = np.zeros(len(rows), dtype=RECORD6_DTYPE)
+    for col in ("l", "p", "sp", "dp", "b", "be"):
+        out[col] = rows[col]
+    out["s"][:, 1] = rows["s"]
+    out["d"][:, 1] = rows["d"]
+    return out
+
+
+def _addresses(column: np.ndarray) -> list[int]:
+    """A RECORD6_DTYPE address column as integers."""
+    return [(hi << 64) | lo for hi, lo in column.tolist()]
+_ROW_LAYOUTS = (RECORD_DTYPE, RECORD6_DTYPE)  # what a RecordBatch's rows may be (each has its wire key)
 
 
 class MsgType(IntEnum):
@@ -252,6 +276,9 @@ class RecordBatch:
 
     def flows(self) -> list[FlowKey]:
         r = self.rows
+        if r.dtype == RECORD6_DTYPE:
+            return list(zip(_addresses(r["s"]), _addresses(r["d"]), r["p"].tolist(), r["sp"].tolist(),
+                            r["dp"].tolist(), strict=True))
         return list(zip(r["s"].tolist(), r["d"].tolist(), r["p"].tolist(), r["sp"].tolist(),
                         r["dp"].tolist(), strict=True))
 
@@ -263,6 +290,11 @@ class RecordBatch:
         names = self.backends
         return [names[i] for i in self.rows["be"].tolist()]
 
+    @property
+    def per_datagram(self) -> int:
+        """Rows one datagram carries (fewer of the wide IPv6 rows)."""
+        return PACKED_BATCH6 if self.rows.dtype == RECORD6_DTYPE else PACKED_BATCH
+
     def take(self, index: np.ndarray) -> RecordBatch:
         """The records at `index` (a mask or positions)."""
         return RecordBatch(self.rows[index], self.backends)
@@ -271,7 +303,10 @@ class RecordBatch:
     def build(listener_ids: np.ndarray | int, flows: np.ndarray, buckets: np.ndarray,
               backend_ids: np.ndarray, backends: Sequence[str]) -> RecordBatch:
         """From columns: `flows` is (n, 5) (saddr, daddr, proto, sport, dport), `backend_ids`
-        index `backends`."""
+        index `backends`. IPv6 flows come as an object array of Python integers (they do not fit
+        int64) and give RECORD6_DTYPE rows."""
+        if flows.dtype == object:
+            return RecordBatch._build6(listener_ids, flows, buckets, backend_ids, backends)
         rows = np.empty(len(buckets), dtype=RECORD_DTYPE)
         if len(rows):
             for col, values in (("l", listener_ids), ("b", buckets), ("be", backend_ids),
@@ -287,12 +322,33 @@ class RecordBatch:
         return RecordBatch(rows, tuple(backends))
 
     @staticmethod
+    def _build6(listener_ids: np.ndarray | int, flows: np.ndarray, buckets: np.ndarray,
+                backend_ids: np.ndarray, backends: Sequence[str]) -> RecordBatch:
+        rows = np.zeros(len(buckets), dtype=RECORD6_DTYPE)
+        limits = {"s": (1 << 128) - 1, "d": (1 << 128) - 1, "p": 0xFF, "sp": 0xFFFF, "dp": 0xFFFF}
+        for i, col in enumerate(("s", "d", "p", "sp", "dp")):
+            values = [int(v) for v in flows[:, i]]
+            if any(v < 0 or v > limits[col] for v in values):
+                raise DecodeError("malformed", f"record field {col} out of range")
+            if col in ("s", "d"):
+                rows[col] = [(v >> 64, v & _U64) for v in values] or np.zeros((0, 2))
+            else:
+                rows[col] = values
+        for col, values in (("l", listener_ids), ("b", buckets), ("be", backend_ids)):
+            if len(rows) and (np.min(values) < 0 or np.max(values) > np.iinfo(RECORD6_DTYPE[col]).max):
+                raise DecodeError("malformed", f"record field {col} out of range")
+            rows[col] = values
+        return RecordBatch(rows, tuple(backends))
+
+    @staticmethod
     def of(records: Sequence[ReplicatedRecord] | RecordBatch) -> RecordBatch:
         if isinstance(records, RecordBatch):
             return records
         index: dict[str, int] = {}
         be = [index.setdefault(r.backend, len(index)) for r in records]
-        flows = np.array([r.flow for r in records], dtype=np.int64).reshape(-1, 5)
+        wide = any(r.flow[0] > 0xFFFFFFFF or r.flow[1] > 0xFFFFFFFF for r in records)
+        flows = (np.array([r.flow for r in records], dtype=object) if wide
+                 else np.array([r.flow for r in records], dtype=np.int64)).reshape(-1, 5)
         return RecordBatch.build(np.array([r.listener_id for r in records], dtype=np.int64), flows,
                                  np.array([r.bucket for r in records], dtype=np.int64),
                                  np.array(be, dtype=np.int64), tuple(index))
@@ -304,22 +360,30 @@ class RecordBatch:
             return batches[0]
         index: dict[str, int] = {}
         parts = []
+        wide = any(b.rows.dtype == RECORD6_DTYPE for b in batches)
         for b in batches:
             remap = np.array([index.setdefault(n, len(index)) for n in b.backends] or [0], dtype=np.int64)
-            rows = b.rows.copy()
+            rows = _wide(b.rows) if wide else b.rows.copy()
+            if rows is b.rows:
+                rows = rows.copy()
             rows["be"] = remap[rows["be"]]
             parts.append(rows)
-        # dtype=: numpy 2 concatenates structured arrays into native byte order otherwise.
-        rows = np.concatenate(parts, dtype=RECORD_DTYPE) if parts else np.empty(0, dtype=RECORD_DTYPE)
+        dtype = RECORD6_DTYPE if wide else RECORD_DTYPE
+        # dtype=: numpy 2 concatenates structured arrays into native byte order otherwise, and the
+        # rows go on the wire as they are.
+        rows = np.concatenate(parts, dtype=dtype) if parts else np.empty(0, dtype=RECORD_DTYPE)
         return RecordBatch(rows, tuple(index))
 
     def encode(self) -> dict[str, Any]:
-        """The packed payload: {"n": backend names, "rb": base64 of the rows}."""
-        return {"n": list(self.backends), "rb": base64.b64encode(self.rows.tobytes()).decode("ascii")}
+        """The packed payload: {"n": backend names, "rb": base64 of the rows} ("rb6" when the
+        rows are RECORD6_DTYPE: the batch holds an IPv6 flow)."""
+        key = "rb6" if self.rows.dtype == RECORD6_DTYPE else "rb"
+        return {"n": list(self.backends), key: base64.b64encode(self.rows.tobytes()).decode("ascii")}
 
     @staticmethod
     def decode(p: Mapping[str, Any]) -> RecordBatch:
-        names, raw = p.get("n"), p.get("rb")
+        dtype = RECORD6_DTYPE if "rb6" in p else RECORD_DTYPE
+        names, raw = p.get("n"), p.get("rb6" if "rb6" in p else "rb")
         if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names)
                 and isinstance(raw, str)):
             raise DecodeError("malformed", "bad packed record batch")
@@ -327,9 +391,9 @@ class RecordBatch:
             data = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise DecodeError("malformed", f"bad packed records: {exc}") from exc
-        if len(data) % RECORD_DTYPE.itemsize or len(data) // RECORD_DTYPE.itemsize > PACKED_BATCH:
+        if len(data) % dtype.itemsize or len(data) // dtype.itemsize > PACKED_BATCH:
             raise DecodeError("malformed", f"{len(data)} bytes of packed records")
-        rows = np.frombuffer(data, dtype=RECORD_DTYPE)
+        rows = np.frombuffer(data, dtype=dtype)
         if len(rows) and int(rows["be"].max()) >= len(names):
             raise DecodeError("malformed", "backend index outside the names")
         return RecordBatch(rows, tuple(names))
@@ -487,8 +551,8 @@ class PeerNode:
         the datagrams in parallel; True when every one was acked."""
         batch = RecordBatch.of(records)
         replies = await asyncio.gather(*(
-            self._request(to, MsgType.REPLICATE, batch.take(slice(i, i + PACKED_BATCH)).encode())
-            for i in range(0, len(batch), PACKED_BATCH)))
+            self._request(to, MsgType.REPLICATE, batch.take(slice(i, i + batch.per_datagram)).encode())
+            for i in range(0, len(batch), batch.per_datagram)))
         return all(r is not None for r in replies)
 
     async def record_batch(self, owner: str, backup: str | None,
@@ -510,8 +574,9 @@ class PeerNode:
                     return True
             return False
 
-        results = await asyncio.gather(*(one(batch.take(slice(i, i + PACKED_BATCH)).encode())
-                                         for i in range(0, len(batch), PACKED_BATCH)))
+        step = batch.per_datagram
+        results = await asyncio.gather(*(one(batch.take(slice(i, i + step)).encode())
+                                         for i in range(0, len(batch), step)))
         return all(results)
 
     async def _ask_owners(self, mtype: MsgType, owner: str, backup: str | None,
@@ -609,7 +674,8 @@ class PeerNode:
             return self.handler.on_record(sender, _int(p, "l"), _flow(p.get("f")), _int(p, "b"),
                                           _str(p, "be"))
         if mtype in (MsgType.REPLICATE, MsgType.RECORDS):
-            batch = RecordBatch.decode(p) if "rb" in p else RecordBatch.of(self._record_list(p))
+            batch = (RecordBatch.decode(p) if "rb" in p or "rb6" in p
+                     else RecordBatch.of(self._record_list(p)))
             if mtype == MsgType.RECORDS:
                 self.handler.on_records(sender, batch)
             else:

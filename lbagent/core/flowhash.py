@@ -33,6 +33,8 @@ __all__ = [
     "flow_hashes",
     "flow_key_bytes",
     "ipv4_to_int",
+    "ipv6_fingerprint",
+    "ipv6_fingerprint_seeds",
     "jhash_bytes",
     "reciprocal_scale",
 ]
@@ -153,6 +155,26 @@ def flow_bucket(
     """The bucket nft's ``jhash ... mod <table_size> seed <seed>`` gives this flow."""
     return reciprocal_scale(flow_hash(src_ip, dst_ip, proto, sport, dport, seed=seed),
                             _check_table_size(table_size))
+
+
+def ipv6_fingerprint_seeds(seed: int) -> tuple[int, int]:
+    """The two seeds of an IPv6 address pair's fingerprint, derived from the cluster's hash seed."""
+    _check_seed(seed)
+    return (seed ^ 0x5BD1E995) & _MASK32, (seed ^ 0x27D4EB2F) & _MASK32
+
+
+def ipv6_fingerprint(src_ip: IpLike, dst_ip: IpLike, *, seed: int) -> tuple[int, int]:
+    """The 64-bit fingerprint the kernel keys an IPv6 flow's pin with (with the ports): nft's
+    ``jhash ip6 saddr . ip6 daddr mod 4294967295 seed A`` and the same with seed B
+    (`ipv6_fingerprint_seeds`). nft 1.0.6 cannot add a dynamic key longer than 16 bytes, so an
+    IPv6 pin cannot hold the addresses themselves (lbagent.dataplane.nft)."""
+    src = _ip_bytes(src_ip, "src_ip")
+    dst = _ip_bytes(dst_ip, "dst_ip")
+    if len(src) != 16 or len(dst) != 16:
+        raise ValueError(f"ipv6_fingerprint: {src_ip!r} and {dst_ip!r} must both be IPv6 addresses")
+    a, b = ipv6_fingerprint_seeds(seed)
+    return (reciprocal_scale(jhash_bytes(src + dst, a), _MASK32),
+            reciprocal_scale(jhash_bytes(src + dst, b), _MASK32))
 
 
 def ipv4_to_int(ip: IpLike) -> int:

@@ -15,17 +15,25 @@ Per listener `<id>` the table holds
     gets its bucket's MAC from `cur_<id>`, is counted by that MAC and forwarded (L2 direct
     server return: the backend answers the client itself). A bucket with no backend has no
     element: the lookup misses and the packet is dropped.
-No rule names a backend and no map holds a verdict but `dispatch` (VIP . protocol . port ->
-jump l<id>): adding, draining or removing a backend writes elements and counters only, and the
-kernel has no jump graph to re-validate when `cur_` changes.
-Pins live in one map per protocol for the whole table (`pins_tcp`, `pins_udp`: a 4-field key,
-because nft 1.0.6 aborts on 5-field dynamic keys), value = the backend's MAC, with the
+No rule names a backend and no map holds a verdict but `dispatch` and `dispatch6` (VIP .
+protocol . port -> jump l<id>): adding, draining or removing a backend writes elements and
+counters only, and the kernel has no jump graph to re-validate when `cur_` changes.
+Pins live in one map per protocol and address family for the whole table (`pins_tcp`,
+`pins_udp`: a 4-field key, because nft 1.0.6 aborts on 5-field dynamic keys; `pins6_tcp`,
+`pins6_udp` for IPv6 flows, keyed by a 64-bit fingerprint of the address pair and the ports,
+because nft 1.0.6 cannot add a dynamic key longer than 16 bytes), value = the backend's MAC, with the
 listener's idle timeout, which every packet of the flow renews in the kernel (`update`). A pin
 forwards only to a MAC in the listener's `pinok_<id>` set: at a drain deadline the ended
 backend's MAC leaves the set, so its flows fall through to the current table (whose backend
 answers them with a reset) at their next packet. The kernel adds pins itself in chain `inject`
 (on the injection veth) from the packets the slow path re-injects. Counters are read over
 netlink (`read_counters`): `nft list` would load every map element first.
+
+IPv6 listeners have the same objects and rules; what differs per family is the dispatch map
+(`dispatch6`: IPv6 VIP . protocol . port), the pin maps, the hash input (`ip6 saddr . ip6 daddr .
+meta l4proto . th sport . th dport`, the same registers `lbagent.core.flowhash` hashes) and the
+fingerprint statements that load an IPv6 pin's key into the mark and the priority
+(`_fingerprint`; the priority is put back to 0 before a packet leaves).
 
 The steady state is stateless: no pins, empty unstable sets, no packet leaves the kernel.
 """
@@ -49,6 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lbagent.core.flowhash import ipv6_fingerprint_seeds
 from lbagent.dataplane.nftlink import (
     Change,
     FillOp,
@@ -67,7 +76,11 @@ PIN_MAP_SIZE = 1 << 20
 # Bytes of each new-flow SYN copied to nfnetlink_log: the IPv4 header and the TCP ports are all
 # the owner's record needs (the bucket travels in the mark).
 NFLOG_SNAPLEN = 40
+# IPv6: the 40-byte fixed header and the ports right after it (a SYN with extension headers is
+# still pinned and forwarded; its report is counted malformed and the flow gets no record).
+NFLOG_SNAPLEN6 = 44
 MAP_SIZE = 1 << 17  # room for a 65537-bucket table
+_LEARN_IP6 = -6  # `_existing_objects`' mark of a learn map keyed for an IPv6 listener
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 
 
@@ -232,6 +245,11 @@ class ListenerPlan:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"listener {self.listener_id}: protocol {self.protocol!r} is not tcp or udp")
+        try:  # inet_pton, not ipaddress: a twentieth of the cost, paid per plan of every apply
+            socket.inet_pton(socket.AF_INET6 if ":" in self.vip else socket.AF_INET, self.vip)
+        except (OSError, TypeError):
+            raise ValueError(f"listener {self.listener_id}: VIP {self.vip!r} is not an IPv4 or IPv6 "
+                             "address") from None
         if self.old is not None and len(self.old) != len(self.current):
             raise ValueError(f"listener {self.listener_id}: old table has {len(self.old)} buckets, "
                              f"current {len(self.current)}")
@@ -248,8 +266,13 @@ class ListenerPlan:
 
     @functools.cached_property
     def dispatch_key(self) -> tuple[str, str, int]:
-        """(VIP, protocol, port): the listener's `dispatch` element."""
+        """(VIP, protocol, port): the listener's `dispatch` (or `dispatch6`) element."""
         return (self.vip, self.protocol, int(self.port))
+
+    @property
+    def family(self) -> str:
+        """nft's family keyword of the VIP: "ip" or "ip6"."""
+        return family_of(self.vip)
 
 
 def backend_counter(listener_id: int, address: str) -> str:
@@ -284,21 +307,113 @@ def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 def _rules_key(plan: ListenerPlan) -> tuple:
     """What the listener's rules are rendered from: no backend is named in them (backends are
     map elements), so adding, draining or removing one never writes a rule."""
-    return (plan.protocol, int(plan.pin_timeout_s), len(plan.current))
+    return (plan.protocol, int(plan.pin_timeout_s), len(plan.current), plan.family)
 
 
 def _dispatch_key(plan: ListenerPlan) -> tuple[str, str, int]:
     return plan.dispatch_key
 
 
-def _flow_tuple(plan: ListenerPlan) -> str:
-    """The 4-tuple a pin is keyed by (family-specific: IPv4 here)."""
+# -- address family: everything that differs between an IPv4 and an IPv6 listener -------------
+
+FAMILIES = ("ip", "ip6")
+
+
+def family_of(address: str) -> str:
+    """nft's family keyword of an address: "ip" (IPv4) or "ip6"."""
+    return "ip6" if ":" in address else "ip"
+
+
+def _addr_type(family: str) -> str:
+    return "ipv6_addr" if family == "ip6" else "ipv4_addr"
+
+
+def pin_map(protocol: str, family: str) -> str:
+    """The pin map of a protocol and family: pins_tcp, pins6_tcp, ... (keys differ in size)."""
+    return f"pins{'6' if family == 'ip6' else ''}_{protocol}"
+
+
+def dispatch_map(family: str) -> str:
+    """The dispatch map of a family: `dispatch` (IPv4 VIPs) or `dispatch6`."""
+    return "dispatch6" if family == "ip6" else "dispatch"
+
+
+def _flow_tuple(family: str) -> str:
+    """The pin key. IPv4: saddr . daddr . sport . dport. IPv6: the address pair's 64-bit
+    fingerprint (two jhashes, loaded by `_fingerprint` into the mark and the priority) . sport .
+    dport, because nft 1.0.6 cannot add or update a dynamic key longer than 16 bytes (a 40-byte
+    IPv6 4-tuple aborts it, as a 5-field IPv4 key does). Two live flows with the same ports whose
+    address pairs collide in 64 bits would share a pin: accepted (docs/dataplane.md)."""
+    if family == "ip6":
+        return "meta mark . meta priority . th sport . th dport"
     return "ip saddr . ip daddr . th sport . th dport"
 
 
-def _flow_hash(plan: ListenerPlan) -> str:
-    """The 5-tuple hashed into a bucket (family-specific: IPv4 here)."""
+def _pin_key_type(family: str) -> str:
+    if family == "ip6":
+        return "mark . classid . inet_service . inet_service"
+    return "ipv4_addr . ipv4_addr . inet_service . inet_service"
+
+
+def _learn_key(family: str) -> tuple[str, str]:
+    """(key type, key expression) of the `learn<id>` map (tests, debugging). IPv6: the second
+    half of the fingerprint (still in the priority when the hash has overwritten the mark) and the
+    ports: a 16-byte key is the most nft 1.0.6 can add from the packet path."""
+    if family == "ip6":
+        return "classid . inet_service . inet_service", "meta priority . th sport . th dport"
+    return "ipv4_addr . ipv4_addr . inet_service . inet_service", _flow_tuple(family)
+
+
+def _fingerprint(family: str, seed: int) -> str:
+    """Statements loading an IPv6 flow's address fingerprint into the mark and the priority
+    (nothing for IPv4). The mark is overwritten by the bucket afterwards; the priority is put
+    back to 0 before a packet leaves (`_clear_priority`)."""
+    if family != "ip6":
+        return ""
+    a, b = ipv6_fingerprint_seeds(seed)  # lbagent.core.flowhash.ipv6_fingerprint computes the same
+    return (f"meta mark set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {a:#x} "
+            f"meta priority set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {b:#x} ")
+
+
+def _clear_priority(family: str) -> str:
+    return "meta priority set 0 " if family == "ip6" else ""
+
+
+def _flow_hash(family: str) -> str:
+    """The 5-tuple hashed into a bucket (lbagent.core.flowhash lays out the same registers)."""
+    if family == "ip6":
+        return "ip6 saddr . ip6 daddr . meta l4proto . th sport . th dport"
     return "ip saddr . ip daddr . ip protocol . th sport . th dport"
+
+
+def _family_match(family: str, protocol: str) -> str:
+    if family == "ip6":
+        return f"meta protocol ip6 meta l4proto {protocol}"
+    return f"meta protocol ip ip protocol {protocol}"
+
+
+def _classid(value: int | str) -> int:
+    """A `classid` (`meta priority`) as nft's JSON writes it ("major:minor" in hex, or a name)."""
+    if isinstance(value, int):
+        return value
+    if value == "none":
+        return 0
+    if value == "root":
+        return 0xFFFFFFFF
+    major, _, minor = value.partition(":")
+    return (int(major or "0", 16) << 16) | int(minor or "0", 16)
+
+
+def _dispatch_ops(verb: str, plans: Sequence[ListenerPlan]) -> list[Op]:
+    """`add`/`delete` of the listeners' dispatch entries, one `Op` per family's map."""
+    out = []
+    for family in FAMILIES:
+        mine = [p for p in plans if p.family == family]
+        if mine:
+            values = [f"jump l{p.listener_id}" for p in mine] if verb == "add" else None
+            out.append(Op(verb, dispatch_map(family), [_dispatch_key(p) for p in mine], values,
+                          "dispatch", "verdict"))
+    return out
 
 
 class _ElementSender:
@@ -425,12 +540,15 @@ class NftDataplane:
         daemon restart, and the ingress chain keeps dispatching until the apply's last batch."""
         t = self._t()
         out = [f"add table {t}"]
-        for proto in PROTOCOLS:
-            out.append(f"add map {t} pins_{proto} {{ type ipv4_addr . ipv4_addr . inet_service . "
-                       f"inet_service : ether_addr; size {PIN_MAP_SIZE}; flags timeout; }}")
+        for family in FAMILIES:
+            for proto in PROTOCOLS:
+                out.append(f"add map {t} {pin_map(proto, family)} {{ type {_pin_key_type(family)} "
+                           f": ether_addr; size {PIN_MAP_SIZE}; flags timeout; }}")
         out.append(f"add counter {t} slowpath_reinjected")
         # No size: a hash that grows with the listeners (one element each).
-        out.append(f"add map {t} dispatch {{ type ipv4_addr . inet_proto . inet_service : verdict; }}")
+        for family in FAMILIES:
+            out.append(f"add map {t} {dispatch_map(family)} {{ type {_addr_type(family)} . inet_proto . "
+                       f"inet_service : verdict; }}")
         out.append(f'add chain {t} ingress {{ type filter hook ingress device "{self.iface}" priority 0; '
                    f"policy accept; }}")
         return out
@@ -444,21 +562,25 @@ class NftDataplane:
         # overwrites) and forwards the packet to the backend. No nft call per flow.
         out = [f'add chain {t} inject {{ type filter hook ingress device "{self.inject_iface}" '
                f"priority 0; policy drop; }}", f"flush chain {t} inject"]
-        for proto in PROTOCOLS:
-            # The longest idle timeout of the protocol's listeners; the flow's next packet
-            # sets its own listener's timeout (rule 1's `update`).
-            out.append(f"add rule {t} inject meta protocol ip ip protocol {proto} add @pins_{proto} "
-                       f"{{ ip saddr . ip daddr . th sport . th dport timeout {timeouts[proto]}s "
-                       f": ether daddr }} "
-                       f'counter name slowpath_reinjected fwd to "{self.iface}"')
+        for family in FAMILIES:
+            for proto in PROTOCOLS:
+                # The longest idle timeout of the protocol's listeners; the flow's next packet
+                # sets its own listener's timeout (rule 1's `update`).
+                out.append(f"add rule {t} inject {_family_match(family, proto)} "
+                           f"{_fingerprint(family, self.seed)}add @{pin_map(proto, family)} "
+                           f"{{ {_flow_tuple(family)} timeout {timeouts[proto]}s : ether daddr }} "
+                           f'{_clear_priority(family)}counter name slowpath_reinjected fwd to "{self.iface}"')
         return out
 
     def _listener_rules(self, plan: ListenerPlan) -> list[str]:
-        t, lid, proto = self._t(), plan.listener_id, plan.protocol
+        t, lid, proto, family = self._t(), plan.listener_id, plan.protocol, plan.family
         chain = f"l{lid}"
-        tuple4 = _flow_tuple(plan)
+        key = _flow_tuple(family)
+        pins = pin_map(proto, family)
+        fingerprint, clear = _fingerprint(family, self.seed), _clear_priority(family)
         timeout = max(1, int(plan.pin_timeout_s))
-        renew = f"update @pins_{proto} {{ {tuple4} timeout {timeout}s : ether daddr }}"
+        renew = f"update @{pins} {{ {key} timeout {timeout}s : ether daddr }}"
+        forward = f'ether saddr set {self.mux_mac} fwd to "{self.iface}"'
         rules = [
             f"add chain {t} {chain}",
             f"flush chain {t} {chain}",
@@ -467,28 +589,45 @@ class NftDataplane:
             # (the flow's packets keep its state alive, however long it lives). A pin to an
             # ended backend (drain deadline passed) rewrote the MAC but does not match the set:
             # the next rule puts the mux's MAC back and the packet goes on like an unpinned one.
-            f"add rule {t} {chain} ether daddr set {tuple4} map @pins_{proto} ether daddr @pinok_{lid} "
-            f'{renew} counter name pinned{lid} ether saddr set {self.mux_mac} fwd to "{self.iface}"',
+            # (IPv6: the pin key's address fingerprint is loaded first, see _flow_tuple.)
+            f"add rule {t} {chain} {fingerprint}ether daddr set {key} map @{pins} ether daddr @pinok_{lid} "
+            f"{renew} counter name pinned{lid} {clear}{forward}",
             f"add rule {t} {chain} ether daddr set {self.mux_mac}",
             # The listener's own table size: the hash picks one of its len(current) buckets.
-            f"add rule {t} {chain} meta mark set jhash {_flow_hash(plan)} "
-            f"mod {len(plan.current)} seed {self.seed:#x}",
+            # (IPv6 without learning: the priority goes back to 0 here.)
+            f"add rule {t} {chain} meta mark set jhash {_flow_hash(family)} "
+            f"mod {len(plan.current)} seed {self.seed:#x}" + ("" if self.learn else f" {clear}".rstrip()),
         ]
         if self.learn:
-            rules.append(f"add rule {t} {chain} add @learn{lid} {{ {tuple4} : meta mark }}")
+            _, learn_key = _learn_key(family)
+            rules.append(f"add rule {t} {chain} add @learn{lid} {{ {learn_key} : meta mark }} "
+                         f"{clear}".rstrip())
         if self.nflog_group is not None and proto == "tcp":
             # Rule 3's SYN case, compiled: a SYN of an unstable bucket takes the current table's
             # backend (its MAC from `cur_<id>`), is reported to nfnetlink_log for the owner's
             # record (no verdict: the packet goes on), pinned to that MAC (first writer wins:
-            # `add` never overwrites) and counted; the forwarding rule below sends it. `log` comes
-            # before `add`: if the pin map is full the `add` fails and ends this rule (the SYN is
-            # still forwarded below); the report is out by then, so the flow still gets its
-            # record. In steady state `unstable_<id>` is empty and this rule never matches.
-            rules.append(f"add rule {t} {chain} meta mark @unstable_{lid} tcp flags & (syn | ack) == syn "
-                         f"ether daddr set meta mark map @cur_{lid} "
-                         f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN} "
-                         f"add @pins_tcp {{ {tuple4} timeout {timeout}s : ether daddr }} "
-                         f"counter name newflows{lid}")
+            # `add` never overwrites) and counted. `log` comes before `add`: if the pin map is
+            # full the `add` fails and ends this rule; the report is out by then, so the flow
+            # still gets its record. In steady state `unstable_<id>` is empty and this rule never
+            # matches.
+            syn = (f"add rule {t} {chain} meta mark @unstable_{lid} tcp flags & (syn | ack) == syn "
+                   f"ether daddr set meta mark map @cur_{lid} ")
+            if family == "ip6":
+                # The fingerprint overwrites the mark (the bucket), which the forwarding rule
+                # below looks up: an IPv6 SYN is counted and forwarded by this rule itself. If
+                # the `add` fails, the next rule forwards it (its destination MAC, the backend's,
+                # is no longer the mux's only then).
+                rules.append(syn + f"counter name ether daddr map @cnt_{lid} "
+                             f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN6} {fingerprint}"
+                             f"add @{pins} {{ {key} timeout {timeout}s : ether daddr }} {clear}"
+                             f"counter name newflows{lid} {forward}")
+                rules.append(f"add rule {t} {chain} ether daddr != {self.mux_mac} {clear}{forward}")
+            else:
+                # The forwarding rule below sends it (its bucket is still in the mark), also when
+                # the `add` failed.
+                rules.append(syn + f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN} "
+                             f"add @{pins} {{ {key} timeout {timeout}s : ether daddr }} "
+                             f"counter name newflows{lid}")
             # Unstable bucket, no pin, not a SYN: up to the stack, where iptables-nft queues it to
             # the slow path (rule 4 needs the owner's answer).
             unknown = f"meta mark @unstable_{lid} tcp flags & (syn | ack) != syn"
@@ -501,7 +640,7 @@ class NftDataplane:
             # counter by its MAC. A bucket without a backend has no element: the lookup misses,
             # the rule ends and the next one drops.
             f"add rule {t} {chain} ether daddr set meta mark map @cur_{lid} "
-            f"counter name ether daddr map @cnt_{lid} ether saddr set {self.mux_mac} fwd to \"{self.iface}\"",
+            f"counter name ether daddr map @cnt_{lid} {forward}",
             f"add rule {t} {chain} drop",
         ]
         return rules
@@ -521,8 +660,9 @@ class NftDataplane:
             f"add map {t} cnt_{lid} {{ type ether_addr : counter; }}",
         ]
         if self.learn:
-            out.append(f"add map {t} learn{lid} {{ type ipv4_addr . ipv4_addr . inet_service . inet_service "
-                       f": mark; size {MAP_SIZE}; flags dynamic; }}")
+            key_type, _ = _learn_key(plan.family)
+            out.append(f"add map {t} learn{lid} {{ type {key_type} : mark; size {MAP_SIZE}; "
+                       "flags dynamic; }")
         return out
 
     def _listener_sets(self, lid: int) -> list[Op]:
@@ -683,12 +823,11 @@ class NftDataplane:
         t = self._t()
         last: list[str | Op] = []
         if first:
-            last += [f"flush chain {t} ingress",
-                     f"add rule {t} ingress ip daddr . meta l4proto . th dport vmap @dispatch",
-                     f"flush map {t} dispatch"]
-            if plans:
-                last.append(Op("add", "dispatch", [_dispatch_key(p) for p in plans],
-                               [f"jump l{p.listener_id}" for p in plans], "dispatch", "verdict").text(t))
+            last.append(f"flush chain {t} ingress")
+            last += [f"add rule {t} ingress {f} daddr . meta l4proto . th dport vmap @{dispatch_map(f)}"
+                     for f in FAMILIES]
+            last += [f"flush map {t} {dispatch_map(f)}" for f in FAMILIES]
+            last += [op.text(t) for op in _dispatch_ops("add", plans)]
         else:
             # Only listeners whose plan is not the very object applied before can have moved
             # (a same-object plan is skipped without a look: a change costs what changed).
@@ -697,14 +836,10 @@ class NftDataplane:
             gone = [a for lid, a in applied.items() if lid not in new_applied]
             gone += [applied[lid] for lid in moved if lid in applied
                      and _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan)]
-            if gone:
-                last.append(Op("delete", "dispatch", [_dispatch_key(a.plan) for a in gone], None,
-                               "dispatch", "verdict"))
+            last += _dispatch_ops("delete", [a.plan for a in gone])
             added = [new_applied[lid].plan for lid in moved if lid not in applied
                      or _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan)]
-            if added:
-                last.append(Op("add", "dispatch", [_dispatch_key(p) for p in added],
-                               [f"jump l{p.listener_id}" for p in added], "dispatch", "verdict"))
+            last += _dispatch_ops("add", added)
         if first or timeouts != self._inject_timeouts:
             last += self._inject(timeouts)
         for lid, a in applied.items():
@@ -744,11 +879,18 @@ class NftDataplane:
         state = _Applied(plan, unstable, key, pin_macs, counters)
         cmds: list[str] = []
         ops: list[Change] = []
-        resize = prev is not None and len(prev.plan.current) != size
+        # Map sizes and key types are fixed at creation: another table size (or, with learning,
+        # another address family: the learn map's key) recreates the listener's maps.
+        resize = prev is not None and (len(prev.plan.current) != size
+                                       or (self.learn and prev.plan.family != plan.family))
         if existing is not None and prev is None:
             held = existing.get(("map", f"cur_{lid}"), -1)
-            # Another size, or an older daemon's verdict map (-2): recreate.
+            # Another size, or an older daemon's verdict map (-2): recreate. So too a learn map
+            # left by a listener of the other address family (its key type differs).
             resize = held != -1 and held != size
+            learned = existing.get(("map", f"learn{lid}"), -1)
+            if self.learn and learned != -1 and (learned == _LEARN_IP6) != (plan.family == "ip6"):
+                resize = True
         if resize:
             # Map sizes and types are fixed at creation: empty the rules that reference the maps,
             # drop and recreate them, all in one libnftables transaction (the listener is never
@@ -843,7 +985,8 @@ class NftDataplane:
     def _existing_objects(self) -> dict[tuple[str, str], int | None]:
         """(kind, name) of the chains, maps, sets and counters the kernel holds in our table,
         each with its declared size (maps and sets; None for the rest; -2 for a `cur_` map of
-        another type, an older daemon's verdict map).
+        another type, an older daemon's verdict map; for a `learn` map `_LEARN_IP6` when its key
+        is an IPv6 listener's).
 
         Listed per kind (`list chains|maps|sets`, terse) and counters over netlink: `list table`,
         `list tables` and `list counters` make nft 1.0.6 load every element of every map first,
@@ -858,6 +1001,8 @@ class NftDataplane:
                     size = obj.get("size")
                     if kind == "map" and obj["name"].startswith("cur_") and obj.get("map") != "ether_addr":
                         size = -2
+                    if kind == "map" and obj["name"].startswith("learn") and "classid" in obj.get("type", ()):
+                        size = _LEARN_IP6
                     found[(kind, obj["name"])] = size
         if found:
             with contextlib.suppress(NftError):  # the table went away meanwhile: nothing to keep
@@ -866,9 +1011,9 @@ class NftDataplane:
 
     def _delete_stale(self, existing: set[tuple[str, str]], plans: Sequence[ListenerPlan]) -> list[str]:
         """Commands deleting objects left by an earlier process that no plan uses (pins stay)."""
-        keep = {("chain", "ingress"), ("chain", "inject"), ("counter", "slowpath_reinjected"),
-                ("map", "dispatch")}
-        keep |= {("map", f"pins_{p}") for p in PROTOCOLS}
+        keep = {("chain", "ingress"), ("chain", "inject"), ("counter", "slowpath_reinjected")}
+        keep |= {("map", dispatch_map(f)) for f in FAMILIES}
+        keep |= {("map", pin_map(p, f)) for p in PROTOCOLS for f in FAMILIES}
         for plan in plans:
             lid = plan.listener_id
             keep |= {("chain", f"l{lid}"), ("map", f"cur_{lid}"), ("map", f"cnt_{lid}"),
@@ -902,8 +1047,9 @@ class NftDataplane:
         `nft list` loads every map element first (seconds with 65537-bucket maps)."""
         return read_counters(self.table)
 
-    def pin_count(self, protocol: str) -> int:
-        out = self.nft.run(f"list map {self._t()} pins_{protocol}", json_output=True)
+    def pin_count(self, protocol: str, family: str = "ip") -> int:
+        """Pins of a protocol's IPv4 (or, family "ip6", IPv6) flows."""
+        out = self.nft.run(f"list map {self._t()} {pin_map(protocol, family)}", json_output=True)
         for item in json.loads(out)["nftables"]:
             if "map" in item:
                 return len(item["map"].get("elem", []))
@@ -911,11 +1057,12 @@ class NftDataplane:
 
     def pins_with_idle(self, protocol: str,
                        nft: Nft | None = None) -> list[tuple[int, int, int, int, str, int]]:
-        """Every pin of a protocol: (saddr, daddr, sport, dport as integers, MAC, seconds since the
-        flow's last packet renewed it). Costs an `nft list` of the map (about 1.6 s per 65,000
+        """Every IPv4 pin of a protocol: (saddr, daddr, sport, dport as integers, MAC, seconds since
+        the flow's last packet renewed it). Costs an `nft list` of the map (about 1.6 s per 65,000
         pins): the keep-alive thread does it once per round, only while listeners are in transition,
-        with its own context (`nft`) so the main loop's applies never wait for it."""
-        out = (nft or self.nft).run(f"list map {self._t()} pins_{protocol}", json_output=True)
+        with its own context (`nft`) so the main loop's applies never wait for it. (IPv6 pins are
+        keyed by a fingerprint of the addresses, not the addresses: `pins6_with_idle`.)"""
+        out = (nft or self.nft).run(f"list map {self._t()} {pin_map(protocol, 'ip')}", json_output=True)
         result: list[tuple[int, int, int, int, str, int]] = []
         for item in json.loads(out)["nftables"]:
             for elem in item.get("map", {}).get("elem", []):
@@ -926,6 +1073,21 @@ class NftDataplane:
                 result.append((int.from_bytes(socket.inet_aton(parts[0]), "big"),
                                int.from_bytes(socket.inet_aton(parts[1]), "big"),
                                int(parts[2]), int(parts[3]), str(mac), max(0, idle)))
+        return result
+
+    def pins6_with_idle(self, protocol: str,
+                        nft: Nft | None = None) -> list[tuple[int, int, int, int, str, int]]:
+        """Every IPv6 pin of a protocol: (F1, F2, sport, dport, MAC, seconds since the flow's last
+        packet renewed it), F1 . F2 being the address fingerprint the pin is keyed by
+        (lbagent.core.flowhash.ipv6_fingerprint); same cost as `pins_with_idle`."""
+        out = (nft or self.nft).run(f"list map {self._t()} {pin_map(protocol, 'ip6')}", json_output=True)
+        result: list[tuple[int, int, int, int, str, int]] = []
+        for item in json.loads(out)["nftables"]:
+            for key, mac in item.get("map", {}).get("elem", []):
+                meta = key.get("elem", {}) if isinstance(key, dict) and "elem" in key else {}
+                f1, f2, sport, dport = (meta.get("val", key) if meta else key)["concat"]
+                idle = int(meta.get("timeout", 0)) - int(meta.get("expires", meta.get("timeout", 0)))
+                result.append((int(f1), _classid(f2), int(sport), int(dport), str(mac), max(0, idle)))
         return result
 
     def learned(self, listener_id: int) -> dict[tuple[str, str, int, int], int]:

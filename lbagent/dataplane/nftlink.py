@@ -50,6 +50,9 @@ _COUNTER_BYTES, _COUNTER_PACKETS = 1, 2
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
 # A nested attribute's length is 16 bits: 2,000 elements of at most 32 bytes stay under 64 KiB.
 ELEMENTS_PER_MESSAGE = 2000
+# Longer encodings (a dispatch element with an IPv6 key and a verdict is about 70 bytes) are cut
+# by size: the elements of one message stay under this many bytes.
+MESSAGE_ELEMENT_BYTES = 60_000
 _NO_BACKEND = -1
 
 
@@ -116,8 +119,11 @@ def _mac_key(mac: str) -> bytes:
 
 
 def _dispatch_key(key: tuple[str, str, int]) -> bytes:
+    """VIP . protocol . port, each field padded to 4 bytes: 12 bytes for an IPv4 VIP (`dispatch`),
+    24 for an IPv6 one (`dispatch6`)."""
     vip, protocol, port = key
-    raw = socket.inet_aton(vip) + struct.pack("B3x", PROTOCOL_NUMBERS[protocol]) + struct.pack("!H2x", port)
+    address = socket.inet_pton(socket.AF_INET6 if ":" in vip else socket.AF_INET, vip)
+    raw = address + struct.pack("B3x", PROTOCOL_NUMBERS[protocol]) + struct.pack("!H2x", port)
     return nla(_ELEM_KEY | NLA_F_NESTED, nla(_DATA_VALUE, raw))
 
 
@@ -146,9 +152,9 @@ class Op:
     verb: "add" / "delete" (elements), "flush" (a set or map), "add counter" / "delete counter",
     "flush chain" (its rules), "delete chain", "delete set" (a set or map).
     key_type says what `keys` are: "mark" (bucket numbers, an int array), "mac" (strings),
-    "dispatch" ((vip, protocol, port) tuples). value_type says what `values` are (one per key):
-    "mac" (48-bit ints, an int array: a bucket's backend), "objref" (counter names), "verdict"
-    (text such as "jump l7"); None for a set."""
+    "dispatch" ((vip, protocol, port) tuples, an IPv4 or IPv6 VIP). value_type says what
+    `values` are (one per key): "mac" (48-bit ints, an int array: a bucket's backend), "objref"
+    (counter names), "verdict" (text such as "jump l7"); None for a set."""
 
     verb: str
     name: str
@@ -256,8 +262,15 @@ class Op:
                 else:
                     raise ValueError(f"value type {self.value_type!r} is not one this writer knows")
             items.append(_list_elem(body))
-        per = ELEMENTS_PER_MESSAGE // 2  # these encodings may be longer than 32 bytes
-        return [b"".join(items[i:i + per]) for i in range(0, n, per)]
+        chunks: list[bytes] = []
+        start, size = 0, 0
+        for i, item in enumerate(items):
+            if i > start and (size + len(item) > MESSAGE_ELEMENT_BYTES or i - start >= ELEMENTS_PER_MESSAGE):
+                chunks.append(b"".join(items[start:i]))
+                start, size = i, 0
+            size += len(item)
+        chunks.append(b"".join(items[start:]))
+        return chunks
 
 
 @dataclass(frozen=True)

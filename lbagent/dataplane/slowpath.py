@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import select
@@ -42,6 +43,7 @@ from lbagent.core.decide import (
     decide_owner_unreachable,
     owner_answer,
 )
+from lbagent.core.flowhash import ipv6_fingerprint
 from lbagent.core.ownership import Ownership
 from lbagent.core.records import FlowKey, RecordStore
 from lbagent.core.transition import ListenerTables
@@ -71,10 +73,11 @@ class SlowListener:
     headers: dict[str, bytes] = field(default_factory=dict)  # backend name -> Ethernet header
 
     def with_headers(self, mux_mac: str) -> SlowListener:
-        """Precomputed Ethernet headers (backend MAC, mux MAC, IPv4) per backend."""
+        """Precomputed Ethernet headers (backend MAC, mux MAC, IPv4 or IPv6 as the VIP) per backend."""
         src = bytes.fromhex(mux_mac.replace(":", ""))
+        ethertype = b"\x86\xdd" if ":" in self.vip else b"\x08\x00"
         for name, mac in self.macs.items():
-            self.headers[name] = bytes.fromhex(mac.replace(":", "")) + src + b"\x08\x00"
+            self.headers[name] = bytes.fromhex(mac.replace(":", "")) + src + ethertype
         return self
 
 
@@ -169,7 +172,9 @@ class CoreDecider:
         owner, grouped per (owner, backup). Flows of stable buckets need no record (rule 2)."""
         lid = listener.listener_id
         tables = listener.tables
-        record, backend_ids, primary, backup = decide_new_flows_batch(tables, flows[:, 5], self.ownership)
+        # (IPv6 flows come as an object array of Python integers: the buckets as int64 for numpy)
+        record, backend_ids, primary, backup = decide_new_flows_batch(tables, flows[:, 5].astype(np.int64),
+                                                                      self.ownership)
         n_record = int(np.count_nonzero(record))
         reasons = stats.reasons
         if n_record < len(flows):
@@ -180,7 +185,7 @@ class CoreDecider:
         if n_record < len(flows):
             flows, backend_ids = flows[record], backend_ids[record]
             primary, backup = primary[record], backup[record]
-        batch = RecordBatch.build(lid, flows[:, :5], flows[:, 5], backend_ids, tables.names)
+        batch = RecordBatch.build(lid, flows[:, :5], flows[:, 5].astype(np.int64), backend_ids, tables.names)
         muxes = self.ownership.muxes
         me = muxes.index(self.node) if self.node in muxes else -1
         mine = primary == me
@@ -241,7 +246,7 @@ class CoreDecider:
         names = tuple(dict.fromkeys(backends))
         index = {n: i for i, n in enumerate(names)}
         ids = np.fromiter((index[b] for b in backends), dtype=np.int64, count=len(backends))
-        buckets = flows[:, 5]
+        buckets = flows[:, 5].astype(np.int64)
         batch = RecordBatch.build(lid, flows[:, :5], buckets, ids, names)
         muxes = self.ownership.muxes
         me = muxes.index(self.node) if self.node in muxes else -1
@@ -318,25 +323,42 @@ class PeerBridge:
         self._loop.call_soon_threadsafe(self._loop.call_later, delay_s, fn)
 
 
-def iptables_rules(listeners: Sequence[tuple[str, str, int]], queue_num: int) -> str:
-    """iptables-nft-restore input that queues (vip, protocol, port) packets reaching the stack."""
+def ip_header(data: bytes) -> tuple[int, int, int, int]:
+    """(transport offset, protocol, saddr, daddr as integers) of an IPv4 or IPv6 packet. IPv6:
+    only the fixed header (a packet with extension headers raises IndexError: malformed here)."""
+    version = data[0] >> 4
+    if version == 4:
+        saddr, daddr = struct.unpack_from("!II", data, 12)
+        return (data[0] & 0x0F) * 4, data[9], saddr, daddr
+    if version == 6 and data[6] in IPPROTO and len(data) >= 44:
+        return (40, data[6], int.from_bytes(data[8:24], "big"), int.from_bytes(data[24:40], "big"))
+    raise IndexError(f"not an IPv4 or IPv6 TCP/UDP packet (version {version})")
+
+
+def iptables_rules(listeners: Sequence[tuple[str, str, int]], queue_num: int, *, ipv6: bool = False) -> str:
+    """iptables-nft-restore input that queues (vip, protocol, port) packets reaching the stack:
+    the IPv4 listeners, or (ipv6=True, for ip6tables-nft-restore) the IPv6 ones."""
     lines = ["*mangle", f":{IPTABLES_CHAIN} - [0:0]"]
     for vip, protocol, port in listeners:
-        lines.append(f"-A {IPTABLES_CHAIN} -d {vip}/32 -p {protocol} --dport {port} "
+        if (":" in vip) != ipv6:
+            continue
+        lines.append(f"-A {IPTABLES_CHAIN} -d {vip}/{128 if ipv6 else 32} -p {protocol} --dport {port} "
                      f"-j NFQUEUE --queue-num {queue_num} --queue-bypass")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
 
 def install_iptables(listeners: Sequence[tuple[str, str, int]], queue_num: int) -> None:
-    """Replace our chain's rules atomically and make sure PREROUTING jumps to it."""
-    subprocess.run(["iptables-nft-restore", "--noflush"], input=iptables_rules(listeners, queue_num),
-                   text=True, check=True, capture_output=True)
-    check = subprocess.run(["iptables-nft", "-t", "mangle", "-C", "PREROUTING", "-j", IPTABLES_CHAIN],
-                           capture_output=True, check=False)
-    if check.returncode != 0:
-        subprocess.run(["iptables-nft", "-t", "mangle", "-I", "PREROUTING", "-j", IPTABLES_CHAIN],
-                       check=True, capture_output=True)
+    """Replace our chain's rules atomically (IPv4 and IPv6) and make sure PREROUTING jumps to it."""
+    for tool, ipv6 in (("iptables-nft", False), ("ip6tables-nft", True)):
+        rules = iptables_rules(listeners, queue_num, ipv6=ipv6)
+        subprocess.run([f"{tool}-restore", "--noflush"], input=rules, text=True, check=True,
+                       capture_output=True)
+        check = subprocess.run([tool, "-t", "mangle", "-C", "PREROUTING", "-j", IPTABLES_CHAIN],
+                               capture_output=True, check=False)
+        if check.returncode != 0:
+            subprocess.run([tool, "-t", "mangle", "-I", "PREROUTING", "-j", IPTABLES_CHAIN],
+                           check=True, capture_output=True)
 
 
 def ensure_inject_veth() -> None:
@@ -357,8 +379,10 @@ def remove_inject_veth() -> None:
 
 
 def remove_iptables() -> None:
-    for argv in (["-D", "PREROUTING", "-j", IPTABLES_CHAIN], ["-F", IPTABLES_CHAIN], ["-X", IPTABLES_CHAIN]):
-        subprocess.run(["iptables-nft", "-t", "mangle", *argv], capture_output=True, check=False)
+    for tool in ("iptables-nft", "ip6tables-nft"):
+        for argv in (["-D", "PREROUTING", "-j", IPTABLES_CHAIN], ["-F", IPTABLES_CHAIN],
+                     ["-X", IPTABLES_CHAIN]):
+            subprocess.run([tool, "-t", "mangle", *argv], capture_output=True, check=False)
 
 
 class SlowPath:
@@ -386,7 +410,7 @@ class SlowPath:
     def update(self, listeners: Sequence[SlowListener]) -> None:
         """Swap in the listeners now in transition (others are answered by the kernel alone)."""
         protocols = {"tcp": 6, "udp": 17}
-        table = {(int.from_bytes(socket.inet_aton(ln.vip), "big"), protocols[ln.protocol], ln.port):
+        table = {(int(ipaddress.ip_address(ln.vip)), protocols[ln.protocol], ln.port):
                  ln.with_headers(self.mux_mac) for ln in listeners}
         with self._lock:
             self._listeners = table
@@ -395,6 +419,46 @@ class SlowPath:
 
     def listener_of(self, daddr: int, proto: int, dport: int) -> SlowListener | None:
         return self._listeners.get((daddr, proto, dport))
+
+    def ipv6_keepalive_batches(self, pins: Sequence[tuple[int, int, int, int, str, int]], interval_s: float,
+                               seed: int) -> list[tuple[SlowListener, np.ndarray, list[str]]]:
+        """The keep-alive rows of IPv6 flows (for `keep_alive`). An IPv6 pin is keyed by a
+        fingerprint of the addresses (lbagent.dataplane.nft), not the addresses, so the flows are
+        found among the records this mux holds (every flow it pinned has one here, as owner or as
+        a copy): each IPv6 record whose fingerprint and ports match a pin a packet renewed since
+        the last round. Costs a Python jhash pair per IPv6 record in transition."""
+        active = {(f1, f2, sp, dp): mac for f1, f2, sp, dp, mac, idle in pins if idle <= interval_s + 1}
+        if not active:
+            return []
+        found: dict[int, tuple[SlowListener, list[tuple[int, ...]], list[str]]] = {}
+        with self._lock:
+            names_of: dict[int, dict[str, str]] = {}
+            for (lid, flow), rec in self.decider.store:
+                listener = self._by_id.get(lid)
+                if listener is None or ":" not in listener.vip:
+                    continue
+                saddr, daddr, proto, sport, dport = flow
+                f1, f2 = ipv6_fingerprint(ipaddress.IPv6Address(saddr), ipaddress.IPv6Address(daddr),
+                                          seed=seed)
+                mac = active.get((f1, f2, sport, dport))
+                if mac is None:
+                    continue
+                names = names_of.get(lid)
+                if names is None:
+                    alive = listener.tables.alive_backends()
+                    names = names_of[lid] = {m: n for n, m in listener.macs.items() if n in alive}
+                backend = names.get(mac)
+                if backend is None:
+                    continue  # a pin to an ended backend: its flow is over
+                entry = found.setdefault(lid, (listener, [], []))
+                entry[1].append((saddr, daddr, proto, sport, dport, rec.bucket))
+                entry[2].append(backend)
+        out = []
+        for listener, rows, backends in found.values():
+            arr = np.empty((len(rows), 6), dtype=object)
+            arr[:] = rows
+            out.append((listener, arr, backends))
+        return out
 
     def keep_alive(self, per_listener: Sequence[tuple[SlowListener, np.ndarray, list[str]]]) -> int:
         """Renew the records of the flows this mux's kernel forwarded by a pin since the last
@@ -512,9 +576,7 @@ class SlowPath:
         self.stats.packets += 1
         data = pkt.get_payload()
         try:
-            ihl = (data[0] & 0x0F) * 4
-            proto = data[9]
-            saddr, daddr = struct.unpack_from("!II", data, 12)
+            ihl, proto, saddr, daddr = ip_header(data)
             sport, dport = struct.unpack_from("!HH", data, ihl)
             listener = self._listeners.get((daddr, proto, dport))
             if listener is None:
@@ -530,7 +592,7 @@ class SlowPath:
             else:
                 self._reinject(listener, backend, data)
         except (IndexError, struct.error, KeyError):
-            self.stats.malformed += 1  # not a well-formed IPv4 TCP/UDP packet, or no MAC for it
+            self.stats.malformed += 1  # not a well-formed IPv4/IPv6 TCP/UDP packet, or no MAC for it
         pkt.drop()
 
     def _reinject(self, listener: SlowListener, backend: str, data: bytes) -> None:
@@ -576,7 +638,8 @@ class SlowPath:
         `decide_new_flows_batch`. The packets themselves are already forwarded by the kernel."""
         now = time.time()
         stats = self.kernel_stats
-        flows = np.asarray(flows, dtype=np.int64).reshape(-1, 6)
+        wide = isinstance(flows, np.ndarray) and flows.dtype == object  # IPv6 among them (nflog)
+        flows = np.asarray(flows, dtype=object if wide else np.int64).reshape(-1, 6)
         if not len(flows):
             return
         with self._lock:
@@ -586,6 +649,9 @@ class SlowPath:
             same = (daddr == daddr[0]) & (proto == proto[0]) & (dport == dport[0])
             if same.all():
                 groups = [((int(daddr[0]), int(proto[0]), int(dport[0])), flows)]
+            elif wide:
+                keys = [(int(d), int(p), int(pt)) for d, p, pt in flows[:, [1, 2, 4]].tolist()]
+                groups = [(k, flows[np.array([x == k for x in keys])]) for k in dict.fromkeys(keys)]
             else:
                 ids = np.unique(flows[:, [1, 2, 4]], axis=0)
                 groups = [((int(d), int(p), int(pt)),

@@ -29,9 +29,11 @@ METRICS_PORT = 9109
 
 
 def backend_doc(node: Node, *, weight: int = 1, state: str = "active", port: int = SERVICE_TCP_PORT,
-                with_mac: bool = True) -> dict[str, Any]:
-    return {"address": node.address, "port": port, "weight": weight, "state": state,
-            "mac": node.mac if with_mac else None, "host": node.name}
+                with_mac: bool = True, ipv6: bool = False) -> dict[str, Any]:
+    """A backend entry of the desired state: the node's IPv4 address, or its IPv6 one (ipv6=True,
+    for an IPv6 VIP's listener)."""
+    return {"address": node.address6 if ipv6 else node.address, "port": port, "weight": weight,
+            "state": state, "mac": node.mac if with_mac else None, "host": node.name}
 
 
 def listener_doc(listener_id: int, backends: list[dict], *, generation: int = 1, protocol: str = "tcp",
@@ -299,9 +301,10 @@ def learned_buckets(mux: Node, listener_id: int) -> dict[tuple[str, str, int, in
     return result
 
 
-def pins(mux: Node, protocol: str = "tcp") -> dict[tuple[str, str, int, int], str]:
-    """The mux's kernel pins: (saddr, daddr, sport, dport) -> backend MAC."""
-    out = netns.run(["nft", "-j", "list", "map", "netdev", "lbagent", f"pins_{protocol}"],
+def pins(mux: Node, protocol: str = "tcp", *, ipv6: bool = False) -> dict[tuple[str, str, int, int], str]:
+    """The mux's kernel pins of IPv4 (or IPv6) flows: (saddr, daddr, sport, dport) -> backend MAC."""
+    name = f"pins6_{protocol}" if ipv6 else f"pins_{protocol}"
+    out = netns.run(["nft", "-j", "list", "map", "netdev", "lbagent", name],
                     netns=mux.netns, timeout_s=60).stdout
     result: dict[tuple[str, str, int, int], str] = {}
     for item in json.loads(out)["nftables"]:
@@ -313,14 +316,19 @@ def pins(mux: Node, protocol: str = "tcp") -> dict[tuple[str, str, int, int], st
     return result
 
 
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def connect_and_ask(ns: str, vip: str, port: int = SERVICE_TCP_PORT,
                     timeout_s: float = 2.0) -> tuple[str, int, str]:
-    """One short TCP connection: (client address, client port, name of the backend that answered)."""
-    s = netns.socket_in(ns)
+    """One short TCP connection (IPv4 or IPv6 as the VIP): (client address, client port, name of
+    the backend that answered)."""
+    s = netns.socket_in(ns, _family(vip))
     s.settimeout(timeout_s)
     with contextlib.closing(s):
         s.connect((vip, port))
-        saddr, sport = s.getsockname()
+        saddr, sport = s.getsockname()[:2]
         s.sendall(b"who\n")
         data = b""
         while not data.endswith(b"\n"):
@@ -356,7 +364,7 @@ class LongConnections:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         for _ in range(count):
-            s = netns.socket_in(ns)
+            s = netns.socket_in(ns, _family(vip))
             s.settimeout(reply_timeout_s)
             s.connect((vip, port))
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

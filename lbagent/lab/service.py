@@ -28,7 +28,7 @@ def _parse_bind(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected ADDRESS:PORT, got {text!r}")
-    return host, int(port)
+    return host.strip("[]"), int(port)  # an IPv6 address may come bracketed
 
 
 async def _serve(name: str, tcp: list[tuple[str, int]], udp: list[tuple[str, int]]) -> None:

@@ -27,6 +27,11 @@ RUN_ROOT = Path(os.environ.get("LBAGENT_LAB_DIR", "/run/lbagent-lab"))
 SEGMENT = "10.90.0"  # the L2 segment: router .1, muxes .11+, backends .21+
 CLIENT_NET = "10.91"  # client i: 10.91.i.2, router side 10.91.i.1
 VIPS = tuple(f"203.0.113.{i}" for i in range(10, 20))
+# IPv6 beside IPv4 on the same links (dual stack): the segment fd00:90::/64 (router ::1, muxes
+# ::11+, backends ::21+), client i fd00:91:i::2 behind fd00:91:i::1, VIPs 2001:db8:113::10-19.
+SEGMENT6 = "fd00:90::"
+CLIENT_NET6 = "fd00:91"
+VIPS6 = tuple(f"2001:db8:113::{i}" for i in range(10, 20))
 SERVICE_TCP_PORT = 80
 SERVICE_UDP_PORT = 5001
 
@@ -41,6 +46,7 @@ class Node:
     address: str
     mac: str
     iface: str = "eth0"
+    address6: str = ""  # its IPv6 address on `iface`
 
 
 @dataclass
@@ -52,6 +58,7 @@ class Lab:
     backends: list[Node]
     clients: list[Node]
     vips: list[str] = field(default_factory=lambda: list(VIPS))
+    vips6: list[str] = field(default_factory=lambda: list(VIPS6))
     namespaces: list[str] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
 
@@ -74,7 +81,8 @@ class Lab:
             raise LookupError(f"no lab named {prefix!r} (no {path})") from None
         nodes = {k: [Node(**n) for n in data[k]] for k in ("muxes", "backends", "clients")}
         return cls(prefix=data["prefix"], run_dir=data["run_dir"], router=Node(**data["router"]),
-                   vips=data["vips"], namespaces=data["namespaces"], pids=data["pids"], **nodes)
+                   vips=data["vips"], vips6=data.get("vips6", []), namespaces=data["namespaces"],
+                   pids=data["pids"], **nodes)
 
     # -- helpers ------------------------------------------------------------------------------
     def node(self, name: str) -> Node:
@@ -85,7 +93,7 @@ class Lab:
 
     def backend_by_address(self, address: str) -> Node:
         for n in self.backends:
-            if n.address == address:
+            if address in (n.address, n.address6):
                 return n
         raise LookupError(f"lab {self.prefix} has no backend at {address!r}")
 
@@ -111,8 +119,11 @@ class Lab:
         return netns.run(["birdc", "-s", str(Path(self.run_dir) / "bird.ctl"), *command]).stdout
 
     def router_routes(self, prefix: str) -> list[str]:
-        """Next hops the router's kernel uses for `prefix` (empty when it has no route)."""
-        out = netns.run(["ip", "-j", "route", "show", f"{prefix}/32"], netns=self.router.netns).stdout
+        """Next hops the router's kernel uses for `prefix` (an IPv4 or IPv6 address; empty when
+        it has no route)."""
+        family, length = ("-6", 128) if ":" in prefix else ("-4", 32)
+        out = netns.run(["ip", family, "-j", "route", "show", f"{prefix}/{length}"],
+                        netns=self.router.netns).stdout
         hops: list[str] = []
         for route in json.loads(out or "[]"):
             if "gateway" in route:
@@ -147,12 +158,16 @@ def build(*, prefix: str | None = None, mux_count: int = 2, backend_count: int =
     ns = lambda role: f"{prefix}-{role}"  # noqa: E731
     lab = Lab(
         prefix=prefix, run_dir=str(run_dir),
-        router=Node("router", "router", ns("router"), f"{SEGMENT}.1", _mac(prefix, 0, 1), iface="br0"),
-        muxes=[Node("mux", f"mux-{i}", ns(f"mux{i}"), f"{SEGMENT}.{10 + i}", _mac(prefix, 1, i))
+        router=Node("router", "router", ns("router"), f"{SEGMENT}.1", _mac(prefix, 0, 1), iface="br0",
+                    address6=f"{SEGMENT6}1"),
+        muxes=[Node("mux", f"mux-{i}", ns(f"mux{i}"), f"{SEGMENT}.{10 + i}", _mac(prefix, 1, i),
+                    address6=f"{SEGMENT6}{10 + i}")
                for i in range(1, mux_count + 1)],
-        backends=[Node("backend", f"web-{i}", ns(f"be{i}"), f"{SEGMENT}.{20 + i}", _mac(prefix, 2, i))
+        backends=[Node("backend", f"web-{i}", ns(f"be{i}"), f"{SEGMENT}.{20 + i}", _mac(prefix, 2, i),
+                       address6=f"{SEGMENT6}{20 + i}")
                   for i in range(1, backend_count + 1)],
-        clients=[Node("client", f"client-{i}", ns(f"cl{i}"), f"{CLIENT_NET}.{i}.2", _mac(prefix, 3, i))
+        clients=[Node("client", f"client-{i}", ns(f"cl{i}"), f"{CLIENT_NET}.{i}.2", _mac(prefix, 3, i),
+                      address6=f"{CLIENT_NET6}:{i}::2")
                  for i in range(1, client_count + 1)],
     )
     lab.save()
@@ -172,9 +187,12 @@ def _build(lab: Lab, *, with_bird: bool) -> None:
         netns.run(["ip", "netns", "add", node.netns])
     r = lab.router.netns
     _sh(r, "link set lo up", f"link add br0 address {lab.router.mac} type bridge",
-        f"addr add {lab.router.address}/24 dev br0", "link set br0 up")
+        f"addr add {lab.router.address}/24 dev br0", f"addr add {lab.router.address6}/64 dev br0 nodad",
+        "link set br0 up")
     # Bridged frames must not go through the router's iptables (br_netfilter is built in here).
-    _sysctl(r, {"net.bridge.bridge-nf-call-iptables": "0", "net.ipv4.ip_forward": "1",
+    _sysctl(r, {"net.bridge.bridge-nf-call-iptables": "0", "net.bridge.bridge-nf-call-ip6tables": "0",
+                "net.ipv6.conf.all.forwarding": "1", "net.ipv6.fib_multipath_hash_policy": "1",
+                "net.ipv4.ip_forward": "1",
                 "net.ipv4.fib_multipath_hash_policy": "1",  # ECMP spreads flows by ports too
                 "net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0"})
     for i, node in enumerate([*lab.muxes, *lab.backends], start=1):
@@ -182,22 +200,27 @@ def _build(lab: Lab, *, with_bird: bool) -> None:
         netns.run(["ip", "link", "add", "eth0", "netns", node.netns, "address", node.mac, "type", "veth",
                    "peer", "name", port, "netns", r])
         _sh(r, f"link set {port} master br0", f"link set {port} up")
-        _sh(node.netns, "link set lo up", f"addr add {node.address}/24 dev eth0", "link set eth0 up",
-            f"route add default via {lab.router.address}")
+        # nodad: no seconds of tentative state before the address can be used
+        _sh(node.netns, "link set lo up", f"addr add {node.address}/24 dev eth0",
+            f"addr add {node.address6}/64 dev eth0 nodad", "link set eth0 up",
+            f"route add default via {lab.router.address}", f"route add ::/0 via {lab.router.address6}")
     for i, node in enumerate(lab.clients, start=1):
         port = f"c{i}"
         netns.run(["ip", "link", "add", "eth0", "netns", node.netns, "address", node.mac, "type", "veth",
                    "peer", "name", port, "netns", r])
-        _sh(r, f"addr add {CLIENT_NET}.{i}.1/24 dev {port}", f"link set {port} up")
-        _sh(node.netns, "link set lo up", f"addr add {node.address}/24 dev eth0", "link set eth0 up",
-            f"route add default via {CLIENT_NET}.{i}.1")
+        _sh(r, f"addr add {CLIENT_NET}.{i}.1/24 dev {port}",
+            f"addr add {CLIENT_NET6}:{i}::1/64 dev {port} nodad", f"link set {port} up")
+        _sh(node.netns, "link set lo up", f"addr add {node.address}/24 dev eth0",
+            f"addr add {node.address6}/64 dev eth0 nodad", "link set eth0 up",
+            f"route add default via {CLIENT_NET}.{i}.1", f"route add ::/0 via {CLIENT_NET6}:{i}::1")
     for node in lab.muxes:
         # A mux never routes VIP traffic through its own stack: what reaches the stack is for the
         # slow path (NFQUEUE) or is dropped.
         _sysctl(node.netns, {"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.rp_filter": "0",
                              "net.ipv4.conf.eth0.rp_filter": "0"})
     for node in lab.backends:
-        _sh(node.netns, *[f"addr add {vip}/32 dev lo" for vip in lab.vips])
+        _sh(node.netns, *[f"addr add {vip}/32 dev lo" for vip in lab.vips],
+            *[f"addr add {vip}/128 dev lo nodad" for vip in lab.vips6])
         # Direct server return: the VIP lives on lo and must never be answered for in ARP.
         _sysctl(node.netns, {
             "net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2",
@@ -213,7 +236,7 @@ def _build(lab: Lab, *, with_bird: bool) -> None:
 
 def _start_service(lab: Lab, node: Node) -> None:
     argv = [sys.executable, "-m", "lbagent.lab.service", "--name", node.name]
-    for vip in lab.vips:
+    for vip in [*lab.vips, *lab.vips6]:
         argv += ["--bind", f"{vip}:{SERVICE_TCP_PORT}", "--udp", f"{vip}:{SERVICE_UDP_PORT}"]
     lab.spawn(f"service-{node.name}", node.netns, argv)
 
@@ -247,7 +270,7 @@ def _wait_for_log(path: Path, needle: str, *, timeout_s: float) -> None:
 
 def _warm_arp(lab: Lab) -> None:
     # Resolve neighbours once so the first test packets are not delayed by ARP.
-    targets = " ".join(n.address for n in [*lab.muxes, *lab.backends])
+    targets = " ".join(a for n in [*lab.muxes, *lab.backends] for a in (n.address, n.address6) if a)
     netns.run(["sh", "-c", f"for a in {targets}; do ping -c1 -W1 $a >/dev/null & done; wait"],
               netns=lab.router.netns, check=False)
 

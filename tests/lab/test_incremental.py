@@ -5,15 +5,21 @@ listener's `cur_` map is sized to its table; what the kernel holds is exactly th
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
+import struct
 import subprocess
+import time
 import uuid
 
 import numpy as np
 import pytest
 
+from lbagent.core.flowhash import flow_bucket
 from lbagent.core.maglev import maglev_table
+from lbagent.dataplane import nft as nft_module
 from lbagent.dataplane.nft import ListenerPlan, Nft, NftDataplane, NftError
 from lbagent.dataplane.nftlink import NetlinkElements, NetlinkError, Op
 from tests.environment import need_binary, need_root
@@ -320,3 +326,159 @@ def test_a_new_table_size_recreates_the_maps_in_one_transaction(netns):
     assert _elements(nft, "map", "cur_1") == _planned_cur(_plan(1, 809, 4))
     assert ("counter", "cb1_10_1_0_5") not in _objects(nft)
     assert "02:00:00:01:00:05" not in _elements(nft, "map", "cnt_1")
+
+
+def _plan6(lid: int, size: int, count: int, old: np.ndarray | None = None) -> ListenerPlan:
+    current = maglev_table([f"b{i}" for i in range(count)], None, size)
+    unstable = None if old is None else np.flatnonzero(current != old)
+    backends = tuple((f"fd00:{lid:x}::{i + 1:x}", f"02:00:00:{lid:02x}:00:{i + 1:02x}") for i in range(count))
+    return ListenerPlan(lid, f"2001:db8:113::{lid:x}", "tcp", 80, backends, current, old, unstable,
+                        pin_timeout_s=60)
+
+
+@pytest.mark.lab
+def test_ipv6_listeners_share_the_format_and_go_as_netlink_messages(netns):
+    """IPv6 listeners beside IPv4 ones through the daemon's driver: the kernel takes their rules
+    (ip6 hash, fingerprint-keyed pins, the SYN rule, learning, the injection chain), their
+    dispatch entries land in `dispatch6` over netlink (24-byte keys), a transition of an IPv6
+    listener is elements only, and removing one deletes its entry and objects."""
+    cli = NamespaceNft(netns)
+    v4, v6 = _plan(1, 409, 4), _plan6(2, 409, 4)
+    dp = _in_netns(netns, lambda: NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nflog_group=5,
+                                               learn=True, inject_iface="eth1"))
+    _in_netns(netns, lambda: dp.apply([v4, v6]))
+    assert _elements(cli, "map", "cur_2") == _planned_cur(v6)
+    dispatch6 = _elements(cli, "map", "dispatch6")
+    assert [(json.loads(k)["concat"], v["jump"]["target"]) for k, v in dispatch6.items()] == [
+        (["2001:db8:113::2", "tcp", 80], "l2")]
+    assert [v["jump"]["target"] for v in _elements(cli, "map", "dispatch").values()] == ["l1"]
+    objects = _objects(cli)
+    assert {("map", "pins6_tcp"), ("map", "pins6_udp"), ("map", "learn2")} <= objects
+    rules = cli.run("list chain netdev lbagent l2")
+    assert "jhash ip6 saddr . ip6 daddr . meta l4proto . th sport . th dport mod 409 seed" in rules
+    handles = _handles(cli, 2)
+
+    grown = _plan6(2, 409, 5, old=v6.current)
+    sent, by_netlink = dp.transactions, dp.netlink_transactions
+    _in_netns(netns, lambda: dp.apply([v4, grown]))
+    assert (dp.transactions, dp.netlink_transactions) == (sent + 1, by_netlink + 1)
+    assert _handles(cli, 2) == handles, "a new IPv6 backend rewrote the listener's rules"
+    assert _elements(cli, "map", "cur_2") == _planned_cur(grown)
+    assert sorted(_elements(cli, "set", "unstable_2")) == grown.unstable.tolist()
+
+    _in_netns(netns, lambda: dp.apply([v4]))
+    assert _elements(cli, "map", "dispatch6") == {}
+    assert [o for o in _objects(cli) if o[1] in {"l2", "cur_2", "cnt_2", "learn2"}] == []
+
+
+@pytest.mark.lab
+def test_many_ipv6_dispatch_elements_go_in_messages_the_kernel_takes(netns):
+    """1,500 IPv6 dispatch entries (about 70 bytes each with their verdict: 1,000 of them would
+    overflow a netlink attribute's 16-bit length) in one netlink batch all land."""
+    cli = NamespaceNft(netns)
+    cli.run("add table netdev lbagent\nadd chain netdev lbagent l1\n"
+            "add map netdev lbagent dispatch6 { type ipv6_addr . inet_proto . inet_service : verdict; }\n")
+    keys = [(str(ipaddress.IPv6Address("2001:db8::1") + (i << 16)), "tcp", 80) for i in range(1500)]
+    op = Op("add", "dispatch6", keys, ["jump l1"] * len(keys), "dispatch", "verdict")
+    assert len(op.messages("lbagent")) >= 2
+    _in_netns(netns, lambda: NetlinkElements().run("lbagent", [op]))
+    landed = {tuple(json.loads(k)["concat"]) for k in _elements(cli, "map", "dispatch6")}
+    assert landed == {(vip, "tcp", 80) for vip, _, _ in keys}
+
+
+@pytest.mark.lab
+def test_an_ipv6_syn_whose_pin_cannot_be_added_is_still_forwarded(netns, monkeypatch):
+    """The IPv6 SYN rule loads the address fingerprint into the mark (overwriting the bucket) and
+    forwards the SYN itself; when its pin `add` fails (the pin map is full) the rule after it
+    forwards the SYN to the backend the current table gave it. A pin map of one element here:
+    the first SYN is pinned, the second is not, both reach their backend."""
+    mux_mac, client_mac = "02:aa:00:00:00:01", "02:cc:00:00:00:01"
+    subprocess.run(["ip", "-n", netns, "link", "set", "eth0", "address", mux_mac], check=True)
+    subprocess.run(["ip", "-n", netns, "link", "set", "eth1", "up"], check=True)
+    monkeypatch.setattr(nft_module, "PIN_MAP_SIZE", 1)
+    cli = NamespaceNft(netns)
+    plan = _plan6(3, 11, 2)
+    everything = np.arange(11)
+    plan = ListenerPlan(3, plan.vip, "tcp", 80, plan.backends, plan.current, plan.current[::-1].copy(),
+                        everything, pin_timeout_s=60)  # every bucket unstable: every SYN takes rule 3
+    NftDataplane("eth0", mux_mac, seed=7, nft=cli, nflog_group=5).apply([plan])
+
+    vip = ipaddress.IPv6Address(plan.vip)
+
+    def backend_of(saddr: str, sport: int) -> int:
+        return int(plan.current[flow_bucket(saddr, plan.vip, 6, sport, 80, seed=7, table_size=11)])
+
+    # two flows the table gives different backends (the second SYN's MAC comes from its own bucket)
+    first = backend_of("fd00:99::1", 40001)
+    second = next(p for p in range(40002, 41000) if backend_of("fd00:99::2", p) != first)
+    flows = [("fd00:99::1", 40001), ("fd00:99::2", second)]
+
+    mux_raw = bytes.fromhex(mux_mac.replace(":", ""))
+
+    def frame(saddr: str, sport: int) -> bytes:
+        eth = mux_raw + bytes.fromhex(client_mac.replace(":", "")) + b"\x86\xdd"
+        ip6 = struct.pack("!IHBB16s16s", 0x60000000, 20, 6, 64, ipaddress.IPv6Address(saddr).packed,
+                          vip.packed)
+        return eth + ip6 + struct.pack("!HHIIBBHHH", sport, 80, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+
+    def exchange() -> dict[int, str]:
+        """Send the SYNs into eth0 (through its peer eth1) and read what eth0 forwards back out:
+        source port -> destination MAC of each forwarded SYN."""
+        rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x86DD))
+        rx.bind(("eth1", 0))
+        rx.settimeout(0.2)
+        tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        tx.bind(("eth1", 0))
+        seen: dict[int, str] = {}
+        try:
+            for saddr, sport in flows:
+                tx.send(frame(saddr, sport))
+            deadline = time.monotonic() + 60
+            while len(seen) < len(flows) and time.monotonic() < deadline:
+                try:
+                    data = rx.recv(2048)
+                except TimeoutError:
+                    continue
+                # forwarded by the mux: its source MAC, an IPv6 TCP segment to port 80
+                if data[6:12] == mux_raw and data[20] == 6 and len(data) >= 58:
+                    sport, dport = struct.unpack_from("!HH", data, 54)
+                    if dport == 80:
+                        seen[sport] = data[0:6].hex(":")
+        finally:
+            rx.close()
+            tx.close()
+        return seen
+
+    forwarded = _in_netns(netns, exchange)
+    expected = {sport: plan.backends[backend_of(saddr, sport)][1] for saddr, sport in flows}
+    assert forwarded == expected, f"forwarded SYNs (sport -> MAC) {forwarded}, the table says {expected}"
+    assert len(_elements(cli, "map", "pins6_tcp")) == 1, "the pin map holds one element: one add failed"
+
+
+@pytest.mark.lab
+def test_a_listener_changing_address_family_gets_rules_and_learn_map_of_its_family(netns):
+    """A listener id moved from an IPv4 VIP to an IPv6 one (and back): its rules are re-rendered
+    for the family and, with learning, its learn map recreated with the family's key, by the same
+    driver and by a restarted one (which finds the other family's map in the kernel)."""
+    cli = NamespaceNft(netns)
+
+    def learn_key() -> list[str]:
+        listing = json.loads(cli.run("list map netdev lbagent learn4", json_output=True))
+        return next(item["map"]["type"] for item in listing["nftables"] if "map" in item)
+
+    v4 = _plan(4, 409, 4)
+    v6 = ListenerPlan(4, "2001:db8:113::4", "tcp", 80, _plan6(4, 409, 4).backends, v4.current,
+                      pin_timeout_s=60)
+    NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=cli, learn=True, nflog_group=5).apply([v4])
+    assert learn_key() == ["ipv4_addr", "ipv4_addr", "inet_service", "inet_service"]
+    restarted = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=cli, learn=True, nflog_group=5)
+    restarted.apply([v6])
+    assert learn_key() == ["classid", "inet_service", "inet_service"]
+    assert "jhash ip6 saddr" in cli.run("list chain netdev lbagent l4")
+    assert [json.loads(k)["concat"][0] for k in _elements(cli, "map", "dispatch6")] == ["2001:db8:113::4"]
+    assert _elements(cli, "map", "dispatch") == {}
+    restarted.apply([v4])
+    assert learn_key() == ["ipv4_addr", "ipv4_addr", "inet_service", "inet_service"]
+    assert "jhash ip saddr" in cli.run("list chain netdev lbagent l4")
+    assert _elements(cli, "map", "dispatch6") == {}
+    assert _elements(cli, "map", "cur_4") == _planned_cur(v4)

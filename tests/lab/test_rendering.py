@@ -51,8 +51,9 @@ def test_first_apply_is_one_transaction_with_seed_and_full_tables():
 
 def test_no_rule_names_a_backend_and_only_dispatch_holds_verdicts():
     """The table format: backends are map elements (bucket -> MAC, MAC -> counter), never
-    chains or rules, so a backend change cannot need a rule; `dispatch` is the only verdict map
-    (no jump graph behind `cur_` for the kernel to re-validate)."""
+    chains or rules, so a backend change cannot need a rule; the dispatch maps (`dispatch`, and
+    `dispatch6` for IPv6 VIPs) are the only verdict maps (no jump graph behind `cur_` for the
+    kernel to re-validate)."""
     nft = RecordingNft()
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, table_size=11, nft=nft, nflog_group=9)
     dp.apply([_plan(np.array([0, 1] * 5 + [0], dtype=np.int32))])
@@ -62,7 +63,7 @@ def test_no_rule_names_a_backend_and_only_dispatch_holds_verdicts():
         'add chain netdev lbagent ingress { type filter hook ingress device "eth0" priority 0; '
         "policy accept; }", "add chain netdev lbagent l7"]
     verdict_maps = [ln for ln in lines if ln.startswith("add map") and ": verdict" in ln]
-    assert [ln.split()[4] for ln in verdict_maps] == ["dispatch"]
+    assert [ln.split()[4] for ln in verdict_maps] == ["dispatch", "dispatch6"]
 
 
 def test_second_apply_sends_only_changed_buckets():
