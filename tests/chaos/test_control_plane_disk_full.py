@@ -28,6 +28,7 @@ import pytest
 from tests.chaos.test_control_plane_restarts import ChangeStream, Stack
 from tests.environment import need_root
 from tests.push.stack import AgentProcess, PortalServer, seed_sqlite_layout
+from tests.services import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -171,24 +172,25 @@ def _stats(stack: Stack, agent: str) -> dict:
 def test_agent_keeps_applying_with_its_state_cache_on_a_full_disk(stack: Stack, disks) -> None:
     agent = stack.agents["mux-a"]
     cache = disks["state"] / "mux-a.cache.json"
-    deadline = time.monotonic() + CONVERGE_TIMEOUT_S
-    while not cache.exists():  # written once applies pause (lbagent.portal.CACHE_QUIET_S)
-        assert time.monotonic() < deadline, "mux-a never wrote its state cache"
-        time.sleep(0.1)
+    # written once applies pause (lbagent.portal.CACHE_QUIET_S)
+    wait_until(cache.exists, timeout_s=CONVERGE_TIMEOUT_S, what="mux-a to write its state cache")
     filler = fill(disks["state"])
     try:
         _changes_go_through(stack, 42, 20)
-        deadline = time.monotonic() + CONVERGE_TIMEOUT_S
-        while "cannot write the state cache" not in agent.log():
-            assert time.monotonic() < deadline, f"mux-a did not report the full disk:\n{agent.log()[-3000:]}"
-            time.sleep(0.1)
+        wait_until(
+            lambda: "cannot write the state cache" in agent.log(),
+            timeout_s=CONVERGE_TIMEOUT_S,
+            what="mux-a to report the full disk",
+        )
         line = next(ln for ln in agent.log().splitlines() if "cannot write the state cache" in ln)
         assert str(cache) in line, line
         assert "No space left on device" in line, line
         assert "still applying and serving" in line, line
-        while _stats(stack, "mux-a").get("portal.state_cache_write_errors", 0) < 1:
-            assert time.monotonic() < deadline, f"the portal never saw the failure: {_stats(stack, 'mux-a')}"
-            time.sleep(0.2)
+        wait_until(
+            lambda: _stats(stack, "mux-a").get("portal.state_cache_write_errors", 0) >= 1,
+            timeout_s=CONVERGE_TIMEOUT_S,
+            what="the portal to store mux-a's state-cache write error",
+        )
         assert agent.alive()
         assert agent.log().count("cannot write the state cache") == 1, "the error is said once, not per apply"
     finally:
@@ -206,10 +208,14 @@ def _wait_cached(agent: AgentProcess, cache: Path) -> None:
 
     applied = agent.applied()
     assert applied is not None
-    deadline = time.monotonic() + CONVERGE_TIMEOUT_S
-    while True:
+
+    def cached_generation() -> int | None:
         with contextlib.suppress(FileNotFoundError, ValueError):
-            if json.loads(cache.read_text())["generation"] == applied["generation"]:
-                return
-        assert time.monotonic() < deadline, f"the cache never reached generation {applied['generation']}"
-        time.sleep(0.1)
+            return json.loads(cache.read_text())["generation"]
+        return None
+
+    wait_until(
+        lambda: cached_generation() == applied["generation"],
+        timeout_s=CONVERGE_TIMEOUT_S,
+        what=f"the cache to reach generation {applied['generation']}",
+    )

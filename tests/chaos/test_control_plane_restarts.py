@@ -39,6 +39,7 @@ import pytest
 from tests.chaos.private_services import PrivateServices, run_django
 from tests.environment import need, need_binary
 from tests.push.stack import AgentProcess, PortalServer
+from tests.services import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -183,10 +184,7 @@ class ChangeStream:
             return sum(1 for p in self.stack.puts if p.at >= since and (p.status == 200) == ok)
 
     def wait(self, condition: Callable[[], bool], what: str, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not condition():
-            assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g} s"
-            time.sleep(0.02)
+        wait_until(condition, timeout_s=timeout_s, what=what, interval_s=0.02)
 
     def __enter__(self) -> ChangeStream:
         for thread in self._threads:
@@ -324,10 +322,7 @@ def _restart(
             f"{agent_name} went back to older tables while {name} was down"
         )
     start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not answers():
-        assert time.monotonic() < deadline, f"{name} did not answer after its restart"
-        time.sleep(0.02)
+    wait_until(answers, timeout_s=START_TIMEOUT_S, what=f"{name} back after a restart", interval_s=0.02)
     recovered = time.monotonic()
     failures = sorted({p.status for p in stack.puts if stopped_at <= p.at <= recovered and p.status != 200})
     print(f"\n{name} down {recovered - stopped_at:.1f} s; failed calls got {failures}")

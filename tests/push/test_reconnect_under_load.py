@@ -32,7 +32,7 @@ import pytest
 
 from tests.environment import need
 from tests.push.stack import AgentProcess, CuttableProxy, PortalServer, seed_layout, seed_sqlite_layout
-from tests.services import database_url_for_test_db, redis_answers
+from tests.services import database_url_for_test_db, redis_answers, wait_until
 
 # django_db: pytest-django then points the connection (and its pool) at the test database.
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
@@ -328,12 +328,11 @@ def test_overflowed_agent_channels_still_end_active(production) -> None:
     for attempt in range(1, 6):
         # Converged proves the tables, not the connections: the agents may still be in their
         # reconnect backoff after the restart. Wait until every one of them is connected again.
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while sum((held := _workers_holding_agent_connections(portal.port)).values()) < len(
-            production.agents
-        ):
-            assert time.monotonic() < deadline, f"agents not all reconnected: {held}"
-            time.sleep(0.1)
+        def all_connected() -> dict[int, int] | None:
+            now = _workers_holding_agent_connections(portal.port)
+            return now if sum(now.values()) >= len(production.agents) else None
+
+        held = wait_until(all_connected, timeout_s=START_TIMEOUT_S, what="every agent connected again")
         frozen = max(held, key=held.get)
         tried = 0
         os.kill(frozen, signal.SIGSTOP)
