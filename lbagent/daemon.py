@@ -50,6 +50,7 @@ from lbagent.dataplane.slowpath import (
     remove_iptables,
 )
 from lbagent.metrics import Metric, MetricsServer, render
+from lbagent.pool import PoolMembership
 from lbagent.state import (
     Backend,
     DesiredState,
@@ -184,6 +185,7 @@ class MuxDaemon:
         self.slowpath: SlowPath | None = None
         self.nflog: NflogReader | None = None
         self.peers: PeerBridge | None = None
+        self.pool: PoolMembership | None = None  # who is in the pool; hand-over when that changes
         self.bgp: BgpSpeaker | None = None
         self.store: RecordStore | None = None
         self.applied_generation = 0
@@ -483,7 +485,10 @@ class MuxDaemon:
         # a bypass hand-over ending removes that VIP's kernel state
         handover = tuple(sorted(vip for vip, until in self._bypass_handover.items() if until > now))
         # the last *valid* config: a refused file changes nothing, so it must not trigger an apply
-        return (self._state_sig, draining, retry, self._linger_epoch, handover)
+        # a starting mux announces once its records are synced; a leaving one withdraws once
+        # they are handed over
+        routes = self.pool.route_mode() if self.pool is not None else None
+        return (self._state_sig, draining, retry, self._linger_epoch, handover, routes)
 
     # -- applying ---------------------------------------------------------------------------------
     def apply(self) -> None:
@@ -505,7 +510,10 @@ class MuxDaemon:
                                         for ln in slow), default=KEEPALIVE_MAX_S)
         self._next_keepalive = min(self._next_keepalive, time.time() + self._keepalive_interval)
         self.last_apply_s = time.monotonic() - t0
-        if self.bgp is not None:
+        route_mode = self.pool.route_mode() if self.pool is not None else "announce"
+        if route_mode == "withdraw":
+            routes = {}  # this mux left the pool
+        if self.bgp is not None and route_mode != "hold":
             # Tables first, then routes: announce (or move the next hop) only now.
             for vip, hop in routes.items():
                 self.bgp.announce(vip, hop)
@@ -750,12 +758,16 @@ class MuxDaemon:
         self.slowpath = SlowPath(INJECT_IFACE, self.mux_mac, self.o.queue_num,
                                  decider=CoreDecider(self.state.node, self.store, ownership))
         others = {m.name: (m.address, m.peer_port) for m in cluster.muxes if m.name != self.state.node}
-        if me is not None and others:
-            # Owner queries, records and replicas between muxes (HMAC-authenticated UDP).
+        if me is not None:
+            # Owner queries, records and replicas between muxes (HMAC-authenticated UDP); also
+            # for a pool of one, which others may join.
             self.peers = PeerBridge(self.state.node, cluster.peer_key, others, (me.address, me.peer_port),
                                     handler=self.slowpath)
             self.peers.start()
             self.slowpath.peers = self.peers
+        # Routes wait for the records this mux owns (SYNC with every member) before the first announce.
+        self.pool = PoolMembership(self.state.node, self.slowpath, self.peers)
+        self.pool.change(cluster.muxes, ownership, starting=True)
         self.slowpath.start()
         # The kernel pins and forwards SYNs of unstable buckets itself and reports them here
         # (nfnetlink_log): bound before the first apply, so no report of ours goes unread.
@@ -796,6 +808,10 @@ class MuxDaemon:
                 except (NftError, ValueError, OSError) as exc:
                     log.error("keep-alive round failed: %s", exc)
             changed = self._read_config()
+            if changed:
+                self._pool_change()
+            if self.pool is not None:
+                self.pool.refresh_peers()  # a departed mux stops being a known sender after its grace
             sig = self._signature(time.time())
             if not changed and sig == self._applied_sig:
                 continue
@@ -807,6 +823,16 @@ class MuxDaemon:
                 log.error("apply failed, withdrawing routes until it succeeds: %s", exc)
                 self.withdraw_all()
                 self._applied_sig = None
+
+    def _pool_change(self) -> None:
+        """`cluster.muxes` changed: re-derive the owners and hand records over (lbagent/pool.py)."""
+        assert self.state is not None
+        cluster = self.state.cluster
+        if self.pool is None or cluster.muxes == self.pool.members:
+            return
+        ownership = build_ownership([m.name for m in cluster.muxes] or [self.state.node],
+                                    owner_seed=cluster.owner_seed, table_size=cluster.table_size)
+        self.pool.change(cluster.muxes, ownership, starting=False)
 
     @property
     def stopping(self) -> bool:
@@ -940,6 +966,21 @@ class MuxDaemon:
                     answered.add(self.peers.peer.counters.owner_answers(role, source),
                                  **{"as": role, "source": source})
         ms.append(answered)
+        if self.pool is not None:
+            ms.append(Metric("lbagent_pool_members", "Muxes in the pool (cluster.muxes) as this mux runs it")
+                      .add(len(self.pool.members)))
+            ms.append(Metric("lbagent_pool_changes_total", "Pool member sets applied (start included)",
+                             "counter").add(self.pool.changes))
+            ms.append(Metric("lbagent_pool_synced_members",
+                             "Members that delivered this mux's records after the last change")
+                      .add(self.pool.synced_members))
+            ms.append(Metric("lbagent_pool_route_hold",
+                             "1 while routes wait for a pool change (records synced or handed over)")
+                      .add(1 if self.pool.route_mode() == "hold" else 0))
+        if self.peers is not None:
+            ms.append(Metric("lbagent_records_handed_over_total",
+                             "Records sent to a mux that owns them after a pool change", "counter")
+                      .add(self.peers.peer.counters.handed_over))
         ms.append(Metric("lbagent_flow_records", "Flow records held")
                   .add(len(self.store) if self.store is not None else 0))
         ms.append(Metric("lbagent_listeners_in_transition", "Listeners with an old table still draining")

@@ -18,6 +18,12 @@ the JSON list form "r" of the previous version is still accepted). ANSWER (to QU
 and ACK (to REPLICATE/RECORDS) are responses and must carry the request id of a request we
 sent to that sender. A QUERY sent to the backup owner after the primary did not answer carries
 "as": "backup", so the backup counts the answers it gives in the primary's place.
+
+SYNC {"v": pool view, "fresh": bool} (pool membership, `docs/dataplane.md` "Mux pools") asks a
+member for the records the sender now owns; the member answers "ok" once it has sent them
+(REPLICATE, acknowledged), "other_view" while it runs another member set (the sender asks again).
+A REPLICATE is acknowledged with "not_ready" by a mux that has not applied its first state yet
+(it could not keep the records): the hand-over sends them again.
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from lbagent.core.decide import owner_answer
-from lbagent.core.ownership import Ownership, hand_over_plan
-from lbagent.core.records import FlowKey, RecordStore
+from lbagent.core.ownership import Ownership, hand_over_plan, pool_view, records_for_member
+from lbagent.core.records import FlowKey, FlowRecord, RecordKey, RecordStore
 from lbagent.core.transition import ListenerTables
 
 __all__ = [
@@ -61,6 +67,7 @@ __all__ = [
     "decode_message",
     "encode_message",
     "peer_key_from_hex",
+    "sync_answer",
 ]
 
 log = logging.getLogger("lbagent.peer")
@@ -111,6 +118,9 @@ class MsgType(IntEnum):
     REPLICATE = 4
     ACK = 5
     RECORDS = 6  # many RECORDs in one datagram (new flows the kernel pinned), acknowledged with ACK
+    # "I run pool view v: send me the records of buckets I now own" (pool membership changes and
+    # a mux's start). Answered with ANSWER only after those records were sent and acknowledged.
+    SYNC = 7
 
 
 class DecodeError(ValueError):
@@ -408,7 +418,14 @@ class PeerHandler(Protocol):
     def on_record(self, sender: str, listener_id: int, flow: FlowKey, bucket: int,
                   backend: str) -> tuple[str, str]: ...
 
-    def on_replicate(self, sender: str, records: RecordBatch) -> None: ...
+    def on_replicate(self, sender: str, records: RecordBatch) -> str | None:
+        """Store copies; a status other than None/"ok" (e.g. "not_ready") goes back in the ACK."""
+        ...
+
+    def on_sync(self, sender: str, view: str, fresh: bool) -> tuple[str, RecordBatch | None]:
+        """A member at pool view `view` asks for its records: ("ok", what to send it), or
+        ("other_view", None) while this mux runs another member set."""
+        ...
 
     def on_records(self, sender: str, records: RecordBatch) -> None:
         """New flows `sender` pinned, for this mux as their owner (first writer wins)."""
@@ -437,6 +454,8 @@ class PeerCounters:
     answered_primary_table: int = 0
     answered_backup_record: int = 0
     answered_backup_table: int = 0
+    handed_over: int = 0  # records sent to a member that now owns them (pool membership change)
+    handover_retries: int = 0  # hand-over rounds sent again (a datagram lost, a receiver not ready)
 
     def owner_answers(self, role: str, source: str) -> int:
         """Owner queries answered as `role` (primary, backup) from `source` (record, table)."""
@@ -506,6 +525,7 @@ class PeerNode:
         self._pending: dict[int, _Pending] = {}
         self._next_id = int.from_bytes(os.urandom(4), "big")
         self._transport: asyncio.DatagramTransport | None = None
+        self._sync_tasks: set[asyncio.Task] = set()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
@@ -553,7 +573,28 @@ class PeerNode:
         replies = await asyncio.gather(*(
             self._request(to, MsgType.REPLICATE, batch.take(slice(i, i + batch.per_datagram)).encode())
             for i in range(0, len(batch), batch.per_datagram)))
-        return all(r is not None for r in replies)
+        return all(r is not None and r.payload.get("s", "ok") == "ok" for r in replies)
+
+    async def hand_over(self, to: str, records: RecordBatch, *, attempts: int = 5) -> bool:
+        """Records `to` now owns, sent until every datagram is acknowledged "ok" (a lost datagram,
+        a receiver not ready yet) or `attempts` rounds fail; receivers keep the first copy, so a
+        round sent twice is harmless. True when delivered."""
+        for attempt in range(attempts):
+            if not len(records) or await self.replicate(to, records):
+                return True
+            self.counters.handover_retries += 1
+            await asyncio.sleep(min(2.0, self.timeout_s * 2 ** attempt))
+        return False
+
+    async def sync(self, to: str, view: str, *, fresh: bool, timeout_s: float = 30.0) -> str | None:
+        """Ask member `to` for the records this mux owns at pool view `view` (all of them when
+        `fresh`); its answer's status once it has delivered them ("ok", "other_view", ...), or
+        None if it did not answer within `timeout_s`."""
+        reply = await self._request(to, MsgType.SYNC, {"v": view, "fresh": fresh}, timeout_s=timeout_s)
+        if reply is None:
+            return None
+        status = reply.payload.get("s")
+        return status if isinstance(status, str) else None
 
     async def record_batch(self, owner: str, backup: str | None,
                            records: Sequence[ReplicatedRecord] | RecordBatch) -> bool:
@@ -598,7 +639,8 @@ class PeerNode:
                     self.counters.malformed += 1
         return None
 
-    async def _request(self, target: str, mtype: MsgType, payload: dict[str, Any]) -> Message | None:
+    async def _request(self, target: str, mtype: MsgType, payload: dict[str, Any], *,
+                       timeout_s: float | None = None) -> Message | None:
         addr = self.peers.get(target)
         if addr is None or self._transport is None:
             self.counters.timeouts += 1
@@ -609,7 +651,8 @@ class PeerNode:
         fut: asyncio.Future[Message] = loop.create_future()
         self._pending[rid] = _Pending(fut, target)
         # call_later instead of wait_for: no extra task per request
-        timer = loop.call_later(self.timeout_s, lambda: fut.done() or fut.set_exception(TimeoutError()))
+        timer = loop.call_later(timeout_s or self.timeout_s,
+                                lambda: fut.done() or fut.set_exception(TimeoutError()))
         try:
             self._send(addr, mtype, rid, payload)
             return await fut
@@ -648,6 +691,12 @@ class PeerNode:
                 return
             pending.future.set_result(msg)
             return
+        if msg.type == MsgType.SYNC:
+            # answered once its records are delivered: not on the receive path
+            task = asyncio.ensure_future(self._answer_sync(msg))
+            self._sync_tasks.add(task)  # a reference, or the loop may collect it mid-way
+            task.add_done_callback(self._sync_tasks.discard)
+            return
         try:
             backend, status = self._handle_request(msg.type, msg.sender, msg.payload)
         except DecodeError as exc:
@@ -661,6 +710,30 @@ class PeerNode:
         reply_to = self.peers.get(msg.sender, addr)
         self._send(reply_to, reply_type, msg.request_id, {"be": backend, "s": status})
         self.counters.answered += 1
+
+    async def _answer_sync(self, msg: Message) -> None:
+        try:
+            view, fresh = _str(msg.payload, "v"), msg.payload.get("fresh") is True
+            on_sync = getattr(self.handler, "on_sync", None)
+            status, records = on_sync(msg.sender, view, fresh) if on_sync else ("unsupported", None)
+            sent = 0
+            if status == "ok" and records is not None and len(records):
+                if await self.hand_over(msg.sender, records):
+                    sent = len(records)
+                    self.counters.handed_over += sent
+                else:
+                    status = "undelivered"
+        except DecodeError as exc:
+            setattr(self.counters, exc.kind, getattr(self.counters, exc.kind) + 1)
+            return
+        except Exception:  # the handler is the mux's code: count, log, keep serving
+            self.counters.handler_errors += 1
+            log.exception("peer handler failed on SYNC from %s", msg.sender)
+            return
+        addr = self.peers.get(msg.sender)
+        if addr is not None and self._transport is not None:
+            self._send(addr, MsgType.ANSWER, msg.request_id, {"be": "-", "s": status, "n": sent})
+            self.counters.answered += 1
 
     def _handle_request(self, mtype: MsgType, sender: str, p: Mapping[str, Any]) -> tuple[str, str]:
         if mtype == MsgType.QUERY:
@@ -678,9 +751,8 @@ class PeerNode:
                      else RecordBatch.of(self._record_list(p)))
             if mtype == MsgType.RECORDS:
                 self.handler.on_records(sender, batch)
-            else:
-                self.handler.on_replicate(sender, batch)
-            return "-", "ok"
+                return "-", "ok"
+            return "-", self.handler.on_replicate(sender, batch) or "ok"
         raise DecodeError("malformed", f"{mtype.name} is not a request")
 
     @staticmethod
@@ -711,6 +783,22 @@ def peer_key_from_hex(value: str) -> bytes:
 
 
 
+def sync_answer(held: Sequence[tuple[RecordKey, FlowRecord]], ownership: Ownership | None,
+                previous: Ownership | None, sender: str, view: str,
+                fresh: bool) -> tuple[str, RecordBatch | None]:
+    """The answer to a SYNC from `sender` at pool view `view` over the records `held` here:
+    ("other_view", None) unless this mux runs that view too, else ("ok", the records of the
+    buckets moved to `sender` since `previous`, or all it owns when it starts `fresh`)."""
+    if ownership is None or pool_view(ownership.muxes) != view:
+        return "other_view", None
+    by_key = dict(held)
+    keys = records_for_member([(k, r.bucket) for k, r in held], previous, ownership, sender, fresh=fresh)
+    if not keys:
+        return "ok", None
+    return "ok", RecordBatch.of([ReplicatedRecord(k[0], k[1], by_key[k].bucket, by_key[k].backend)
+                                 for k in keys])
+
+
 class FlowOwner:
     """The owner's side of the protocol over the core: a `PeerHandler` any driver can use.
 
@@ -726,6 +814,7 @@ class FlowOwner:
         self.tables = tables
         self.clock = clock
         self.ownership: Ownership | None = None
+        self.previous_ownership: Ownership | None = None  # before the last membership change
         self._outbox: dict[str, list[ReplicatedRecord]] = {}
 
     def on_query(self, sender: str, listener_id: int, flow: FlowKey, bucket: int,
@@ -753,6 +842,9 @@ class FlowOwner:
     def on_records(self, sender: str, records: Iterable[ReplicatedRecord]) -> None:
         for r in records:
             self.on_record(sender, r.listener_id, r.flow, r.bucket, r.backend)
+
+    def on_sync(self, sender: str, view: str, fresh: bool) -> tuple[str, RecordBatch | None]:
+        return sync_answer(list(self.store), self.ownership, self.previous_ownership, sender, view, fresh)
 
     def record_local(self, listener_id: int, flow: FlowKey, bucket: int, backend: str) -> str:
         """This mux is the owner of a new record: store it (first writer wins), queue its copy."""
@@ -782,7 +874,7 @@ class FlowOwner:
         Make before break: deliver these (`PeerNode.replicate`) before the router sends traffic
         to a new mux. Records this mux no longer owns or backs up are dropped here.
         """
-        self.ownership = new
+        self.previous_ownership, self.ownership = self.ownership, new
         held = dict(iter(self.store))
         send, drop = hand_over_plan(((key, rec.bucket) for key, rec in held.items()), new, self.name)
         for rec in held.values():

@@ -11,6 +11,7 @@ replicated records. (Maglev's small cascade can also move a few buckets between 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -21,7 +22,8 @@ from lbagent.core.maglev import maglev_table
 
 K = TypeVar("K")
 
-__all__ = ["Ownership", "build_ownership", "hand_over_plan", "moved_owners"]
+__all__ = ["Ownership", "build_ownership", "hand_over_plan", "moved_owners", "moved_to", "pool_view",
+           "records_for_member"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,3 +108,48 @@ def hand_over_plan(held: Iterable[tuple[K, int]], new: Ownership,
         if me not in (primary, backup):
             drop.append(rid)
     return send, drop
+
+
+def pool_view(muxes: Iterable[str]) -> str:
+    """A short digest of a pool's member set (order and duplicates ignored): two muxes agree on
+    who owns what exactly when their views are equal (same seed and table size assumed)."""
+    names = sorted(set(muxes))
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def _owns(own: Ownership, buckets: np.ndarray, name: str) -> np.ndarray:
+    """For each bucket: is `name` its primary or backup owner under `own`?"""
+    if name not in own.muxes:
+        return np.zeros(len(buckets), dtype=bool)
+    i = own.muxes.index(name)
+    inside = buckets < own.table_size
+    at = np.where(inside, buckets, 0)
+    return inside & ((own.primary[at] == i) | (own.backup[at] == i))
+
+
+def moved_to(buckets: np.ndarray, old: Ownership | None, new: Ownership, member: str) -> np.ndarray:
+    """Mask of `buckets` that `member` owns (primary or backup) under `new` and did not under
+    `old` (all it owns under `new` when `old` is None: a member that starts afresh holds nothing).
+
+    What a mux must hand over to `member` after a membership change: the records it holds of
+    these buckets. A bucket `member` already owned before needs nothing: it holds the record
+    (it took it as owner, or its copy as backup)."""
+    buckets = np.asarray(buckets, dtype=np.int64)
+    mask = _owns(new, buckets, member)
+    if old is not None:
+        if old.table_size != new.table_size:
+            raise ValueError(f"table sizes differ: {old.table_size} vs {new.table_size}")
+        mask &= ~_owns(old, buckets, member)
+    return mask
+
+
+def records_for_member(held: Sequence[tuple[K, int]], old: Ownership | None, new: Ownership,
+                       member: str, *, fresh: bool) -> list[K]:
+    """The held records (id, bucket) to send `member` after the pool changed from `old` to `new`:
+    those of buckets moved to it (`moved_to`), or, when `member` starts afresh (`fresh`: a
+    joining mux, or a restarted one that lost its records), every record of a bucket it owns."""
+    if not held:
+        return []
+    buckets = np.fromiter((b for _, b in held), dtype=np.int64, count=len(held))
+    mask = moved_to(buckets, None if fresh else old, new, member)
+    return [rid for (rid, _), keep in zip(held, mask.tolist(), strict=True) if keep]

@@ -44,10 +44,10 @@ from lbagent.core.decide import (
     owner_answer,
 )
 from lbagent.core.flowhash import ipv6_fingerprint
-from lbagent.core.ownership import Ownership
+from lbagent.core.ownership import Ownership, hand_over_plan
 from lbagent.core.records import FlowKey, RecordStore
 from lbagent.core.transition import ListenerTables
-from lbagent.peer import PeerHandler, PeerNode, RecordBatch, ReplicatedRecord
+from lbagent.peer import PeerHandler, PeerNode, RecordBatch, ReplicatedRecord, sync_answer
 
 log = logging.getLogger("lbagent.slowpath")
 
@@ -406,6 +406,8 @@ class SlowPath:
         self._now = time.time()
         self.kernel_stats = SlowPathStats()  # the kernel's new flows (NFLOG), apart from NFQUEUE's
         self._ship_scheduled = False
+        self.ready = False  # the first state is applied: records of its listeners can be kept
+        self.previous_ownership: Ownership | None = None  # before the last pool membership change
 
     def update(self, listeners: Sequence[SlowListener]) -> None:
         """Swap in the listeners now in transition (others are answered by the kernel alone)."""
@@ -416,6 +418,33 @@ class SlowPath:
             self._listeners = table
             self._by_id = {ln.listener_id: ln for ln in table.values()}
             self.decider.forget({ln.listener_id: ln.tables.alive_backends() for ln in listeners})
+            self.ready = True
+
+    # -- pool membership (lbagent/pool.py drives these) -------------------------------------------
+    def set_ownership(self, new: Ownership) -> None:
+        """Switch to the owners of a new member set; records held here stay (they still answer
+        this mux's own packets and SYNCs), marked as replicas unless this mux is now primary."""
+        with self._lock:
+            self.previous_ownership, self.decider.ownership = self.decider.ownership, new
+            me = self.decider.node
+            for _key, rec in self.decider.store:
+                rec.replica = not (rec.bucket < new.table_size
+                                   and new.muxes[int(new.primary[rec.bucket])] == me)
+
+    def on_sync(self, sender: str, view: str, fresh: bool) -> tuple[str, RecordBatch | None]:
+        """A member at pool view `view` asks for the records it now owns (runs on the peer thread)."""
+        with self._lock:
+            return sync_answer(list(self.decider.store), self.decider.ownership, self.previous_ownership,
+                               sender, view, fresh)
+
+    def leaving_hand_over(self) -> dict[str, RecordBatch]:
+        """This mux left the pool: every record it holds, for its bucket's new primary and backup."""
+        with self._lock:
+            held = dict(iter(self.decider.store))
+            send, _drop = hand_over_plan(((k, r.bucket) for k, r in held.items()), self.decider.ownership,
+                                         self.decider.node)
+        return {to: RecordBatch.of([ReplicatedRecord(k[0], k[1], held[k].bucket, held[k].backend)
+                                    for k in keys]) for to, keys in send.items()}
 
     def listener_of(self, daddr: int, proto: int, dport: int) -> SlowListener | None:
         return self._listeners.get((daddr, proto, dport))
@@ -751,14 +780,27 @@ class SlowPath:
                 self.kernel_stats.replicas_queued += len(part)
             self._schedule_ship()
 
-    def on_replicate(self, sender: str, records: RecordBatch | Sequence[ReplicatedRecord]) -> None:
+    def on_replicate(self, sender: str, records: RecordBatch | Sequence[ReplicatedRecord]) -> str | None:
         batch = RecordBatch.of(records)
         now = time.time()
         with self._lock:
+            if not self.ready:
+                return "not_ready"  # no listener applied yet: the sender sends them again
             batch = self._known(batch)
-            if len(batch):
-                self.decider.store.put_first_many(batch.keys(), batch.backend_names(),
-                                                  batch.rows["b"].tolist(), now, replica=True)
+            if not len(batch):
+                return None
+            # A copy of a bucket this mux is the primary of (a hand-over after a membership
+            # change) is held as the owner's record; any other is a replica.
+            own, me = self.decider.ownership, self.decider.node
+            buckets = batch.rows["b"].astype(np.int64)
+            inside = buckets < own.table_size
+            mine = inside & (own.primary[np.where(inside, buckets, 0)] ==
+                             (own.muxes.index(me) if me in own.muxes else -1))
+            for part, replica in ((batch.take(~mine), True), (batch.take(mine), False)):
+                if len(part):
+                    self.decider.store.put_first_many(part.keys(), part.backend_names(),
+                                                      part.rows["b"].tolist(), now, replica=replica)
+        return None
 
     def _known(self, batch: RecordBatch) -> RecordBatch:
         """The records of listeners in transition here (others: not applied yet, or ended)."""

@@ -57,11 +57,13 @@ def vip_doc(address: str, listeners: list[dict], *, bypass: bool = False,
 
 
 def state_doc(lab: Lab, node: str, vips: list[dict], *, generation: int = 1,
-              max_records: int = 100000) -> dict[str, Any]:
+              max_records: int = 100000, members: list[Node] | None = None) -> dict[str, Any]:
+    """A mux's desired state; `members`: the pool's muxes (`cluster.muxes`), all the lab's by default."""
+    members = lab.muxes if members is None else members
     return {
         "version": 1, "generation": generation, "node": node,
         "cluster": {"hash_seed": HASH_SEED, "table_size": TABLE_SIZE, "owner_seed": OWNER_SEED,
-                    "muxes": [{"name": m.name, "address": m.address, "peer_port": 4790} for m in lab.muxes],
+                    "muxes": [{"name": m.name, "address": m.address, "peer_port": 4790} for m in members],
                     "peer_key": "11" * 32, "redirect_key": "22" * 32, "max_records": max_records},
         "vips": vips,
     }
@@ -90,8 +92,9 @@ class MuxProcess:
         self.proc = None
         self.key = f"daemon-{mux.name}"
 
-    def write_state(self, vips: list[dict], generation: int) -> None:
-        doc = state_doc(self.lab, self.mux.name, vips, generation=generation, max_records=self.max_records)
+    def write_state(self, vips: list[dict], generation: int, members: list[Node] | None = None) -> None:
+        doc = state_doc(self.lab, self.mux.name, vips, generation=generation, max_records=self.max_records,
+                        members=members)
         write_atomically(self.config, json.dumps(doc))
 
     def start(self) -> None:
@@ -225,20 +228,29 @@ def wait_route(lab: Lab, prefix: str, want: list[str], timeout_s: float = 20.0) 
 
 
 class LabCluster:
-    """Both muxes of a lab running `lbagent run` on one shared desired state; tests add and remove
-    their VIPs and publish a new generation to every running mux."""
+    """The pool's muxes of a lab running `lbagent run` on one shared desired state; tests add and
+    remove their VIPs and publish a new generation to every running mux. `pool_size`: the first
+    that many of the lab's muxes form the pool (all by default); the others are spares a test may
+    add to the pool (`join`) while one is removed from it (`leave`)."""
 
-    def __init__(self, lab: Lab, *, learn: bool = True, max_records: int = 100000) -> None:
+    def __init__(self, lab: Lab, *, learn: bool = True, max_records: int = 100000,
+                 pool_size: int | None = None) -> None:
         self.lab = lab
         self.learn = learn
-        self.muxes = [MuxProcess(lab, m, learn=learn, max_records=max_records) for m in lab.muxes]
+        self.all_muxes = [MuxProcess(lab, m, learn=learn, max_records=max_records) for m in lab.muxes]
+        self.pool_size = len(lab.muxes) if pool_size is None else pool_size
+        self.muxes = self.all_muxes[:self.pool_size]  # the pool's members (cluster.muxes)
         self.vips: dict[str, dict] = {}
         self.generation = 0
+
+    @property
+    def members(self) -> list[Node]:
+        return [m.mux for m in self.muxes]
 
     def start(self) -> None:
         self.generation += 1
         for m in self.muxes:
-            m.write_state(list(self.vips.values()), self.generation)
+            m.write_state(list(self.vips.values()), self.generation, self.members)
             m.start()
         for m in self.muxes:
             m.wait_applied(self.generation, timeout_s=30)
@@ -248,9 +260,9 @@ class LabCluster:
     def publish(self) -> int:
         """Write the current VIPs as a new generation to every running mux and wait for them."""
         self.generation += 1
-        running = [m for m in self.muxes if m.alive()]
+        running = [m for m in self.all_muxes if m.alive()]
         for m in running:
-            m.write_state(list(self.vips.values()), self.generation)
+            m.write_state(list(self.vips.values()), self.generation, self.members)
         for m in running:
             m.wait_applied(self.generation)
         return self.generation
@@ -268,15 +280,48 @@ class LabCluster:
         if mux.alive():
             mux.stop()
         mux.transitions = transitions
-        mux.write_state(list(self.vips.values()), self.generation)
+        mux.write_state(list(self.vips.values()), self.generation, self.members)
         mux.start()
         mux.wait_applied(self.generation, timeout_s=30)
         if mux.bgp is not None:
             mux.wait_bgp_up()
 
+    def join(self, mux: MuxProcess) -> int:
+        """Add a spare mux to the pool: every running mux (the new one too, started here) gets
+        `cluster.muxes` with it as a new generation; returns it once all applied it."""
+        assert mux not in self.muxes
+        self.muxes = [*self.muxes, mux]
+        self.generation += 1
+        for m in self.all_muxes:
+            if m.alive() or m is mux:
+                m.write_state(list(self.vips.values()), self.generation, self.members)
+        mux.start()
+        for m in self.all_muxes:
+            if m.alive():
+                m.wait_applied(self.generation, timeout_s=30)
+        return self.generation
+
+    def leave(self, mux: MuxProcess) -> int:
+        """Remove a mux from the pool (its daemon keeps running until the test stops it): every
+        running mux, the leaving one included, gets `cluster.muxes` without it."""
+        self.muxes = [m for m in self.muxes if m is not mux]
+        return self.publish()
+
+    def set_pool(self, members: list[MuxProcess]) -> None:
+        """Make `members` the pool again (clean-up after join/leave): spares stopped, members
+        running with the current state."""
+        self.muxes = list(members)
+        for m in self.all_muxes:
+            if m not in members and m.alive():
+                m.stop()
+        self.publish()
+        for m in members:
+            if not m.alive():
+                self.restart(m)
+
     def stop_all(self) -> None:
         errors = []
-        for m in self.muxes:
+        for m in self.all_muxes:
             if m.alive():
                 try:
                     m.stop()
@@ -286,7 +331,7 @@ class LabCluster:
             raise RuntimeError("; ".join(errors))
 
     def total(self, name: str, **labels: str) -> float:
-        return sum(m.metric(name, **labels) for m in self.muxes if m.alive())
+        return sum(m.metric(name, **labels) for m in self.all_muxes if m.alive())
 
 
 def learned_buckets(mux: Node, listener_id: int) -> dict[tuple[str, str, int, int], int]:

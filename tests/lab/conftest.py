@@ -15,6 +15,7 @@ from lbagent.lab.harness import LabCluster
 from tests.environment import need, need_binary, need_root
 
 POOL_MUXES = 4  # issue 12: ownership and replication are only risky with more than two muxes
+POOL_SPARES = 1  # a mux namespace outside the pool, for the test where a mux joins it
 
 
 def _lab_prerequisites() -> None:
@@ -56,9 +57,10 @@ def cluster(lab: topology.Lab) -> Iterator[LabCluster]:
 
 @pytest.fixture(scope="session")
 def pool_lab() -> Iterator[topology.Lab]:
-    """A lab of POOL_MUXES muxes (its own prefix and namespaces, beside the two-mux `lab`)."""
+    """A lab of POOL_MUXES muxes and POOL_SPARES spare ones (its own prefix and namespaces,
+    beside the two-mux `lab`)."""
     _lab_prerequisites()
-    built = topology.build(mux_count=POOL_MUXES)
+    built = topology.build(mux_count=POOL_MUXES + POOL_SPARES)
     try:
         yield built
     finally:
@@ -67,7 +69,7 @@ def pool_lab() -> Iterator[topology.Lab]:
 
 @pytest.fixture(scope="session")
 def pool_cluster(pool_lab: topology.Lab) -> Iterator[LabCluster]:
-    c = LabCluster(pool_lab)
+    c = LabCluster(pool_lab, pool_size=POOL_MUXES)
     c.start()
     try:
         yield c

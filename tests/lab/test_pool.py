@@ -63,10 +63,15 @@ def _unreplicated(cluster, ownership) -> list[str]:
 
 @pytest.fixture
 def pool(pool_cluster):
+    original = pool_cluster.all_muxes[:POOL_MUXES]
+    if pool_cluster.muxes != original:
+        pool_cluster.set_pool(original)
     for mux in pool_cluster.muxes:
         if not mux.alive() or not mux.transitions:
             pool_cluster.restart(mux, transitions=True)
     yield pool_cluster
+    if pool_cluster.muxes != original:
+        pool_cluster.set_pool(original)
     for mux in pool_cluster.muxes:
         if not mux.alive():
             pool_cluster.restart(mux, transitions=True)
@@ -76,11 +81,12 @@ def test_kill_9_of_one_of_four_muxes_mid_transition_breaks_nothing_and_backups_a
     cluster = pool
     lab = cluster.lab
     assert len(cluster.muxes) == POOL_MUXES
-    ownership = build_ownership([m.name for m in lab.muxes], owner_seed=OWNER_SEED, table_size=TABLE_SIZE)
+    ownership = build_ownership([m.name for m in cluster.members], owner_seed=OWNER_SEED,
+                                table_size=TABLE_SIZE)
     web1, web2, web3, web4 = lab.backends[:4]
     gen1 = [backend_doc(web1), backend_doc(web2), backend_doc(web3)]
     cluster.set_vip(_doc(1, gen1, None))
-    wait_route(lab, VIP, [m.address for m in lab.muxes], timeout_s=BOUND_S)
+    wait_route(lab, VIP, [m.address for m in cluster.members], timeout_s=BOUND_S)
     conns = LongConnections(lab.clients[0].netns, VIP, CONNECTIONS)
     fresh: LongConnections | None = None
     assert conns.broken == {}, f"broken before any change: {list(conns.broken.items())[:5]}"
@@ -158,7 +164,7 @@ def test_a_listener_changed_again_during_its_drain_is_applied_and_keeps_serving(
                                           previous=prev)])
 
     cluster.set_vip(doc(1, gen_a, None))
-    wait_route(lab, vip, [m.address for m in lab.muxes], timeout_s=BOUND_S)
+    wait_route(lab, vip, [m.address for m in cluster.members], timeout_s=BOUND_S)
     conns = LongConnections(lab.clients[0].netns, vip, 50)
     errors_before = {m.mux.name: m.metric("lbagent_apply_errors_total") for m in cluster.muxes}
     try:
@@ -174,7 +180,123 @@ def test_a_listener_changed_again_during_its_drain_is_applied_and_keeps_serving(
         cluster.remove_vip(vip)
     assert generation > 0
     assert refused == [], f"muxes that failed an apply: {refused}"
-    assert routes == sorted(m.address for m in lab.muxes), f"routes after the third change: {routes}"
+    assert routes == sorted(m.address for m in cluster.members), f"routes after the third change: {routes}"
     on_web1 = sum(1 for b in conns.backend if b == web1.name)
     assert on_web1 > 0
     assert conns.broken == {}, f"broken: {list(conns.broken.items())[:5]}"
+
+
+def _misplaced(cluster, ownership, holders) -> list[str]:
+    """Flows of the listener held by any of `holders` (running muxes) whose owners under
+    `ownership` (the pool after a change) lack the record, or hold another backend."""
+    held = {m.mux.name: {(r[0], tuple(r[1])): r for r in m.records() if r[0] == LISTENER} for m in holders}
+    union: dict = {}
+    for recs in held.values():
+        for key, r in recs.items():
+            union.setdefault(key, r)
+    wrong = []
+    for key, (_lid, flow, bucket, backend, _replica) in union.items():
+        for owner in ownership.owners(bucket):
+            if owner is None:
+                continue
+            got = held.get(owner, {}).get(key)
+            if got is None:
+                wrong.append(f"{flow} (bucket {bucket}, {backend}) missing at {owner}")
+            elif got[3] != backend:
+                wrong.append(f"{flow} (bucket {bucket}) at {owner}: {got[3]}, elsewhere {backend}")
+    return wrong
+
+
+def _pool_ownership(cluster):
+    return build_ownership([m.name for m in cluster.members], owner_seed=OWNER_SEED, table_size=TABLE_SIZE)
+
+
+def _wait_placed(cluster, ownership, holders, when: str) -> None:
+    """Wait until every record held by `holders` is at its owners under `ownership`."""
+    last: list[str] = []
+
+    def placed() -> bool:
+        last[:] = _misplaced(cluster, ownership, holders)
+        return not last
+
+    try:
+        wait_until(placed, timeout_s=BOUND_S, what=f"every record at its primary and backup owner {when}")
+    except pytest.fail.Exception as exc:
+        pytest.fail(f"{exc}; {len(last)} misplaced, e.g. {last[:5]}")
+
+
+def test_a_mux_joining_then_one_leaving_mid_transition_hands_records_over_and_breaks_nothing(pool):
+    """Pool membership changes during a transition (issue 12: "a mux leaving or joining re-derives
+    owners without losing records"). With 300 long-lived connections and 100 opened during the
+    transition (a backend added): (a) a fifth mux joins the pool — every mux gets `cluster.muxes`
+    with it, the new one announces only once the others have handed it the records it now owns;
+    (b) one of the original muxes is removed from the pool cleanly — it hands its records to their
+    new owners, withdraws its route, and is then stopped. Each time the router spreads the flows
+    over the new set of muxes (ECMP re-hash: flows change mux) and every record is at its new
+    primary and backup owner. Zero broken."""
+    cluster = pool
+    lab = cluster.lab
+    spare = next(m for m in cluster.all_muxes if m not in cluster.muxes)
+    web1, web2, web3, web4 = lab.backends[:4]
+    gen1 = [backend_doc(web1), backend_doc(web2), backend_doc(web3)]
+    cluster.set_vip(_doc(1, gen1, None))
+    wait_route(lab, VIP, [m.address for m in cluster.members], timeout_s=BOUND_S)
+    conns = LongConnections(lab.clients[0].netns, VIP, CONNECTIONS)
+    fresh: LongConnections | None = None
+    report: dict[str, object] = {}
+    try:
+        conns.start_background()
+        gen2 = [*gen1, backend_doc(web4)]
+        cluster.set_vip(_doc(2, gen2, (1, gen1)))
+        fresh = LongConnections(lab.clients[0].netns, VIP, FRESH)
+        fresh.start_background()
+        conns.settle(2)
+        fresh.settle(2)
+        _wait_placed(cluster, _pool_ownership(cluster), cluster.muxes, "before the pool changes")
+
+        # (a) a fifth mux joins
+        handed_before = cluster.total("lbagent_records_handed_over_total")
+        cluster.join(spare)
+        wait_route(lab, VIP, [m.address for m in cluster.members], timeout_s=BOUND_S)
+        conns.settle(3)
+        fresh.settle(3)
+        _wait_placed(cluster, _pool_ownership(cluster), cluster.muxes, "after the join")
+        report["joined"] = spare.mux.name
+        report["records at the new mux"] = sum(1 for r in spare.records() if r[0] == LISTENER)
+        report["handed over (join)"] = cluster.total("lbagent_records_handed_over_total") - handed_before
+        report["flows through the new mux"] = spare.metric("lbagent_listener_packets_total",
+                                                           listener=str(LISTENER))
+        broken_after_join = (dict(conns.broken), dict(fresh.broken))
+
+        # (b) one of the original muxes is removed from the pool (cleanly, not killed)
+        leaving = cluster.muxes[0]
+        handed_before = cluster.total("lbagent_records_handed_over_total")
+        held_by_leaver = sum(1 for r in leaving.records() if r[0] == LISTENER)
+        cluster.leave(leaving)
+        wait_route(lab, VIP, [m.address for m in cluster.members], timeout_s=BOUND_S)  # its route is gone
+        conns.settle(3)
+        fresh.settle(3)
+        # the leaving mux's records too: each must be at its new owners
+        _wait_placed(cluster, _pool_ownership(cluster), [*cluster.muxes, leaving], "after the leave")
+        report["left"] = leaving.mux.name
+        report["records the leaving mux held"] = held_by_leaver
+        report["handed over (leave)"] = cluster.total("lbagent_records_handed_over_total") - handed_before
+        assert leaving.stop() == 0
+        conns.settle(2)
+        fresh.settle(2)
+        on_new = sum(1 for b in fresh.backend if b == web4.name)
+    finally:
+        conns.close()
+        if fresh is not None:
+            fresh.close()
+        cluster.remove_vip(VIP)
+    print(f"\npool change mid-transition: {report}; broken: {len(conns.broken)} of {CONNECTIONS}, "
+          f"{len(fresh.broken)} of {FRESH} opened during the transition ({on_new} on the new backend)")
+    assert broken_after_join == ({}, {}), f"broken by the join: {broken_after_join}"
+    assert conns.broken == {}, f"broken: {list(conns.broken.items())[:5]}"
+    assert fresh.broken == {}, f"opened during the transition, broken: {list(fresh.broken.items())[:5]}"
+    assert on_new > 0, "no connection opened on the new backend: no flow needed its record"
+    assert report["records at the new mux"] > 0, "the joining mux received no record"
+    assert report["handed over (join)"] > 0, report
+    assert report["handed over (leave)"] > 0, report
+    assert report["flows through the new mux"] > 0, "the router sent the new mux nothing: no proof"
