@@ -186,6 +186,7 @@ class MuxDaemon:
         self.nflog: NflogReader | None = None
         self.peers: PeerBridge | None = None
         self.pool: PoolMembership | None = None  # who is in the pool; hand-over when that changes
+        self._route_mode_applied = "announce"  # the pool's route mode the last apply() used
         self.bgp: BgpSpeaker | None = None
         self.store: RecordStore | None = None
         self.applied_generation = 0
@@ -485,10 +486,7 @@ class MuxDaemon:
         # a bypass hand-over ending removes that VIP's kernel state
         handover = tuple(sorted(vip for vip, until in self._bypass_handover.items() if until > now))
         # the last *valid* config: a refused file changes nothing, so it must not trigger an apply
-        # a starting mux announces once its records are synced; a leaving one withdraws once
-        # they are handed over
-        routes = self.pool.route_mode() if self.pool is not None else None
-        return (self._state_sig, draining, retry, self._linger_epoch, handover, routes)
+        return (self._state_sig, draining, retry, self._linger_epoch, handover)
 
     # -- applying ---------------------------------------------------------------------------------
     def apply(self) -> None:
@@ -511,6 +509,7 @@ class MuxDaemon:
         self._next_keepalive = min(self._next_keepalive, time.time() + self._keepalive_interval)
         self.last_apply_s = time.monotonic() - t0
         route_mode = self.pool.route_mode() if self.pool is not None else "announce"
+        self._route_mode_applied = route_mode
         if route_mode == "withdraw":
             routes = {}  # this mux left the pool
         if self.bgp is not None and route_mode != "hold":
@@ -813,7 +812,10 @@ class MuxDaemon:
             if self.pool is not None:
                 self.pool.refresh_peers()  # a departed mux stops being a known sender after its grace
             sig = self._signature(time.time())
-            if not changed and sig == self._applied_sig:
+            # a starting mux announces once its records are synced, a leaving one withdraws once
+            # they are handed over: the pool's route mode changes on the peer thread, at any time
+            routes_due = self.pool is not None and self.pool.route_mode() != self._route_mode_applied
+            if not changed and sig == self._applied_sig and not routes_due:
                 continue
             try:
                 self.apply()

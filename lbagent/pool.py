@@ -101,6 +101,7 @@ class PoolMembership:
             return
         job = self._sync(fresh=starting) if self.member else self._leave()
         self._task = asyncio.run_coroutine_threadsafe(job, self.bridge._loop)
+        self._task.add_done_callback(_log_failure)
 
     def refresh_peers(self) -> None:
         """The peer node's address book: the members, plus departed muxes within their grace."""
@@ -157,3 +158,8 @@ class PoolMembership:
         log.info("left the pool: %d record(s) handed over to %d member(s) in %.2f s; withdrawing routes",
                  sent, len(plan), self.last_change_s)
         self._left = True
+
+
+def _log_failure(task: Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("pool change failed", exc_info=task.exception())

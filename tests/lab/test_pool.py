@@ -273,7 +273,10 @@ def test_a_mux_joining_then_one_leaving_mid_transition_hands_records_over_and_br
         handed_before = cluster.total("lbagent_records_handed_over_total")
         held_by_leaver = sum(1 for r in leaving.records() if r[0] == LISTENER)
         cluster.leave(leaving)
-        wait_route(lab, VIP, [m.address for m in cluster.members], timeout_s=BOUND_S)  # its route is gone
+        try:  # its route is gone
+            wait_route(lab, VIP, [m.address for m in cluster.members], timeout_s=BOUND_S)
+        except TimeoutError as exc:
+            pytest.fail(f"{exc}; {leaving.mux.name}'s log: {leaving.log_tail(3000)}")
         conns.settle(3)
         fresh.settle(3)
         # the leaving mux's records too: each must be at its new owners
