@@ -75,3 +75,22 @@ def pool_cluster(pool_lab: topology.Lab) -> Iterator[LabCluster]:
         yield c
     finally:
         c.stop_all()
+
+
+@pytest.fixture
+def pool(pool_cluster: LabCluster) -> Iterator[LabCluster]:
+    """The session's pool lab with its original POOL_MUXES members, each running with
+    transitions (restored before and after the test: a test may kill, stop or restart muxes,
+    change the pool's members or turn transitions off)."""
+    original = pool_cluster.all_muxes[:POOL_MUXES]
+
+    def restore() -> None:
+        if pool_cluster.muxes != original:
+            pool_cluster.set_pool(original)
+        for mux in pool_cluster.muxes:
+            if not mux.alive() or not mux.transitions:
+                pool_cluster.restart(mux, transitions=True)
+
+    restore()
+    yield pool_cluster
+    restore()

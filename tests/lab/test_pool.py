@@ -61,22 +61,6 @@ def _unreplicated(cluster, ownership) -> list[str]:
     return missing
 
 
-@pytest.fixture
-def pool(pool_cluster):
-    original = pool_cluster.all_muxes[:POOL_MUXES]
-    if pool_cluster.muxes != original:
-        pool_cluster.set_pool(original)
-    for mux in pool_cluster.muxes:
-        if not mux.alive() or not mux.transitions:
-            pool_cluster.restart(mux, transitions=True)
-    yield pool_cluster
-    if pool_cluster.muxes != original:
-        pool_cluster.set_pool(original)
-    for mux in pool_cluster.muxes:
-        if not mux.alive():
-            pool_cluster.restart(mux, transitions=True)
-
-
 def test_kill_9_of_one_of_four_muxes_mid_transition_breaks_nothing_and_backups_answer(pool):
     cluster = pool
     lab = cluster.lab
