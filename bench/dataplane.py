@@ -4,6 +4,8 @@ measured in the same run.
 1. TCP throughput client -> VIP through a mux (nftables DSR) vs client -> backend directly
    (iperf3, same router, same backend): ratio, goal >= 0.9.
 2. Small-packet UDP (64-byte payloads) through a mux vs directly: packets/s received.
+   1 and 2 also over IPv6 in the same run (an IPv6 VIP, the backend's IPv6 address for the
+   direct path), the IPv4 and IPv6 runs alternated.
 3. New flows during a transition (SYNs of distinct flows, all in unstable buckets, pre-built
    frames sent at one mux by several sender processes): the rate at which the kernel pins and
    forwards them (decision rule 3's SYN case compiled into nft), and the rate at which they end
@@ -18,7 +20,7 @@ measured in the same run.
    without IPVS it prints why and measures nothing.
 
 Usage: sudo .venv/bin/python bench/dataplane.py [--seconds 3] [--repeats 10] [--streams 1]
-       [--flows 200000] [--senders 2]
+       [--flows 200000] [--senders 2] [--throughput-only]
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ IPERF_PORT = 5201
 VIP_IPERF = "203.0.113.13"
 VIP_SLOW = "203.0.113.14"
 VIP_IPVS = "203.0.113.19"  # served by IPVS in mux-1's namespace (bench/ipvs.py), never by our daemon
+VIP6_IPERF = "2001:db8:113::13"
 
 
 def iperf(lab: topology.Lab, target: str, seconds: int, udp: bool = False, streams: int = 1) -> dict:
@@ -227,6 +230,8 @@ def main() -> int:
     parser.add_argument("--acks", type=int, default=30_000, help="unknown non-SYN flows for NFQUEUE")
     parser.add_argument("--senders", type=int, default=2, help="sender processes")
     parser.add_argument("--repeats", type=int, default=10, help="alternating TCP runs per path")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="TCP and 64 B UDP over IPv4 and IPv6 only (skip IPVS, new flows, NFQUEUE)")
     parser.add_argument("--streams", type=int, default=1,
                         help="parallel TCP streams per run (2+ saturates both CPUs of this VM, where the "
                              "mux shares the cores with sender and receiver)")
@@ -240,13 +245,18 @@ def main() -> int:
         web1, web2, web3 = lab.backends[:3]
         # Bound servers: a UDP server on the wildcard address would answer from the host's own
         # address instead of the VIP (DSR needs the reply to come from the VIP).
-        for bind in (VIP_IPERF, web1.address):
+        for bind in (VIP_IPERF, web1.address, VIP6_IPERF, web1.address6):
             lab.spawn(f"iperf-{bind}", web1.netns, ["iperf3", "-s", "-p", str(IPERF_PORT), "-B", bind])
         cluster.start()
         # One backend behind the mux for iperf (no bypass: the point is to measure the mux).
         cluster.vips[VIP_IPERF] = vip_doc(VIP_IPERF, [
             listener_doc(1, [backend_doc(web1, port=IPERF_PORT)], port=IPERF_PORT),
             listener_doc(2, [backend_doc(web1, port=IPERF_PORT)], port=IPERF_PORT, protocol="udp")])
+        # The same over IPv6: an IPv6 VIP, the backend by its IPv6 address (MAC from neighbour discovery).
+        cluster.vips[VIP6_IPERF] = vip_doc(VIP6_IPERF, [
+            listener_doc(4, [backend_doc(web1, port=IPERF_PORT, ipv6=True, with_mac=False)], port=IPERF_PORT),
+            listener_doc(5, [backend_doc(web1, port=IPERF_PORT, ipv6=True, with_mac=False)], port=IPERF_PORT,
+                         protocol="udp")])
         # A listener in transition (two backends -> three) for the slow path.
         gen1 = [backend_doc(web1), backend_doc(web2)]
         gen2 = [*gen1, backend_doc(web3)]
@@ -255,13 +265,16 @@ def main() -> int:
             listener_doc(3, gen2, generation=2, drain_timeout_s=600, previous=previous)])
         cluster.publish()
         wait_route(lab, VIP_IPERF, [m.address for m in lab.muxes], timeout_s=20)
+        wait_route(lab, VIP6_IPERF, [m.address6 for m in lab.muxes], timeout_s=20)
         time.sleep(0.5)
 
-        # Alternate the two paths in ABBA order (the machine is shared: load drifts during a run,
+        # Alternate the paths in ABBA order (the machine is shared: load drifts during a run,
         # and whichever path runs first after a pause tends to gain); medians of many short runs.
-        vias, directs = [], []
+        # IPv4 and IPv6 runs alternate the same way, so the two families see the same load.
+        vias, directs, vias6, directs6 = [], [], [], []
         for i in range(args.repeats):
-            order = [(vias, VIP_IPERF), (directs, web1.address)]
+            order = [(vias, VIP_IPERF), (directs, web1.address), (vias6, VIP6_IPERF),
+                     (directs6, web1.address6)]
             for out, target in order if i % 2 == 0 else order[::-1]:
                 out.append(tcp_gbps(iperf(lab, target, args.seconds, streams=args.streams)))
         via, direct = statistics.median(vias), statistics.median(directs)
@@ -275,11 +288,33 @@ def main() -> int:
               f"{args.repeats} ABBA-alternating {args.seconds} s runs per path, {args.streams} stream(s): "
               f"{[round(v, 2) for v in vias]} vs {[round(d, 2) for d in directs]})")
 
-        u_via = udp_pps(iperf(lab, VIP_IPERF, args.seconds, udp=True), args.seconds)
-        u_direct = udp_pps(iperf(lab, web1.address, args.seconds, udp=True), args.seconds)
-        results.update(udp_via_mux_pps=u_via, udp_direct_pps=u_direct, udp_ratio=u_via / u_direct)
+        via6, direct6 = statistics.median(vias6), statistics.median(directs6)
+        paired6 = statistics.median(v / d for v, d in zip(vias6, directs6, strict=True))
+        results.update(tcp6_via_mux_gbps=via6, tcp6_direct_gbps=direct6, tcp6_ratio=via6 / direct6,
+                       tcp6_paired_ratio_median=paired6)
+        print(f"IPv6 TCP through a mux: {via6:.2f} Gbit/s; direct to the backend: {direct6:.2f} Gbit/s; "
+              f"ratio of medians {via6 / direct6:.2f}, median of paired ratios {paired6:.2f} (same ABBA "
+              f"runs: {[round(v, 2) for v in vias6]} vs {[round(d, 2) for d in directs6]})")
+
+        # UDP: both families, via and direct alternated, medians of 3 runs each
+        udp: dict[str, list[float]] = {"via": [], "direct": [], "via6": [], "direct6": []}
+        for i in range(3):
+            order = [("via", VIP_IPERF), ("direct", web1.address), ("via6", VIP6_IPERF),
+                     ("direct6", web1.address6)]
+            for key, target in order if i % 2 == 0 else order[::-1]:
+                udp[key].append(udp_pps(iperf(lab, target, args.seconds, udp=True), args.seconds))
+        u_via, u_direct = statistics.median(udp["via"]), statistics.median(udp["direct"])
+        u_via6, u_direct6 = statistics.median(udp["via6"]), statistics.median(udp["direct6"])
+        results.update(udp_via_mux_pps=u_via, udp_direct_pps=u_direct, udp_ratio=u_via / u_direct,
+                       udp6_via_mux_pps=u_via6, udp6_direct_pps=u_direct6, udp6_ratio=u_via6 / u_direct6)
         print(f"UDP 64-byte packets received through a mux: {u_via:,.0f}/s; direct: {u_direct:,.0f}/s; "
               f"ratio {u_via / u_direct:.2f}")
+        print(f"IPv6 UDP 64-byte packets received through a mux: {u_via6:,.0f}/s; direct: "
+              f"{u_direct6:,.0f}/s; ratio {u_via6 / u_direct6:.2f} (medians of 3 alternated runs per path "
+              "and family)")
+        if args.throughput_only:
+            print(json.dumps({k: round(v, 3) for k, v in results.items()}))
+            return 0
 
         ipvs_beside_ours(lab, cluster, args, results)
 

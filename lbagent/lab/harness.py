@@ -286,6 +286,21 @@ class LabCluster:
         if mux.bgp is not None:
             mux.wait_bgp_up()
 
+    def restart_many(self, muxes: list[MuxProcess], *, transitions: bool = True) -> None:
+        """`restart` for several muxes at once (stopped, then started together, then waited for):
+        a lab of four pays one daemon start-up instead of four in a row."""
+        for mux in muxes:
+            if mux.alive():
+                mux.stop()
+        for mux in muxes:
+            mux.transitions = transitions
+            mux.write_state(list(self.vips.values()), self.generation, self.members)
+            mux.start()
+        for mux in muxes:
+            mux.wait_applied(self.generation, timeout_s=30)
+            if mux.bgp is not None:
+                mux.wait_bgp_up()
+
     def join(self, mux: MuxProcess) -> int:
         """Add a spare mux to the pool: every running mux (the new one too, started here) gets
         `cluster.muxes` with it as a new generation; returns it once all applied it."""
@@ -494,3 +509,65 @@ class LongConnections:
 
     def broken_elsewhere(self, backends: set[str]) -> dict[int, str]:
         return {i: why for i, why in self.broken.items() if self.backend[i] not in backends}
+
+
+class UdpFlows:
+    """`count` UDP flows (one connected socket each: a fixed source port) from one namespace to a
+    VIP's UDP service, which answers every datagram with its backend's name. `exchange_round`
+    sends a datagram on every flow and checks the answer: a flow is broken when another backend
+    than its first one answers. A datagram may be lost (UDP): it is sent again, up to `tries`
+    times, and a flow that gets no answer at all in a round is counted in `unanswered`."""
+
+    def __init__(self, ns: str, vip: str, count: int, port: int, *, reply_timeout_s: float = 2.0,
+                 tries: int = 3) -> None:
+        self.vip, self.port = vip, port
+        self.reply_timeout_s = reply_timeout_s
+        self.tries = tries
+        self.socks = []
+        for _ in range(count):
+            s = netns.socket_in(ns, _family(vip), socket.SOCK_DGRAM)
+            s.connect((vip, port))
+            s.setblocking(False)
+            self.socks.append(s)
+        self.backend = [""] * count
+        self.broken: dict[int, str] = {}
+        self.unanswered: dict[int, int] = {}  # flow -> rounds without any answer
+        self.rounds = 0
+        self.exchange_round()  # learn each flow's backend
+
+    def source(self, i: int) -> tuple[str, int]:
+        return self.socks[i].getsockname()[:2]
+
+    def exchange_round(self) -> None:
+        line = f"round-{self.rounds}".encode()
+        waiting = {s.fileno(): i for i, s in enumerate(self.socks)}
+        for _ in range(self.tries):
+            if not waiting:
+                break
+            for i in waiting.values():
+                with contextlib.suppress(OSError):  # an ICMP error from an earlier send: sent again
+                    self.socks[i].send(line)
+            deadline = time.monotonic() + self.reply_timeout_s
+            while waiting and time.monotonic() < deadline:
+                ready, _, _ = select.select(list(waiting), [], [], max(0.0, deadline - time.monotonic()))
+                for fd in ready:
+                    i = waiting[fd]
+                    try:
+                        data = self.socks[i].recv(512)
+                    except OSError:
+                        continue
+                    name, _, echoed = data.decode(errors="replace").partition(" ")
+                    if echoed != line.decode():
+                        continue  # a late answer of an earlier round
+                    del waiting[fd]
+                    if not self.backend[i]:
+                        self.backend[i] = name
+                    elif name != self.backend[i] and i not in self.broken:
+                        self.broken[i] = f"answered by {name}, started on {self.backend[i]}"
+        for i in waiting.values():
+            self.unanswered[i] = self.unanswered.get(i, 0) + 1
+        self.rounds += 1
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()

@@ -87,9 +87,9 @@ def pool(pool_cluster: LabCluster) -> Iterator[LabCluster]:
     def restore() -> None:
         if pool_cluster.muxes != original:
             pool_cluster.set_pool(original)
-        for mux in pool_cluster.muxes:
-            if not mux.alive() or not mux.transitions:
-                pool_cluster.restart(mux, transitions=True)
+        stale = [m for m in pool_cluster.muxes if not m.alive() or not m.transitions]
+        if stale:
+            pool_cluster.restart_many(stale, transitions=True)
 
     restore()
     yield pool_cluster

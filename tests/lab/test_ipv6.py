@@ -29,6 +29,7 @@ from lbagent.lab.harness import (
     OWNER_SEED,
     TABLE_SIZE,
     LongConnections,
+    UdpFlows,
     backend_doc,
     connect_and_ask,
     listener_doc,
@@ -36,6 +37,7 @@ from lbagent.lab.harness import (
     vip_doc,
     wait_route,
 )
+from lbagent.lab.topology import SERVICE_UDP_PORT
 from lbagent.state import table_size_for_cap
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -484,3 +486,70 @@ def test_ipv6_syns_of_unstable_buckets_are_pinned_as_decide_says_and_recorded_at
         assert mux.metric("lbagent_new_flow_reports_lost_total") == 0
     finally:
         cluster.remove_vip(vip)
+
+
+# --- IPv6 UDP ----------------------------------------------------------------------------------
+
+VIP_UDP = "2001:db8:113::16"
+UDP_LISTENER = 66
+UDP_FLOWS = 400
+
+
+def _udp_doc(gen: int, backends: list[dict], previous: dict | None = None) -> dict:
+    return vip_doc(VIP_UDP, [listener_doc(UDP_LISTENER, backends, generation=gen, protocol="udp",
+                                          port=SERVICE_UDP_PORT, drain_timeout_s=DRAIN_S, previous=previous,
+                                          backend_cap=BACKEND_CAP)])
+
+
+def _b6u(node, **kw) -> dict:
+    return _b6(node, port=SERVICE_UDP_PORT, **kw)
+
+
+def test_ipv6_udp_datagrams_follow_the_table_and_keep_their_backend_across_an_add(cluster):
+    """An IPv6 UDP listener: datagrams of UDP_FLOWS flows (one source port each) go through the
+    router and the muxes' kernels to the backend the Python table names for the flow's bucket
+    (the kernel's ip6 hash over the UDP 5-tuple); then a backend is added with a transition and
+    every flow keeps being answered by its first backend (UDP has no SYN: every flow of a moved
+    bucket goes to the slow path once, its owner decides from the old table, and the re-injected
+    datagram pins it in pins6_udp)."""
+    lab = cluster.lab
+    for mux in cluster.muxes:
+        if not mux.alive() or not mux.transitions:
+            cluster.restart(mux, transitions=True)
+    web1, web2, web3 = lab.backends[:3]
+    gen1 = [_b6u(web1), _b6u(web2)]
+    cluster.set_vip(_udp_doc(1, gen1))
+    wait_route(lab, VIP_UDP, _mux_hops(lab), timeout_s=60)
+    flows = UdpFlows(lab.clients[0].netns, VIP_UDP, UDP_FLOWS, SERVICE_UDP_PORT)
+    slow_before = sum(m.metric("lbagent_slowpath_packets_total") for m in cluster.muxes)
+    try:
+        table1 = maglev_table([f"{b.address6}:{SERVICE_UDP_PORT}" for b in (web1, web2)], [1, 1], TABLE)
+        wrong = []
+        for i in range(UDP_FLOWS):
+            if not flows.backend[i]:
+                continue
+            saddr, sport = flows.source(i)
+            bucket = flow_bucket(saddr, VIP_UDP, 17, sport, SERVICE_UDP_PORT, seed=HASH_SEED,
+                                 table_size=TABLE)
+            expected = (web1, web2)[int(table1[bucket])].name
+            if flows.backend[i] != expected:
+                wrong.append((saddr, sport, flows.backend[i], expected))
+        answered = sum(1 for b in flows.backend if b)
+        previous = {"generation": 1, "backends": gen1, "drain_deadline": time.time() + DRAIN_S}
+        cluster.set_vip(_udp_doc(2, [*gen1, _b6u(web3)], previous))
+        for _ in range(3):
+            flows.exchange_round()
+        pinned = sum(len(pins(m.mux, "udp", ipv6=True)) for m in cluster.muxes)
+        slow = sum(m.metric("lbagent_slowpath_packets_total") for m in cluster.muxes) - slow_before
+    finally:
+        flows.close()
+        cluster.remove_vip(VIP_UDP)
+    print(f"\nIPv6 UDP: {answered} of {UDP_FLOWS} flows answered before the add ({len(wrong)} off the "
+          f"table); after the add {len(flows.broken)} changed backend, {len(flows.unanswered)} had a round "
+          f"without an answer, {pinned} pinned in pins6_udp, {slow:.0f} slow-path packets")
+    assert flows.unanswered == {}, f"UDP flows without an answer: {list(flows.unanswered.items())[:5]}"
+    assert answered == UDP_FLOWS
+    assert wrong == [], f"{len(wrong)} UDP flows answered by another backend than the table's: {wrong[:5]}"
+    assert flows.broken == {}, f"UDP flows that changed backend: {list(flows.broken.items())[:5]}"
+    assert slow > 0, "no datagram of a moved bucket reached the slow path: the add moved nothing"
+    assert pinned > 0, "no IPv6 UDP flow was pinned"

@@ -40,9 +40,9 @@ def _scenario(cluster, *, transitions: bool) -> tuple[LongConnections, str]:
     """Runs add / drain / remove / kill -9 + restart / withdraw; returns the connections and the
     name of the removed backend."""
     lab = cluster.lab
-    for mux in cluster.muxes:
-        if not mux.alive() or mux.transitions != transitions:
-            cluster.restart(mux, transitions=transitions)
+    stale = [m for m in cluster.muxes if not m.alive() or m.transitions != transitions]
+    if stale:
+        cluster.restart_many(stale, transitions=transitions)
     web1, web2, web3, web4 = lab.backends[:4]
     gen1 = [backend_doc(web1), backend_doc(web2), backend_doc(web3)]
     cluster.set_vip(_generation(1, gen1, None))
