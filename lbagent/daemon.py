@@ -757,9 +757,8 @@ class MuxDaemon:
         self.slowpath = SlowPath(INJECT_IFACE, self.mux_mac, self.o.queue_num,
                                  decider=CoreDecider(self.state.node, self.store, ownership))
         others = {m.name: (m.address, m.peer_port) for m in cluster.muxes if m.name != self.state.node}
-        if me is not None:
-            # Owner queries, records and replicas between muxes (HMAC-authenticated UDP); also
-            # for a pool of one, which others may join.
+        if me is not None and others:
+            # Owner queries, records and replicas between muxes (HMAC-authenticated UDP).
             self.peers = PeerBridge(self.state.node, cluster.peer_key, others, (me.address, me.peer_port),
                                     handler=self.slowpath)
             self.peers.start()
@@ -834,6 +833,14 @@ class MuxDaemon:
             return
         ownership = build_ownership([m.name for m in cluster.muxes] or [self.state.node],
                                     owner_seed=cluster.owner_seed, table_size=cluster.table_size)
+        me = next((m for m in cluster.muxes if m.name == self.state.node), None)
+        if self.peers is None and me is not None and len(cluster.muxes) > 1 and self.slowpath is not None:
+            # a pool of one that others join: the peer protocol starts now
+            self.peers = PeerBridge(self.state.node, cluster.peer_key, {}, (me.address, me.peer_port),
+                                    handler=self.slowpath)
+            self.peers.start()
+            self.slowpath.peers = self.peers
+            self.pool.bridge = self.peers
         self.pool.change(cluster.muxes, ownership, starting=False)
 
     @property

@@ -32,7 +32,10 @@ from lbagent.state import Mux
 
 log = logging.getLogger("lbagent.pool")
 
-SYNC_HOLD_S = 20.0  # a starting mux announces after this even if some member never answered
+SYNC_HOLD_S = 20.0  # a starting mux announces after this even if a member keeps another view
+# ... and after this when a member never answered at all: it is down (a pool of two whose other
+# mux is dead must not keep its only live mux's routes back for long)
+SYNC_SILENT_S = 5.0
 SYNC_TIMEOUT_S = 2.0  # one SYNC's answer (the records are sent before it)
 SYNC_RETRY_S = 0.2
 DEPARTED_GRACE_S = 120.0
@@ -122,10 +125,12 @@ class PoolMembership:
         peer = self.bridge.peer
 
         async def one(name: str) -> bool:
-            while time.monotonic() - t0 < SYNC_HOLD_S:
+            answered = False
+            while time.monotonic() - t0 < (SYNC_HOLD_S if answered else SYNC_SILENT_S):
                 status = await peer.sync(name, view, fresh=fresh, timeout_s=SYNC_TIMEOUT_S)
                 if status == "ok":
                     return True
+                answered = answered or status is not None
                 await asyncio.sleep(SYNC_RETRY_S)
             return False
 
@@ -135,8 +140,8 @@ class PoolMembership:
         self.last_change_s = time.monotonic() - t0
         missing = [n for n, ok in zip(others, results, strict=True) if not ok]
         if missing:
-            log.warning("pool view %s: no SYNC answer from %s within %.0f s; serving without their records",
-                        view, ", ".join(missing), SYNC_HOLD_S)
+            log.warning("pool view %s: no records from %s (silent for %.0f s, or at another view for "
+                        "%.0f s); serving without them", view, ", ".join(missing), SYNC_SILENT_S, SYNC_HOLD_S)
         else:
             log.info("pool view %s: records synced with %d member(s) in %.2f s", view, len(others),
                      self.last_change_s)
