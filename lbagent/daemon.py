@@ -809,7 +809,7 @@ class MuxDaemon:
             if changed:
                 self._pool_change()
             if self.pool is not None:
-                self.pool.refresh_peers()  # a departed mux stops being a known sender after its grace
+                self.pool.expire_departed()  # a departed mux stops being a known sender after its grace
             sig = self._signature(time.time())
             # a starting mux announces once its records are synced, a leaving one withdraws once
             # they are handed over: the pool's route mode changes on the peer thread, at any time

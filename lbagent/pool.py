@@ -106,6 +106,11 @@ class PoolMembership:
         self._task = asyncio.run_coroutine_threadsafe(job, self.bridge._loop)
         self._task.add_done_callback(_log_failure)
 
+    def expire_departed(self) -> None:
+        """Drop departed muxes whose grace is over from the address book (cheap when none)."""
+        if self._departed and min(until for _addr, until in self._departed.values()) <= time.monotonic():
+            self.refresh_peers()
+
     def refresh_peers(self) -> None:
         """The peer node's address book: the members, plus departed muxes within their grace."""
         if self.bridge is None:
