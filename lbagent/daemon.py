@@ -161,6 +161,7 @@ class DaemonOptions:
     transitions: bool = True  # False: ignore previous generations (baseline for tests/benchmarks)
     learn: bool = False
     poll_s: float = 0.1
+    pool_handover: bool = True  # False: no SYNC, no hand-over (baseline for tests)
 
 
 class MuxDaemon:
@@ -764,7 +765,7 @@ class MuxDaemon:
             self.peers.start()
             self.slowpath.peers = self.peers
         # Routes wait for the records this mux owns (SYNC with every member) before the first announce.
-        self.pool = PoolMembership(self.state.node, self.slowpath, self.peers)
+        self.pool = PoolMembership(self.state.node, self.slowpath, self.peers, handover=self.o.pool_handover)
         self.pool.change(cluster.muxes, ownership, starting=True)
         self.slowpath.start()
         # The kernel pins and forwards SYNs of unstable buckets itself and reports them here
@@ -1065,6 +1066,9 @@ def _parse_args(argv: list[str] | None) -> DaemonOptions:
     p.add_argument("--bgp-peer-as", type=int, default=65000)
     p.add_argument("--no-transitions", action="store_true",
                    help="ignore previous generations (baseline: moved buckets break connections)")
+    p.add_argument("--no-pool-handover", action="store_true",
+                   help="on a pool membership change, re-derive owners but sync and hand over no record "
+                        "(baseline: records stay at their old owners)")
     p.add_argument("--learn", action="store_true", help="record each flow's bucket in the kernel (debugging)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
@@ -1089,7 +1093,8 @@ def _parse_args(argv: list[str] | None) -> DaemonOptions:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return DaemonOptions(config=a.config, iface=a.iface, metrics_host=host, metrics_port=int(port),
                          run_dir=a.run_dir, queue_num=a.queue_num, nflog_group=a.nflog_group, bgp=bgp,
-                         transitions=not a.no_transitions, learn=a.learn)
+                         transitions=not a.no_transitions, learn=a.learn,
+                         pool_handover=not a.no_pool_handover)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,8 +47,10 @@ class PoolMembership:
     """Tracks the member set, runs SYNCs and a leaving mux's hand-over on the peer thread, and
     tells the daemon what to do with its routes (`route_mode`)."""
 
-    def __init__(self, node: str, slowpath: SlowPath, bridge: PeerBridge | None) -> None:
+    def __init__(self, node: str, slowpath: SlowPath, bridge: PeerBridge | None, *,
+                 handover: bool = True) -> None:
         self.node = node
+        self.handover = handover  # False: switch owners only (the baseline `--no-pool-handover`)
         self.slowpath = slowpath
         self.bridge = bridge
         self.members: tuple[Mux, ...] = ()
@@ -98,7 +100,7 @@ class PoolMembership:
                  "" if self.member else f" ({self.node} is not one of them: handing its records over)")
         self._holding = starting and self.member
         self._left = False
-        if self.bridge is None:
+        if self.bridge is None or not self.handover:
             self._holding = False
             self._left = not self.member
             return

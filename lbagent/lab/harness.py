@@ -91,6 +91,7 @@ class MuxProcess:
         self.bgp = BgpSettings(lab.router.address, mux.address, MUX_AS, ROUTER_AS) if bgp else None
         self.proc = None
         self.key = f"daemon-{mux.name}"
+        self.extra_args: list[str] = []  # more `lbagent run` options (baselines)
 
     def write_state(self, vips: list[dict], generation: int, members: list[Node] | None = None) -> None:
         doc = state_doc(self.lab, self.mux.name, vips, generation=generation, max_records=self.max_records,
@@ -107,6 +108,7 @@ class MuxProcess:
             argv.append("--no-transitions")
         if self.learn:
             argv.append("--learn")
+        argv += self.extra_args
         self.proc = self.lab.spawn(self.key, self.mux.netns, argv, log_name=f"daemon-{self.mux.name}.log")
 
     def alive(self) -> bool:
