@@ -25,9 +25,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.services import wait_process_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path("/var/cache/datacenter-tests")
@@ -42,14 +43,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait(condition, what: str, timeout_s: float, process: subprocess.Popen | None, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited ({process.returncode}): {_tail(log)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {timeout_s:g} s: {_tail(log)}")
-        time.sleep(0.05)
+def _wait(condition, what: str, timeout_s: float, process: subprocess.Popen, log: Path) -> None:
+    wait_process_ready(condition, process, timeout_s=timeout_s, what=what, log=lambda: _tail(log))
 
 
 def _tail(path: Path) -> str:
