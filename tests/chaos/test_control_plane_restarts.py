@@ -37,7 +37,15 @@ import pytest
 
 from tests.chaos.private_services import PrivateServices, run_django
 from tests.environment import need, need_binary
-from tests.push.stack import AgentProcess, ChangeStream, PortalServer, Put, api_call, wait_settled
+from tests.push.stack import (
+    AgentProcess,
+    ChangeStream,
+    PortalServer,
+    Put,
+    api_call,
+    unsettled_listeners,
+    wait_settled,
+)
 from tests.services import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -88,25 +96,10 @@ class Stack:
         return {row[0]: (row[1], row[2], frozenset(backends[row[0]])) for row in rows}
 
     def unsettled(self) -> list[str]:
-        problems = []
-        for listener_id, (status, number, configured) in sorted(self.database().items()):
-            if status != "active":
-                problems.append(f"listener {listener_id} is {status} (table {number})")
-            for name, agent in self.agents.items():
-                running = agent.listener(listener_id)
-                if running is None or running["generation"] != number:
-                    got = None if running is None else running["generation"]
-                    problems.append(f"{name} runs listener {listener_id} at {got}, table is {number}")
-                elif _backends_of(running) != configured:
-                    problems.append(f"{name} runs other backends than the portal holds for {listener_id}")
-        return problems
+        return unsettled_listeners(self.database(), self.agents)
 
     def wait_converged(self, timeout_s: float, what: str) -> float:
         return wait_settled(self.unsettled, timeout_s, what, self.portal.log)
-
-
-def _backends_of(listener: dict[str, Any]) -> frozenset[tuple[str, int]]:
-    return frozenset((b["address"], b["port"]) for b in listener["backends"])
 
 
 def change_stream(stack: Stack, tag: int) -> ChangeStream:

@@ -494,6 +494,30 @@ class ChangeStream:
             thread.join(timeout=60)
 
 
+def unsettled_listeners(
+    tables: dict[int, tuple[str, int, frozenset[tuple[str, int]] | None]], agents: dict[str, AgentProcess]
+) -> list[str]:
+    """What is not yet true, from `tables` (listener id -> provisioning status, current table
+    number, and the backends the portal holds or None not to compare them): a listener not
+    ACTIVE, an agent not running a listener's current table (or running other backends)."""
+    problems = []
+    for listener_id, (status, number, configured) in sorted(tables.items()):
+        if status != "active":
+            problems.append(f"listener {listener_id} is {status} (table {number})")
+        for name, agent in agents.items():
+            running = agent.listener(listener_id)
+            if running is None or running["generation"] != number:
+                got = None if running is None else running["generation"]
+                problems.append(f"{name} runs listener {listener_id} at {got}, table is {number}")
+            elif configured is not None and _backends_of(running) != configured:
+                problems.append(f"{name} runs other backends than the portal holds for {listener_id}")
+    return problems
+
+
+def _backends_of(listener: dict[str, Any]) -> frozenset[tuple[str, int]]:
+    return frozenset((b["address"], b["port"]) for b in listener["backends"])
+
+
 def wait_settled(unsettled: Callable[[], list[str]], timeout_s: float, what: str,
                  log_tail: Callable[[], str]) -> float:
     """Poll `unsettled()` (what is not yet true) until it is empty; returns how long that took.

@@ -36,6 +36,7 @@ from tests.push.stack import (
     api_call,
     seed_layout,
     seed_sqlite_layout,
+    unsettled_listeners,
     wait_settled,
 )
 from tests.services import database_url_for_test_db, redis_answers, wait_until
@@ -73,17 +74,9 @@ class Layout:
 
     def unsettled(self) -> list[str]:
         """What is not yet true: listeners not ACTIVE, agents not running a listener's table."""
-        problems = []
-        statuses = self.statuses()
-        for listener_id, (status, number) in sorted(statuses.items()):
-            if status != "active":
-                problems.append(f"listener {listener_id} is {status} (table {number})")
-            for name, agent in self.agents.items():
-                running = agent.listener(listener_id)
-                if running is None or running["generation"] != number:
-                    got = None if running is None else running["generation"]
-                    problems.append(f"{name} runs listener {listener_id} at {got}, table is {number}")
-        return problems
+        return unsettled_listeners(
+            {lid: (status, number, None) for lid, (status, number) in self.statuses().items()}, self.agents
+        )
 
 
 def _start_agents(layout_dir: Path, portal: PortalServer, tokens: dict[str, str]) -> tuple[dict, dict]:
