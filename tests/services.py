@@ -13,6 +13,7 @@ them. The worker is stopped by PID (TERM, then KILL) before the test database is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import secrets
 import signal
@@ -72,6 +73,21 @@ def wait_process_ready(
         return False
 
     wait_until(check, timeout_s=timeout_s, what=what, interval_s=0.05, detail=lambda: log()[-3000:])
+
+
+def migrations_digest() -> hashlib._Hash:
+    """A digest of every migration a migrated database depends on: the project's migration files
+    (the portal's apps and P2V's) and Django's version (its contrib apps' migrations; no other
+    installed app has any). Keys caches of migrated databases: a changed migration makes a new one."""
+    import django
+
+    digest = hashlib.sha256(f"django=={django.__version__}".encode())
+    for path in sorted(REPO_ROOT.glob("datacenter/**/migrations/*.py")) + sorted(
+        REPO_ROOT.glob("p2v/**/migrations/*.py")
+    ):
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest
 
 
 def redis_answers(url: str | None) -> bool:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -250,25 +252,56 @@ def seed_layout(listeners_per_vip: int = 3, agents: tuple[str, ...] = ("mux-a", 
     }
 
 
-def seed_sqlite_layout(path: Path) -> dict[str, Any]:
-    """A migrated SQLite database at `path` seeded by seed_layout, built in a child process (this
-    one's Django is bound to the test database)."""
-    code = (
-        "import json, django; django.setup();"
-        "from django.core.management import call_command; call_command('migrate', verbosity=0);"
-        "from tests.push.stack import seed_layout; print(json.dumps(seed_layout()))"
-    )
+SQLITE_CACHE_DIR = Path("/var/cache/datacenter-tests")  # beside the chaos suite's PostgreSQL cache
+
+
+def _django_child(path: Path, code: str) -> str:
+    """Run `code` in a child process whose Django uses the SQLite database at `path` (this one's
+    Django is bound to the test database); returns its output."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("REDIS_URL",) and not k.lower().endswith("_proxy")
     }
     env.update({"DATABASE_URL": f"sqlite:///{path}", "DJANGO_SETTINGS_MODULE": "datacenter.settings"})
     env["PYTHONPATH"] = str(REPO_ROOT)
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", "import django; django.setup();" + code],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"seeding {path} failed: {done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"Django on {path} failed: {done.stderr[-3000:]}")
+    return done.stdout
+
+
+def _migrated_sqlite() -> Path:
+    """An empty, migrated SQLite database, built once per set of migrations and kept (migrating
+    one from nothing takes half a minute on a loaded machine; a copy takes milliseconds)."""
+    from tests.services import migrations_digest
+
+    writable = os.access(SQLITE_CACHE_DIR.parent, os.W_OK)
+    directory = SQLITE_CACHE_DIR if writable else Path(tempfile.gettempdir())
+    directory.mkdir(parents=True, exist_ok=True)
+    template = directory / f"push-sqlite-{migrations_digest().hexdigest()[:16]}.sqlite3"
+    if not template.exists():
+        building = template.with_name(f".{template.name}.{os.getpid()}")
+        try:
+            _django_child(building, "from django.core.management import call_command;"
+                                    "call_command('migrate', verbosity=0)")
+            os.replace(building, template)  # atomic: a concurrent session sees all of it or nothing
+        finally:
+            building.unlink(missing_ok=True)
+    return template
+
+
+def seed_sqlite_layout(path: Path) -> dict[str, Any]:
+    """A migrated SQLite database at `path` (a copy of the cached migrated one; `migrate` still runs
+    and finds nothing to do unless the cache missed a change) seeded by seed_layout."""
+    shutil.copyfile(_migrated_sqlite(), path)
+    out = _django_child(
+        path,
+        "import json; from django.core.management import call_command; call_command('migrate', verbosity=0);"
+        "from tests.push.stack import seed_layout; print(json.dumps(seed_layout()))",
+    )
+    return json.loads(out.strip().splitlines()[-1])
 
 
 class CuttableProxy:
