@@ -24,6 +24,15 @@ class FieldErrors(DomainError):
         return dict(self.errors)
 
 
+class FieldConflict(FieldErrors):
+    """A well-formed value that conflicts with the object's current state (409, by field): which
+    values conflict depends on what is stored, not on the request, so a client cannot tell from
+    the schema (e.g. a backend cap below the listener's backends)."""
+
+    http_status = 409
+    code = "conflict"
+
+
 class QuotaExceeded(DomainError):
     http_status = 403
     code = "quota_exceeded"

@@ -13,6 +13,7 @@ them. The worker is stopped by PID (TERM, then KILL) before the test database is
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import secrets
 import signal
@@ -30,19 +31,63 @@ import pytest
 from tests.environment import need
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-WORKER_READY_TIMEOUT_S = 60
+WORKER_READY_TIMEOUT_S = 180  # a worker importing Django on a loaded 2-core machine: a bound, not a goal
 
 
-def wait_until(condition: Callable[[], Any], *, timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
-    """Poll `condition` until it returns something truthy; fail the test naming `what` on timeout."""
+def wait_until(
+    condition: Callable[[], Any],
+    *,
+    timeout_s: float,
+    what: str,
+    interval_s: float = 0.1,
+    detail: Callable[[], str] | None = None,
+) -> Any:
+    """Poll `condition` until it returns something truthy; fail the test naming `what` on timeout
+    (and what `detail()` says then: what was still missing, a log tail)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+            more = f"\n{detail()}" if detail else ""
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}{more}")
         time.sleep(interval_s)
+
+
+def wait_process_ready(
+    ready: Callable[[], Any],
+    process: subprocess.Popen,
+    *,
+    timeout_s: float,
+    what: str,
+    log: Callable[[], str],
+) -> None:
+    """Poll `ready()` until it holds; fail at once if the process exits first, and in either case
+    say what its log ends with."""
+    def check() -> Any:
+        if ready():
+            return True
+        if process.poll() is not None:
+            pytest.fail(f"{what}: the process exited ({process.returncode}):\n{log()[-3000:]}")
+        return False
+
+    wait_until(check, timeout_s=timeout_s, what=what, interval_s=0.05, detail=lambda: log()[-3000:])
+
+
+def migrations_digest() -> hashlib._Hash:
+    """A digest of every migration a migrated database depends on: the project's migration files
+    (the portal's apps and P2V's) and Django's version (its contrib apps' migrations; no other
+    installed app has any). Keys caches of migrated databases: a changed migration makes a new one."""
+    import django
+
+    digest = hashlib.sha256(f"django=={django.__version__}".encode())
+    for path in sorted(REPO_ROOT.glob("datacenter/**/migrations/*.py")) + sorted(
+        REPO_ROOT.glob("p2v/**/migrations/*.py")
+    ):
+        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest
 
 
 def redis_answers(url: str | None) -> bool:
@@ -145,12 +190,12 @@ def start_celery_worker(
         start_new_session=True,
     )
     worker = CeleryWorker(pid=process.pid, queue=queue, nodename=nodename, logfile=logfile, process=process)
-    deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
-    while " ready." not in worker.log():
-        if not worker.alive() or time.monotonic() > deadline:
-            worker.stop()
-            raise RuntimeError(f"celery worker did not become ready: {worker.log()[-2000:]}")
-        time.sleep(0.1)
+    try:
+        wait_process_ready(lambda: " ready." in worker.log(), process, timeout_s=WORKER_READY_TIMEOUT_S,
+                           what="the celery worker to be ready", log=worker.log)
+    except BaseException:
+        worker.stop()
+        raise
     app.conf.task_default_queue = queue  # this process now sends every task to that worker only
     return worker
 

@@ -11,7 +11,8 @@ replacing a response a view documented itself):
   404  the object in the path does not exist or is not visible to the caller; also a reference in
        the body to an object that does not exist or is not visible
   409  a conflict with the current state: a unique name taken, a protected object, a stale
-       generation given in the body or query
+       generation given in the body or query, a value the stored state refuses (a backend cap
+       below the listener's backends)
   412  a stale `If-Match` generation (operations that take If-Match)
   415  a body that is not JSON (operations that take a body)
   429  throttled: wait `Retry-After` seconds
@@ -63,8 +64,9 @@ CONFLICT_SCHEMA = {
     "type": "object",
     "description": (
         "A conflict with the current state: `detail` and `code` (`protected`, `stale_generation` with "
-        "`expected_generation` and `current_generation`), or, for a unique value that is already "
-        "taken, the field and its message."
+        "`expected_generation` and `current_generation`), or, by field with its message, a unique "
+        "value that is already taken or a value the stored state refuses (a listener port in "
+        "use, a backend cap below the listener's backends, more backends than its cap)."
     ),
     "additionalProperties": {},
 }

@@ -17,7 +17,7 @@ from django.db.models import Q
 from datacenter.events.middleware import current_request_id
 from datacenter.events.services import record_change, snapshot
 from datacenter.inventory.models import Host
-from datacenter.services_errors import FieldErrors, QuotaExceeded, StaleGeneration
+from datacenter.services_errors import FieldConflict, FieldErrors, QuotaExceeded, StaleGeneration
 from datacenter.tenancy.models import Tenant
 
 from .choices import (
@@ -227,6 +227,7 @@ def _check_listener_fields(
     exclude_id=None,
 ):
     errors: dict[str, list[str]] = {}
+    conflicts: dict[str, list[str]] = {}  # valid values that the stored state refuses: 409
     if backend_cap is not None and (
         isinstance(backend_cap, bool)
         or not isinstance(backend_cap, int)
@@ -243,7 +244,7 @@ def _check_listener_fields(
         if previous:
             count = max(count, len(previous.get("backends", ())))
         if count > backend_cap:
-            errors["backend_cap"] = [
+            conflicts["backend_cap"] = [
                 f"{backend_cap} is below the listener's {count} backends; remove backends first."
             ]
     if protocol not in Protocol.values:
@@ -269,9 +270,11 @@ def _check_listener_fields(
         if exclude_id is not None:
             clash = clash.exclude(pk=exclude_id)
         if clash.exists():
-            errors["port"] = [f"VIP {vip.address} already has a {protocol} listener on port {port}."]
+            conflicts["port"] = [f"VIP {vip.address} already has a {protocol} listener on port {port}."]
     if errors:
         raise FieldErrors(errors)
+    if conflicts:
+        raise FieldConflict(conflicts)
 
 
 @transaction.atomic
@@ -435,8 +438,9 @@ def validate_backend_list(listener: Listener, items: Any) -> list[BackendSpec]:
             f"backends per listener; this list has {len(items)}.",
         )
     if listener.backend_cap is not None and len(items) > listener.backend_cap:
-        # The agents would refuse the listener (its table is sized for the cap).
-        raise FieldErrors(
+        # The agents would refuse the listener (its table is sized for the cap). The cap is stored
+        # state, so a list the schema allows can exceed it: a conflict, not a malformed request.
+        raise FieldConflict(
             {
                 "backends": [
                     f"{len(items)} backends exceed the listener's backend_cap {listener.backend_cap}; "

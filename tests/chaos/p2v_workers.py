@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +25,13 @@ import pytest
 
 from tests.environment import need
 from tests.p2v_conversion.conftest import libvirt_conn, p2v_pool, p2v_prefix  # noqa: F401  (fixtures)
-from tests.services import REPO_ROOT, WORKER_READY_TIMEOUT_S, database_url_for_test_db, redis_answers
+from tests.services import (
+    REPO_ROOT,
+    WORKER_READY_TIMEOUT_S,
+    database_url_for_test_db,
+    redis_answers,
+    wait_process_ready,
+)
 from tests.standin.machine import standin_fixture
 
 chaos_standin = standin_fixture("bios")
@@ -134,14 +139,13 @@ class Crew:
         return worker
 
     def wait_ready(self, worker: Process) -> None:
-        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
-        while " ready." not in worker.log():
-            if not worker.alive() or time.monotonic() > deadline:
-                worker.stop()
-                raise RuntimeError(
-                    f"celery worker {worker.name} did not become ready: {worker.log()[-2000:]}"
-                )
-            time.sleep(0.1)
+        try:
+            wait_process_ready(lambda: " ready." in worker.log(), worker.process,
+                               timeout_s=WORKER_READY_TIMEOUT_S, log=worker.log,
+                               what=f"celery worker {worker.name} to be ready")
+        except BaseException:
+            worker.stop()
+            raise
 
     def start_beat(self) -> Process:
         """Celery beat with only the P2V watchdog's entry of the real schedule (tests/chaos/p2v_beat.py)."""
@@ -151,13 +155,14 @@ class Crew:
             [sys.executable, "-m", "tests.chaos.p2v_beat", str(self.workdir / "beat-schedule"), str(logfile)],
             logfile,
         )
-        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
-        while "beat: Starting" not in self.beat.log():
-            if not self.beat.alive() or time.monotonic() > deadline:
-                self.beat.stop()
-                raise RuntimeError(f"celery beat did not start: {self.beat.log()[-2000:]}")
-            time.sleep(0.1)
-        return self.beat
+        beat = self.beat
+        try:
+            wait_process_ready(lambda: "beat: Starting" in beat.log(), beat.process,
+                               timeout_s=WORKER_READY_TIMEOUT_S, what="celery beat to start", log=beat.log)
+        except BaseException:
+            beat.stop()
+            raise
+        return beat
 
     def stop_beat(self) -> None:
         if self.beat is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
-import hashlib
 import os
 import pwd
 import shutil
@@ -25,9 +24,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.services import migrations_digest, wait_process_ready
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path("/var/cache/datacenter-tests")
@@ -42,14 +42,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait(condition, what: str, timeout_s: float, process: subprocess.Popen | None, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited ({process.returncode}): {_tail(log)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {timeout_s:g} s: {_tail(log)}")
-        time.sleep(0.05)
+def _wait(condition, what: str, timeout_s: float, process: subprocess.Popen, log: Path) -> None:
+    wait_process_ready(condition, process, timeout_s=timeout_s, what=what, log=lambda: _tail(log))
 
 
 def _tail(path: Path) -> str:
@@ -117,10 +111,8 @@ def _postgres_bin() -> Path:
 
 
 def _migrations_key() -> str:
-    digest = hashlib.sha256(str(_postgres_bin()).encode())
-    for path in sorted(REPO_ROOT.glob("datacenter/**/migrations/*.py")):
-        digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
-        digest.update(path.read_bytes())
+    digest = migrations_digest()  # P2V's migrations too: the portal's /metrics reads its jobs
+    digest.update(str(_postgres_bin()).encode())
     return digest.hexdigest()[:16]
 
 

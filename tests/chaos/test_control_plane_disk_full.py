@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.test_control_plane_restarts import ChangeStream, Stack
+from tests.chaos.test_control_plane_restarts import Stack, change_stream
 from tests.environment import need_root
 from tests.push.stack import AgentProcess, PortalServer, seed_sqlite_layout
 from tests.services import wait_until
@@ -123,7 +123,7 @@ def stack(disks, tmp_path_factory) -> Iterator[Stack]:
 
 
 def _changes_go_through(stack: Stack, tag: int, count: int) -> None:
-    with ChangeStream(stack, tag) as stream:
+    with change_stream(stack, tag) as stream:
         since = time.monotonic()
         stream.wait(lambda: stream.count(since, ok=True) >= count, f"{count} changes", CONVERGE_TIMEOUT_S)
     failed = [p for p in stack.puts if p.at >= since and p.status != 200]
@@ -150,11 +150,13 @@ def test_portal_keeps_answering_with_its_log_on_a_full_disk(stack: Stack, disks)
         from websockets.exceptions import InvalidStatus
         from websockets.sync.client import connect
 
-        deadline = time.monotonic() + CONVERGE_TIMEOUT_S
-        while _log_write_errors(stack) == 0:
-            assert time.monotonic() < deadline, "no failed log write was counted"
+        def refused_and_counted() -> bool:
             with pytest.raises(InvalidStatus, match="403"):
                 connect(stack.portal.ws_url, additional_headers={"Authorization": "Bearer wrong"}, proxy=None)
+            return _log_write_errors(stack) > 0
+
+        wait_until(refused_and_counted, timeout_s=CONVERGE_TIMEOUT_S, what="a failed log write counted",
+                   interval_s=0)
         assert stack.portal.process.poll() is None, "the portal died with its log disk full"
     finally:
         filler.unlink()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +37,15 @@ import pytest
 
 from tests.chaos.private_services import PrivateServices, run_django
 from tests.environment import need, need_binary
-from tests.push.stack import AgentProcess, PortalServer
+from tests.push.stack import (
+    AgentProcess,
+    ChangeStream,
+    PortalServer,
+    Put,
+    api_call,
+    unsettled_listeners,
+    wait_settled,
+)
 from tests.services import wait_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -47,14 +54,6 @@ RECOVERY_BUDGET_S = 30.0  # the issue's acceptance: every listener ACTIVE within
 START_TIMEOUT_S = 180.0  # first start on a loaded 2-core machine: generous, not what we test
 NOTICE_TIMEOUT_S = 120.0  # how long the system may take to notice a service is gone
 RETRIES_DURING_OUTAGE = 3  # the outage lasts until each agent retried this many times
-
-
-@dataclass
-class Put:
-    listener: int
-    backends: frozenset[tuple[str, int]]
-    status: int  # HTTP status; 0: no HTTP answer at all (connection refused, reset, timeout)
-    at: float
 
 
 @dataclass
@@ -70,19 +69,7 @@ class Stack:
     services: PrivateServices | None = None  # when the test runs private servers it restarts
 
     def api(self, role: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        request = urllib.request.Request(  # noqa: S310 (a loopback URL built here)
-            self.portal.http_url + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Token {self.keys[role]}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")[:300]
-        except (OSError, urllib.error.URLError) as exc:  # no HTTP answer: the portal is down
-            return 0, str(exc)
+        return api_call(self.portal.http_url, self.keys[role], method, path, body)
 
     def api_text(self, role: str, path: str) -> tuple[int, str]:
         """GET `path` as `role`; the status and the body as text (e.g. /metrics)."""
@@ -109,92 +96,15 @@ class Stack:
         return {row[0]: (row[1], row[2], frozenset(backends[row[0]])) for row in rows}
 
     def unsettled(self) -> list[str]:
-        problems = []
-        for listener_id, (status, number, configured) in sorted(self.database().items()):
-            if status != "active":
-                problems.append(f"listener {listener_id} is {status} (table {number})")
-            for name, agent in self.agents.items():
-                running = agent.listener(listener_id)
-                if running is None or running["generation"] != number:
-                    got = None if running is None else running["generation"]
-                    problems.append(f"{name} runs listener {listener_id} at {got}, table is {number}")
-                elif _backends_of(running) != configured:
-                    problems.append(f"{name} runs other backends than the portal holds for {listener_id}")
-        return problems
+        return unsettled_listeners(self.database(), self.agents)
 
     def wait_converged(self, timeout_s: float, what: str) -> float:
-        started = time.monotonic()
-        while True:
-            try:
-                problems = self.unsettled()
-            except Exception as exc:  # the database may still be starting: say so
-                problems = [f"cannot read the database: {exc}"]
-            if not problems:
-                return time.monotonic() - started
-            if time.monotonic() - started > timeout_s:
-                pytest.fail(
-                    f"{what}: still unsettled after {timeout_s:g} s: {problems[:6]}\n"
-                    f"portal log tail:\n{self.portal.log()[-4000:]}"
-                )
-            time.sleep(0.1)
+        return wait_settled(self.unsettled, timeout_s, what, self.portal.log)
 
 
-def _backends_of(listener: dict[str, Any]) -> frozenset[tuple[str, int]]:
-    return frozenset((b["address"], b["port"]) for b in listener["backends"])
-
-
-class ChangeStream:
-    """Tenant clients replacing their listeners' backends back to back (one thread per tenant),
-    every PUT and its outcome recorded in order."""
-
-    def __init__(self, stack: Stack, tag: int) -> None:
-        self.stack = stack
-        self.tag = tag  # keeps this stream's backend sets apart from the previous streams'
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        by_role: dict[str, list[int]] = {}
-        for listener_id, role in stack.listeners.items():
-            by_role.setdefault(role, []).append(listener_id)
-        self._threads = [
-            threading.Thread(target=self._run, args=(role, ids), daemon=True) for role, ids in by_role.items()
-        ]
-
-    def _run(self, role: str, listener_ids: list[int]) -> None:
-        step = 0
-        while not self._stop.is_set():
-            listener_id = listener_ids[step % len(listener_ids)]
-            step += 1
-            backends = [
-                {"address": f"10.{self.tag}.{step % 250}.{i + 1}", "port": 8000 + i}
-                for i in range(1 + step % 3)
-            ]
-            status, _ = self.stack.api(
-                role, "PUT", f"/api/listeners/{listener_id}/backends/", {"backends": backends}
-            )
-            put = Put(
-                listener_id, frozenset((b["address"], b["port"]) for b in backends), status, time.monotonic()
-            )
-            with self._lock:
-                self.stack.puts.append(put)
-            if status != 200:
-                time.sleep(0.05)  # a client retrying a failing service does not spin
-
-    def count(self, since: float, ok: bool) -> int:
-        with self._lock:
-            return sum(1 for p in self.stack.puts if p.at >= since and (p.status == 200) == ok)
-
-    def wait(self, condition: Callable[[], bool], what: str, timeout_s: float) -> None:
-        wait_until(condition, timeout_s=timeout_s, what=what, interval_s=0.02)
-
-    def __enter__(self) -> ChangeStream:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
+def change_stream(stack: Stack, tag: int) -> ChangeStream:
+    """Tenants' PUTs flowing through the stack's portal, recorded in `stack.puts`."""
+    return ChangeStream(stack.api, stack.listeners, tag=tag, puts=stack.puts)
 
 
 def nothing_lost(stack: Stack) -> list[str]:
@@ -372,7 +282,7 @@ def test_redis_postgres_and_portal_restarts_lose_nothing_and_leave_nothing_pendi
     ]
     for tag, (name, stop, start, answers) in enumerate(faults, start=20):
         window_start = datetime.now()
-        with ChangeStream(stack, tag) as stream:
+        with change_stream(stack, tag) as stream:
             recovered = _restart(stack, stream, name, stop, start, answers)
         _assert_backoff_with_jitter(stack, name, window_start, datetime.now())
         _check_recovered(stack, name, recovered)

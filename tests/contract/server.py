@@ -47,7 +47,7 @@ class PortalUnderUvicorn:
         listener.close()  # the child holds its own copy
         try:
             wait_until(self._answers, timeout_s=START_TIMEOUT_S, what="uvicorn to serve /healthz/",
-                       interval_s=0.2)
+                       interval_s=0.2, detail=lambda: f"uvicorn log tail:\n{self.log()[-3000:]}")
         except BaseException:
             self.__exit__()
             raise

@@ -8,6 +8,14 @@ reason) and every request it forbids is refused. The run is bounded by examples 
 (CONTRACT_EXAMPLES, default 1: the coverage phase's boundary cases, thousands of them, are most
 of the run), never by time, so every operation is exercised however slow the
 machine; the seed is fixed so a failure reproduces (CONTRACT_SEED to vary it).
+
+Each role gets a world of its own (the operator's run deletes tenants and VIPs; the tenant's run
+would otherwise start from what was left). The run must not revoke the credential it runs with:
+the token operations (`/api/tokens/{id}/...`: rotate, delete, an `expires` in the past, a
+read-only scope) act on the caller's own tokens, and once they hit the run's token every later
+request was a 401, so most operations were "tested" only with 401s and still passed. They are
+pointed at a spare token of the same user instead, and the run fails if any operation answered
+only 401 or if the run's token no longer works at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from django.core.management import call_command
 
 from datacenter.testing import build_world
 from tests.contract.server import PortalUnderUvicorn
@@ -28,31 +35,58 @@ EXAMPLES = int(os.environ.get("CONTRACT_EXAMPLES", "1"))
 SEED = int(os.environ.get("CONTRACT_SEED", "20261206"))
 RUN_TIMEOUT_S = 1700  # a hang, not slowness: the run itself is bounded by examples
 
-# pytest-django creates the test database only for sessions with a test that asks for it.
-pytestmark = [pytest.mark.django_db, pytest.mark.slow, pytest.mark.contract]
+# transaction=True: each role's world is committed (the portal is another process) and flushed
+# after its run.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.contract]
 
 
 @pytest.fixture(scope="module")
-def world_keys(django_db_setup, django_db_blocker):
-    with django_db_blocker.unblock():
-        keys = build_world().keys
-    yield keys
-    with django_db_blocker.unblock():
-        call_command("flush", interactive=False, verbosity=0)
-
-
-@pytest.fixture(scope="module")
-def portal(world_keys, tmp_path_factory):
+def portal(django_db_setup, tmp_path_factory):
     with PortalUnderUvicorn(tmp_path_factory.mktemp("contract")) as server:
         yield server
 
 
+@pytest.fixture
+def world(transactional_db):
+    """A fresh world for one role's run, and a spare token per user for the token operations."""
+    from django.contrib.auth import get_user_model
+
+    from datacenter.tenancy.models import ApiToken
+
+    built = build_world()  # the users are named after their roles
+    spare = {role: ApiToken.objects.create_token(get_user_model().objects.get(username=role),
+                                                 name="contract-spare")[0].pk
+             for role in built.keys}
+    return built.keys, spare
+
+
+def _answers_with(portal: PortalUnderUvicorn, key: str) -> int:
+    import requests  # schemathesis' own HTTP client
+
+    return requests.get(f"{portal.http_url}/api/tokens/", headers={"Authorization": f"Token {key}"},
+                        timeout=60).status_code
+
+
+def _config(tmp_path: Path, spare_token_id: int) -> Path:
+    """schemathesis.toml plus the token operations pointed at the spare token (its id as an
+    integer: a string would be a schema-violating path parameter)."""
+    config = tmp_path / "schemathesis.toml"
+    sections = "".join(
+        f'\n[[operations]]\ninclude-path = "{path}"\nparameters = {{ "path.id" = {spare_token_id} }}\n'
+        for path in ("/api/tokens/{id}/", "/api/tokens/{id}/rotate/")
+    )
+    config.write_text((HERE / "schemathesis.toml").read_text() + sections)
+    return config
+
+
 @pytest.mark.timeout(1800)  # about 10 minutes per role on this two-core machine (2026-12-06)
 @pytest.mark.parametrize("role", ["operator", "a_member"], ids=["operator", "tenant"])
-def test_schemathesis_finds_nothing(portal, world_keys, role, tmp_path):
+def test_schemathesis_finds_nothing(portal, world, role, tmp_path):
+    world_keys, spare_token = world
     report = tmp_path / "report.xml"
+    config = _config(tmp_path, spare_token[role])
     argv = [
-        sys.executable, "-m", "schemathesis.cli", "--config-file", str(HERE / "schemathesis.toml"), "run",
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
         f"{portal.http_url}/api/schema/",
         "--header", f"Authorization: Token {world_keys[role]}",
         "--phases", "examples,coverage,fuzzing,stateful",
@@ -73,3 +107,6 @@ def test_schemathesis_finds_nothing(portal, world_keys, role, tmp_path):
     selected = output.split("Selected: ", 1)[1].split()[0].split("/")[0]  # "21/99" when filtered
     assert tested == selected, f"only {tested} of {selected} operations were tested\n{output[-5000:]}"
     assert run.returncode == 0, f"schemathesis as {role} failed:\n{output[-20000:]}\n{portal.log()[-3000:]}"
+    # A run whose credential stopped working passes while testing nothing but 401s.
+    assert "401 Unauthorized (" not in output, f"operations answered only 401 as {role}:\n{output[-20000:]}"
+    assert _answers_with(portal, world_keys[role]) == 200, f"the run revoked its own token ({role})"

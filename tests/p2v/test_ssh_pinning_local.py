@@ -144,3 +144,30 @@ def test_a_different_pinned_key_is_refused_before_any_credential_is_sent(server,
     assert (caught.value.expected, caught.value.presented) == (wrong, server.fingerprint)
     assert str(caught.value).startswith(f"host key of 127.0.0.1:{server.port} changed")
     assert server.auth_attempts == []
+
+
+@pytest.mark.django_db
+def test_a_machines_pin_reaches_connect_through_an_assessment(server, client_key_text):
+    """The machine row's pinned fingerprint is what `connect()` checks: an assessment of a machine
+    pinned to another key fails with the mismatch, records it, and sends the server no credential.
+    (A `Machine.endpoint()` that dropped the pin would pin whatever key the server presents.)"""
+    from p2v.models import Assessment, AssessmentStatus, Machine, SecurityEvent
+    from p2v.services import run_assessment
+
+    wrong = "SHA256:" + "B" * 43
+    machine = Machine(name="pinned-elsewhere", address=server.address, ssh_port=server.port, ssh_user="root",
+                      host_key_fingerprint=wrong, connect_timeout_s=60)
+    machine.set_private_key(client_key_text)
+    machine.save()
+    assessment = Assessment.objects.create(machine=machine)
+    server.auth_attempts.clear()
+
+    finished = run_assessment(assessment.pk)
+
+    assert finished.status == AssessmentStatus.FAILED
+    assert finished.error.startswith(f"host key of 127.0.0.1:{server.port} changed"), finished.error
+    assert server.auth_attempts == []
+    event = SecurityEvent.objects.get(machine=machine)
+    assert (event.expected_fingerprint, event.presented_fingerprint) == (wrong, server.fingerprint)
+    machine.refresh_from_db()
+    assert machine.host_key_fingerprint == wrong  # the presented key was not pinned in its place

@@ -29,6 +29,7 @@ from websockets.sync.client import connect
 from datacenter.events.models import Event
 from datacenter.inventory.models import Host
 from datacenter.loadbalancing.agent_sync import OPERATORS_GROUP
+from datacenter.loadbalancing.desired_state import desired_state_object
 from datacenter.routing import websocket_urlpatterns
 from datacenter.testing import new_agent
 from lbagent.protocol import Hello, decode_portal_message, encode
@@ -121,7 +122,9 @@ def test_agent_with_its_token_says_hello_and_gets_its_desired_state(server, comm
         ws.send(encode(Hello(node=agent.name, role="mux", version="test", applied_generation=None)))
         message = decode_portal_message(ws.recv(timeout=WAIT_S))
     assert message.type == "desired"
-    assert message.state.generation >= 0
+    # this agent's own document, as the portal holds it now (not merely some parsable state)
+    assert message.state.node == agent.name
+    assert message.state == desired_state_object(agent)
 
 
 @pytest.mark.parametrize("token", ["dca_not-a-token", ""], ids=["unknown-token", "no-token"])

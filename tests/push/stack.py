@@ -7,17 +7,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.services import wait_until
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 120.0  # uvicorn importing Django on a loaded 2-core machine: generous, not what we test
 
 
 def free_port() -> int:
@@ -102,16 +110,21 @@ class PortalServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"portal did not start: {self.log()[-3000:]}") from None
-                time.sleep(0.1)
+        try:
+            wait_until(self._accepts, timeout_s=START_TIMEOUT_S, what="the portal to accept connections",
+                       detail=lambda: self.log()[-3000:])
+        except BaseException:
+            self.stop()
+            raise
+
+    def _accepts(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"portal exited ({self.process.returncode}): {self.log()[-3000:]}")
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         _stop(self.process)
@@ -239,25 +252,56 @@ def seed_layout(listeners_per_vip: int = 3, agents: tuple[str, ...] = ("mux-a", 
     }
 
 
-def seed_sqlite_layout(path: Path) -> dict[str, Any]:
-    """A migrated SQLite database at `path` seeded by seed_layout, built in a child process (this
-    one's Django is bound to the test database)."""
-    code = (
-        "import json, django; django.setup();"
-        "from django.core.management import call_command; call_command('migrate', verbosity=0);"
-        "from tests.push.stack import seed_layout; print(json.dumps(seed_layout()))"
-    )
+SQLITE_CACHE_DIR = Path("/var/cache/datacenter-tests")  # beside the chaos suite's PostgreSQL cache
+
+
+def _django_child(path: Path, code: str) -> str:
+    """Run `code` in a child process whose Django uses the SQLite database at `path` (this one's
+    Django is bound to the test database); returns its output."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("REDIS_URL",) and not k.lower().endswith("_proxy")
     }
     env.update({"DATABASE_URL": f"sqlite:///{path}", "DJANGO_SETTINGS_MODULE": "datacenter.settings"})
     env["PYTHONPATH"] = str(REPO_ROOT)
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", "import django; django.setup();" + code],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"seeding {path} failed: {done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"Django on {path} failed: {done.stderr[-3000:]}")
+    return done.stdout
+
+
+def _migrated_sqlite() -> Path:
+    """An empty, migrated SQLite database, built once per set of migrations and kept (migrating
+    one from nothing takes half a minute on a loaded machine; a copy takes milliseconds)."""
+    from tests.services import migrations_digest
+
+    writable = os.access(SQLITE_CACHE_DIR.parent, os.W_OK)
+    directory = SQLITE_CACHE_DIR if writable else Path(tempfile.gettempdir())
+    directory.mkdir(parents=True, exist_ok=True)
+    template = directory / f"push-sqlite-{migrations_digest().hexdigest()[:16]}.sqlite3"
+    if not template.exists():
+        building = template.with_name(f".{template.name}.{os.getpid()}")
+        try:
+            _django_child(building, "from django.core.management import call_command;"
+                                    "call_command('migrate', verbosity=0)")
+            os.replace(building, template)  # atomic: a concurrent session sees all of it or nothing
+        finally:
+            building.unlink(missing_ok=True)
+    return template
+
+
+def seed_sqlite_layout(path: Path) -> dict[str, Any]:
+    """A migrated SQLite database at `path` (a copy of the cached migrated one; `migrate` still runs
+    and finds nothing to do unless the cache missed a change) seeded by seed_layout."""
+    shutil.copyfile(_migrated_sqlite(), path)
+    out = _django_child(
+        path,
+        "import json; from django.core.management import call_command; call_command('migrate', verbosity=0);"
+        "from tests.push.stack import seed_layout; print(json.dumps(seed_layout()))",
+    )
+    return json.loads(out.strip().splitlines()[-1])
 
 
 class CuttableProxy:
@@ -375,3 +419,153 @@ class CuttableProxy:
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
+
+
+def api_call(base_url: str, key: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One REST call with a token: (HTTP status, decoded JSON body or the error text); status 0
+    when no HTTP answer came at all (refused, reset, timed out: the portal is down)."""
+    request = urllib.request.Request(  # noqa: S310 (a loopback URL built by the tests)
+        base_url + path,
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": f"Token {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")[:300]
+    except (OSError, urllib.error.URLError) as exc:
+        return 0, str(exc)
+
+
+@dataclass(frozen=True)
+class Put:
+    listener: int
+    backends: frozenset[tuple[str, int]]
+    status: int  # HTTP status; 0: no HTTP answer at all (connection refused, reset, timeout)
+    at: float  # time.monotonic() when the answer came
+    answer: str = ""  # the error body, when status is not 200
+
+
+class ChangeStream:
+    """Tenant clients replacing their listeners' backends back to back (one thread per role),
+    every PUT and its outcome appended in order to `puts`. `api(role, method, path, body)` makes
+    the call; `listeners` maps each listener id to the role that may change it; `tag` keeps this
+    stream's backend sets apart from earlier streams' (addresses 10.<tag>.x.y)."""
+
+    def __init__(
+        self,
+        api: Callable[[str, str, str, Any], tuple[int, Any]],
+        listeners: dict[int, str],
+        *,
+        tag: int,
+        puts: list[Put] | None = None,
+    ) -> None:
+        self.api = api
+        self.tag = tag
+        self.puts: list[Put] = [] if puts is None else puts
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        by_role: dict[str, list[int]] = {}
+        for listener_id, role in listeners.items():
+            by_role.setdefault(role, []).append(listener_id)
+        self._threads = [
+            threading.Thread(target=self._run, args=(role, ids), daemon=True) for role, ids in by_role.items()
+        ]
+
+    def _run(self, role: str, listener_ids: list[int]) -> None:
+        step = 0
+        while not self._stop.is_set():
+            listener_id = listener_ids[step % len(listener_ids)]
+            step += 1
+            backends = [
+                {"address": f"10.{self.tag}.{step % 250}.{i + 1}", "port": 8000 + i}
+                for i in range(1 + step % 3)
+            ]
+            status, body = self.api(
+                role, "PUT", f"/api/listeners/{listener_id}/backends/", {"backends": backends}
+            )
+            put = Put(listener_id, frozenset((b["address"], b["port"]) for b in backends), status,
+                      time.monotonic(), "" if status == 200 else str(body)[:200])
+            with self._lock:
+                self.puts.append(put)
+            if status != 200:
+                self._stop.wait(0.05)  # a client retrying a failing service does not spin
+
+    def count(self, since: float = float("-inf"), *, ok: bool = True) -> int:
+        with self._lock:
+            return sum(1 for p in self.puts if p.at >= since and (p.status == 200) == ok)
+
+    def failures(self) -> list[str]:
+        with self._lock:
+            return [
+                f"PUT listener {p.listener}: HTTP {p.status} {p.answer}" for p in self.puts if p.status != 200
+            ]
+
+    def wait(self, condition: Callable[[], bool], what: str, timeout_s: float) -> None:
+        wait_until(condition, timeout_s=timeout_s, what=what, interval_s=0.02)
+
+    def wait_for_changes(self, count: int, timeout_s: float = 120.0) -> None:
+        """Until `count` PUTs of this stream were acknowledged; any failed PUT fails the test."""
+        def enough() -> bool:
+            failed = self.failures()
+            assert not failed, failed[:3]
+            return self.count(ok=True) >= count
+
+        wait_until(enough, timeout_s=timeout_s, what=f"{count} acknowledged changes", interval_s=0.01,
+                   detail=lambda: f"{self.count(ok=True)} went through")
+
+    def __enter__(self) -> ChangeStream:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+
+def unsettled_listeners(
+    tables: dict[int, tuple[str, int, frozenset[tuple[str, int]] | None]], agents: dict[str, AgentProcess]
+) -> list[str]:
+    """What is not yet true, from `tables` (listener id -> provisioning status, current table
+    number, and the backends the portal holds or None not to compare them): a listener not
+    ACTIVE, an agent not running a listener's current table (or running other backends)."""
+    problems = []
+    for listener_id, (status, number, configured) in sorted(tables.items()):
+        if status != "active":
+            problems.append(f"listener {listener_id} is {status} (table {number})")
+        for name, agent in agents.items():
+            running = agent.listener(listener_id)
+            if running is None or running["generation"] != number:
+                got = None if running is None else running["generation"]
+                problems.append(f"{name} runs listener {listener_id} at {got}, table is {number}")
+            elif configured is not None and _backends_of(running) != configured:
+                problems.append(f"{name} runs other backends than the portal holds for {listener_id}")
+    return problems
+
+
+def _backends_of(listener: dict[str, Any]) -> frozenset[tuple[str, int]]:
+    return frozenset((b["address"], b["port"]) for b in listener["backends"])
+
+
+def wait_settled(unsettled: Callable[[], list[str]], timeout_s: float, what: str,
+                 log_tail: Callable[[], str]) -> float:
+    """Poll `unsettled()` (what is not yet true) until it is empty; returns how long that took.
+    An error reading the state (a database still starting) counts as unsettled and is reported."""
+    started = time.monotonic()
+    problems: list[str] = []
+
+    def settled() -> bool:
+        nonlocal problems
+        try:
+            problems = unsettled()
+        except Exception as exc:  # reported below if it lasts
+            problems = [f"cannot read the state: {type(exc).__name__}: {exc}"]
+        return not problems
+
+    wait_until(settled, timeout_s=timeout_s, what=f"{what}: everything settled", interval_s=0.05,
+               detail=lambda: f"still unsettled: {problems[:6]}\nportal log tail:\n{log_tail()[-4000:]}")
+    return time.monotonic() - started

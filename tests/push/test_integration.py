@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.environment import need
 from tests.push.stack import AgentProcess, PortalServer
-from tests.services import database_url_for_test_db, redis_answers
+from tests.services import database_url_for_test_db, redis_answers, wait_until
 
 # `django_db` (not transactional) gives each test a rolled-back transaction for its own reads; the
 # stack's rows are committed by the module fixture so the portal process sees them, and a test
@@ -38,15 +38,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 EVENT_BOUND_S = 60.0
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
+def wait_for(condition: Callable[[], Any], what: str) -> Any:
+    """Wait for an event of the push path: polled every 20 ms, bounded by EVENT_BOUND_S."""
+    return wait_until(condition, timeout_s=EVENT_BOUND_S, what=what, interval_s=0.02)
 
 
 class TcpService:
@@ -178,14 +172,13 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Stac
             )
             wait_for(
                 lambda: stack.listener_status(world.listener_a.pk) == "active",
-                20,
                 "the demo listener to become ACTIVE on both agents",
             )
             # Warm the server (first requests import the API stack) so tests time the push, not that.
             _replace(
                 stack, world.listener_b.pk, [{"address": "10.2.0.5", "port": 8443, "weight": 2}], "b_member"
             )
-            wait_for(lambda: stack.listener_status(world.listener_b.pk) == "active", 10, "warm-up change")
+            wait_for(lambda: stack.listener_status(world.listener_b.pk) == "active", "warm-up change")
             yield stack
         finally:
             for agent in (agents or {}).values():
@@ -230,11 +223,10 @@ def test_replaced_backends_reach_both_agents_and_listener_becomes_active(stack) 
     expected = [("10.1.0.7", 8080, "active"), ("10.1.0.8", 8080, "active")]
     wait_for(
         lambda: all(_applied_addresses(a, listener_id) == expected for a in stack.agents.values()),
-        EVENT_BOUND_S,
         "both agents to apply the new backends",
     )
     applied = time.monotonic() - started
-    wait_for(lambda: stack.listener_status(listener_id) == "active", EVENT_BOUND_S, "listener ACTIVE")
+    wait_for(lambda: stack.listener_status(listener_id) == "active", "listener ACTIVE")
     elapsed = time.monotonic() - started
     print(
         f"\nAPI call to ACTIVE took {elapsed:.3f} s (API answered after {answered:.3f} s, "
@@ -254,12 +246,16 @@ def test_offline_agent_is_pending_until_it_reconnects_and_resyncs(stack) -> None
         _replace(stack, listener_id, [{"address": "10.1.0.9", "port": 8080}])
         wait_for(
             lambda: _applied_addresses(stack.agents["mux-a"], listener_id) == [("10.1.0.9", 8080, "active")],
-            5,
             "mux-a to apply",
         )
-        time.sleep(0.3)
-        tree = stack.status_tree(stack.world.vip_a.pk)
-        listener = next(li for li in tree["listeners"] if li["id"] == listener_id)
+
+        def mux_a_recorded() -> tuple[dict, dict] | None:
+            tree = stack.status_tree(stack.world.vip_a.pk)
+            listener = next(li for li in tree["listeners"] if li["id"] == listener_id)
+            by_agent = {a["agent"]: a["status"] for a in listener["agents"]}
+            return (tree, listener) if by_agent.get("mux-a") == "active" else None
+
+        tree, listener = wait_for(mux_a_recorded, "the portal to record mux-a's acknowledgement")
         assert {a["agent"]: a["status"] for a in listener["agents"]} == {
             "mux-a": "active",
             "mux-b": "pending",
@@ -268,8 +264,12 @@ def test_offline_agent_is_pending_until_it_reconnects_and_resyncs(stack) -> None
         assert {a["name"]: a["connected"] for a in tree["agents"]}["mux-b"] is False
     finally:
         mux_b.start()
-    wait_for(lambda: stack.listener_status(listener_id) == "active", 10, "ACTIVE after mux-b resynced")
+    wait_for(lambda: stack.listener_status(listener_id) == "active", "ACTIVE after mux-b resynced")
     assert _applied_addresses(mux_b, listener_id) == [("10.1.0.9", 8080, "active")]
+
+
+def _reconnects(agent: AgentProcess) -> int:
+    return agent.log().count("lbagent.portal reconnecting to the portal in ")
 
 
 def test_portal_restart_does_not_interrupt_agents_and_they_resync(stack) -> None:
@@ -278,9 +278,12 @@ def test_portal_restart_does_not_interrupt_agents_and_they_resync(stack) -> None
 
     listener_id = stack.world.listener_a.pk
     before = {name: agent.applied() for name, agent in stack.agents.items()}
+    retries = {name: _reconnects(agent) for name, agent in stack.agents.items()}
     stack.portal.stop()
     try:
-        time.sleep(1.0)
+        # Fail static is checked once every agent has noticed the portal gone and tried again.
+        wait_for(lambda: all(_reconnects(a) > retries[n] for n, a in stack.agents.items()),
+                 "both agents to retry the stopped portal")
         for name, agent in stack.agents.items():
             assert agent.alive(), f"{name} exited when the portal went away:\n{agent.log()[-2000:]}"
             assert agent.applied() == before[name]  # fail static: still running the same state
@@ -295,10 +298,9 @@ def test_portal_restart_does_not_interrupt_agents_and_they_resync(stack) -> None
     expected = [("10.1.0.10", 8080, "active")]
     wait_for(
         lambda: all(_applied_addresses(a, listener_id) == expected for a in stack.agents.values()),
-        15,
         "both agents to resync after the portal restart",
     )
-    wait_for(lambda: stack.listener_status(listener_id) == "active", 5, "ACTIVE after the restart")
+    wait_for(lambda: stack.listener_status(listener_id) == "active", "ACTIVE after the restart")
     assert "reconnecting to the portal" in stack.agents["mux-a"].log()
 
 
@@ -333,12 +335,12 @@ def test_bad_and_revoked_tokens_are_refused(stack) -> None:
     node = AgentNode.objects.get(name="mux-b")
     code, body = stack.api("operator", "POST", f"/api/agent-nodes/{node.pk}/rotate-token/")
     assert code == 200, body
-    wait_for(lambda: "check the agent token" in mux_b.log(), 10, "mux-b to be disconnected and refused")
+    wait_for(lambda: "check the agent token" in mux_b.log(), "mux-b to be disconnected and refused")
     assert "token revoked or agent disabled" in stack.portal.log()
     mux_b.stop()
     mux_b.token = body["token"]
     mux_b.start()
-    wait_for(lambda: AgentNode.objects.get(name="mux-b").sync.connected, 10, "mux-b back with its new token")
+    wait_for(lambda: AgentNode.objects.get(name="mux-b").sync.connected, "mux-b back with its new token")
 
 
 def test_malformed_and_oversized_messages_close_with_a_logged_reason(stack) -> None:
@@ -365,7 +367,7 @@ def test_malformed_and_oversized_messages_close_with_a_logged_reason(stack) -> N
     # The portal is still serving the real agents.
     listener_id = stack.world.listener_a.pk
     _replace(stack, listener_id, [{"address": "10.1.0.11", "port": 8080}])
-    wait_for(lambda: stack.listener_status(listener_id) == "active", 5, "ACTIVE after the bad clients")
+    wait_for(lambda: stack.listener_status(listener_id) == "active", "ACTIVE after the bad clients")
 
 
 def test_unhealthy_backend_leaves_the_table_and_returns(stack) -> None:
@@ -391,14 +393,12 @@ def test_unhealthy_backend_leaves_the_table_and_returns(stack) -> None:
         all_up = [("127.0.0.1", s.port, "active") for s in services]
         wait_for(
             lambda: all(_applied_addresses(a, listener_id) == all_up for a in stack.agents.values()),
-            5,
             "agents to run the health-checked listener",
         )
         services[1].stop()
         one_down = [all_up[0], ("127.0.0.1", services[1].port, "disabled"), all_up[2]]
         wait_for(
             lambda: all(_applied_addresses(a, listener_id) == one_down for a in stack.agents.values()),
-            10,
             "the stopped backend to leave every agent's table",
         )
         for agent in stack.agents.values():
@@ -415,12 +415,10 @@ def test_unhealthy_backend_leaves_the_table_and_returns(stack) -> None:
         services[1] = TcpService(services[1].port)
         wait_for(
             lambda: all(_applied_addresses(a, listener_id) == all_up for a in stack.agents.values()),
-            10,
             "the backend to return when its service does",
         )
         wait_for(
             lambda: stack.status_tree(stack.world.vip_a.pk)["listeners"][-1]["operating_status"] == "online",
-            5,
             "operating status online",
         )
     finally:
@@ -466,13 +464,12 @@ def test_concurrent_changes_from_many_clients_converge_on_every_agent(stack) -> 
             for name, state in states.items()
         )
 
-    wait_for(converged, 10, "every agent to run the portal's document")
+    wait_for(converged, "every agent to run the portal's document")
     wait_for(
         lambda: (
             set(Listener.objects.filter(pk__in=listeners).values_list("provisioning_status", flat=True))
             == {"active"}
         ),
-        10,
         "the changed listeners ACTIVE",
     )
 

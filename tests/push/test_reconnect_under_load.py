@@ -19,10 +19,7 @@ import re
 import signal
 import sqlite3
 import subprocess
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +28,17 @@ from typing import Any
 import pytest
 
 from tests.environment import need
-from tests.push.stack import AgentProcess, CuttableProxy, PortalServer, seed_layout, seed_sqlite_layout
+from tests.push.stack import (
+    AgentProcess,
+    ChangeStream,
+    CuttableProxy,
+    PortalServer,
+    api_call,
+    seed_layout,
+    seed_sqlite_layout,
+    unsettled_listeners,
+    wait_settled,
+)
 from tests.services import database_url_for_test_db, redis_answers, wait_until
 
 # django_db: pytest-django then points the connection (and its pool) at the test database.
@@ -55,17 +62,7 @@ class Layout:
     settle_times: list[float] = field(default_factory=list)
 
     def api(self, role: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        request = urllib.request.Request(  # noqa: S310 (a loopback URL built here)
-            self.portal.http_url + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Token {self.keys[role]}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")
+        return api_call(self.portal.http_url, self.keys[role], method, path, body)
 
     def statuses(self) -> dict[int, tuple[str, int]]:
         """listener id -> (provisioning_status, current table number), from the database."""
@@ -77,68 +74,9 @@ class Layout:
 
     def unsettled(self) -> list[str]:
         """What is not yet true: listeners not ACTIVE, agents not running a listener's table."""
-        problems = []
-        statuses = self.statuses()
-        for listener_id, (status, number) in sorted(statuses.items()):
-            if status != "active":
-                problems.append(f"listener {listener_id} is {status} (table {number})")
-            for name, agent in self.agents.items():
-                running = agent.listener(listener_id)
-                if running is None or running["generation"] != number:
-                    got = None if running is None else running["generation"]
-                    problems.append(f"{name} runs listener {listener_id} at {got}, table is {number}")
-        return problems
-
-
-class ChangeStream:
-    """Tenant clients replacing their listeners' backends back to back, one thread per tenant."""
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-        self.done = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        by_role: dict[str, list[int]] = {}
-        for listener_id, role in layout.listeners.items():
-            by_role.setdefault(role, []).append(listener_id)
-        self._threads = [
-            threading.Thread(target=self._run, args=(role, ids), daemon=True) for role, ids in by_role.items()
-        ]
-
-    def _run(self, role: str, listener_ids: list[int]) -> None:
-        step = 0
-        while not self._stop.is_set():
-            listener_id = listener_ids[step % len(listener_ids)]
-            step += 1
-            backends = [
-                {"address": f"10.9.{step % 200}.{i + 1}", "port": 8000 + i} for i in range(1 + step % 3)
-            ]
-            code, body = self.layout.api(
-                role, "PUT", f"/api/listeners/{listener_id}/backends/", {"backends": backends}
-            )
-            with self._lock:
-                if code == 200:
-                    self.done += 1
-                else:
-                    self.errors.append(f"PUT listener {listener_id}: HTTP {code} {str(body)[:200]}")
-
-    def __enter__(self) -> ChangeStream:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def wait_for_changes(self, count: int) -> None:
-        deadline = time.monotonic() + 120
-        while self.done < count:
-            assert not self.errors, self.errors[:3]
-            assert time.monotonic() < deadline, f"only {self.done} of {count} changes went through in 120 s"
-            time.sleep(0.01)
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=60)
+        return unsettled_listeners(
+            {lid: (status, number, None) for lid, (status, number) in self.statuses().items()}, self.agents
+        )
 
 
 def _start_agents(layout_dir: Path, portal: PortalServer, tokens: dict[str, str]) -> tuple[dict, dict]:
@@ -162,18 +100,8 @@ def _stop_all(agents: dict, proxies: dict, portal: PortalServer | None) -> None:
 
 
 def _wait_converged(layout: Layout, timeout_s: float, what: str) -> float:
-    """Poll until nothing is unsettled; returns how long it took (fails naming what was left)."""
-    started = time.monotonic()
-    while True:
-        problems = layout.unsettled()
-        if not problems:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout_s:
-            pytest.fail(
-                f"{layout.name}: {what}: still unsettled after {timeout_s} s: {problems[:6]}\n"
-                f"portal log tail:\n{layout.portal.log()[-4000:]}"
-            )
-        time.sleep(0.05)
+    """Until nothing is unsettled; returns how long it took (fails naming what was left)."""
+    return wait_settled(layout.unsettled, timeout_s, f"{layout.name}: {what}", layout.portal.log)
 
 
 def _portal_env(extra: dict[str, str]) -> dict[str, str]:
@@ -265,12 +193,12 @@ def _kill_connections_while_acknowledging(layout: Layout) -> None:
         for proxy in layout.proxies.values():
             proxy.late_s = (0.1, 0.3, 0.5, 1.0)[repetition % 4]
         victims = names if repetition % 5 == 4 else [names[repetition % len(names)]]
-        with ChangeStream(layout) as stream:
+        with ChangeStream(layout.api, layout.listeners, tag=9) as stream:
             stream.wait_for_changes(3)
             for name in victims:
                 assert layout.proxies[name].cut() >= 1, f"{name} had no connection to cut"
-            stream.wait_for_changes(stream.done + 6)
-        assert not stream.errors, stream.errors[:3]
+            stream.wait_for_changes(stream.count(ok=True) + 6)
+        assert not stream.failures(), stream.failures()[:3]
         layout.settle_times.append(
             _wait_converged(layout, SETTLE_BUDGET_S, f"repetition {repetition + 1} (cut {victims})")
         )

@@ -238,8 +238,9 @@ def _backend_item(data: dict) -> dict:
 
 
 def _unprefixed(errors: FieldErrors) -> FieldErrors:
-    """backends[3].weight -> weight: a single-backend call reports the fields of that backend."""
-    return FieldErrors(
+    """backends[3].weight -> weight: a single-backend call reports the fields of that backend
+    (a conflict stays a conflict: same class)."""
+    return type(errors)(
         {
             re.sub(r"^backends\[\d+\]\.?", "", key) or "non_field_errors": msgs
             for key, msgs in errors.errors.items()

@@ -160,7 +160,7 @@ def test_listener_crud(world):
     clash = client.post(
         "/api/listeners/", {"vip": world.vip_a.pk, "protocol": "tcp", "port": 80}, format="json"
     )
-    assert clash.status_code == 400
+    assert clash.status_code == 409  # a port another listener holds: a conflict (docs/operations.md)
     assert "port" in clash.json()
     patched = client.patch(f"/api/listeners/{created.json()['id']}/", {"drain_timeout_s": 5}, format="json")
     assert patched.json()["drain_timeout_s"] == 5

@@ -77,3 +77,38 @@ def test_the_cap_reaches_the_document_and_sizes_the_agents_table(world):
     state = desired_state_object(mux)  # parsed and validated by the agents' own parser
     served = next(li for _, li in state.listeners() if li.id == listener.pk)
     assert served.table_size_in(state.cluster) == min(6421, state.cluster.table_size)
+
+
+def test_values_the_stored_state_refuses_are_conflicts_409_naming_the_field(world):
+    """A cap below the listener's backends, a list longer than the cap, a port another listener of
+    the VIP holds: each request is schema-valid (the contract run sends such requests), so the
+    refusal is a conflict with the current state (409, documented), not a malformed request
+    (400). The body still names the field."""
+    client = world.client("a_member")
+    listener = world.listener_a
+    count = len(services.current_backends(listener))
+    url = f"/api/listeners/{listener.pk}/"
+
+    below = client.patch(url, {"backend_cap": count - 1}, format="json")
+    assert below.status_code == 409, below.content
+    assert f"below the listener's {count} backends" in below.json()["backend_cap"][0]
+    assert Listener.objects.get(pk=listener.pk).backend_cap is None, "nothing was written"
+
+    assert client.patch(url, {"backend_cap": count}, format="json").status_code == 200
+    backends = [{"address": b["address"], "port": b["port"]} for b in services.current_backends(listener)]
+    longer = client.put(f"{url}backends/", {"backends": [*backends, {"address": "10.1.0.250", "port": 80}]},
+                        format="json")
+    assert longer.status_code == 409, longer.content
+    assert f"exceed the listener's backend_cap {count}" in longer.json()["backends"][0]
+    one_more = client.post("/api/backends/", {"listener": listener.pk, "address": "10.1.0.251", "port": 80},
+                           format="json")
+    assert one_more.status_code == 409, one_more.content
+    assert f"exceed the listener's backend_cap {count}" in one_more.json()["backends"][0]
+    assert len(services.current_backends(listener)) == count, "nothing was written"
+
+    clash = client.post("/api/listeners/", {"vip": world.vip_a.pk, "protocol": "tcp", "port": listener.port},
+                        format="json")
+    assert clash.status_code == 409, clash.content
+    assert f"listener on port {listener.port}" in clash.json()["port"][0]
+    malformed = client.patch(url, {"backend_cap": 0}, format="json")
+    assert malformed.status_code == 400, "a value no state accepts stays a 400"
