@@ -24,6 +24,7 @@ from lbagent.lab.harness import (
     write_atomically,
 )
 from lbagent.state import table_size_for_cap
+from tests.services import wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -129,10 +130,8 @@ def test_a_bad_config_file_is_refused_and_the_applied_state_kept(cluster, weight
     good = mux.config.read_text()
     try:
         write_atomically(mux.config, good.replace('"table_size": 65537', '"table_size": 65536'))
-        deadline = time.monotonic() + 10
-        while mux.metric("lbagent_config_errors_total") == errors_before:
-            assert time.monotonic() < deadline, "the daemon did not report the refused config"
-            time.sleep(0.05)
+        wait_until(lambda: mux.metric("lbagent_config_errors_total") != errors_before, timeout_s=60,
+                   interval_s=0.05, what="the daemon to report the refused config")
         assert "table_size" in mux.log_tail(), "the log does not name the offending field"
         # a refused file changes nothing: no apply, and no log line that reads as if it were applied
         tail = mux.log_tail(20_000)
@@ -154,10 +153,8 @@ def test_a_dead_exabgp_is_restarted_and_the_route_comes_back(cluster, weighted_v
     # The session drops (the router loses this mux's route), the daemon notices, starts a new
     # ExaBGP and re-announces; ECMP over both muxes again.
     wait_route(lab, VIP, [m.address for m in lab.muxes], timeout_s=30)
-    deadline = time.monotonic() + 10
-    while mux.metric("lbagent_bgp_speaker_restarts_total") < 1:
-        assert time.monotonic() < deadline, "the daemon did not count the ExaBGP restart"
-        time.sleep(0.05)
+    wait_until(lambda: mux.metric("lbagent_bgp_speaker_restarts_total") >= 1, timeout_s=60,
+               interval_s=0.05, what="the daemon to count the ExaBGP restart")
     assert int((mux.dir / "bgp" / "exabgp.pid").read_text()) != pid
     names = {connect_and_ask(lab.clients[0].netns, VIP)[2] for _ in range(30)}
     assert names <= {b.name for b in weighted_vip[0]}

@@ -54,7 +54,8 @@ def _records(path: SlowPath) -> dict[tuple, tuple[str, bool]]:
     return {tuple(r[1]): (r[3], r[4]) for r in path.record_dump()}
 
 
-def _wait_for(check, timeout_s: float = 10.0) -> None:
+def _wait_for(check, timeout_s: float = 60.0) -> None:
+    """Wait for `check` with a generous bound; the assertions after it say what is missing."""
     deadline = time.monotonic() + timeout_s
     while not check() and time.monotonic() < deadline:
         time.sleep(0.02)
