@@ -45,7 +45,15 @@ from lbagent.protocol import (
     decode_portal_message,
     encode,
 )
-from lbagent.state import DesiredState, StateError, StateParser, load_state_file, write_file_atomically
+from lbagent.state import (
+    DesiredState,
+    StateError,
+    StateParser,
+    Vip,
+    load_state_file,
+    state_json,
+    write_file_atomically,
+)
 
 logger = logging.getLogger("lbagent.portal")
 
@@ -596,12 +604,16 @@ def counters_from_metrics(text: str) -> dict[str, int]:
 
 
 class DaemonBridge:
-    """Portal mode for the kernel daemon (lbagent/daemon.py), which applies the desired state it
-    finds in its config file. Each state from the portal is written there atomically; the apply
-    returns once the daemon reports that generation applied, and raises with the daemon's
-    failure otherwise, so the portal's acknowledgement means "in the kernel"."""
+    """Portal mode for the kernel daemon (lbagent/daemon.py). Each state from the portal is
+    handed to the daemon in memory (`daemon.submit`: its parsed VIPs are the parser's reused
+    objects, so the daemon plans only what changed); the apply returns once the daemon reports
+    that generation applied, and raises with the daemon's failure otherwise, so the portal's
+    acknowledgement means "in the kernel". Each applied state is then written to the daemon's
+    config file (atomically, by a writer thread, off the acknowledgement's path), which a
+    restarted daemon runs until the portal answers (fail static)."""
 
     APPLY_TIMEOUT_S = 60.0
+    POLL_S = 0.002  # how often apply looks whether the daemon applied (a change takes ~10-100 ms)
 
     def __init__(
         self, url: str, token: str, node: str, role: str = "mux", *, stats_interval_s: float = 5.0
@@ -613,11 +625,16 @@ class DaemonBridge:
         self._thread: threading.Thread | None = None
         self._client: PortalClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._to_write: DesiredState | None = None  # applied, not yet in the config file
+        self._write_wanted = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._texts: dict[str, tuple[Vip, str]] = {}  # the config file's VIPs, as last written
+        self.config_write_errors = 0
 
     def apply(self, state: DesiredState) -> PartialApply | None:
         daemon = self.daemon
         errors = (daemon.apply_errors, daemon.config_errors)
-        _write_json_atomically(daemon.o.config, state.to_dict())
+        daemon.submit(state)
         deadline = time.monotonic() + self.APPLY_TIMEOUT_S
         while daemon.applied_generation != state.generation:
             if daemon.stopping:  # SIGTERM mid-apply: do not hold the daemon's exit for the timeout
@@ -631,9 +648,36 @@ class DaemonBridge:
                     f"the data plane did not apply generation {state.generation} within "
                     f"{self.APPLY_TIMEOUT_S:g}s"
                 )
-            time.sleep(0.01)
+            time.sleep(self.POLL_S)
         self._confirmed = state.generation
+        self._write_soon(state)
         return self._partial(daemon)
+
+    def _write_soon(self, state: DesiredState) -> None:
+        with self._write_wanted:
+            self._to_write = state
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="config-writer", daemon=True)
+                self._writer.start()
+            self._write_wanted.notify()
+
+    def _write_loop(self) -> None:
+        """Write the newest applied state to the config file (states applied meanwhile are
+        skipped: only the newest matters after a restart)."""
+        while True:
+            with self._write_wanted:
+                while self._to_write is None:
+                    self._write_wanted.wait()
+                state, self._to_write = self._to_write, None
+            try:
+                _write_atomically(self.daemon.o.config, state_json(state, self._texts))
+            except OSError as exc:
+                # Serving goes on (the daemon runs the state from memory); a restart meanwhile
+                # would start from the older file, and the portal resyncs it.
+                self.config_write_errors += 1
+                logger.error(
+                    "cannot write %s (generation %s): %s", self.daemon.o.config, state.generation, exc
+                )
 
     @staticmethod
     def _partial(daemon) -> PartialApply | None:
@@ -662,7 +706,7 @@ class DaemonBridge:
         daemon = self.daemon
         out: dict[str, int] = {}
         try:
-            out.update(counters_from_metrics(daemon.collect()))
+            out.update(counters_from_metrics(daemon.collect(summary=True)))
         except Exception:  # a metric read failing must not stop the stats frames
             # (collect() reads kernel counters and the daemon's tables while its loop changes
             # them); this frame carries the apply counters only, the next one tries again.
