@@ -173,6 +173,9 @@ class DaemonOptions:
     transitions: bool = True  # False: ignore previous generations (baseline for tests/benchmarks)
     learn: bool = False
     poll_s: float = 0.1
+    # How long start() waits for a first desired state (a valid config file, or one submitted by
+    # the portal client, whose connection and first document can take longer on a busy host).
+    first_state_timeout_s: float = 10.0
 
 
 class MuxDaemon:
@@ -836,10 +839,11 @@ class MuxDaemon:
         # the end of start() for the start-up objects.
         gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
         self.o.run_dir.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + self.o.first_state_timeout_s
         while not self._new_state():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no valid config in {self.o.config} within 10 s")
+                raise RuntimeError(f"no valid config in {self.o.config} (nor a state from the portal) "
+                                   f"within {self.o.first_state_timeout_s:g} s")
             time.sleep(0.1)
         assert self.state is not None
         cluster = self.state.cluster
@@ -991,25 +995,18 @@ class MuxDaemon:
                     "SYNs of unstable buckets the kernel pinned to the current table and forwarded",
                     "counter")
         try:
-            counters = self.dataplane.counters() if self.dataplane is not None else {}
+            # The summary needs the listeners' counters only, not the backends' (8 per listener).
+            wanted = ("l", "newflows", "slowpath_reinjected") if summary else None
+            counters = self.dataplane.counters(wanted) if self.dataplane is not None else {}
         except NftError:
             counters = {}  # table not there (yet, or removed by someone): report no kernel counters
         if summary:
-            sums = {kind: [0, 0] for kind in ("cb", "l", "pinned", "slow", "newflows")}
-            for name, (packets, nbytes) in counters.items():
-                kind = ("cb" if name.startswith("cb") else "l" if name[:1] == "l" and name[1:].isdigit()
-                        else "pinned" if name.startswith("pinned") else "slow" if name.startswith("slow")
-                        and name[4:].isdigit() else "newflows" if name.startswith("newflows") else None)
-                if kind is not None:
-                    sums[kind][0] += packets
-                    sums[kind][1] += nbytes
-            bp.add(sums["cb"][0], listener="*")
-            bb.add(sums["cb"][1], listener="*")
-            lp.add(sums["l"][0], listener="*")
-            lb.add(sums["l"][1], listener="*")
-            pp.add(sums["pinned"][0], listener="*")
-            sp.add(sums["slow"][0], listener="*")
-            nf.add(sums["newflows"][0], listener="*")
+            # Only what the portal reads (counters_from_metrics): the sums of the headline
+            # families, labelled, and the unlabelled metrics. No per-backend or per-listener samples.
+            listeners = [c for name, c in counters.items() if name[:1] == "l" and name[1:].isdigit()]
+            lp.add(sum(c[0] for c in listeners), listener="*")
+            lb.add(sum(c[1] for c in listeners), listener="*")
+            nf.add(sum(c[0] for name, c in counters.items() if name.startswith("newflows")), listener="*")
             counters = {name: c for name, c in counters.items() if name == "slowpath_reinjected"}
         for name, (packets, nbytes) in counters.items():
             if name.startswith("cb"):
@@ -1194,6 +1191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv, portal = portal_mode(argv)
     options = _parse_args(argv)
+    if portal is not None:
+        options.first_state_timeout_s = portal.FIRST_STATE_TIMEOUT_S
     daemon = MuxDaemon(options)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())

@@ -613,6 +613,9 @@ class DaemonBridge:
     restarted daemon runs until the portal answers (fail static)."""
 
     APPLY_TIMEOUT_S = 60.0
+    # The daemon's wait for its first state at start (without a config file from an earlier run):
+    # connecting, the portal's hello and first document take seconds, more on a busy host.
+    FIRST_STATE_TIMEOUT_S = 300.0
     POLL_S = 0.002  # how often apply looks whether the daemon applied (a change takes ~10-100 ms)
 
     def __init__(
