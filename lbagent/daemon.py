@@ -577,6 +577,8 @@ class MuxDaemon:
     # -- applying ---------------------------------------------------------------------------------
     def apply(self) -> None:
         now = time.time()
+        started = time.monotonic()
+        planned_before = self.vips_planned
         plans, slow, routes = self._plan(now)
         assert self.dataplane is not None
         assert self.state is not None
@@ -611,9 +613,12 @@ class MuxDaemon:
         self.apply_count += 1
         what = "applied generation" if self._state_sig != self._applied_state_sig else "re-applied generation"
         self._applied_state_sig = self._state_sig
-        log.info("%s %d: %d listeners (%d in transition, %d lingering) in %.3f s%s", what,
+        log.info("%s %d: %d listeners (%d in transition, %d lingering) in %.3f s (%d VIP(s) planned, %d "
+                 "listener(s) written; %.3f s in all with planning and saving)%s", what,
                  self.state.generation, len(plans), sum(1 for ln in slow if ln.tables.draining),
                  sum(1 for ln in slow if not ln.tables.draining), self.last_apply_s,
+                 self.vips_planned - planned_before, self.dataplane.last_changed_listeners,
+                 time.monotonic() - started,
                  f"; {len(self._refused)} VIP(s) not at their desired state" if self._refused else "")
 
     # -- each VIP's last good state, across restarts --------------------------------------------
