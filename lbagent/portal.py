@@ -632,6 +632,7 @@ class DaemonBridge:
         self._write_wanted = threading.Condition()
         self._writer: threading.Thread | None = None
         self._texts: dict[str, tuple[Vip, str]] = {}  # the config file's VIPs, as last written
+        self._writer_stopping = False
         self.config_write_errors = 0
 
     def apply(self, state: DesiredState) -> PartialApply | None:
@@ -669,8 +670,10 @@ class DaemonBridge:
         skipped: only the newest matters after a restart)."""
         while True:
             with self._write_wanted:
-                while self._to_write is None:
+                while self._to_write is None and not self._writer_stopping:
                     self._write_wanted.wait()
+                if self._to_write is None:
+                    return  # stopping, everything written
                 state, self._to_write = self._to_write, None
             try:
                 _write_atomically(self.daemon.o.config, state_json(state, self._texts))
@@ -754,6 +757,11 @@ class DaemonBridge:
             self._loop.call_soon_threadsafe(self._client.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
+        with self._write_wanted:  # the last applied state reaches the config file before exit
+            self._writer_stopping = True
+            self._write_wanted.notify()
+        if self._writer is not None:
+            self._writer.join(timeout=10)
 
 
 def portal_mode(argv: list[str] | None) -> tuple[list[str], DaemonBridge | None]:
