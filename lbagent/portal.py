@@ -152,6 +152,7 @@ CACHE_QUIET_S = 0.5  # the state cache is written once applies pause this long..
 CACHE_MAX_DELAY_S = 5.0  # ...or after this long at the latest
 CACHE_RETRY_S = 5.0  # a failed write (full disk) is tried again this often
 REFUSAL_WATCH_S = 1.0  # how often portal mode looks whether the daemon healed or lost a refused VIP
+INLINE_DECODE_BYTES = 256 * 1024  # larger frames are decoded off the event loop
 
 
 @dataclass
@@ -326,7 +327,15 @@ class PortalClient:
             async for frame in ws:
                 received = time.perf_counter()
                 try:
-                    message = decode_portal_message(frame, self._parser, self._received)
+                    if len(frame) > INLINE_DECODE_BYTES:
+                        # A whole document (a new connection, a resync): decoding thousands of
+                        # VIPs takes long enough to starve this loop's pings and stats, which the
+                        # portal reads as a dead agent. One frame at a time: order is kept.
+                        message = await asyncio.to_thread(
+                            decode_portal_message, frame, self._parser, self._received
+                        )
+                    else:
+                        message = decode_portal_message(frame, self._parser, self._received)
                 except InvalidDesiredState as exc:
                     self.counters["applied_failed"] += 1
                     logger.error("refusing desired state: %s", exc)
@@ -520,7 +529,10 @@ class PortalClient:
     async def _stats_loop(self, ws: ClientConnection) -> None:
         while True:
             await asyncio.sleep(self.stats_interval_s)
-            counters = {**{f"portal.{k}": v for k, v in self.counters.items()}, **self.driver.counters()}
+            # Off the event loop: a kernel mux reads its counters from the kernel (seconds with
+            # thousands of listeners on a busy host), and the loop must keep answering pings.
+            driver_counters = await asyncio.to_thread(self.driver.counters)
+            counters = {**{f"portal.{k}": v for k, v in self.counters.items()}, **driver_counters}
             await self._send(Stats(counters=counters))
 
 
@@ -612,7 +624,9 @@ class DaemonBridge:
     config file (atomically, by a writer thread, off the acknowledgement's path), which a
     restarted daemon runs until the portal answers (fail static)."""
 
-    APPLY_TIMEOUT_S = 60.0
+    # A first load of thousands of listeners takes minutes on a busy host (the daemon reports a
+    # failure at once; this only bounds a daemon that hangs).
+    APPLY_TIMEOUT_S = 600.0
     # The daemon's wait for its first state at start (without a config file from an earlier run):
     # connecting, the portal's hello and first document take seconds, more on a busy host.
     FIRST_STATE_TIMEOUT_S = 300.0
