@@ -398,8 +398,9 @@ def run_kernel(args: argparse.Namespace, workdir: Path) -> int:
         wait_synced(lambda: agents[0].log()[-2000:], 300)
         steady_state_pause()
         client = TenantClient(portal.http_url, key)
+        # The same bound as the kernel phase: a stalled change is a figure, not an abort.
         figures["protocol"] = asyncio.run(measure(client, listener_ids, args.changes, args.pause,
-                                                  backends_for=change_backends))
+                                                  backends_for=change_backends, timeout_s=args.load_timeout))
         client.close()
         for agent in agents:
             agent.stop()
