@@ -125,6 +125,7 @@ def measure(module, listeners: int, size: int, legacy: bool) -> dict:
     load_s = time.perf_counter() - t0
     rss_after_load = rss_bytes()
     loaded = settled_kernel_used()
+    lookup_ms = {} if legacy else set_lookup_probe(module, listeners)
     changes: dict[str, list[float]] = {"add": [], "drain": []}
     for k in range(10):
         kind = "add" if k % 2 == 0 else "drain"
@@ -139,11 +140,35 @@ def measure(module, listeners: int, size: int, legacy: bool) -> dict:
            "kernel_mib_total": round((loaded - before) / 2**20, 1),
            "transactions": getattr(dp, "transactions", None),
            "netlink_transactions": getattr(dp, "netlink_transactions", None),
-           "rss_after_load_mib": round(rss_after_load / 2**20, 1)}
+           "rss_after_load_mib": round(rss_after_load / 2**20, 1),
+           "lookup_first_ms": lookup_ms.get("first"), "lookup_last_ms": lookup_ms.get("last")}
     for kind, times in changes.items():
         row[f"{kind}_ms_median"] = round(statistics.median(times) * 1000, 1)
         row[f"{kind}_ms_max"] = round(max(times) * 1000, 1)
     return row
+
+
+def set_lookup_probe(module, listeners: int, messages: int = 100) -> dict[str, float]:
+    """What one element message costs the kernel depending on where its set is: `messages`
+    one-element batches (one transaction each, on a kept socket) to the `unstable_` set of the
+    first listener loaded, then of the last one, each element added and deleted again. nf_tables
+    finds a set by walking the table's list of sets by name (4 sets per listener, in creation
+    order), so a set created late costs a walk over all the others: what makes a full load
+    superlinear in the number of listeners."""
+    from lbagent.dataplane.nftlink import NetlinkElements, Op
+
+    writer = NetlinkElements()
+    out = {}
+    try:
+        for which, lid in (("first", 1), ("last", listeners)):
+            started = time.perf_counter()
+            for k in range(messages):
+                writer.run(module.TABLE, [Op("add", f"unstable_{lid}", np.array([k]))])
+                writer.run(module.TABLE, [Op("delete", f"unstable_{lid}", np.array([k]))])
+            out[which] = round((time.perf_counter() - started) * 1000 / (2 * messages), 3)
+    finally:
+        writer.close()
+    return out
 
 
 def load_module(legacy: bool):
@@ -224,6 +249,11 @@ def main() -> None:
                   f"{row['drain_ms_median']:>12} {row['drain_ms_max']:>7} {row['rss_after_load_mib']:>18}")
         print(f"{result['driver']:<16} peak RSS {result['peak_rss_mib']} MiB, "
               f"at the end {result['rss_end_mib']} MiB")
+        for row in result["rows"]:
+            if row.get("lookup_first_ms") is not None:
+                print(f"{result['driver']:<16} {row['listeners']:>5} listeners: one one-element transaction "
+                      f"to the first listener's set {row['lookup_first_ms']} ms, to the last one's "
+                      f"{row['lookup_last_ms']} ms (the kernel finds a set by name in a list)")
     print(json.dumps(results))
 
 

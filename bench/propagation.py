@@ -398,8 +398,9 @@ def run_kernel(args: argparse.Namespace, workdir: Path) -> int:
         wait_synced(lambda: agents[0].log()[-2000:], 300)
         steady_state_pause()
         client = TenantClient(portal.http_url, key)
+        # The same bound as the kernel phase: a stalled change is a figure, not an abort.
         figures["protocol"] = asyncio.run(measure(client, listener_ids, args.changes, args.pause,
-                                                  backends_for=change_backends))
+                                                  backends_for=change_backends, timeout_s=args.load_timeout))
         client.close()
         for agent in agents:
             agent.stop()
@@ -431,6 +432,7 @@ def run_kernel(args: argparse.Namespace, workdir: Path) -> int:
         client.close()
 
         print_machine()
+        agent_apply_breakdown(lab, muxes, after_generation=wanted)
         kernel = summarize(f"API call -> all {args.agents} kernel muxes applied (nft committed) and "
                            f"acknowledged (ACTIVE), {args.changes} changes", *figures["kernel"])
         proto = summarize("same run, same documents, protocol-only agents under the same names",
@@ -448,6 +450,31 @@ def run_kernel(args: argparse.Namespace, workdir: Path) -> int:
         link.down()
         topology.teardown(lab)
     return 0
+
+
+def agent_apply_breakdown(lab, muxes, *, after_generation: int) -> None:
+    """Where a change's time goes on the muxes, from their logs: the portal client's apply
+    (document received and decoded -> the daemon reports it in the kernel) and, inside it, the
+    daemon's apply (planning, the kernel transaction, saving its state)."""
+    import re
+
+    client = re.compile(r"lbagent\.portal INFO applied generation (\d+) \(\d+ VIPs\) in ([\d.]+) ms")
+    daemon = re.compile(r"applied generation (\d+): .* in ([\d.]+) s \((\d+) VIP\(s\) planned, (\d+) "
+                        r"listener\(s\) written; ([\d.]+) s in all")
+    for mux in muxes:
+        text = (Path(lab.run_dir) / mux.log_name).read_text(errors="replace")
+        bridge = [float(ms) for g, ms in client.findall(text) if int(g) > after_generation]
+        rows = [(float(k), int(v), int(w), float(t)) for g, k, v, w, t in daemon.findall(text)
+                if int(g) > after_generation]
+        if not bridge or not rows:
+            print(f"{mux.mux.name}: no applies after generation {after_generation} in its log")
+            continue
+        print(f"{mux.mux.name}: agent apply (received -> in the kernel) p50 "
+              f"{statistics.median(bridge):.1f} ms, p95 {percentile(bridge, 0.95):.1f} ms over "
+              f"{len(bridge)} documents; daemon apply p50 "
+              f"{statistics.median(r[3] for r in rows) * 1000:.1f} ms (kernel transaction p50 "
+              f"{statistics.median(r[0] for r in rows) * 1000:.1f} ms), VIPs planned per apply "
+              f"max {max(r[1] for r in rows)}, listeners written per apply max {max(r[2] for r in rows)}")
 
 
 def main() -> int:

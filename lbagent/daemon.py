@@ -17,6 +17,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -56,6 +57,7 @@ from lbagent.state import (
     DesiredState,
     Listener,
     StateError,
+    StateParser,
     Vip,
     dump_last_good,
     load_state_file,
@@ -149,6 +151,17 @@ def interface_of(address: str) -> tuple[str, str]:
 
 
 @dataclass
+class _VipPlan:
+    """One VIP's plan as an apply made it: reused as long as nothing it was made from changed
+    (the same Vip object, the same cluster, no drain deadline reached, no lingering table ended),
+    so a change costs what changed, not the number of VIPs on the mux."""
+
+    vip: Vip
+    planned: tuple[list[ListenerPlan], list[SlowListener], str | None, dict[int, ListenerTables]]
+    valid_until: float  # the earliest drain deadline of its tables (inf: none)
+
+
+@dataclass
 class DaemonOptions:
     config: Path
     iface: str | None = None
@@ -162,6 +175,9 @@ class DaemonOptions:
     learn: bool = False
     poll_s: float = 0.1
     pool_handover: bool = True  # False: no SYNC, no hand-over (baseline for tests)
+    # How long start() waits for a first desired state (a valid config file, or one submitted by
+    # the portal client, whose connection and first document can take longer on a busy host).
+    first_state_timeout_s: float = 10.0
 
 
 class MuxDaemon:
@@ -197,7 +213,7 @@ class MuxDaemon:
         self.last_apply_s = 0.0
         self.iface = options.iface
         self.mux_mac = ""
-        self._slow_keys: list[tuple[str, str, int]] = []
+        self._slow_keys: set[tuple[str, str, int]] = set()
         self._last_good: dict[str, Vip] = {}  # VIP address -> the last state of it in the kernel
         self._saved_last_good: dict[str, Vip] | None = None  # what last-good.json holds
         self._state_write_error: str | None = None  # why last-good.json could not be written
@@ -227,8 +243,21 @@ class MuxDaemon:
         self._planned_vips: set[str] = set()
         self.keepalive_rounds = 0
         self.lingers_ended = 0
-        self.applied_phases: dict[int, str] = {}  # listener -> phase the kernel holds (set after the apply)
+        self._applied_tables: dict[int, ListenerTables] = {}  # what the kernel holds (set after the apply)
         self._renew_wanted = threading.Event()
+        # Incremental applies. The parser reuses the Vip objects of unchanged VIPs, and each VIP's
+        # plan is kept while its Vip object is the same (`_VipPlan`): the driver then gets the very
+        # ListenerPlan objects it applied before and skips them without a look.
+        self._parser = StateParser()
+        self._vip_plans: dict[str, _VipPlan] = {}
+        self._plan_cluster: object | None = None  # the cluster the cached plans were made for
+        self.vips_planned = 0  # VIPs planned afresh (counter; the others reused their last plan)
+        # A state handed over in memory (portal mode: `submit`), taken by the main loop.
+        self._submitted: DesiredState | None = None
+        self._submitted_lock = threading.Lock()
+        self._watch_config = True  # False once states come from `submit` (portal mode)
+        self._history_texts: dict[int, tuple[ListenerTables, dict, str]] = {}  # listener -> entry saved
+        self._last_good_texts: dict[str, tuple[Vip, str]] = {}  # VIP address -> its JSON, as saved
 
     # -- config -------------------------------------------------------------------------------
     def _read_config(self) -> bool:
@@ -242,7 +271,8 @@ class MuxDaemon:
             return False
         self._config_sig = sig
         try:
-            state = load_state_file(self.o.config)
+            # Through the daemon's parser: an unchanged VIP keeps its Vip object (and its plan).
+            state = self._parser.parse(self.o.config.read_bytes())
         except (StateError, OSError, ValueError) as exc:
             self.config_errors += 1
             log.error("config %s refused, keeping the applied one: %s", self.o.config, exc)
@@ -250,6 +280,38 @@ class MuxDaemon:
         self.state = state
         self._state_sig = sig
         return True
+
+    def submit(self, state: DesiredState) -> None:
+        """Hand the daemon a new desired state in memory (portal mode; any thread): the main loop
+        applies it at once, with no file to write, read and parse again on the way. From then on
+        the config file is the portal client's copy of the state (read at the next start: fail
+        static), no longer watched."""
+        with self._submitted_lock:
+            self._submitted = state
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the main loop now (otherwise it looks every `poll_s`)."""
+        if self._close_wake_fds.alive:
+            with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the loop
+                os.write(self._wake_w, b"\0")
+
+    def _take_submitted(self) -> bool:
+        """Take the state `submit` handed over, if any (main loop)."""
+        with self._submitted_lock:
+            state, self._submitted = self._submitted, None
+        if state is None:
+            return False
+        self.state = state
+        self._state_sig = ("submitted", state.generation, id(state))  # each one is new
+        self._watch_config = False
+        return True
+
+    def _new_state(self) -> bool:
+        """A new desired state (submitted, or a changed config file): True when one was loaded."""
+        if self._take_submitted():
+            return True
+        return self._watch_config and self._read_config()
 
     # -- planning -------------------------------------------------------------------------------
     def _listener_tables(self, vip: Vip, listener: Listener, now: float) -> ListenerTables | None:
@@ -331,7 +393,27 @@ class MuxDaemon:
         retryable = False  # a refusal that may heal by itself (an ARP miss), not one the config causes
         listener_errors: dict[int, str] = {}
         last_good: dict[str, Vip] = {}
+        if self.state.cluster != self._plan_cluster:  # table sizes may follow the cluster's
+            self._vip_plans = {}
+            self._plan_cluster = self.state.cluster
+        cached_plans = self._vip_plans
+        vip_plans: dict[str, _VipPlan] = {}
         for vip in self.state.vips:
+            cached = cached_plans.get(vip.address)
+            if cached is not None and cached.vip is vip and now < cached.valid_until:
+                # Nothing this VIP's plan was made from changed: the very same plans, tables and
+                # slow-path listeners (the driver skips same-object plans without a look).
+                vip_plans[vip.address] = cached
+                vip_plans_, vip_slow, hop, vip_tables = cached.planned
+                plans += vip_plans_
+                slow += vip_slow
+                routes[vip.address] = hop
+                new_tables.update(vip_tables)
+                for listener in vip.listeners:
+                    running[listener.id] = listener.generation
+                last_good[vip.address] = vip
+                continue
+            self.vips_planned += 1
             served: Vip | None = vip
             planned = None
             try:
@@ -356,13 +438,20 @@ class MuxDaemon:
                     running[listener.id] = 0  # until `served` says otherwise: not in this kernel
             if planned is None or served is None:
                 continue
-            vip_plans, vip_slow, hop, vip_tables = planned
-            plans += vip_plans
+            vip_plans_, vip_slow, hop, vip_tables = planned
+            plans += vip_plans_
             slow += vip_slow
             routes[vip.address] = hop
             new_tables.update(vip_tables)
             running.update({listener.id: listener.generation for listener in served.listeners})
             last_good[vip.address] = served
+            if served is vip and not vip.bypass:
+                # Bypass VIPs (hand-over timers, drains before the route moves) and refused ones
+                # (retried) are planned at every apply; a served VIP's plan holds until its next
+                # drain deadline (its tables change phase then).
+                deadlines = [d for t in vip_tables.values() if (d := t.next_deadline()) is not None]
+                vip_plans[vip.address] = _VipPlan(vip, planned, min(deadlines, default=math.inf))
+        self._vip_plans = vip_plans
         for address in set(self._bypass_handover) - {v.address for v in self.state.vips if v.bypass}:
             del self._bypass_handover[address]  # left bypass (or gone): no hand-over to finish
         self.tables = new_tables
@@ -492,16 +581,18 @@ class MuxDaemon:
     # -- applying ---------------------------------------------------------------------------------
     def apply(self) -> None:
         now = time.time()
+        started = time.monotonic()
+        planned_before = self.vips_planned
         plans, slow, routes = self._plan(now)
         assert self.dataplane is not None
         assert self.state is not None
         t0 = time.monotonic()
         self.dataplane.apply(plans)  # one transaction (bounded batches for a whole-document load)
         self._kernel_vips = self._planned_vips
-        keys = sorted({(p.vip, p.protocol, p.port) for p in plans})
+        keys = {p.dispatch_key for p in plans}
         if self.slowpath is not None:
             if keys != self._slow_keys:
-                install_iptables(keys, self.o.queue_num)
+                install_iptables(sorted(keys), self.o.queue_num)
                 self._slow_keys = keys
             self.slowpath.update(slow)
         self._slow = slow
@@ -522,8 +613,7 @@ class MuxDaemon:
                     self.bgp.withdraw(prefix)
         self._save_history()
         # the phase shown is what the kernel now holds, not what was planned before the transaction
-        self.applied_phases = {lid: "draining" if t.draining else "lingering" if t.lingering else "stateless"
-                               for lid, t in self.tables.items()}
+        self._applied_tables = dict(self.tables)
         (self._last_good, self._refused, self.running_generations, self.listener_errors,
          self._retry_refused) = self._planned
         self._save_last_good()
@@ -531,9 +621,12 @@ class MuxDaemon:
         self.apply_count += 1
         what = "applied generation" if self._state_sig != self._applied_state_sig else "re-applied generation"
         self._applied_state_sig = self._state_sig
-        log.info("%s %d: %d listeners (%d in transition, %d lingering) in %.3f s%s", what,
+        log.info("%s %d: %d listeners (%d in transition, %d lingering) in %.3f s (%d VIP(s) planned, %d "
+                 "listener(s) written; %.3f s in all with planning and saving)%s", what,
                  self.state.generation, len(plans), sum(1 for ln in slow if ln.tables.draining),
                  sum(1 for ln in slow if not ln.tables.draining), self.last_apply_s,
+                 self.vips_planned - planned_before, self.dataplane.last_changed_listeners,
+                 time.monotonic() - started,
                  f"; {len(self._refused)} VIP(s) not at their desired state" if self._refused else "")
 
     # -- each VIP's last good state, across restarts --------------------------------------------
@@ -548,7 +641,8 @@ class MuxDaemon:
             return
         path = self._last_good_file()
         try:
-            write_file_atomically(path, dump_last_good(self._last_good), durable=True)
+            # Each VIP's JSON is kept as written: only changed VIPs are serialised again.
+            write_file_atomically(path, dump_last_good(self._last_good, self._last_good_texts), durable=True)
         except OSError as exc:
             self.state_write_errors += 1
             reason = f"{type(exc).__name__}: {exc.strerror or exc}"
@@ -668,6 +762,7 @@ class MuxDaemon:
             since = self._linger_quiet_since.setdefault(lid, now)
             if now - since >= listener.idle_timeout_s:
                 self.tables[lid] = tables.without_lingering()
+                self._vip_plans.pop(listener.vip, None)  # planned again from its new tables
                 self._linger_quiet_since.pop(lid, None)
                 self._linger_epoch += 1
                 self.lingers_ended += 1
@@ -681,10 +776,20 @@ class MuxDaemon:
         return self.o.run_dir / "history"
 
     def _save_history(self) -> None:
+        """history.json and one .npy per table. Only listeners whose tables changed since the last
+        save cost anything (the others' entries are kept as saved, their files are there)."""
         hdir = self._history_dir()
-        hdir.mkdir(parents=True, exist_ok=True)
-        doc: dict[str, dict] = {}
+        saved = self._history_texts
+        if not saved:
+            hdir.mkdir(parents=True, exist_ok=True)
+        current: dict[int, tuple[ListenerTables, dict, str]] = {}  # listener -> (tables, entry, JSON)
+        changed = len(saved) != len(self.tables)
         for lid, tables in self.tables.items():
+            held = saved.get(lid)
+            if held is not None and held[0] is tables:
+                current[lid] = held
+                continue
+            changed = True
             entries = []
             for g, deadline in [(tables.current, None), *((o.table, o.drain_deadline) for o in tables.old)]:
                 digest = hashlib.sha256("\0".join(g.backends).encode()).hexdigest()[:12]
@@ -693,14 +798,28 @@ class MuxDaemon:
                     np.save(path, np.asarray(g.table))
                 entries.append({"generation": g.generation, "backends": list(g.backends),
                                 "deadline": deadline, "file": path.name})
-            doc[str(lid)] = {"current": entries[0], "old": entries[1:]}
+            entry = {"current": entries[0], "old": entries[1:]}
+            current[lid] = (tables, entry, f'"{lid}":{json.dumps(entry)}')
+        if not changed:
+            return
         tmp = hdir / "history.json.tmp"
-        tmp.write_text(json.dumps(doc))
+        tmp.write_text("{" + ", ".join(text for _, _, text in current.values()) + "}")
         tmp.replace(hdir / "history.json")
-        keep = {e["file"] for d in doc.values() for e in [d["current"], *d["old"]]}
-        for f in hdir.glob("*.npy"):
-            if f.name not in keep:
-                f.unlink(missing_ok=True)
+        if not saved:  # the first save of this process: whatever an earlier one left
+            keep = {e["file"] for _, d, _ in current.values() for e in [d["current"], *d["old"]]}
+            for f in hdir.glob("*.npy"):
+                if f.name not in keep:
+                    f.unlink(missing_ok=True)
+        else:  # only the files of listeners that changed or went
+            for lid, (tables, before, _) in saved.items():
+                after = current.get(lid)
+                if after is not None and after[0] is tables:
+                    continue
+                keep = {e["file"] for e in [after[1]["current"], *after[1]["old"]]} if after else set()
+                for e in [before["current"], *before["old"]]:
+                    if e["file"] not in keep:
+                        (hdir / e["file"]).unlink(missing_ok=True)
+        self._history_texts = current
 
     def _load_history(self, now: float) -> None:
         path = self._history_dir() / "history.json"
@@ -733,10 +852,11 @@ class MuxDaemon:
         # the end of start() for the start-up objects.
         gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
         self.o.run_dir.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + 10
-        while not self._read_config():
+        deadline = time.monotonic() + self.o.first_state_timeout_s
+        while not self._new_state():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no valid config in {self.o.config} within 10 s")
+                raise RuntimeError(f"no valid config in {self.o.config} (nor a state from the portal) "
+                                   f"within {self.o.first_state_timeout_s:g} s")
             time.sleep(0.1)
         assert self.state is not None
         cluster = self.state.cluster
@@ -806,7 +926,7 @@ class MuxDaemon:
                     self.keepalive_round(time.time())
                 except (NftError, ValueError, OSError) as exc:
                     log.error("keep-alive round failed: %s", exc)
-            changed = self._read_config()
+            changed = self._new_state()
             if changed:
                 self._pool_change()
             if self.pool is not None:
@@ -845,6 +965,12 @@ class MuxDaemon:
         self.pool.change(cluster.muxes, ownership, starting=False)
 
     @property
+    def applied_phases(self) -> dict[int, str]:
+        """Listener -> the phase its tables in the kernel are in (draining, lingering, stateless)."""
+        return {lid: "draining" if t.draining else "lingering" if t.lingering else "stateless"
+                for lid, t in self._applied_tables.items()}
+
+    @property
     def stopping(self) -> bool:
         return self._stopping
 
@@ -857,7 +983,10 @@ class MuxDaemon:
 
     def _wait_for_stop(self, timeout_s: float) -> bool:
         if not self._stopping and self._close_wake_fds.alive:
-            select.select([self._wake_r], [], [], timeout_s)
+            readable, _, _ = select.select([self._wake_r], [], [], timeout_s)
+            if readable and not self._stopping:
+                with contextlib.suppress(OSError):  # bytes from `wake`: read them, or it never sleeps
+                    os.read(self._wake_r, 4096)
         return self._stopping
 
     def shutdown(self) -> None:
@@ -885,11 +1014,15 @@ class MuxDaemon:
         log.info("shutdown: done (%.2f s)", time.monotonic() - t0)
 
     # -- metrics ----------------------------------------------------------------------------------
-    def collect(self) -> str:
-        """The Prometheus text /metrics serves (the portal client reads its counters from it)."""
-        return render(self.metric_families())
+    def collect(self, *, summary: bool = False) -> str:
+        """The Prometheus text /metrics serves (the portal client reads its counters from it).
+        `summary`: each per-listener and per-backend family as one sample, its sum, labelled
+        `listener="*"` (what the portal's counters read: sums and unlabelled metrics), and no
+        per-listener phases. At 4,000 listeners the full text has about 80,000 samples and took
+        over 2 s of CPU to render and parse back, every 5 s, in the middle of the applies."""
+        return render(self.metric_families(summary=summary))
 
-    def metric_families(self) -> list[Metric]:
+    def metric_families(self, *, summary: bool = False) -> list[Metric]:
         ms: list[Metric] = []
         lp = Metric("lbagent_listener_packets_total", "Packets of a listener seen by the kernel", "counter")
         lb = Metric("lbagent_listener_bytes_total", "Bytes of a listener seen by the kernel", "counter")
@@ -903,9 +1036,19 @@ class MuxDaemon:
                     "SYNs of unstable buckets the kernel pinned to the current table and forwarded",
                     "counter")
         try:
-            counters = self.dataplane.counters() if self.dataplane is not None else {}
+            # The summary needs the listeners' counters only, not the backends' (8 per listener).
+            wanted = ("l", "newflows", "slowpath_reinjected") if summary else None
+            counters = self.dataplane.counters(wanted) if self.dataplane is not None else {}
         except NftError:
             counters = {}  # table not there (yet, or removed by someone): report no kernel counters
+        if summary:
+            # Only what the portal reads (counters_from_metrics): the sums of the headline
+            # families, labelled, and the unlabelled metrics. No per-backend or per-listener samples.
+            listeners = [c for name, c in counters.items() if name[:1] == "l" and name[1:].isdigit()]
+            lp.add(sum(c[0] for c in listeners), listener="*")
+            lb.add(sum(c[1] for c in listeners), listener="*")
+            nf.add(sum(c[0] for name, c in counters.items() if name.startswith("newflows")), listener="*")
+            counters = {name: c for name, c in counters.items() if name == "slowpath_reinjected"}
         for name, (packets, nbytes) in counters.items():
             if name.startswith("cb"):
                 lid, _, addr = name[2:].partition("_")
@@ -1001,7 +1144,7 @@ class MuxDaemon:
         phase = Metric("lbagent_listener_transition",
                        "1 per listener, labelled with its phase: draining (an old table's drain deadline is "
                        "ahead), lingering (drain over, flows of moved buckets still live) or stateless")
-        for lid, state in sorted(self.applied_phases.items()):
+        for lid, state in sorted(self.applied_phases.items()) if not summary else ():
             phase.add(1, listener=str(lid), state=state)
         ms.append(phase)
         ms.append(Metric("lbagent_flow_record_quota", "Records this mux may hold (cluster.max_records)")
@@ -1025,6 +1168,12 @@ class MuxDaemon:
             refused.add(1, vip=address)
         ms.append(refused)
         ms.append(Metric("lbagent_applies_total", "Successful applies", "counter").add(self.apply_count))
+        ms.append(Metric("lbagent_vips_planned_total",
+                         "VIPs planned afresh by an apply (a VIP nothing changed for keeps its last plan)",
+                         "counter").add(self.vips_planned))
+        ms.append(Metric("lbagent_last_apply_listeners_written",
+                         "Listeners whose kernel objects the last apply wrote (the others were left alone)")
+                  .add(self.dataplane.last_changed_listeners if self.dataplane is not None else 0))
         ms.append(Metric("lbagent_apply_errors_total", "Failed applies", "counter").add(self.apply_errors))
         ms.append(Metric("lbagent_config_errors_total", "Refused config files", "counter")
                   .add(self.config_errors))
@@ -1102,6 +1251,8 @@ def main(argv: list[str] | None = None) -> int:
 
     argv, portal = portal_mode(argv)
     options = _parse_args(argv)
+    if portal is not None:
+        options.first_state_timeout_s = portal.FIRST_STATE_TIMEOUT_S
     daemon = MuxDaemon(options)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())

@@ -45,7 +45,15 @@ from lbagent.protocol import (
     decode_portal_message,
     encode,
 )
-from lbagent.state import DesiredState, StateError, StateParser, load_state_file, write_file_atomically
+from lbagent.state import (
+    DesiredState,
+    StateError,
+    StateParser,
+    Vip,
+    load_state_file,
+    state_json,
+    write_file_atomically,
+)
 
 logger = logging.getLogger("lbagent.portal")
 
@@ -144,6 +152,7 @@ CACHE_QUIET_S = 0.5  # the state cache is written once applies pause this long..
 CACHE_MAX_DELAY_S = 5.0  # ...or after this long at the latest
 CACHE_RETRY_S = 5.0  # a failed write (full disk) is tried again this often
 REFUSAL_WATCH_S = 1.0  # how often portal mode looks whether the daemon healed or lost a refused VIP
+INLINE_DECODE_BYTES = 256 * 1024  # larger frames are decoded off the event loop
 
 
 @dataclass
@@ -318,7 +327,15 @@ class PortalClient:
             async for frame in ws:
                 received = time.perf_counter()
                 try:
-                    message = decode_portal_message(frame, self._parser, self._received)
+                    if len(frame) > INLINE_DECODE_BYTES:
+                        # A whole document (a new connection, a resync): decoding thousands of
+                        # VIPs takes long enough to starve this loop's pings and stats, which the
+                        # portal reads as a dead agent. One frame at a time: order is kept.
+                        message = await asyncio.to_thread(
+                            decode_portal_message, frame, self._parser, self._received
+                        )
+                    else:
+                        message = decode_portal_message(frame, self._parser, self._received)
                 except InvalidDesiredState as exc:
                     self.counters["applied_failed"] += 1
                     logger.error("refusing desired state: %s", exc)
@@ -512,7 +529,10 @@ class PortalClient:
     async def _stats_loop(self, ws: ClientConnection) -> None:
         while True:
             await asyncio.sleep(self.stats_interval_s)
-            counters = {**{f"portal.{k}": v for k, v in self.counters.items()}, **self.driver.counters()}
+            # Off the event loop: a kernel mux reads its counters from the kernel (seconds with
+            # thousands of listeners on a busy host), and the loop must keep answering pings.
+            driver_counters = await asyncio.to_thread(self.driver.counters)
+            counters = {**{f"portal.{k}": v for k, v in self.counters.items()}, **driver_counters}
             await self._send(Stats(counters=counters))
 
 
@@ -596,12 +616,21 @@ def counters_from_metrics(text: str) -> dict[str, int]:
 
 
 class DaemonBridge:
-    """Portal mode for the kernel daemon (lbagent/daemon.py), which applies the desired state it
-    finds in its config file. Each state from the portal is written there atomically; the apply
-    returns once the daemon reports that generation applied, and raises with the daemon's
-    failure otherwise, so the portal's acknowledgement means "in the kernel"."""
+    """Portal mode for the kernel daemon (lbagent/daemon.py). Each state from the portal is
+    handed to the daemon in memory (`daemon.submit`: its parsed VIPs are the parser's reused
+    objects, so the daemon plans only what changed); the apply returns once the daemon reports
+    that generation applied, and raises with the daemon's failure otherwise, so the portal's
+    acknowledgement means "in the kernel". Each applied state is then written to the daemon's
+    config file (atomically, by a writer thread, off the acknowledgement's path), which a
+    restarted daemon runs until the portal answers (fail static)."""
 
-    APPLY_TIMEOUT_S = 60.0
+    # A first load of thousands of listeners takes minutes on a busy host (the daemon reports a
+    # failure at once; this only bounds a daemon that hangs).
+    APPLY_TIMEOUT_S = 600.0
+    # The daemon's wait for its first state at start (without a config file from an earlier run):
+    # connecting, the portal's hello and first document take seconds, more on a busy host.
+    FIRST_STATE_TIMEOUT_S = 300.0
+    POLL_S = 0.002  # how often apply looks whether the daemon applied (a change takes ~10-100 ms)
 
     def __init__(
         self, url: str, token: str, node: str, role: str = "mux", *, stats_interval_s: float = 5.0
@@ -613,11 +642,17 @@ class DaemonBridge:
         self._thread: threading.Thread | None = None
         self._client: PortalClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._to_write: DesiredState | None = None  # applied, not yet in the config file
+        self._write_wanted = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._texts: dict[str, tuple[Vip, str]] = {}  # the config file's VIPs, as last written
+        self._writer_stopping = False
+        self.config_write_errors = 0
 
     def apply(self, state: DesiredState) -> PartialApply | None:
         daemon = self.daemon
         errors = (daemon.apply_errors, daemon.config_errors)
-        _write_json_atomically(daemon.o.config, state.to_dict())
+        daemon.submit(state)
         deadline = time.monotonic() + self.APPLY_TIMEOUT_S
         while daemon.applied_generation != state.generation:
             if daemon.stopping:  # SIGTERM mid-apply: do not hold the daemon's exit for the timeout
@@ -631,9 +666,38 @@ class DaemonBridge:
                     f"the data plane did not apply generation {state.generation} within "
                     f"{self.APPLY_TIMEOUT_S:g}s"
                 )
-            time.sleep(0.01)
+            time.sleep(self.POLL_S)
         self._confirmed = state.generation
+        self._write_soon(state)
         return self._partial(daemon)
+
+    def _write_soon(self, state: DesiredState) -> None:
+        with self._write_wanted:
+            self._to_write = state
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="config-writer", daemon=True)
+                self._writer.start()
+            self._write_wanted.notify()
+
+    def _write_loop(self) -> None:
+        """Write the newest applied state to the config file (states applied meanwhile are
+        skipped: only the newest matters after a restart)."""
+        while True:
+            with self._write_wanted:
+                while self._to_write is None and not self._writer_stopping:
+                    self._write_wanted.wait()
+                if self._to_write is None:
+                    return  # stopping, everything written
+                state, self._to_write = self._to_write, None
+            try:
+                _write_atomically(self.daemon.o.config, state_json(state, self._texts))
+            except OSError as exc:
+                # Serving goes on (the daemon runs the state from memory); a restart meanwhile
+                # would start from the older file, and the portal resyncs it.
+                self.config_write_errors += 1
+                logger.error(
+                    "cannot write %s (generation %s): %s", self.daemon.o.config, state.generation, exc
+                )
 
     @staticmethod
     def _partial(daemon) -> PartialApply | None:
@@ -662,7 +726,7 @@ class DaemonBridge:
         daemon = self.daemon
         out: dict[str, int] = {}
         try:
-            out.update(counters_from_metrics(daemon.collect()))
+            out.update(counters_from_metrics(daemon.collect(summary=True)))
         except Exception:  # a metric read failing must not stop the stats frames
             # (collect() reads kernel counters and the daemon's tables while its loop changes
             # them); this frame carries the apply counters only, the next one tries again.
@@ -707,6 +771,11 @@ class DaemonBridge:
             self._loop.call_soon_threadsafe(self._client.stop)
         if self._thread is not None:
             self._thread.join(timeout=10)
+        with self._write_wanted:  # the last applied state reaches the config file before exit
+            self._writer_stopping = True
+            self._write_wanted.notify()
+        if self._writer is not None:
+            self._writer.join(timeout=10)
 
 
 def portal_mode(argv: list[str] | None) -> tuple[list[str], DaemonBridge | None]:

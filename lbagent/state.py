@@ -674,6 +674,26 @@ def parse_state(
     return state
 
 
+def state_json(state: DesiredState, texts: dict[str, tuple[Vip, str]]) -> str:
+    """`state` as compact JSON (what `json.dumps(state.to_dict(), separators=(",", ":"))` gives),
+    serialising only the VIPs that are not the same object as in the last call: `texts` (VIP
+    address -> (Vip, its JSON)) is the caller's, kept between calls. A parser reuses unchanged
+    VIPs' objects, so writing the state after one change costs that VIP and a join."""
+    parts = []
+    seen = set()
+    for vip in state.vips:
+        held = texts.get(vip.address)
+        if held is None or held[0] is not vip:
+            held = texts[vip.address] = (vip, json.dumps(vip.to_dict(), separators=(",", ":")))
+        parts.append(held[1])
+        seen.add(vip.address)
+    for address in [a for a in texts if a not in seen]:
+        del texts[address]
+    head = json.dumps({"version": state.version, "generation": state.generation, "node": state.node,
+                       "cluster": state.cluster.to_dict()}, separators=(",", ":"))
+    return f'{head[:-1]},"vips":[{",".join(parts)}]}}'
+
+
 def load_state_file(path: str | Path) -> DesiredState:
     """Read and validate a desired-state JSON file (the daemon's config file mode)."""
     try:
@@ -690,11 +710,23 @@ def load_state_file(path: str | Path) -> DesiredState:
 LAST_GOOD_VERSION = 1
 
 
-def dump_last_good(vips: Mapping[str, Vip]) -> str:
-    return json.dumps(
-        {"version": LAST_GOOD_VERSION, "vips": [vips[address].to_dict() for address in sorted(vips)]},
-        separators=(",", ":"),
-    )
+def dump_last_good(vips: Mapping[str, Vip], texts: dict[str, tuple[Vip, str]] | None = None) -> str:
+    """The last-good document. `texts` (VIP address -> (Vip, its JSON)), kept by the caller
+    between calls, spares serialising again a VIP that is the same object as last time: the
+    daemon writes this after every apply that changed a VIP, and one change among thousands of
+    VIPs must not cost a serialisation of all of them. Same bytes either way."""
+    if texts is None:
+        texts = {}
+    parts = []
+    for address in sorted(vips):
+        vip = vips[address]
+        held = texts.get(address)
+        if held is None or held[0] is not vip:
+            held = texts[address] = (vip, json.dumps(vip.to_dict(), separators=(",", ":")))
+        parts.append(held[1])
+    for address in [a for a in texts if a not in vips]:
+        del texts[address]
+    return f'{{"version":{LAST_GOOD_VERSION},"vips":[{",".join(parts)}]}}'
 
 
 def parse_last_good(text: str | bytes) -> dict[str, Vip]:

@@ -306,19 +306,59 @@ def op_elements(ops: Sequence[Change]) -> int:
 
 
 class NetlinkElements:
-    """Sends a list of `Op`s as one nf_tables batch (one transaction) and waits for its answer."""
+    """Sends a list of `Op`s as one nf_tables batch (one transaction) and waits for its answer.
+
+    The socket is kept between batches: closing a socket after a batch that deleted elements
+    waits for the kernel's deferred release of the transaction (an RCU grace period, 8-16 ms
+    here), which one change among thousands of listeners paid every time. Sequence numbers
+    keep growing across batches, so an answer left from an earlier batch is never taken for
+    one of this batch's; after any failure the socket is dropped and the next batch opens one."""
 
     def __init__(self, family: int = NFPROTO_NETDEV) -> None:
         self.family = family
+        self._sock: socket.socket | None = None
+        self._seq = 0
+        self._lock = threading.Lock()  # one batch at a time on the kept socket
+
+    def _socket(self, payload_bytes: int) -> socket.socket:
+        sock = self._sock
+        if sock is None:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            sock.bind((0, 0))
+            with contextlib.suppress(OSError):  # SO_RCVBUFFORCE (33): room for the error reports
+                sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)
+            # Generous: the kernel answers in milliseconds to seconds; this only keeps a lost
+            # ack from hanging the daemon forever.
+            sock.settimeout(120)
+            self._sock = sock
+        with contextlib.suppress(OSError):  # SO_SNDBUFFORCE (32): root may exceed wmem_max
+            sock.setsockopt(socket.SOL_SOCKET, 32, max(1 << 20, 2 * payload_bytes))
+        return sock
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_unlocked()
+
+    def close_unlocked(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._seq = 0
 
     def run(self, table: str, ops: Sequence[Change]) -> None:
         """All or nothing: a refused message (a missing element, a set in use) rolls back the
         whole batch and raises NetlinkError naming that message."""
-        res = struct.pack("!H", NFNL_SUBSYS_NFTABLES)
         messages = [m for op in ops for m in op.messages(table)]
         if not messages:
             return
-        seq = 1
+        with self._lock:
+            self._run(messages)
+
+    def _run(self, messages: list[tuple[int, str, bytes, bool]]) -> None:
+        res = struct.pack("!H", NFNL_SUBSYS_NFTABLES)
+        if self._seq > 1 << 30:
+            self.close_unlocked()  # a fresh socket before the 32-bit sequence numbers wrap
+        seq = first_seq = self._seq + 1
         batch_tail = struct.pack("=BB", 0, 0) + res
         parts = [struct.pack("=IHHII", 20, _BATCH_BEGIN, NLM_F_REQUEST, seq, 0) + batch_tail]
         names: dict[int, str] = {}
@@ -335,17 +375,11 @@ class NetlinkElements:
                                      flags, seq, 0) + body)
         seq += 1
         parts.append(struct.pack("=IHHII", 20, _BATCH_END, NLM_F_REQUEST, seq, 0) + batch_tail)
+        self._seq = seq
         payload = b"".join(parts)
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        ok = False
         try:
-            sock.bind((0, 0))
-            with contextlib.suppress(OSError):  # SO_SNDBUFFORCE (32): root may exceed wmem_max
-                sock.setsockopt(socket.SOL_SOCKET, 32, max(1 << 20, 2 * len(payload)))
-            with contextlib.suppress(OSError):  # SO_RCVBUFFORCE (33): room for the error reports
-                sock.setsockopt(socket.SOL_SOCKET, 33, 1 << 20)
-            # Generous: the kernel answers in milliseconds to seconds; this only keeps a lost
-            # ack from hanging the daemon forever.
-            sock.settimeout(120)
+            sock = self._socket(len(payload))
             sock.send(payload)
             pending = {seq - 1}  # the last message's ack ends the transaction's answer
             while pending:
@@ -353,7 +387,7 @@ class NetlinkElements:
                 pos = 0
                 while pos + 16 <= len(data):
                     length, kind, _flags, msg_seq, _pid = struct.unpack_from("=IHHII", data, pos)
-                    if kind == NLMSG_ERROR:
+                    if kind == NLMSG_ERROR and msg_seq >= first_seq:  # not an earlier batch's
                         (err,) = struct.unpack_from("=i", data, pos + 16)
                         if err != 0:
                             what = names.get(msg_seq, f"message {msg_seq}")
@@ -361,10 +395,13 @@ class NetlinkElements:
                                                f"{os.strerror(-err)}")
                         pending.discard(msg_seq)
                     pos += (length + 3) & ~3
+            ok = True
         except OSError as exc:
             raise NetlinkError(f"nf_tables batch: {exc}") from exc
         finally:
-            sock.close()
+            if not ok and self._sock is not None:  # refused or failed: start the next one afresh
+                self._sock.close()
+                self._sock = None
 
 
 def mac_values(backends: Sequence[tuple[str, str]], table: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 import uuid
 
@@ -482,3 +483,105 @@ def test_a_listener_changing_address_family_gets_rules_and_learn_map_of_its_fami
     assert "jhash ip saddr" in cli.run("list chain netdev lbagent l4")
     assert _elements(cli, "map", "dispatch6") == {}
     assert _elements(cli, "map", "cur_4") == _planned_cur(v4)
+
+
+# -- the daemon: a change to one VIP among many plans and writes that VIP only ------------------
+
+DAEMON_VIPS = 40
+
+
+def _daemon_document(generation: int, changed: dict[int, int], deadline: float = 0.0) -> dict:
+    """DAEMON_VIPS VIPs x 2 TCP listeners x 4 backends (MACs given: nothing to resolve).
+    `changed`: listener id -> generation; such a listener's fourth backend is replaced by a fifth
+    host, the four of generation 1 draining as its `previous` until `deadline`."""
+    def backend(vip: int, host: int) -> dict:
+        return {"address": f"10.20.{vip}.{host}", "port": 80, "mac": f"02:00:00:20:{vip:02x}:{host:02x}"}
+
+    vips = []
+    for v in range(DAEMON_VIPS):
+        listeners = []
+        for k, port in enumerate((80, 443)):
+            lid = 1 + 2 * v + k
+            hosts = [1, 2, 3, 4]
+            previous = None
+            if lid in changed:
+                hosts = [1, 2, 3, 5]
+                previous = {"generation": changed[lid] - 1, "backends": [backend(v, h) for h in (1, 2, 3, 4)],
+                            "drain_deadline": deadline}
+            listeners.append({"id": lid, "protocol": "tcp", "port": port, "generation": changed.get(lid, 1),
+                              "backends": [backend(v, h) for h in hosts], "previous": previous})
+        vips.append({"address": f"203.0.113.{v + 1}", "listeners": listeners})
+    return {"version": 1, "generation": generation, "node": "mux-1",
+            "cluster": {"hash_seed": 7, "table_size": 251, "owner_seed": 9, "max_records": 10000,
+                        "muxes": [{"name": "mux-1", "address": "10.20.255.1", "peer_port": 7070}],
+                        "peer_key": "00" * 16, "redirect_key": "11" * 16},
+            "vips": vips}
+
+
+def test_the_daemon_plans_and_writes_only_the_vip_a_change_touches(netns, tmp_path):
+    """One backend replaced on one listener of 40 VIPs: the daemon plans that VIP alone (its
+    other VIPs keep their plans), the kernel driver writes that listener alone, and the kernel
+    holds the new backend. The daemon's own counters say so (/metrics)."""
+    from lbagent.metrics import parse as parse_metrics
+    from tests.services import wait_until
+
+    need_binary("curl")
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+    config = tmp_path / "state.json"
+    config.write_text(json.dumps(_daemon_document(1, {})))
+    run_dir = tmp_path / "run"
+    port = 19000 + os.getpid() % 1000
+    log = open(tmp_path / "daemon.log", "w")  # noqa: SIM115 (closed in the finally)
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "lbagent.daemon",
+                             "--config", str(config), "--iface", "eth0", "--run-dir", str(run_dir),
+                             "--metrics", f"127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+
+    def metrics() -> dict[str, float]:
+        out = subprocess.run(["ip", "netns", "exec", netns, "curl", "-sf",
+                              f"http://127.0.0.1:{port}/metrics"], capture_output=True, text=True,
+                             check=False).stdout
+        return {name: value for (name, labels), value in parse_metrics(out or "").items() if not labels}
+
+    def at_generation(generation: int):
+        def check():
+            m = metrics()
+            return m if m.get("lbagent_config_generation") == generation else None
+        return check
+
+    try:
+        loaded = wait_until(at_generation(1), timeout_s=120, what="the daemon to apply generation 1 "
+                            f"(log: {tmp_path / 'daemon.log'})")
+        assert loaded["lbagent_vips_planned_total"] == DAEMON_VIPS
+        assert loaded["lbagent_last_apply_listeners_written"] == 2 * DAEMON_VIPS
+
+        changed_lid = 2 * 17 + 2  # VIP 17's second listener
+        deadline = time.time() + 600
+        config.write_text(json.dumps(_daemon_document(2, {changed_lid: 2}, deadline)))
+        after = wait_until(at_generation(2), timeout_s=120, what="the daemon to apply generation 2")
+        assert after["lbagent_vips_planned_total"] - loaded["lbagent_vips_planned_total"] == 1
+        assert after["lbagent_last_apply_listeners_written"] == 1
+
+        # The change is in the kernel: the listener's current table names the new host's MAC;
+        # its neighbour on the same VIP still has the four hosts of generation 1.
+        def macs_of(lid: int) -> set[str]:
+            out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "map", "netdev",
+                                  "lbagent", f"cur_{lid}"], capture_output=True, text=True, check=True).stdout
+            return {mac for item in json.loads(out)["nftables"] if "map" in item
+                    for _, mac in item["map"].get("elem", [])}
+
+        assert macs_of(changed_lid) == {f"02:00:00:20:11:{h:02x}" for h in (1, 2, 3, 5)}
+        assert macs_of(changed_lid - 1) == {f"02:00:00:20:11:{h:02x}" for h in (1, 2, 3, 4)}
+
+        # Nothing changed: a new document number with the same content plans nothing again.
+        config.write_text(json.dumps(_daemon_document(3, {changed_lid: 2}, deadline)))
+        again = wait_until(at_generation(3), timeout_s=120, what="the daemon to apply generation 3")
+        assert again["lbagent_vips_planned_total"] == after["lbagent_vips_planned_total"]
+        assert again["lbagent_last_apply_listeners_written"] == 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -329,8 +329,9 @@ def test_table_driver_builds_maglev_tables_and_reuses_unchanged_ones(tmp_path) -
 
 
 class FileDrivenDaemon:
-    """Stand-in for lbagent.daemon.MuxDaemon's file contract (its real data plane needs root and
-    namespaces; the lab tests cover it): polls its config file and applies what it finds."""
+    """Stand-in for lbagent.daemon.MuxDaemon's contract with the bridge (its real data plane needs
+    root and namespaces; the lab tests cover it): applies what `submit` hands it, and what it
+    finds in its config file."""
 
     def __init__(self, config, refuse_port: int | None = None) -> None:
         import types
@@ -362,18 +363,22 @@ class FileDrivenDaemon:
             except StateError:
                 self.config_errors += 1
                 continue
-            if any(li.port == self.refuse_port for _, li in state.listeners()):
-                self.apply_errors += 1
-                continue
-            self.applied_generation = state.generation
-            self.apply_count += 1
+            if state.generation > self.applied_generation:  # not the bridge's copy of a submitted one
+                self.submit(state)
+
+    def submit(self, state) -> None:
+        if any(li.port == self.refuse_port for _, li in state.listeners()):
+            self.apply_errors += 1
+            return
+        self.applied_generation = state.generation
+        self.apply_count += 1
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def collect(self) -> str:
-        """The daemon's Prometheus text, in the shape MuxDaemon.collect() renders it."""
+    def collect(self, *, summary: bool = False) -> str:
+        """The daemon's Prometheus text, in the shape MuxDaemon.collect(summary=True) renders it."""
         from lbagent.metrics import Metric, render
 
         return render(

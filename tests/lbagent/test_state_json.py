@@ -1,0 +1,59 @@
+"""The state the portal-mode daemon's bridge writes to the config file (fail static across a
+restart) reads back as the state it applied, and after a change only the changed VIP is
+serialised again."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from lbagent.state import StateParser, dump_last_good, parse_last_good, parse_state, state_json
+
+
+def _document(generation: int, vips: int = 5) -> dict:
+    return {
+        "version": 1,
+        "generation": generation,
+        "node": "mux-a",
+        "cluster": {"hash_seed": 1, "table_size": 251, "owner_seed": 2, "max_records": 1000,
+                    "muxes": [{"name": "mux-a", "address": "10.0.0.1", "peer_port": 7070}],
+                    "peer_key": "00" * 16, "redirect_key": "11" * 16},
+        "vips": [{"address": f"203.0.113.{v + 1}", "listeners": [
+            {"id": v + 1, "protocol": "tcp", "port": 80, "generation": 1,
+             "backends": [{"address": f"10.1.{v}.{b + 1}", "port": 80} for b in range(3)]}]}
+            for v in range(vips)],
+    }
+
+
+def test_the_written_state_reads_back_as_the_applied_one_and_only_changed_vips_are_serialised():
+    parser = StateParser()
+    first = parser.parse(_document(1))
+    texts: dict = {}
+    written = state_json(first, texts)
+    assert json.loads(written) == json.loads(json.dumps(first.to_dict()))
+    assert parse_state(written) == first
+
+    changed = copy.deepcopy(_document(2))
+    changed["vips"][3]["listeners"][0]["backends"][0]["port"] = 8080
+    second = parser.parse(changed)
+    before = dict(texts)
+    written = state_json(second, texts)
+    assert parse_state(written) == second
+    # The unchanged VIPs kept their parsed objects, so their JSON was not made again.
+    kept = [texts[v.address][1] is before[v.address][1] for v in second.vips]
+    assert kept == [True, True, True, False, True]
+
+    # A VIP that went is dropped from the kept texts.
+    gone = _document(3)
+    del gone["vips"][0]
+    third = parser.parse(gone)
+    assert parse_state(state_json(third, texts)) == third
+    assert set(texts) == {v.address for v in third.vips}
+
+
+def test_last_good_with_kept_texts_is_the_same_document():
+    state = parse_state(_document(1))
+    vips = {v.address: v for v in state.vips}
+    texts: dict = {}
+    assert dump_last_good(vips, texts) == dump_last_good(vips)
+    assert parse_last_good(dump_last_good(vips, texts)) == vips
