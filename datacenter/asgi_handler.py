@@ -9,17 +9,24 @@ percent of a small API call's CPU time (docs/bench-load.md).
 
 This handler loads the middleware in sync mode (as WSGI does) and runs the signal, the whole
 chain with the view, and, for a response that is not streamed, its close in ONE sync_to_async
-call, on the request's own thread as Django does (ThreadSensitiveContext: one thread per
-request, so the database connection a request uses is the one its close returns). The body is
-then sent from the event loop. A streamed response (static files) is sent and closed the way
-Django does. What is not kept: Django's listening for a client disconnect while a view runs,
-which can only cancel async views (there are none; a sync view runs to its end either way).
+call; the body is then sent from the event loop. Each request's sync part runs, start to close,
+on one thread of a pool kept for the process: Django starts a new thread for every request
+(ThreadSensitiveContext) and joins it at the end, which under load showed up as a tenth of a web
+worker's samples (py-spy). One request at a time per thread, as before, so the database
+connection a request uses is the one its close (request_finished) hands back to the pool.
+
+A streamed response (static files, which touch no database) is sent and then closed the way
+Django does, on any pool thread. What is not kept: Django's listening for a client disconnect
+while a view runs, which can only cancel async views (there are none; a sync view runs to its
+end either way).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import django
-from asgiref.sync import ThreadSensitiveContext, sync_to_async
+from asgiref.sync import sync_to_async
 from django.core import signals
 from django.core.exceptions import RequestAborted
 from django.core.handlers import base
@@ -31,15 +38,19 @@ from django.urls import set_script_prefix
 class OneHopASGIHandler(ASGIHandler):
     """ASGIHandler for a project of sync views: one thread hand-over per request."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int) -> None:
         base.BaseHandler.__init__(self)
         self.load_middleware(is_async=False)
+        # More requests than threads wait for one, in order (the executor's queue is FIFO).
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="django-http")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             raise ValueError(f"Django can only handle ASGI/HTTP connections, not {scope['type']}.")
-        async with ThreadSensitiveContext():
-            await self.handle(scope, receive, send)
+        await self.handle(scope, receive, send)
+
+    def _on_thread(self, function):
+        return sync_to_async(function, thread_sensitive=False, executor=self._threads)
 
     async def handle(self, scope, receive, send) -> None:
         try:
@@ -48,10 +59,10 @@ class OneHopASGIHandler(ASGIHandler):
             return
         set_script_prefix(get_script_prefix(scope))
         try:
-            response = await sync_to_async(self._respond, thread_sensitive=True)(scope, body_file)
+            response = await self._on_thread(self._respond)(scope, body_file)
             await self.send_response(response, send)
             if response.streaming:
-                await sync_to_async(response.close, thread_sensitive=True)()
+                await self._on_thread(response.close)()
         finally:
             body_file.close()
 
@@ -71,6 +82,9 @@ class OneHopASGIHandler(ASGIHandler):
 
 
 def get_one_hop_asgi_application() -> OneHopASGIHandler:
-    """django.core.asgi.get_asgi_application, with this handler."""
+    """django.core.asgi.get_asgi_application, with this handler: as many threads as requests may
+    run Django at once (DATACENTER_HTTP_CONCURRENCY; 32 when that limit is off)."""
     django.setup(set_prefix=False)
-    return OneHopASGIHandler()
+    from django.conf import settings
+
+    return OneHopASGIHandler(settings.DATACENTER_HTTP_CONCURRENCY or 32)
