@@ -60,15 +60,41 @@ OPERATORS_GROUP = "lb.operators"
 # --- channel layer --------------------------------------------------------------------------------
 
 
+async def _groups_with_members(layer, groups: list[str]) -> set[str]:
+    """Which of these groups have members, in one Redis round trip per host.
+
+    channels_redis' group_send makes two round trips (drop expired members, list members) even
+    for a group nobody is in, and most groups an event goes to are empty (a tenant's, a VIP's, a
+    listener's dashboard groups when no browser watches them): under load, those sends were
+    about a third of a web worker's CPU samples (py-spy, docs/bench-load.md). A group found empty
+    here is skipped, which is what group_send does with it (a member joining meanwhile misses
+    the message either way). Layers other than channels_redis: every group counts as occupied."""
+    if not all(hasattr(layer, name) for name in ("_group_key", "consistent_hash", "connection")):
+        return set(groups)
+    by_host: dict[int, list[str]] = {}
+    for group in dict.fromkeys(groups):
+        by_host.setdefault(layer.consistent_hash(group), []).append(group)
+    occupied: set[str] = set()
+    for index, own in by_host.items():
+        pipe = layer.connection(index).pipeline(transaction=False)
+        for group in own:
+            pipe.zcard(layer._group_key(group))
+        counts = await pipe.execute()
+        occupied.update(group for group, count in zip(own, counts, strict=True) if count)
+    return occupied
+
+
 def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
-    """group_send every (group, message) in one trip to the event loop."""
+    """group_send every (group, message) in one trip to the event loop, skipping empty groups."""
     layer = get_channel_layer()
     if layer is None or not messages:
         return
 
     async def send() -> None:
+        occupied = await _groups_with_members(layer, [group for group, _ in messages])
         for group, message in messages:
-            await layer.group_send(group, message)
+            if group in occupied:
+                await layer.group_send(group, message)
 
     try:
         async_to_sync(send)()
