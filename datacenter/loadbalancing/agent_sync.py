@@ -19,6 +19,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Exists, F, OuterRef, Q, Subquery
 from django.db.models.signals import post_delete, post_save
@@ -69,7 +70,9 @@ async def _groups_with_members(layer, groups: list[str]) -> set[str]:
     about a third of a web worker's CPU samples (py-spy, docs/bench-load.md). A group found empty
     here is skipped, which is what group_send does with it (a member joining meanwhile misses
     the message either way). Layers other than channels_redis: every group counts as occupied."""
-    if not all(hasattr(layer, name) for name in ("_group_key", "consistent_hash", "connection")):
+    if not settings.DATACENTER_SKIP_EMPTY_GROUPS or not all(
+        hasattr(layer, name) for name in ("_group_key", "consistent_hash", "connection")
+    ):
         return set(groups)
     by_host: dict[int, list[str]] = {}
     for group in dict.fromkeys(groups):
