@@ -666,7 +666,27 @@ def _muxes() -> list[dict[str, Any]]:
 def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled: bool = True) -> None:
     """Recompute provisioning_status of the given listeners (all when None), and of every
     listener not ACTIVE unless `include_unsettled` is False (the caller knows that only the
-    given listeners can have changed: their own tables or acknowledgements)."""
+    given listeners can have changed: their own tables or acknowledgements).
+
+    Read and write under the listeners' row locks (taken in id order), in one transaction: an
+    evaluation that read before another agent's ack or a replace committed must not write its
+    verdict after a later evaluation or the replace did. Unlocked, under the 40-client load
+    (replaces holding a listener's lock for up to seconds while they wait for the push lock), a
+    stale ACTIVE landed over a replace's PENDING_UPDATE, and then a stale PENDING_UPDATE over
+    the last ack's evaluation (which, reading ACTIVE, wrote nothing): listeners stayed pending
+    for good (docs/bench-load.md)."""
+    with transaction.atomic():
+        messages = _evaluate_locked(listener_ids, include_unsettled)
+    if messages is None:
+        return
+    listener_messages, vip_ids = messages
+    _send_all(listener_messages)  # the listeners' news first: the VIPs' needs two more queries
+    _send_all(_update_vip_provisioning(vip_ids))
+
+
+def _evaluate_locked(
+    listener_ids: Iterable[int] | None, include_unsettled: bool
+) -> tuple[list[tuple[str, dict[str, Any]]], set[int]] | None:
     if listener_ids is None:
         candidates = Listener.objects.all()
     elif include_unsettled:
@@ -676,6 +696,9 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
         )
     else:
         candidates = Listener.objects.filter(pk__in=set(listener_ids))
+    # The aggregate below cannot lock (no FOR UPDATE with GROUP BY): lock first, then read what
+    # was committed before the locks were granted.
+    list(candidates.select_for_update().order_by("pk").values_list("pk", flat=True))
     live_mux = Q(role=AgentRole.MUX, enabled=True)
     mux_count = (
         AgentNode.objects.filter(live_mux).order_by().values("role").annotate(n=Count("pk")).values("n")
@@ -706,7 +729,7 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
         )
     )
     if not listeners or not listeners[0].muxes:
-        return  # nothing to settle, or nobody to apply anything: leave the status pending
+        return None  # nothing to settle, or nobody to apply anything: leave the status pending
     erring: list[int] = []
     acks: dict[tuple[int, int], int] = {}
     if listeners[0].any_error:  # rare: which of the muxes still owing a listener failed to apply?
@@ -749,8 +772,7 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
             )
     for status, ids in updates.items():
         Listener.objects.filter(pk__in=ids).update(provisioning_status=status)
-    _send_all(messages)  # the listeners' news first: the VIPs' needs two more queries
-    _send_all(_update_vip_provisioning(vip_ids))
+    return messages, vip_ids
 
 
 def _update_vip_provisioning(vip_ids: set[int]) -> list[tuple[str, dict[str, Any]]]:
