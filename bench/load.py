@@ -295,7 +295,7 @@ def describe(ref: str) -> str:
 
 
 def cpu_only(args: argparse.Namespace) -> int:
-    """CPU time per request of each kind through Django's ASGI handler in this process: no server,
+    """CPU time per request of each kind through the code's ASGI application in this process: no server,
     no concurrency, the kinds interleaved. Process CPU time hardly depends on other work on the
     machine, so this compares two codes' work per request on a busy machine."""
     import asyncio
@@ -317,11 +317,11 @@ def cpu_only(args: argparse.Namespace) -> int:
 
         django.setup()
         from asgiref.testing import ApplicationCommunicator
-        from django.core.handlers.asgi import ASGIHandler
 
         client_seed, _ = seed(args.tenants, args.vips, args.clients, 0)
         key, listeners = client_seed[0]
-        app = ASGIHandler()
+        # What uvicorn serves (the code's own HTTP handler and its wrappers), without uvicorn.
+        from datacenter.asgi import application as app
         headers = [(b"host", b"127.0.0.1"), (b"authorization", f"Token {key}".encode()),
                    (b"content-type", b"application/json")]  # fmt: skip
 
@@ -363,6 +363,9 @@ def cpu_only(args: argparse.Namespace) -> int:
                     cpu[kind] += time.process_time() - started
             return {kind: total / args.cpu_only * 1000 for kind, total in cpu.items()}
 
+        if args.profile:
+            asyncio.run(profile(call, request, args.cpu_only, args.profile))
+            return 0
         per_kind = asyncio.run(measure())
     finally:
         from django.db import connections
@@ -379,6 +382,31 @@ def cpu_only(args: argparse.Namespace) -> int:
     result = {"code": code, "cpu_ms": per_kind, "cpu_ms_mix": mix, "load_avg": os.getloadavg()[0]}
     print(RESULT_PREFIX + json.dumps(result))
     return 0
+
+
+async def profile(call, request, count: int, prefix: str) -> None:
+    """--profile: yappi (CPU clock, every thread: the view runs on sync_to_async's) over `count`
+    requests of each kind; writes PREFIX.<kind>.prof (pstats) and prints the top functions."""
+    import pstats
+
+    import yappi
+
+    for step in range(10):  # warm-up, as measure() does
+        for kind in KINDS:
+            await call(*request(kind, step))
+    yappi.set_clock_type("cpu")
+    for kind in KINDS:
+        yappi.clear_stats()
+        yappi.start()
+        for step in range(count):
+            await call(*request(kind, 100 + step))
+        yappi.stop()
+        path = f"{prefix}.{kind}.prof"
+        yappi.get_func_stats().save(path, type="pstat")
+        print(f"=== {kind}: {count} requests, {path}")
+        stats = pstats.Stats(path)
+        stats.sort_stats("cumulative").print_stats(45)
+        stats.sort_stats("tottime").print_stats(30)
 
 
 def unpack(ref: str) -> Path:
@@ -469,6 +497,11 @@ def main() -> int:
         type=int,
         metavar="N",
         help="no server: CPU time per request of each kind, N of each, through the ASGI handler in-process",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="PREFIX",
+        help="with --cpu-only: profile each kind with yappi (writes PREFIX.<kind>.prof, prints the top)",
     )
     args = parser.parse_args()
     if args.clients % args.tenants or args.vips % args.tenants:

@@ -9,16 +9,23 @@ from urllib.parse import urlparse
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "datacenter.settings")
 
-from django.core.asgi import get_asgi_application
+if os.environ.get("DATACENTER_ASGI_ONE_HOP", "1") == "0":  # Django's own handler, to compare
+    from django.core.asgi import get_asgi_application
 
-django_asgi_app = get_asgi_application()  # sets Django up before anything imports models
+    django_asgi_app = get_asgi_application()
+else:
+    from datacenter.asgi_handler import get_one_hop_asgi_application
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from django.conf import settings  # noqa: E402
-from django.http.request import validate_host  # noqa: E402
+    # Sets Django up before anything imports models. One thread hand-over per request instead of
+    # Django's five (datacenter/asgi_handler.py).
+    django_asgi_app = get_one_hop_asgi_application()
 
-from datacenter.api.concurrency import HttpConcurrencyLimit  # noqa: E402
+from channels.auth import AuthMiddlewareStack
+from channels.routing import ProtocolTypeRouter, URLRouter
+from django.conf import settings
+from django.http.request import validate_host
+
+from datacenter.api.concurrency import HttpConcurrencyLimit
 
 logger = logging.getLogger(__name__)
 

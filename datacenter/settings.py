@@ -21,6 +21,9 @@ Environment variables:
   DATACENTER_TOKEN_GRACE_S   seconds a rotated API/agent token keeps working, default 0 (?grace_s= per call)
   DATACENTER_HTTP_CONCURRENCY  HTTP requests one web process runs at once, default 16 (the others
                              wait their turn, none is refused; 0: no limit; datacenter/api/concurrency.py)
+  DATACENTER_VIP_LIST_CACHE  "0": no VIP list cache (datacenter/loadbalancing/vip_list_cache.py; default on)
+  DATACENTER_SKIP_EMPTY_GROUPS  "0": events go to every channel group, joined or not (default: skip empty)
+  DATACENTER_ASGI_ONE_HOP    "0": Django's own ASGI handler instead of datacenter/asgi_handler.py (default on)
   DATACENTER_LOGIN_RATE      login POSTs per client address and user name, default "30/min"
                              (ten times that per address alone)
 """
@@ -280,6 +283,13 @@ else:
 # database pool's 20, so requests beyond it wait in the event loop instead of for a connection
 # (10 s, then an error), and the agent connections' acknowledgements always find one.
 DATACENTER_HTTP_CONCURRENCY = int(os.environ.get("DATACENTER_HTTP_CONCURRENCY", "16"))
+
+# The VIP list from a per-process cache checked against per-tenant versions that database
+# triggers bump (datacenter/loadbalancing/vip_list_cache.py); "0" turns it off.
+DATACENTER_VIP_LIST_CACHE = os.environ.get("DATACENTER_VIP_LIST_CACHE", "1") != "0"
+
+# Events skip channel groups nobody joined (agent_sync._groups_with_members); "0": send to all.
+DATACENTER_SKIP_EMPTY_GROUPS = os.environ.get("DATACENTER_SKIP_EMPTY_GROUPS", "1") != "0"
 
 # High defaults: abuse protection, never a limit the suite or the benchmarks meet.
 DATACENTER_API_TOKEN_RATE = os.environ.get("DATACENTER_API_TOKEN_RATE", "20000/min")

@@ -19,6 +19,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Exists, F, OuterRef, Q, Subquery
 from django.db.models.signals import post_delete, post_save
@@ -60,15 +61,43 @@ OPERATORS_GROUP = "lb.operators"
 # --- channel layer --------------------------------------------------------------------------------
 
 
+async def _groups_with_members(layer, groups: list[str]) -> set[str]:
+    """Which of these groups have members, in one Redis round trip per host.
+
+    channels_redis' group_send makes two round trips (drop expired members, list members) even
+    for a group nobody is in, and most groups an event goes to are empty (a tenant's, a VIP's, a
+    listener's dashboard groups when no browser watches them): under load, those sends were
+    about a third of a web worker's CPU samples (py-spy, docs/bench-load.md). A group found empty
+    here is skipped, which is what group_send does with it (a member joining meanwhile misses
+    the message either way). Layers other than channels_redis: every group counts as occupied."""
+    if not settings.DATACENTER_SKIP_EMPTY_GROUPS or not all(
+        hasattr(layer, name) for name in ("_group_key", "consistent_hash", "connection")
+    ):
+        return set(groups)
+    by_host: dict[int, list[str]] = {}
+    for group in dict.fromkeys(groups):
+        by_host.setdefault(layer.consistent_hash(group), []).append(group)
+    occupied: set[str] = set()
+    for index, own in by_host.items():
+        pipe = layer.connection(index).pipeline(transaction=False)
+        for group in own:
+            pipe.zcard(layer._group_key(group))
+        counts = await pipe.execute()
+        occupied.update(group for group, count in zip(own, counts, strict=True) if count)
+    return occupied
+
+
 def _send_all(messages: list[tuple[str, dict[str, Any]]]) -> None:
-    """group_send every (group, message) in one trip to the event loop."""
+    """group_send every (group, message) in one trip to the event loop, skipping empty groups."""
     layer = get_channel_layer()
     if layer is None or not messages:
         return
 
     async def send() -> None:
+        occupied = await _groups_with_members(layer, [group for group, _ in messages])
         for group, message in messages:
-            await layer.group_send(group, message)
+            if group in occupied:
+                await layer.group_send(group, message)
 
     try:
         async_to_sync(send)()
@@ -637,7 +666,27 @@ def _muxes() -> list[dict[str, Any]]:
 def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled: bool = True) -> None:
     """Recompute provisioning_status of the given listeners (all when None), and of every
     listener not ACTIVE unless `include_unsettled` is False (the caller knows that only the
-    given listeners can have changed: their own tables or acknowledgements)."""
+    given listeners can have changed: their own tables or acknowledgements).
+
+    Read and write under the listeners' row locks (taken in id order), in one transaction: an
+    evaluation that read before another agent's ack or a replace committed must not write its
+    verdict after a later evaluation or the replace did. Unlocked, under the 40-client load
+    (replaces holding a listener's lock for up to seconds while they wait for the push lock), a
+    stale ACTIVE landed over a replace's PENDING_UPDATE, and then a stale PENDING_UPDATE over
+    the last ack's evaluation (which, reading ACTIVE, wrote nothing): listeners stayed pending
+    for good (docs/bench-load.md)."""
+    with transaction.atomic():
+        messages = _evaluate_locked(listener_ids, include_unsettled)
+    if messages is None:
+        return
+    listener_messages, vip_ids = messages
+    _send_all(listener_messages)  # the listeners' news first: the VIPs' needs two more queries
+    _send_all(_update_vip_provisioning(vip_ids))
+
+
+def _evaluate_locked(
+    listener_ids: Iterable[int] | None, include_unsettled: bool
+) -> tuple[list[tuple[str, dict[str, Any]]], set[int]] | None:
     if listener_ids is None:
         candidates = Listener.objects.all()
     elif include_unsettled:
@@ -647,6 +696,9 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
         )
     else:
         candidates = Listener.objects.filter(pk__in=set(listener_ids))
+    # The aggregate below cannot lock (no FOR UPDATE with GROUP BY): lock first, then read what
+    # was committed before the locks were granted.
+    list(candidates.select_for_update().order_by("pk").values_list("pk", flat=True))
     live_mux = Q(role=AgentRole.MUX, enabled=True)
     mux_count = (
         AgentNode.objects.filter(live_mux).order_by().values("role").annotate(n=Count("pk")).values("n")
@@ -677,7 +729,7 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
         )
     )
     if not listeners or not listeners[0].muxes:
-        return  # nothing to settle, or nobody to apply anything: leave the status pending
+        return None  # nothing to settle, or nobody to apply anything: leave the status pending
     erring: list[int] = []
     acks: dict[tuple[int, int], int] = {}
     if listeners[0].any_error:  # rare: which of the muxes still owing a listener failed to apply?
@@ -720,8 +772,7 @@ def evaluate_listeners(listener_ids: Iterable[int] | None, *, include_unsettled:
             )
     for status, ids in updates.items():
         Listener.objects.filter(pk__in=ids).update(provisioning_status=status)
-    _send_all(messages)  # the listeners' news first: the VIPs' needs two more queries
-    _send_all(_update_vip_provisioning(vip_ids))
+    return messages, vip_ids
 
 
 def _update_vip_provisioning(vip_ids: set[int]) -> list[tuple[str, dict[str, Any]]]:

@@ -100,6 +100,20 @@ class AgentListenerAck(models.Model):
         return f"agent {self.agent_id} runs listener {self.listener_id} generation {self.generation}"
 
 
+class VipListVersion(models.Model):
+    """A tenant's VIP list version: database triggers (migration 0007) give it a new value in every
+    transaction that inserts, updates or deletes one of the tenant's VIPs or updates the tenant
+    (its name orders the list), whatever wrote them (ORM save, queryset update, raw SQL, the
+    admin). The VIP list cache (vip_list_cache.py) serves a body only while the versions it was
+    read under are still current. No foreign key: a value must never come back after a delete."""
+
+    tenant_id = models.BigIntegerField(primary_key=True)
+    version = models.BigIntegerField()
+
+    def __str__(self) -> str:
+        return f"VIP list of tenant {self.tenant_id} at version {self.version}"
+
+
 def _connect_signals() -> None:
     # Here rather than in AppConfig.ready: this module is the push feature's one entry point.
     from .agent_sync import connect_signals

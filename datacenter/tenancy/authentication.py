@@ -9,6 +9,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions
 
 from .models import ApiToken, hash_token_key
+from .rows import token_with_user
 
 # Writing last_used on every request would turn each GET into a write; a minute is precise enough.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -30,7 +31,7 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
         return self.authenticate_key(key)
 
     def authenticate_key(self, key: str):
-        token = ApiToken.objects.select_related("user").filter(key_hash=hash_token_key(key)).first()
+        token = token_with_user(hash_token_key(key))  # the ORM's select_related query, precompiled
         if token is None:
             raise exceptions.AuthenticationFailed("Invalid token.")
         if token.is_expired:

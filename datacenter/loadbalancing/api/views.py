@@ -25,7 +25,7 @@ from datacenter.tenancy.api.rotation import GRACE_PARAM, grace_seconds
 from datacenter.tenancy.models import RetiredKey
 from datacenter.tenancy.scoping import is_operator, tenant_ids_for
 
-from .. import services
+from .. import services, vip_list_cache
 from ..bucket_movement import bucket_movement, current_table_size
 from ..filtersets import (
     AgentNodeFilterSet,
@@ -130,8 +130,24 @@ class VipViewSet(TenantScopedViewSet):
     values_list_rendering = True  # False: the list goes through VipSerializer (the tests compare)
 
     def list(self, request, *args, **kwargs):
-        """The same body as ModelViewSet.list, rendered from `.values()` rows (issue 15: the VIP
-        list is most of the API's load; see serializers.vip_list_items)."""
+        """The same body as ModelViewSet.list, from the per-process cache while the caller's
+        tenants' VIPs have not changed (vip_list_cache.py), else rendered from `.values()` rows
+        (issue 15: the VIP list is most of the API's load; see serializers.vip_list_items)."""
+        key = None
+        if vip_list_cache.enabled() and not is_operator(request.user):
+            key = vip_list_cache.cache_key(request, tenant_ids_for(request.user))
+        if key is None:
+            return self._list(request, *args, **kwargs)
+        read_under = vip_list_cache.versions(key[0])  # before the rows: see the module's doc
+        body = vip_list_cache.cache.get(key, read_under)
+        if body is not None:
+            return Response(body)
+        response = self._list(request, *args, **kwargs)
+        if response.status_code == status.HTTP_200_OK:
+            vip_list_cache.cache.put(key, read_under, response.data)
+        return response
+
+    def _list(self, request, *args, **kwargs):
         serializer = self.get_serializer()
         if not self.values_list_rendering or list(serializer.fields) != serializers.VIP_LIST_FIELDS:
             return super().list(request, *args, **kwargs)
