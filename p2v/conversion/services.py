@@ -314,7 +314,12 @@ def _run_leased_stage(
             job.state, job.percent, job.finished = JobState.SUCCEEDED, 100.0, timezone.now()
             save_progress(job, "stage", "state", "percent", "finished")
             _event_follows(job)
-            log(job, "conversion finished: the VM boots and matches the assessment")
+            unread = [n["field"] for n in (job.verification or {}).get("not_compared") or []]
+            log(
+                job,
+                "conversion finished: the VM boots and matches the assessment"
+                + (f" on every compared field (not compared: {', '.join(unread)})" if unread else ""),
+            )
             return False
         save_progress(job, "stage", "percent")
     if enqueue_next is not None:
@@ -866,12 +871,16 @@ def adjust_stage(job: ConversionJob) -> None:
     changes = adjust_mod.adjust_guest(
         paths, job.assessment.facts or {}, job.plan["nics"], note=lambda text, level: log(job, text, level)
     )
-    job.changes = [{"path": c.path, "summary": c.summary, "after": c.after} for c in changes]
+    job.changes = [
+        {"path": c.path, "summary": c.summary, "after": c.after, "applied": c.applied, "reason": c.reason}
+        for c in changes
+    ]
     save_progress(job, "changes")
     if not changes:
         log(job, "guest needs no changes")
     for change in changes:
-        log(job, f"changed {change.path}: {change.summary}")
+        if change.applied:  # what was not applied was logged as a warning by adjust_guest's note
+            log(job, f"changed {change.path}: {change.summary}")
 
 
 def expected_hardware(job: ConversionJob) -> verify.ExpectedHardware:
@@ -1008,13 +1017,17 @@ def verify_stage(job: ConversionJob) -> None:
         "expected": dataclasses.asdict(expected_hardware(job)),
     }
     if result.session is not None:
-        differences = verify.diff_facts(source_facts, guest_facts, job.plan)
+        comparison = verify.compare_facts(source_facts, guest_facts, job.plan)
+        differences = comparison.differences
+        not_compared = "; ".join(f"{n.field} ({n.reason})" for n in comparison.not_compared)
         job.verification.update(
             {
                 "method": "ssh",
                 "compared": True,
-                "matches": not differences,
+                "matches": comparison.matches,
                 "differences": [d.as_dict() for d in differences],
+                "compared_fields": comparison.compared,
+                "not_compared": [n.as_dict() for n in comparison.not_compared],
                 "guest": {k: guest_facts.get(k) for k in VERIFIED_FIELDS},
             }
         )
@@ -1023,15 +1036,23 @@ def verify_stage(job: ConversionJob) -> None:
             raise verify.VerifyError(
                 "the VM does not match the assessment: " + "; ".join(d.message() for d in differences)
             )
+        if not comparison.matches:
+            raise verify.VerifyError(
+                "the VM could not be compared with the assessment on the hardware the conversion sets: "
+                f"not compared: {not_compared}"
+            )
+        if comparison.not_compared:
+            log(job, f"not compared: {not_compared}", LogLevel.WARNING)
         log(
             job,
             f"logged into the VM as {endpoint.user} (host key {job.machine.host_key_fingerprint}); "
-            f"its own probes match the assessment: {guest_facts['cpu']['vcpus']} vCPUs, "
-            f"{guest_facts['memory_bytes']} bytes, "
-            f"{len(guest_facts['disks'])} disks, {len(guest_facts['filesystems'])} filesystems, NICs "
-            f"{[(n['name'], n['mac']) for n in guest_facts['nics']]}, {guest_facts['hostname']}, "
-            f"{guest_facts['kernel']['release']}, {guest_facts['packages']['count']} packages, "
-            f"{len(guest_facts['services'] or [])} running services",
+            f"its own probes match the assessment on {', '.join(comparison.compared)}: "
+            f"{(guest_facts.get('cpu') or {}).get('vcpus')} vCPUs, {guest_facts.get('memory_bytes')} bytes, "
+            f"{len(guest_facts.get('disks') or [])} disks, {len(guest_facts.get('filesystems') or [])} "
+            f"filesystems, NICs {[(n['name'], n['mac']) for n in guest_facts.get('nics') or []]}, "
+            f"{guest_facts.get('hostname')}, {(guest_facts.get('kernel') or {}).get('release')}, "
+            f"{(guest_facts.get('packages') or {}).get('count')} packages, "
+            f"{len(guest_facts.get('services') or [])} running services",
         )
         return
     if result.report is None:
