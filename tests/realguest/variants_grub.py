@@ -4,8 +4,8 @@ whose bootloader it finds: GRUB; the base guest's syslinux gives "no bootloader 
 The same debootstrap tree plus the guest's own `grub-pc` package (installed with apt in a chroot of
 a copy of the tree; the cached tree is left as it is), on this layout: MBR, an ext4 /boot, an ext4
 root, the base's data disk. GRUB is installed from the host without a loop mount: the guest's own
-`grub-mkimage` makes core.img (biosdisk, part_msdos, ext2, and an early config that finds /boot by
-its UUID), which goes into the gap after the MBR at sector 1, where boot.img's default pointer looks
+`grub-mkimage` makes core.img (biosdisk, part_msdos, ext2, search_fs_uuid, and an early config that finds
+/boot by its UUID), which goes into the gap after the MBR at sector 1, where boot.img's default pointer looks
 (`grub-mkimage` writes core.img's length into its first sector's block list, whose default start is
 sector 2, the sector after it); boot.img's first 440 bytes become the MBR's code (the partition
 table stays). /boot/grub holds the guest's i386-pc modules, a grubenv and a grub.cfg in
@@ -218,7 +218,8 @@ def _grub_files(staging: Path, boot_dir: Path, release: str, root_uuid: str, boo
     )
     with tempfile.TemporaryDirectory(prefix="grub-", dir=staging / "tmp") as tmp:
         inside = Path("/tmp") / Path(tmp).name
-        Path(tmp, "early.cfg").write_text(f"{search}\nset prefix=($root)/grub\n")
+        # What grub-install embeds: the short command of search_fs_uuid (`search` is not in core).
+        Path(tmp, "early.cfg").write_text(f"search.fs_uuid {boot_uuid} root\nset prefix=($root)/grub\n")
         _run(
             "chroot", staging, "grub-mkimage", "-O", "i386-pc", "-o", inside / "core.img",
             "-c", inside / "early.cfg", "-p", "/grub", *CORE_MODULES,
