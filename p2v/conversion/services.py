@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from p2v.facts import iter_devices
 
 from . import adjust as adjust_mod
 from . import copy as copy_mod
-from . import domain_xml, faults, isolation, usedblocks, verify, workers
+from . import domain_xml, faults, isolation, usedblocks, verify, verify_boot, workers
 from . import lease as lease_mod
 from .choices import FINISHED_STATES, STAGE_ORDER, JobStage, JobState, LogLevel
 from .libvirt_binding import libvirt
@@ -956,6 +957,8 @@ def verify_stage(job: ConversionJob) -> None:
         )
     with _libvirt(job) as conn:
         domain = conn.lookupByName(job.plan["domain"])
+        paths = [_pool(conn, job).storageVolLookupByName(v["volume"]).path() for v in job.plan["volumes"]]
+        relaxed = _relax_start_timeouts(job, paths)
         bridge = network.bridge
         twin_xml = _verify_domain_xml(domain.XMLDesc(0), bridge)
         twin_name = job.plan["domain"] + "-verify"
@@ -1010,6 +1013,8 @@ def verify_stage(job: ConversionJob) -> None:
             problems = isolation.remove(prefix) if lease is None or not lease.lost else []
             if problems:
                 log(job, "isolated network cleanup: " + "; ".join(problems), LogLevel.WARNING)
+            if relaxed and (lease is None or not lease.lost):
+                _restore_start_timeouts(job, paths, failing=sys.exc_info()[0] is not None)
     log(job, f"proof of life after {result.seconds_to_proof:.1f} s")
     job.verification = {
         "seconds_to_proof": round(result.seconds_to_proof, 2),
@@ -1093,6 +1098,38 @@ VERIFIED_FIELDS = (
     "services",
     "default_route",
 )
+
+
+def _relax_start_timeouts(job: ConversionJob, paths: list[str]) -> bool:
+    """Stretch systemd's start timeouts in the copy for the proof boot (verify_boot.py says why);
+    whether the guest was changed (and must be restored)."""
+    try:
+        note = verify_boot.relax_start_timeouts(
+            paths, job.assessment.facts or {}, job.hypervisor.boot_timeout_s
+        )
+    except adjust_mod.AdjustError as exc:
+        log(job, f"start timeouts left as they are: {exc}", LogLevel.WARNING)
+        return False
+    log(job, note)
+    return note.startswith("systemd start timeouts set")
+
+
+def _restore_start_timeouts(job: ConversionJob, paths: list[str], failing: bool) -> None:
+    """The guest's system.conf as it was, after the twin stopped (perhaps forced: e2fsck first).
+    Not restored is an error of the stage unless the stage is failing anyway (then a warning: the
+    rollback removes the volumes)."""
+    try:
+        adjust_mod.repair_filesystems(paths)
+        note = verify_boot.restore_start_timeouts(paths, job.assessment.facts or {})
+    except adjust_mod.AdjustError as exc:
+        if failing:
+            log(job, f"could not restore the guest's start timeouts: {exc}", LogLevel.WARNING)
+            return
+        raise ConversionError(
+            f"could not restore the guest's start timeouts after the proof boot: {exc}"
+        ) from exc
+    if note:
+        log(job, note)
 
 
 class _PausedDomain:

@@ -59,7 +59,7 @@ class BootResult:
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 FAILED_LINE_RE = re.compile(
-    r"FAILED|Dependency failed|Failed to|fsck|UNEXPECTED INCONSISTENCY|ALERT!|error", re.IGNORECASE
+    r"FAILED|Dependency failed|Failed to|Timed out|fsck|UNEXPECTED INCONSISTENCY|ALERT!|error", re.IGNORECASE
 )
 
 
