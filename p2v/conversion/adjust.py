@@ -55,6 +55,10 @@ class Change:
     summary: str
     before: str | None
     after: str
+    # False: a change the guest should get that could not be written; `reason` says why. The VM
+    # boots without it (adjust_guest fails the stage otherwise) and the verification decides.
+    applied: bool = True
+    reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,23 +276,52 @@ def _uuid_for_device(device: str, volumes: list[str]) -> str | None:
     return part.uuid if part else None
 
 
-def rewrite_fstab(fstab: str, volumes: list[str]) -> tuple[str, list[str]]:
-    """fstab with kernel disk names replaced by UUID=; also the list of replaced lines."""
-    lines, replaced = [], []
+# fstab options that let systemd boot without the filesystem (it is not waited for).
+NOT_NEEDED_AT_BOOT_OPTIONS = ("noauto", "nofail")
+
+
+@dataclasses.dataclass(frozen=True)
+class FstabPlan:
+    text: str  # the fstab with every resolvable kernel disk name replaced by UUID=
+    replaced: list[str]  # "old line -> new line"
+    unresolved: list[tuple[str, bool]]  # (line, needed at boot) of kernel disk names without a UUID
+
+
+def _needed_at_boot(fields: list[str]) -> bool:
+    """Whether systemd's local-fs.target (whose failure is emergency mode) waits for this line.
+    Swap is not part of it: a missing swap disk delays the boot, it does not stop it."""
+    options = fields[3].split(",") if len(fields) > 3 else []
+    return fields[2] != "swap" and not any(o in NOT_NEEDED_AT_BOOT_OPTIONS for o in options)
+
+
+def plan_fstab(fstab: str, volumes: list[str]) -> FstabPlan:
+    """fstab with kernel disk names replaced by UUID= where the copied disks have one; the lines
+    whose disk was not found are listed with whether the boot waits for them."""
+    lines, replaced, unresolved = [], [], []
     for line in fstab.splitlines(keepends=True):
         fields = line.split()
-        if fields and not fields[0].startswith("#") and KERNEL_DISK_NAME_RE.match(fields[0]):
+        if len(fields) > 2 and not fields[0].startswith("#") and KERNEL_DISK_NAME_RE.match(fields[0]):
             uuid = _uuid_for_device(fields[0], volumes)
             if uuid is None:
-                raise AdjustError(
-                    f"/etc/fstab names {fields[0]}, but no filesystem UUID was found for it "
-                    "on the copied disks"
-                )
-            new_line = line.replace(fields[0], f"UUID={uuid}", 1)
-            replaced.append(f"{line.strip()} -> {new_line.strip()}")
-            line = new_line
+                unresolved.append((line.strip(), _needed_at_boot(fields)))
+            else:
+                new_line = line.replace(fields[0], f"UUID={uuid}", 1)
+                replaced.append(f"{line.strip()} -> {new_line.strip()}")
+                line = new_line
         lines.append(line)
-    return "".join(lines), replaced
+    return FstabPlan("".join(lines), replaced, unresolved)
+
+
+def rewrite_fstab(fstab: str, volumes: list[str]) -> tuple[str, list[str]]:
+    """fstab with kernel disk names replaced by UUID=; also the list of replaced lines. A line whose
+    disk has no UUID on the copied disks is an error."""
+    plan = plan_fstab(fstab, volumes)
+    if plan.unresolved:
+        line = plan.unresolved[0][0]
+        raise AdjustError(
+            f"/etc/fstab names {line.split()[0]}, but no filesystem UUID was found for it on the copied disks"
+        )
+    return plan.text, plan.replaced
 
 
 def udev_rules_for(nics: list[dict]) -> str:
@@ -384,8 +417,75 @@ def fix_initramfs(root, volumes: list[str], fstab: str | None, note: Note) -> li
     return changes
 
 
+def _fstab_changes(root, fstab: str, volumes: list[str]) -> list[Change]:
+    """fstab by UUID. A filesystem the boot waits for that keeps a kernel disk name (sda becomes
+    vda) makes systemd wait for a device that never appears and enter emergency mode: not being
+    able to rewrite such a line fails the stage. Lines marked nofail/noauto do not stop the boot:
+    they are reported as not changed."""
+    plan = plan_fstab(fstab, volumes)
+    blocking = [line for line, needed in plan.unresolved if needed]
+    if blocking:
+        raise AdjustError(
+            f"/etc/fstab names {', '.join(line.split()[0] for line in blocking)}, mounted at boot, but no "
+            "filesystem UUID was found for it on the copied disks: the VM would wait for that disk "
+            "and enter emergency mode"
+        )
+    changes = [
+        Change(
+            "/etc/fstab",
+            f"not rewritten: {line} (no filesystem UUID on the copied disks; nofail/noauto: the boot "
+            "does not wait for it)",
+            fstab,
+            fstab,
+            applied=False,
+            reason="no filesystem UUID found for its disk on the copied disks",
+        )
+        for line, _ in plan.unresolved
+    ]
+    if plan.replaced:
+        try:
+            write_guest_file(root, "/etc/fstab", plan.text)
+        except AdjustError as exc:
+            raise AdjustError(
+                f"could not write /etc/fstab by UUID ({'; '.join(plan.replaced)}): {exc}; the VM would wait "
+                "for the old disk names and enter emergency mode"
+            ) from exc
+        changes.insert(0, Change("/etc/fstab", "; ".join(plan.replaced), fstab, plan.text))
+    return changes
+
+
+def _nic_name_changes(root, nics: list[dict]) -> list[Change]:
+    """Each NIC's name pinned to its MAC. Without the pin the VM still boots (its NIC may get another
+    name, which the verification reports): a pin that cannot be written is reported, not fatal."""
+    summary = ", ".join(f"{n['name']}={n['mac']}" for n in nics)
+    try:
+        rules = udev_rules_for(nics)
+        before = read_guest_file(root, UDEV_RULES_PATH)
+        if before == rules:
+            return []
+        write_guest_file(root, UDEV_RULES_PATH, rules)
+    except AdjustError as exc:
+        return [
+            Change(
+                UDEV_RULES_PATH,
+                f"NIC names not pinned ({summary}): {exc}",
+                None,
+                "",
+                applied=False,
+                reason=str(exc),
+            )
+        ]
+    return [Change(UDEV_RULES_PATH, f"pinned {summary} (root on {root.where})", before, rules)]
+
+
 def adjust_guest(volumes: list[str], facts: dict, nics: list[dict], note: Note = _no_note) -> list[Change]:
-    """Make the needed changes on the copied volumes (in disk order); return what changed."""
+    """Make the needed changes on the copied volumes (in disk order); return what changed, and
+    (applied=False, with the reason) what could not be changed although the guest should get it.
+
+    Each change is tried on its own. The stage fails (AdjustError) only where the VM cannot boot
+    without the change: a kernel without virtio drivers, and /etc/fstab lines the boot waits for that
+    name a kernel disk and cannot be rewritten. NIC name pins, fstab lines marked nofail/noauto and
+    the initramfs rebuild are reported when they cannot be made, and the verification decides."""
     missing = missing_virtio_modules(facts)
     if missing:
         raise AdjustError(
@@ -396,25 +496,12 @@ def adjust_guest(volumes: list[str], facts: dict, nics: list[dict], note: Note =
     changes: list[Change] = []
     fstab = read_guest_file(root, "/etc/fstab")
     if fstab is not None:
-        new_fstab, replaced = rewrite_fstab(fstab, volumes)
-        if replaced:
-            write_guest_file(root, "/etc/fstab", new_fstab)
-            changes.append(Change("/etc/fstab", "; ".join(replaced), fstab, new_fstab))
+        changes += _fstab_changes(root, fstab, volumes)
     if nics:
-        rules = udev_rules_for(nics)
-        before = read_guest_file(root, UDEV_RULES_PATH)
-        if before != rules:
-            write_guest_file(root, UDEV_RULES_PATH, rules)
-            changes.append(
-                Change(
-                    UDEV_RULES_PATH,
-                    "pinned "
-                    + ", ".join(f"{n['name']}={n['mac']}" for n in nics)
-                    + f" (root on {root.where})",
-                    before,
-                    rules,
-                )
-            )
+        changes += _nic_name_changes(root, nics)
+    for change in changes:
+        if not change.applied:
+            note(f"not changed {change.path}: {change.summary}", "warning")
     if initramfs_has_virtio_disk_driver(facts) is False:
         changes += fix_initramfs(root, volumes, read_guest_file(root, "/etc/fstab"), note)
     return changes

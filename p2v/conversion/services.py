@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from p2v.facts import iter_devices
 
 from . import adjust as adjust_mod
 from . import copy as copy_mod
-from . import domain_xml, faults, isolation, usedblocks, verify, workers
+from . import domain_xml, faults, isolation, usedblocks, verify, verify_boot, workers
 from . import lease as lease_mod
 from .choices import FINISHED_STATES, STAGE_ORDER, JobStage, JobState, LogLevel
 from .libvirt_binding import libvirt
@@ -314,7 +315,12 @@ def _run_leased_stage(
             job.state, job.percent, job.finished = JobState.SUCCEEDED, 100.0, timezone.now()
             save_progress(job, "stage", "state", "percent", "finished")
             _event_follows(job)
-            log(job, "conversion finished: the VM boots and matches the assessment")
+            unread = [n["field"] for n in (job.verification or {}).get("not_compared") or []]
+            log(
+                job,
+                "conversion finished: the VM boots and matches the assessment"
+                + (f" on every compared field (not compared: {', '.join(unread)})" if unread else ""),
+            )
             return False
         save_progress(job, "stage", "percent")
     if enqueue_next is not None:
@@ -866,12 +872,16 @@ def adjust_stage(job: ConversionJob) -> None:
     changes = adjust_mod.adjust_guest(
         paths, job.assessment.facts or {}, job.plan["nics"], note=lambda text, level: log(job, text, level)
     )
-    job.changes = [{"path": c.path, "summary": c.summary, "after": c.after} for c in changes]
+    job.changes = [
+        {"path": c.path, "summary": c.summary, "after": c.after, "applied": c.applied, "reason": c.reason}
+        for c in changes
+    ]
     save_progress(job, "changes")
     if not changes:
         log(job, "guest needs no changes")
     for change in changes:
-        log(job, f"changed {change.path}: {change.summary}")
+        if change.applied:  # what was not applied was logged as a warning by adjust_guest's note
+            log(job, f"changed {change.path}: {change.summary}")
 
 
 def expected_hardware(job: ConversionJob) -> verify.ExpectedHardware:
@@ -947,6 +957,8 @@ def verify_stage(job: ConversionJob) -> None:
         )
     with _libvirt(job) as conn:
         domain = conn.lookupByName(job.plan["domain"])
+        paths = [_pool(conn, job).storageVolLookupByName(v["volume"]).path() for v in job.plan["volumes"]]
+        relaxed = _relax_start_timeouts(job, paths)
         bridge = network.bridge
         twin_xml = _verify_domain_xml(domain.XMLDesc(0), bridge)
         twin_name = job.plan["domain"] + "-verify"
@@ -1001,6 +1013,8 @@ def verify_stage(job: ConversionJob) -> None:
             problems = isolation.remove(prefix) if lease is None or not lease.lost else []
             if problems:
                 log(job, "isolated network cleanup: " + "; ".join(problems), LogLevel.WARNING)
+            if relaxed and (lease is None or not lease.lost):
+                _restore_start_timeouts(job, paths, failing=sys.exc_info()[0] is not None)
     log(job, f"proof of life after {result.seconds_to_proof:.1f} s")
     job.verification = {
         "seconds_to_proof": round(result.seconds_to_proof, 2),
@@ -1008,13 +1022,17 @@ def verify_stage(job: ConversionJob) -> None:
         "expected": dataclasses.asdict(expected_hardware(job)),
     }
     if result.session is not None:
-        differences = verify.diff_facts(source_facts, guest_facts, job.plan)
+        comparison = verify.compare_facts(source_facts, guest_facts, job.plan)
+        differences = comparison.differences
+        not_compared = "; ".join(f"{n.field} ({n.reason})" for n in comparison.not_compared)
         job.verification.update(
             {
                 "method": "ssh",
                 "compared": True,
-                "matches": not differences,
+                "matches": comparison.matches,
                 "differences": [d.as_dict() for d in differences],
+                "compared_fields": comparison.compared,
+                "not_compared": [n.as_dict() for n in comparison.not_compared],
                 "guest": {k: guest_facts.get(k) for k in VERIFIED_FIELDS},
             }
         )
@@ -1023,15 +1041,23 @@ def verify_stage(job: ConversionJob) -> None:
             raise verify.VerifyError(
                 "the VM does not match the assessment: " + "; ".join(d.message() for d in differences)
             )
+        if not comparison.matches:
+            raise verify.VerifyError(
+                "the VM could not be compared with the assessment on the hardware the conversion sets: "
+                f"not compared: {not_compared}"
+            )
+        if comparison.not_compared:
+            log(job, f"not compared: {not_compared}", LogLevel.WARNING)
         log(
             job,
             f"logged into the VM as {endpoint.user} (host key {job.machine.host_key_fingerprint}); "
-            f"its own probes match the assessment: {guest_facts['cpu']['vcpus']} vCPUs, "
-            f"{guest_facts['memory_bytes']} bytes, "
-            f"{len(guest_facts['disks'])} disks, {len(guest_facts['filesystems'])} filesystems, NICs "
-            f"{[(n['name'], n['mac']) for n in guest_facts['nics']]}, {guest_facts['hostname']}, "
-            f"{guest_facts['kernel']['release']}, {guest_facts['packages']['count']} packages, "
-            f"{len(guest_facts['services'] or [])} running services",
+            f"its own probes match the assessment on {', '.join(comparison.compared)}: "
+            f"{(guest_facts.get('cpu') or {}).get('vcpus')} vCPUs, {guest_facts.get('memory_bytes')} bytes, "
+            f"{len(guest_facts.get('disks') or [])} disks, {len(guest_facts.get('filesystems') or [])} "
+            f"filesystems, NICs {[(n['name'], n['mac']) for n in guest_facts.get('nics') or []]}, "
+            f"{guest_facts.get('hostname')}, {(guest_facts.get('kernel') or {}).get('release')}, "
+            f"{(guest_facts.get('packages') or {}).get('count')} packages, "
+            f"{len(guest_facts.get('services') or [])} running services",
         )
         return
     if result.report is None:
@@ -1072,6 +1098,38 @@ VERIFIED_FIELDS = (
     "services",
     "default_route",
 )
+
+
+def _relax_start_timeouts(job: ConversionJob, paths: list[str]) -> bool:
+    """Stretch systemd's start timeouts in the copy for the proof boot (verify_boot.py says why);
+    whether the guest was changed (and must be restored)."""
+    try:
+        note = verify_boot.relax_start_timeouts(
+            paths, job.assessment.facts or {}, job.hypervisor.boot_timeout_s
+        )
+    except adjust_mod.AdjustError as exc:
+        log(job, f"start timeouts left as they are: {exc}", LogLevel.WARNING)
+        return False
+    log(job, note)
+    return note.startswith("systemd start timeouts set")
+
+
+def _restore_start_timeouts(job: ConversionJob, paths: list[str], failing: bool) -> None:
+    """The guest's system.conf as it was, after the twin stopped (perhaps forced: e2fsck first).
+    Not restored is an error of the stage unless the stage is failing anyway (then a warning: the
+    rollback removes the volumes)."""
+    try:
+        adjust_mod.repair_filesystems(paths)
+        note = verify_boot.restore_start_timeouts(paths, job.assessment.facts or {})
+    except adjust_mod.AdjustError as exc:
+        if failing:
+            log(job, f"could not restore the guest's start timeouts: {exc}", LogLevel.WARNING)
+            return
+        raise ConversionError(
+            f"could not restore the guest's start timeouts after the proof boot: {exc}"
+        ) from exc
+    if note:
+        log(job, note)
 
 
 class _PausedDomain:

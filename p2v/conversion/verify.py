@@ -59,7 +59,7 @@ class BootResult:
 
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 FAILED_LINE_RE = re.compile(
-    r"FAILED|Dependency failed|Failed to|fsck|UNEXPECTED INCONSISTENCY|ALERT!|error", re.IGNORECASE
+    r"FAILED|Dependency failed|Failed to|Timed out|fsck|UNEXPECTED INCONSISTENCY|ALERT!|error", re.IGNORECASE
 )
 
 
@@ -221,32 +221,98 @@ def _running(facts: dict) -> set[str] | None:
     return {s for s in services if not s.startswith(TRANSIENT_SERVICE_PREFIXES)}
 
 
+@dataclasses.dataclass(frozen=True)
+class NotCompared:
+    """A field the verification could not compare, and why (never counted as a match or a difference)."""
+
+    field: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"field": self.field, "reason": self.reason}
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """The verdict's content: what differs, which fields were compared, which not and why."""
+
+    differences: list[Difference]
+    compared: list[str]
+    not_compared: list[NotCompared]
+
+    @property
+    def matches(self) -> bool:
+        """Equal on every compared field, and the hardware the conversion sets was compared: a VM
+        whose disks, NICs or sizes could not be read is not proven to be the source."""
+        unread = {n.field for n in self.not_compared}
+        return not self.differences and not unread & set(REQUIRED_FIELDS)
+
+
+# What the conversion itself decides (the domain's hardware and the copied disks): without these,
+# nothing says the VM is the source, whatever else matched.
+REQUIRED_FIELDS = ("cpu.vcpus", "memory_bytes", "disks", "filesystems", "nics")
+VM_UNREADABLE = "the VM's own probe could not read it"
+SOURCE_UNKNOWN = "the assessment could not read it on the source"
+
+
 def diff_facts(source: dict, guest: dict, plan: dict) -> list[Difference]:
-    """What differs between the source (as assessed) and the VM (as its own probes see it).
+    """What differs between the source (as assessed) and the VM (as its own probes see it); the
+    fields that could not be compared are left out (see `compare_facts`)."""
+    return compare_facts(source, guest, plan).differences
+
+
+def compare_facts(source: dict, guest: dict, plan: dict) -> Comparison:
+    """Compare the source (as assessed) and the VM (as its own probes see it) field by field.
 
     Memory and vCPUs are compared with the plan (the hypervisor's policy may cap them; the plan
     says so) and MemTotal with the source's, scaled by that cap. NIC names are compared by MAC,
     disks by size, filesystems by mount point (device names change: sda becomes vda). Everything
     else must be equal: hostname, OS, kernel, firmware, packages, the services that were running.
+    A fact the VM's probe could not read (None), or that the assessment has no value for, is not a
+    difference: it is reported as not compared, with the reason.
     """
     out: list[Difference] = []
+    compared: list[str] = []
+    skipped: list[NotCompared] = []
+
+    def readable(field: str, src: object, vm: object, source_needed: bool = True) -> bool:
+        if vm is None:
+            skipped.append(NotCompared(field, VM_UNREADABLE))
+            return False
+        if source_needed and src is None:
+            skipped.append(NotCompared(field, SOURCE_UNKNOWN))
+            return False
+        compared.append(field)
+        return True
+
     src_cpu, vm_cpu = source.get("cpu") or {}, guest.get("cpu") or {}
-    if vm_cpu.get("vcpus") != plan["vcpus"]:
-        out.append(
-            Difference("cpu.vcpus", src_cpu.get("vcpus"), vm_cpu.get("vcpus"), f"plan {plan['vcpus']}")
-        )
-    if guest.get("memory_bytes") != plan["memory_bytes"]:
-        out.append(
-            Difference(
-                "memory_bytes",
-                source.get("memory_bytes"),
-                guest.get("memory_bytes"),
-                f"plan {plan['memory_bytes']}, guest read it from {guest.get('memory_source')}",
+    vm_vcpus = vm_cpu.get("vcpus")
+    if (
+        readable("cpu.vcpus", src_cpu.get("vcpus"), vm_vcpus, source_needed=False)
+        and vm_vcpus != plan["vcpus"]
+    ):
+        out.append(Difference("cpu.vcpus", src_cpu.get("vcpus"), vm_vcpus, f"plan {plan['vcpus']}"))
+    memory_matches = False
+    if readable("memory_bytes", source.get("memory_bytes"), guest.get("memory_bytes"), source_needed=False):
+        memory_matches = guest["memory_bytes"] == plan["memory_bytes"]
+        if not memory_matches:
+            out.append(
+                Difference(
+                    "memory_bytes",
+                    source.get("memory_bytes"),
+                    guest.get("memory_bytes"),
+                    f"plan {plan['memory_bytes']}, guest read it from {guest.get('memory_source')}",
+                )
             )
-        )
-    elif source.get("memory_total_bytes") and source.get("memory_bytes") and guest.get("memory_total_bytes"):
+    # MemTotal is only meaningful next to an installed size that matched.
+    if (
+        memory_matches
+        and source.get("memory_bytes")
+        and readable("memory_total_bytes", source.get("memory_total_bytes"), guest.get("memory_total_bytes"))
+    ):
         expected = source["memory_total_bytes"] - (source["memory_bytes"] - plan["memory_bytes"])
-        if abs(guest["memory_total_bytes"] - expected) > plan["memory_bytes"] * MEMTOTAL_TOLERANCE_FRACTION:
+        tolerance = plan["memory_bytes"] * MEMTOTAL_TOLERANCE_FRACTION
+        if abs(guest["memory_total_bytes"] - expected) > tolerance:
             out.append(
                 Difference(
                     "memory_total_bytes",
@@ -255,53 +321,58 @@ def diff_facts(source: dict, guest: dict, plan: dict) -> list[Difference]:
                     f"expected about {expected}",
                 )
             )
-    src_disks = sorted(d["size_bytes"] for d in source.get("disks") or [])
-    vm_disks = sorted(d["size_bytes"] for d in guest.get("disks") or [])
-    if src_disks != vm_disks:
-        out.append(Difference("disks", src_disks, vm_disks, "sizes"))
-    src_fs, vm_fs = _filesystems(source), _filesystems(guest)
-    for mountpoint in sorted(set(src_fs) | set(vm_fs)):
-        if src_fs.get(mountpoint) != vm_fs.get(mountpoint):
-            out.append(
-                Difference(
-                    f"filesystems[{mountpoint}]",
-                    src_fs.get(mountpoint),
-                    vm_fs.get(mountpoint),
-                    "type, UUID, size",
+    if readable("disks", source.get("disks"), guest.get("disks")):
+        src_disks = sorted(d["size_bytes"] for d in source["disks"])
+        vm_disks = sorted(d["size_bytes"] for d in guest["disks"])
+        if src_disks != vm_disks:
+            out.append(Difference("disks", src_disks, vm_disks, "sizes"))
+    if readable("filesystems", source.get("filesystems"), guest.get("filesystems")):
+        src_fs, vm_fs = _filesystems(source), _filesystems(guest)
+        for mountpoint in sorted(set(src_fs) | set(vm_fs)):
+            if src_fs.get(mountpoint) != vm_fs.get(mountpoint):
+                out.append(
+                    Difference(
+                        f"filesystems[{mountpoint}]",
+                        src_fs.get(mountpoint),
+                        vm_fs.get(mountpoint),
+                        "type, UUID, size",
+                    )
                 )
-            )
-    src_nics = {n["mac"]: n["name"] for n in source.get("nics") or []}
-    vm_nics = {n["mac"]: n["name"] for n in guest.get("nics") or []}
-    if src_nics != vm_nics:
-        out.append(Difference("nics", src_nics, vm_nics, "MAC -> name"))
+    if readable("nics", source.get("nics"), guest.get("nics")):
+        src_nics = {n["mac"]: n["name"] for n in source["nics"]}
+        vm_nics = {n["mac"]: n["name"] for n in guest["nics"]}
+        if src_nics != vm_nics:
+            out.append(Difference("nics", src_nics, vm_nics, "MAC -> name"))
     for field in ("hostname", "firmware"):
-        if source.get(field) != guest.get(field):
+        if readable(field, source.get(field), guest.get(field)) and source[field] != guest[field]:
             out.append(Difference(field, source.get(field), guest.get(field)))
     for field, keys in (("os", ("id", "version_id")), ("kernel", ("release", "machine"))):
-        src = tuple((source.get(field) or {}).get(k) for k in keys)
-        vm = tuple((guest.get(field) or {}).get(k) for k in keys)
-        if src != vm:
+        src_doc, vm_doc = source.get(field), guest.get(field)
+        src = None if src_doc is None else tuple(src_doc.get(k) for k in keys)
+        vm = None if vm_doc is None else tuple(vm_doc.get(k) for k in keys)
+        if readable(field, src, vm) and src != vm:
             out.append(Difference(field, src, vm))
-    src_pkgs = set((source.get("packages") or {}).get("names") or [])
-    vm_pkgs = set((guest.get("packages") or {}).get("names") or [])
-    if src_pkgs != vm_pkgs:
-        out.append(
-            Difference(
-                "packages",
-                sorted(src_pkgs - vm_pkgs)[:20],
-                sorted(vm_pkgs - src_pkgs)[:20],
-                "only on the source / only on the VM",
+    src_names = (source.get("packages") or {}).get("names")
+    vm_names = (guest.get("packages") or {}).get("names")
+    if readable("packages", src_names, vm_names):
+        src_pkgs, vm_pkgs = set(src_names), set(vm_names)
+        if src_pkgs != vm_pkgs:
+            out.append(
+                Difference(
+                    "packages",
+                    sorted(src_pkgs - vm_pkgs)[:20],
+                    sorted(vm_pkgs - src_pkgs)[:20],
+                    "only on the source / only on the VM",
+                )
             )
-        )
     src_running, vm_running = _running(source), _running(guest)
-    if src_running is not None and (vm_running is None or not src_running <= vm_running):
-        missing = sorted(src_running - (vm_running or set()))
+    if readable("services", src_running, vm_running) and not src_running <= vm_running:
         out.append(
             Difference(
                 "services",
-                missing,
-                None if vm_running is None else [],
+                sorted(src_running - vm_running),
+                [],
                 "running on the source, not on the VM",
             )
         )
-    return out
+    return Comparison(out, compared, skipped)

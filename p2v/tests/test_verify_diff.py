@@ -88,6 +88,59 @@ def test_each_difference_is_named(field, change):
     assert differences[0].message().startswith(f"{field}: source ")
 
 
+@pytest.mark.parametrize(
+    ("field", "unread"),
+    [
+        ("services", lambda g: g.update(services=None)),
+        ("packages", lambda g: g["packages"].update(names=None)),
+        ("hostname", lambda g: g.update(hostname=None)),
+        ("kernel", lambda g: g.update(kernel=None)),
+        ("memory_total_bytes", lambda g: g.update(memory_total_bytes=None)),
+    ],
+)
+def test_a_fact_the_vm_could_not_read_is_not_compared_and_says_why(field, unread):
+    guest = guest_facts()
+    unread(guest)
+    comparison = verify.compare_facts(source_facts(), guest, PLAN)
+    assert comparison.differences == []
+    assert [n.as_dict() for n in comparison.not_compared] == [
+        {"field": field, "reason": "the VM's own probe could not read it"}
+    ]
+    assert field not in comparison.compared
+    assert {"cpu.vcpus", "memory_bytes", "disks", "filesystems", "nics", "os"} <= set(comparison.compared)
+    assert comparison.matches  # what was compared matches; the verdict names what was not
+
+
+@pytest.mark.parametrize("field", ["disks", "filesystems", "nics"])
+def test_the_hardware_the_conversion_sets_must_be_compared_for_a_match(field):
+    guest = guest_facts()
+    guest[field] = None
+    comparison = verify.compare_facts(source_facts(), guest, PLAN)
+    assert comparison.differences == []
+    assert [n.field for n in comparison.not_compared] == [field]
+    assert not comparison.matches
+
+
+def test_a_fact_the_assessment_has_no_value_for_is_not_compared_either():
+    source = source_facts()
+    source["services"] = None
+    comparison = verify.compare_facts(source, guest_facts(), PLAN)
+    assert [n.as_dict() for n in comparison.not_compared] == [
+        {"field": "services", "reason": "the assessment could not read it on the source"}
+    ]
+    assert comparison.matches
+
+
+def test_every_field_of_two_complete_documents_is_compared():
+    comparison = verify.compare_facts(source_facts(), guest_facts(), PLAN)
+    assert comparison.compared == [
+        "cpu.vcpus", "memory_bytes", "memory_total_bytes", "disks", "filesystems", "nics",
+        "hostname", "firmware", "os", "kernel", "packages", "services",
+    ]  # fmt: skip
+    assert comparison.not_compared == []
+    assert comparison.matches
+
+
 def test_memory_capped_by_the_plan_is_compared_with_the_plan():
     guest = guest_facts()
     guest["memory_bytes"] = 512 * MiB
