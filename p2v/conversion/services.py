@@ -1222,17 +1222,21 @@ def _remove_domain(job: ConversionJob, conn: libvirt.virConnect, info: dict) -> 
 def _remove_verify_domain(
     job: ConversionJob, conn: libvirt.virConnect, name: str, why: str = "rollback"
 ) -> list[str]:
-    """The transient twin the verify stage booted: destroying it removes it."""
+    """The transient twin the verify stage booted: destroying it removes it. It may power off by
+    itself (and, being transient, vanish) at any moment, even between two calls here: a domain
+    that is gone needs no clean-up."""
     try:
         domain = conn.lookupByName(name)
     except libvirt.libvirtError:
         return []
-    if domain.isPersistent():
-        return [f"domain {name} is persistent: not the verification twin, left alone"]
     try:
+        if domain.isPersistent():
+            return [f"domain {name} is persistent: not the verification twin, left alone"]
         if domain.isActive():
             domain.destroy()
     except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return []  # ended by itself meanwhile
         return [f"could not stop the verification domain {name}: {exc.get_error_message()}"]
     log(job, f"{why}: verification domain {name} stopped")
     return []

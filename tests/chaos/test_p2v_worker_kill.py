@@ -175,10 +175,10 @@ def test_a_job_killed_in_every_stage_resumes_each_time_and_ends_verified(
     for point in ("copy", "build", "adjust", "verify"):
         wait_for_hold(job, point)
         if point == "verify":  # the twin VM and its isolated network are up: the lost run leaves them
+            # The twin's state is not asserted: it is transient, and the stand-in powers off (so
+            # the twin vanishes) once it has printed its report, which a busy machine reaches first.
             row = ConversionJob.objects.get(pk=job.pk)
-            # Defined (lookupByName raises otherwise); running or not: the stand-in twin powers
-            # off by itself once it has printed its report, which a busy machine reaches first.
-            libvirt_conn.lookupByName(row.plan["domain"] + "-verify")
+            assert isolation.names_for(services._isolation_prefix(row))["netns"] in netns_names()
         name, pid = kill_the_holder(p2v_crew, job, point)
         p2v_crew.release(point)
         p2v_crew.start_worker(wait=False)  # as a supervisor would; the job does not wait for it
@@ -238,9 +238,8 @@ def test_a_job_whose_worker_dies_with_no_resume_left_fails_and_rolls_back_everyt
     row = ConversionJob.objects.get(pk=job.pk)
     prefix = services._isolation_prefix(row)
     assert isolation.names_for(prefix)["netns"] in netns_names()  # what the dead run left up
-    # The twin is defined (lookupByName raises otherwise), running or already powered off by itself
-    # (the stand-in does once it has printed its report): the clean-up must remove it either way.
-    libvirt_conn.lookupByName(row.plan["domain"] + "-verify")
+    # The twin is transient: running, or gone by itself once the stand-in has printed its report
+    # (a busy machine gets there first); the clean-up must cope with both, even mid-call.
     assert row.lease_expires <= timezone.now() + timedelta(seconds=LEASE_S)
 
     # No beat in this test: the watchdog is run here, once the lease has run out, as beat would.
