@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 CACHE_ROOT = Path(os.environ.get("P2V_REALGUEST_CACHE", "/var/cache/datacenter-tests"))
@@ -138,16 +139,22 @@ def image_key() -> str:
 def ensure_guest_image() -> GuestImage:
     """The cached disks of the real guest, built on first use."""
     rootfs = ensure_rootfs()
-    directory = CACHE_ROOT / f"realguest-{image_key()}"
+    return cached_image(CACHE_ROOT / f"realguest-{image_key()}", lambda partial: _build(rootfs, partial))
+
+
+def cached_image(directory: Path, build: Callable[[Path], dict]) -> GuestImage:
+    """The guest image cached in `directory`; `build(partial)` writes its disks and client key into
+    a scratch directory and returns its description, and the scratch becomes `directory` only once
+    complete (one builder at a time, under the entry's lock)."""
     with _lock(directory):
         meta = directory / "image.json"
         if not meta.exists():
-            shutil.rmtree(directory, ignore_errors=True)
             partial = directory.with_name(directory.name + ".partial")
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-            description = _build(rootfs, partial)
+            description = build(partial)
             (partial / "image.json").write_text(json.dumps(description))
+            shutil.rmtree(directory, ignore_errors=True)
             partial.rename(directory)
         description = json.loads(meta.read_text())
     return GuestImage(

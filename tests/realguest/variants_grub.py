@@ -71,25 +71,8 @@ def ensure_grub_image() -> GuestImage:
     """The cached GRUB-booted guest (system disk built here, the base's data disk reused)."""
     base_image = base.ensure_guest_image()
     rootfs = base.ensure_rootfs()
-    directory = CACHE_ROOT / f"realguest-grub-{grub_key()}"
-    with base._lock(directory):
-        meta = directory / "image.json"
-        if not meta.exists():
-            partial = directory.with_name(directory.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            description = _build(rootfs, base_image, partial)
-            (partial / "image.json").write_text(json.dumps(description))
-            shutil.rmtree(directory, ignore_errors=True)
-            partial.rename(directory)
-        description = json.loads(meta.read_text())
-    return GuestImage(
-        directory=directory,
-        system_disk=directory / "system.img",
-        data_disk=directory / "data.img",
-        client_key=directory / "client_key",
-        **description,
-    )
+    return base.cached_image(CACHE_ROOT / f"realguest-grub-{grub_key()}",
+                             lambda partial: _build(rootfs, base_image, partial))
 
 
 def _build(rootfs: Path, base_image: GuestImage, out: Path) -> dict:
