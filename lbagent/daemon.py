@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -59,11 +58,9 @@ from lbagent.state import (
     StateError,
     StateParser,
     Vip,
-    dump_last_good,
     load_state_file,
-    parse_last_good,
-    write_file_atomically,
 )
+from lbagent.state_files import HistoryFiles, LastGoodFiles
 
 REFUSED_RETRY_S = 10.0  # how often a VIP whose state could not be planned is tried again
 # Keep-alive rounds (active pins renew their owners' records) run every third of the shortest
@@ -159,6 +156,7 @@ class _VipPlan:
     vip: Vip
     planned: tuple[list[ListenerPlan], list[SlowListener], str | None, dict[int, ListenerTables]]
     valid_until: float  # the earliest drain deadline of its tables (inf: none)
+    running: dict[int, int]  # listener id -> the generation this plan puts in the kernel
 
 
 @dataclass
@@ -215,8 +213,7 @@ class MuxDaemon:
         self.mux_mac = ""
         self._slow_keys: set[tuple[str, str, int]] = set()
         self._last_good: dict[str, Vip] = {}  # VIP address -> the last state of it in the kernel
-        self._saved_last_good: dict[str, Vip] | None = None  # what last-good.json holds
-        self._state_write_error: str | None = None  # why last-good.json could not be written
+        self._state_write_error: str | None = None  # why the state files could not be written
         self.state_write_errors = 0
         # listener id -> every backend its live tables name (current and old): a listener changed
         # again during its drain keeps an old table whose backends neither the new generation nor
@@ -256,8 +253,9 @@ class MuxDaemon:
         self._submitted: DesiredState | None = None
         self._submitted_lock = threading.Lock()
         self._watch_config = True  # False once states come from `submit` (portal mode)
-        self._history_texts: dict[int, tuple[ListenerTables, dict, str]] = {}  # listener -> entry saved
-        self._last_good_texts: dict[str, tuple[Vip, str]] = {}  # VIP address -> its JSON, as saved
+        # Kept across restarts, one file per VIP / listener (lbagent.state_files).
+        self._last_good_files = LastGoodFiles(options.run_dir)
+        self._history_files = HistoryFiles(options.run_dir)
 
     # -- config -------------------------------------------------------------------------------
     def _read_config(self) -> bool:
@@ -397,6 +395,7 @@ class MuxDaemon:
             self._vip_plans = {}
             self._plan_cluster = self.state.cluster
         cached_plans = self._vip_plans
+        planned_vips: set[str] = set()  # VIPs with listeners in this plan
         vip_plans: dict[str, _VipPlan] = {}
         for vip in self.state.vips:
             cached = cached_plans.get(vip.address)
@@ -405,12 +404,14 @@ class MuxDaemon:
                 # slow-path listeners (the driver skips same-object plans without a look).
                 vip_plans[vip.address] = cached
                 vip_plans_, vip_slow, hop, vip_tables = cached.planned
-                plans += vip_plans_
-                slow += vip_slow
+                if vip_plans_:
+                    plans += vip_plans_
+                    planned_vips.add(vip.address)
+                if vip_slow:
+                    slow += vip_slow
                 routes[vip.address] = hop
                 new_tables.update(vip_tables)
-                for listener in vip.listeners:
-                    running[listener.id] = listener.generation
+                running.update(cached.running)
                 last_good[vip.address] = vip
                 continue
             self.vips_planned += 1
@@ -440,6 +441,7 @@ class MuxDaemon:
                 continue
             vip_plans_, vip_slow, hop, vip_tables = planned
             plans += vip_plans_
+            planned_vips.update(p.vip for p in vip_plans_)
             slow += vip_slow
             routes[vip.address] = hop
             new_tables.update(vip_tables)
@@ -450,12 +452,13 @@ class MuxDaemon:
                 # (retried) are planned at every apply; a served VIP's plan holds until its next
                 # drain deadline (its tables change phase then).
                 deadlines = [d for t in vip_tables.values() if (d := t.next_deadline()) is not None]
-                vip_plans[vip.address] = _VipPlan(vip, planned, min(deadlines, default=math.inf))
+                vip_plans[vip.address] = _VipPlan(vip, planned, min(deadlines, default=math.inf),
+                                                  {ln.id: ln.generation for ln in vip.listeners})
         self._vip_plans = vip_plans
         for address in set(self._bypass_handover) - {v.address for v in self.state.vips if v.bypass}:
             del self._bypass_handover[address]  # left bypass (or gone): no hand-over to finish
         self.tables = new_tables
-        self._planned_vips = {p.vip for p in plans}
+        self._planned_vips = planned_vips
         self._planned = (last_good, refused, running, listener_errors, retryable)  # once the kernel has it
         return plans, slow, routes
 
@@ -611,12 +614,11 @@ class MuxDaemon:
             for prefix in list(self.bgp.announced):
                 if prefix.split("/")[0] not in routes:
                     self.bgp.withdraw(prefix)
-        self._save_history()
         # the phase shown is what the kernel now holds, not what was planned before the transaction
         self._applied_tables = dict(self.tables)
         (self._last_good, self._refused, self.running_generations, self.listener_errors,
          self._retry_refused) = self._planned
-        self._save_last_good()
+        self._save_state_files()
         self.applied_generation = self.state.generation
         self.apply_count += 1
         what = "applied generation" if self._state_sig != self._applied_state_sig else "re-applied generation"
@@ -629,45 +631,35 @@ class MuxDaemon:
                  time.monotonic() - started,
                  f"; {len(self._refused)} VIP(s) not at their desired state" if self._refused else "")
 
-    # -- each VIP's last good state, across restarts --------------------------------------------
-    def _last_good_file(self) -> Path:
-        return self.o.run_dir / "last-good.json"
-
-    def _save_last_good(self) -> None:
-        """Persist what each VIP runs in the kernel now (atomically, fsynced), so a restart whose
-        document is refused for a VIP keeps serving that VIP's last good state. A write that
-        fails (full disk) is logged once and counted; the daemon keeps serving."""
-        if self._last_good == self._saved_last_good:  # unchanged VIPs are the very same objects
-            return
-        path = self._last_good_file()
+    # -- what survives a restart: each VIP's last good state, the live tables in transition --------
+    def _save_state_files(self) -> None:
+        """Persist what each VIP runs in the kernel now and every live table of each listener
+        (per-object files: lbagent.state_files), so a restart keeps serving a VIP whose document
+        is then refused, and keeps the flows of every live old table. A write that fails (full
+        disk) is logged once and counted; the daemon keeps serving."""
         try:
-            # Each VIP's JSON is kept as written: only changed VIPs are serialised again.
-            write_file_atomically(path, dump_last_good(self._last_good, self._last_good_texts), durable=True)
+            self._history_files.save(self.tables)
+            self._last_good_files.save(self._last_good)
         except OSError as exc:
             self.state_write_errors += 1
             reason = f"{type(exc).__name__}: {exc.strerror or exc}"
             if reason != self._state_write_error:
-                log.error("cannot write %s (%s): serving on; after a restart, a VIP whose desired state is "
-                          "refused would fall back to an older last good state", path, reason)
+                log.error("cannot write the state kept for a restart under %s (%s): serving on; after a "
+                          "restart, a VIP whose desired state is refused would fall back to an older last "
+                          "good state, and flows of old tables could be reset", self.o.run_dir, reason)
             self._state_write_error = reason
             return
         if self._state_write_error is not None:
-            log.info("%s written again", path)
+            log.info("the state kept for a restart is written again under %s", self.o.run_dir)
         self._state_write_error = None
-        self._saved_last_good = dict(self._last_good)
 
-    def _load_last_good(self) -> None:
-        path = self._last_good_file()
-        try:
-            self._last_good = parse_last_good(path.read_bytes())
-        except FileNotFoundError:
-            return
-        except (OSError, StateError) as exc:
-            log.error("ignoring %s: %s (a VIP whose desired state is refused will not be served)", path, exc)
-            return
-        self._saved_last_good = dict(self._last_good)
-        log.info("last good state of %d VIP(s) loaded from %s (kept for a VIP whose desired state is "
-                 "refused)", len(self._last_good), path)
+    def _load_state_files(self, now: float) -> None:
+        if self.o.transitions:
+            self.tables = self._history_files.load(now)
+        self._last_good = self._last_good_files.load()
+        if self._last_good:
+            log.info("last good state of %d VIP(s) loaded from %s (kept for a VIP whose desired state is "
+                     "refused)", len(self._last_good), self._last_good_files.directory)
 
     # -- flow state that lives as long as its flow ------------------------------------------------
     def keepalive_round(self, now: float) -> None:
@@ -770,72 +762,6 @@ class MuxDaemon:
                          "dropped%s", lid, now - since,
                          "" if self.tables[lid].in_transition else ", stateless again")
 
-    # -- transition history: a restarted daemon must know every live old table, not only the
-    # one generation the desired state carries as `previous` (flows from two changes ago) ----------
-    def _history_dir(self) -> Path:
-        return self.o.run_dir / "history"
-
-    def _save_history(self) -> None:
-        """history.json and one .npy per table. Only listeners whose tables changed since the last
-        save cost anything (the others' entries are kept as saved, their files are there)."""
-        hdir = self._history_dir()
-        saved = self._history_texts
-        if not saved:
-            hdir.mkdir(parents=True, exist_ok=True)
-        current: dict[int, tuple[ListenerTables, dict, str]] = {}  # listener -> (tables, entry, JSON)
-        changed = len(saved) != len(self.tables)
-        for lid, tables in self.tables.items():
-            held = saved.get(lid)
-            if held is not None and held[0] is tables:
-                current[lid] = held
-                continue
-            changed = True
-            entries = []
-            for g, deadline in [(tables.current, None), *((o.table, o.drain_deadline) for o in tables.old)]:
-                digest = hashlib.sha256("\0".join(g.backends).encode()).hexdigest()[:12]
-                path = hdir / f"l{lid}_g{g.generation}_{digest}.npy"
-                if not path.exists():
-                    np.save(path, np.asarray(g.table))
-                entries.append({"generation": g.generation, "backends": list(g.backends),
-                                "deadline": deadline, "file": path.name})
-            entry = {"current": entries[0], "old": entries[1:]}
-            current[lid] = (tables, entry, f'"{lid}":{json.dumps(entry)}')
-        if not changed:
-            return
-        tmp = hdir / "history.json.tmp"
-        tmp.write_text("{" + ", ".join(text for _, _, text in current.values()) + "}")
-        tmp.replace(hdir / "history.json")
-        if not saved:  # the first save of this process: whatever an earlier one left
-            keep = {e["file"] for _, d, _ in current.values() for e in [d["current"], *d["old"]]}
-            for f in hdir.glob("*.npy"):
-                if f.name not in keep:
-                    f.unlink(missing_ok=True)
-        else:  # only the files of listeners that changed or went
-            for lid, (tables, before, _) in saved.items():
-                after = current.get(lid)
-                if after is not None and after[0] is tables:
-                    continue
-                keep = {e["file"] for e in [after[1]["current"], *after[1]["old"]]} if after else set()
-                for e in [before["current"], *before["old"]]:
-                    if e["file"] not in keep:
-                        (hdir / e["file"]).unlink(missing_ok=True)
-        self._history_texts = current
-
-    def _load_history(self, now: float) -> None:
-        path = self._history_dir() / "history.json"
-        try:
-            doc = json.loads(path.read_text())
-            for lid, d in doc.items():
-                def gen(e: dict) -> GenerationTable:
-                    table = np.load(self._history_dir() / e["file"])
-                    table.setflags(write=False)
-                    return GenerationTable(e["generation"], tuple(e["backends"]), table)
-                old = tuple(OldTable(gen(e), e["deadline"]) for e in d["old"] if e["deadline"] > now)
-                self.tables[int(lid)] = ListenerTables(current=gen(d["current"]), old=old)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.info("no usable transition history in %s (%s): starting from the desired state", path, exc)
-            self.tables = {}
-
     def withdraw_all(self) -> None:
         if self.bgp is not None:
             for prefix in list(self.bgp.announced):
@@ -903,9 +829,7 @@ class MuxDaemon:
         if self.o.bgp is not None:
             self.bgp = BgpSpeaker(self.o.bgp, self.o.run_dir / "bgp")
             self.bgp.start()
-        if self.o.transitions:
-            self._load_history(time.time())
-        self._load_last_good()
+        self._load_state_files(time.time())
         self.apply()
         self._applied_sig = self._signature(time.time())
         self.metrics = MetricsServer(self.o.metrics_host, self.o.metrics_port, self.metric_families,
@@ -1178,8 +1102,8 @@ class MuxDaemon:
         ms.append(Metric("lbagent_config_errors_total", "Refused config files", "counter")
                   .add(self.config_errors))
         ms.append(Metric("lbagent_state_write_errors_total",
-                         "Failed writes of the per-VIP last good state (run_dir/last-good.json; e.g. a "
-                         "full disk)", "counter").add(self.state_write_errors))
+                         "Failed saves of the state kept for a restart (run_dir/last-good/, "
+                         "run_dir/history/; e.g. a full disk)", "counter").add(self.state_write_errors))
         ms.append(Metric("lbagent_last_apply_seconds", "Duration of the last apply").add(self.last_apply_s))
         bgp_up = Metric("lbagent_bgp_session_up", "1 when the BGP session to the router is established")
         routes = Metric("lbagent_bgp_routes", "Routes announced, by next hop")

@@ -710,27 +710,26 @@ def load_state_file(path: str | Path) -> DesiredState:
 LAST_GOOD_VERSION = 1
 
 
-def dump_last_good(vips: Mapping[str, Vip], texts: dict[str, tuple[Vip, str]] | None = None) -> str:
-    """The last-good document. `texts` (VIP address -> (Vip, its JSON)), kept by the caller
-    between calls, spares serialising again a VIP that is the same object as last time: the
-    daemon writes this after every apply that changed a VIP, and one change among thousands of
-    VIPs must not cost a serialisation of all of them. Same bytes either way."""
-    if texts is None:
-        texts = {}
-    parts = []
-    for address in sorted(vips):
-        vip = vips[address]
-        held = texts.get(address)
-        if held is None or held[0] is not vip:
-            held = texts[address] = (vip, json.dumps(vip.to_dict(), separators=(",", ":")))
-        parts.append(held[1])
-    for address in [a for a in texts if a not in vips]:
-        del texts[address]
-    return f'{{"version":{LAST_GOOD_VERSION},"vips":[{",".join(parts)}]}}'
+def dump_last_good_vip(vip: Vip) -> str:
+    """One VIP's last good file (lbagent.state_files): the VIP in the desired state's schema."""
+    return f'{{"version":{LAST_GOOD_VERSION},"vip":{json.dumps(vip.to_dict(), separators=(",", ":"))}}}'
+
+
+def parse_last_good_vip(text: str | bytes) -> Vip:
+    """The Vip of dump_last_good_vip's text; StateError names what is wrong."""
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise StateError("", f"not valid JSON: {exc}") from None
+    obj = _object(document, "", ("version", "vip"))
+    if obj["version"] != LAST_GOOD_VERSION or isinstance(obj["version"], bool):
+        raise StateError("version", f"expected {LAST_GOOD_VERSION}, got {_describe(obj['version'])}")
+    return _parse_vip(obj["vip"], "vip")
 
 
 def parse_last_good(text: str | bytes) -> dict[str, Vip]:
-    """VIP address -> Vip from dump_last_good's text; StateError names what is wrong."""
+    """VIP address -> Vip from the single last-good.json of earlier versions (read once at start
+    when there is no per-VIP directory yet); StateError names what is wrong."""
     try:
         document = json.loads(text)
     except (ValueError, RecursionError) as exc:

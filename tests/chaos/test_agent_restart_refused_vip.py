@@ -6,8 +6,8 @@ module): a VIP runs on mux-1 alone (the other mux is stopped, so every connectio
 mux-1 then gets a document whose part for that VIP it refuses (a backend whose MAC no neighbour
 answers for), keeps the VIP on its last good tables, and is restarted by PID with that document
 still in place. After the restart the VIP is still refused, still announced by mux-1 and still
-forwarded to its last good backends: the daemon read them back from run_dir/last-good.json
-(written atomically after each apply), not from the refused document.
+forwarded to its last good backends: the daemon read them back from its file in run_dir/last-good/
+(one per VIP, written atomically after each apply), not from the refused document.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def test_a_restarted_mux_keeps_serving_a_refused_vip_from_its_last_good_state(cl
         write_atomically(mux.config, json.dumps(broken))
         mux.wait_applied(broken["generation"], timeout_s=60)
         assert refused() == {VIP}
-        last_good = json.loads((mux.dir / "last-good.json").read_text())
-        assert [v["address"] for v in last_good["vips"]] == [VIP]
+        assert sorted(p.name for p in (mux.dir / "last-good").iterdir()) == [f"{VIP}.json"]
+        last_good = json.loads((mux.dir / "last-good" / f"{VIP}.json").read_text())
+        assert last_good["vip"]["address"] == VIP
         assert GHOST["address"] not in json.dumps(last_good), "the refused state was saved as the good one"
 
         # Restart by PID with the refused document still in place.

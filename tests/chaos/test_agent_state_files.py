@@ -17,8 +17,8 @@ from lbagent.daemon import DaemonOptions, MuxDaemon
 from lbagent.state import (
     StateError,
     Vip,
-    dump_last_good,
-    parse_last_good,
+    dump_last_good_vip,
+    parse_last_good_vip,
     parse_state,
     write_file_atomically,
 )
@@ -76,16 +76,16 @@ def _vips() -> dict[str, Vip]:
 
 
 def test_last_good_round_trips_and_names_what_is_wrong() -> None:
-    vips = _vips()
-    assert parse_last_good(dump_last_good(vips)) == vips
-    damaged = json.loads(dump_last_good(vips))
-    damaged["vips"][0]["listeners"][0]["port"] = "eighty"
-    with pytest.raises(StateError, match=r"vips\[0\]\.listeners\[0\]\.port"):
-        parse_last_good(json.dumps(damaged))
+    vip = next(iter(_vips().values()))
+    assert parse_last_good_vip(dump_last_good_vip(vip)) == vip
+    damaged = json.loads(dump_last_good_vip(vip))
+    damaged["vip"]["listeners"][0]["port"] = "eighty"
+    with pytest.raises(StateError, match=r"vip\.listeners\[0\]\.port"):
+        parse_last_good_vip(json.dumps(damaged))
     with pytest.raises(StateError, match="not valid JSON"):
-        parse_last_good(dump_last_good(vips)[:40])  # a torn file
+        parse_last_good_vip(dump_last_good_vip(vip)[:40])  # a torn file
     with pytest.raises(StateError, match="version"):
-        parse_last_good(json.dumps({"version": 9, "vips": []}))
+        parse_last_good_vip(json.dumps({"version": 9, "vip": {}}))
 
 
 def test_an_atomic_write_on_a_full_disk_keeps_the_previous_file() -> None:

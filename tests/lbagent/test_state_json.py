@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import json
 
-from lbagent.state import StateParser, dump_last_good, parse_last_good, parse_state, state_json
+from lbagent.state import StateParser, parse_state, state_json
 
 
 def _document(generation: int, vips: int = 5) -> dict:
@@ -50,10 +50,3 @@ def test_the_written_state_reads_back_as_the_applied_one_and_only_changed_vips_a
     assert parse_state(state_json(third, texts)) == third
     assert set(texts) == {v.address for v in third.vips}
 
-
-def test_last_good_with_kept_texts_is_the_same_document():
-    state = parse_state(_document(1))
-    vips = {v.address: v for v in state.vips}
-    texts: dict = {}
-    assert dump_last_good(vips, texts) == dump_last_good(vips)
-    assert parse_last_good(dump_last_good(vips, texts)) == vips
