@@ -58,8 +58,7 @@ run: seed
 test: deps services
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The schemathesis API contract run (docs/operations.md): about 20 minutes for both roles, so it
-# is kept out of `make test`'s 30-minute budget and run on its own.
+# The schemathesis API contract run alone (docs/operations.md); `make test` runs it too.
 contract: deps services
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(BIN)/python -m pytest -m contract tests/contract $(PYTEST_ARGS)
 

@@ -79,7 +79,7 @@ def _config(tmp_path: Path, spare_token_id: int) -> Path:
     return config
 
 
-@pytest.mark.timeout(1800)  # about 10 minutes per role on this two-core machine (2026-12-06)
+@pytest.mark.timeout(1800)  # 3-4 minutes per role on this two-core machine (2026-12-06); a hang, not slowness
 @pytest.mark.parametrize("role", ["operator", "a_member"], ids=["operator", "tenant"])
 def test_schemathesis_finds_nothing(portal, world, role, tmp_path):
     world_keys, spare_token = world
