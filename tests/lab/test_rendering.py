@@ -137,8 +137,8 @@ def test_adding_draining_and_removing_a_backend_send_no_rule():
     batch = elements.batches[-1]
     assert batch.index("delete element netdev lbagent cnt_a { 262144 . 02:00:00:00:00:03 }") < batch.index(
         "delete counter netdev lbagent cb7_10_0_0_3")
-    assert "delete element netdev lbagent pinok_a { 262144 . 02:00:00:00:00:01, 262144 . 02:00:00:00:00:02, " \
-        "262144 . 02:00:00:00:00:03 }" in batch
+    assert ("delete element netdev lbagent pinok_a { 262144 . 02:00:00:00:00:01, "
+            "262144 . 02:00:00:00:00:02, 262144 . 02:00:00:00:00:03 }") in batch
     assert ("add element netdev lbagent cur_a { 262146 : 02:00:00:00:00:01, 262149 : 02:00:00:00:00:02 }"
             in batch)
 
