@@ -323,7 +323,7 @@ def backend_counter(listener_id: int, address: str) -> str:
 
 
 def _counters_by_mac(plan: ListenerPlan) -> dict[int, str]:
-    """The listener's backend counters keyed by MAC (what `cnt_<id>` holds). Backends sharing a
+    """The listener's backend counters keyed by MAC (what `cnt` holds under its slot). Backends sharing a
     MAC (one host, two addresses) share the first one's counter: the kernel only sees the MAC."""
     out: dict[int, str] = {}
     for address, mac in plan.backends:
@@ -550,20 +550,23 @@ class _ElementSender:
 class NftDataplane:
     """The kernel driver for one mux interface. Not thread-safe: one caller applies.
 
-    Each listener has its own table size (the length of its plan's tables): its `jhash ... mod`
-    and its `cur_` map's size follow it. No rule names a backend: bucket -> backend MAC is a data
-    map (`cur_<id>`), the backend's counter an object map (`cnt_<id>`, MAC -> named counter), so
-    every change but a new listener, a changed idle timeout or table size is elements and
-    counters only, written as netlink messages (`nftlink`): its cost is what changed, not the
-    number of listeners on the mux, and no verdict map means the kernel has no jump graph to
-    re-validate at commit. Rules go through libnftables.
+    Each listener has its own table size (the length of its plan's tables: its `jhash ... mod`)
+    and slot (its `offset`, and the high bits of all its keys in the shared sets; `slot_of`).
+    No rule names a backend: slot . bucket -> backend MAC is a shared data map (`cur_<g>`), the
+    backend's counter a shared object map (`cnt_<g>`, slot . MAC -> named counter), so every
+    change but a new listener, a changed idle timeout or table size is elements and counters
+    only, written as netlink messages (`nftlink`) to sets at the head of the kernel's list: its
+    cost is what changed, not the number of listeners on the mux, and no verdict map means the
+    kernel has no jump graph to re-validate at commit. Rules go through libnftables.
 
-    An apply touches only what changed since the last one. A large apply (a whole document, a
-    restart) sends the rules of all new listeners first (libnftables, at most
-    `batch_listeners` listeners per transaction), then the elements in netlink transactions of
-    at most `batch_elements` elements each, then the dispatch changes and deletions: a listener
-    becomes reachable only once all its objects are in. The libnftables context is then
-    recreated so the daemon gives the memory back.
+    An apply touches only what changed since the last one. A large apply (a whole document)
+    sends the rules of all new listeners first (libnftables, at most `batch_listeners`
+    listeners per transaction), then the elements in netlink transactions of at most
+    `batch_elements` elements each, then the dispatch changes and deletions: a listener
+    becomes reachable only once all its objects are in. A first apply on a table an earlier
+    process left (a restart) fills a new generation of the shared sets and sends every rule
+    after every element (module docstring). The libnftables context is then recreated so the
+    daemon gives the memory back.
 
     Without a netlink writer (`elements=None` with a caller's `nft`: tests that capture the
     text, the `nft` binary fallback) everything goes through libnftables as text, each
@@ -809,6 +812,9 @@ class NftDataplane:
         if len(ids) != len(plans):
             self._validate(plans)  # names the duplicate
         gone_ids = applied.keys() - ids
+        if len(ids) > MAX_SLOTS:
+            raise ValueError(f"{len(ids)} listeners: a mux holds at most {MAX_SLOTS} (the slot is the "
+                             f"mark's high {32 - MARK_BUCKET_BITS} bits)")
         # Dispatch keys and idle timeouts of unchanged plans were checked when they were applied:
         # look at all of them again only when a changed plan could collide or move a maximum.
         rekeyed = any((a := applied.get(p.listener_id)) is None or a.plan.dispatch_key != p.dispatch_key
@@ -837,9 +843,6 @@ class NftDataplane:
         # all its elements (the new sets are created by the first, base transaction).
         restart = bool(existing)
         self.last_changed_listeners = 0
-        if len(ids) > MAX_SLOTS:
-            raise ValueError(f"{len(ids)} listeners: a mux holds at most {MAX_SLOTS} (the slot is the "
-                             f"mark's high {32 - MARK_BUCKET_BITS} bits)")
         # Slots for new listeners: the lowest free ones, never one a listener removed by this
         # same apply still holds (its elements are deleted at the end).
         for p in fresh:
@@ -852,14 +855,14 @@ class NftDataplane:
         for lid in gone_ids:
             new_applied.pop(lid, None)
         rules: list[str] = self._base(flush_shared) if first else []  # libnftables text, whole listeners
+        sent_text = 0
         if restart and self.elements is not None:
-            self._send_text(rules)
-            rules = []
+            self._send_text(rules)  # the new generation's sets, before any element
+            sent_text, rules = 1, []
         deferred: list[list[str]] = []  # a restart's rules, sent after every element
         rules_listeners = 0
         pending: list[list[Change]] = []  # netlink, one list per listener, after `rules`
         ops_elements = 0
-        sent_text = 0
         sender = _ElementSender(self._send_ops)
         try:
             for plan in fresh:
@@ -902,9 +905,10 @@ class NftDataplane:
                     self._send_text(rules)
                     sent_text += 1
             else:
-                # Rules first (a listener's elements need its counters... and a new listener is
-                # unreachable until its dispatch entry anyway), then its elements, then the
-                # dispatch and deletions. A restart: elements, then rules.
+                # Rules first (libnftables compiles a chunk's rules while the sender thread
+                # writes the previous chunk's elements; a new listener is unreachable until its
+                # dispatch entry anyway), then its elements, then the dispatch and deletions.
+                # A restart: every element, then the rules that move listeners to them.
                 if restart:
                     deferred.append(rules)
                     rules = []
@@ -929,12 +933,15 @@ class NftDataplane:
             self._applied = None  # unknown again: the next apply rebuilds from the kernel's listing
             self._inject_timeouts = None
             raise
-        for lid in gone_ids:  # their elements are gone: their slots may serve new listeners
+        for lid in self._slots.keys() - new_applied.keys():
+            # Gone listeners' elements are deleted: their slots may serve new listeners.
             self._release_slot(self._slots.pop(lid))
         self._applied = new_applied
         self._inject_timeouts = timeouts
 
     def _take_slot(self, listener_id: int) -> int:
+        if listener_id in self._slots:  # taken by an apply that failed before sending anything
+            return self._slots[listener_id]
         slot = heapq.heappop(self._free_slots) if self._free_slots else self._next_slot
         if slot == self._next_slot:
             self._next_slot += 1

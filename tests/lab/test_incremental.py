@@ -349,6 +349,48 @@ def test_an_older_daemons_table_format_is_replaced_at_the_first_apply(netns):
 
 
 @pytest.mark.lab
+def test_the_per_listener_sets_format_is_replaced_at_the_first_apply(netns):
+    """A mux upgraded from four sets per listener (`cur_<id>`, `unstable_<id>`, `pinok_<id>`,
+    `cnt_<id>`, the format before the shared sets), mid-transition: the first apply fills the
+    shared sets, moves the rules to them, deletes every per-listener set, keeps the pins and
+    the backend counters, and each listener then holds exactly its plan."""
+    nft = NamespaceNft(netns)
+    t = "netdev lbagent"
+    old = [f"add table {t}",
+           f"add map {t} pins_tcp {{ type ipv4_addr . ipv4_addr . inet_service . inet_service : ether_addr; "
+           "size 1048576; flags timeout; }",
+           f"add element {t} pins_tcp {{ 10.9.9.9 . 203.0.113.1 . 40000 . 80 timeout 600s "
+           ": 02:00:00:01:00:01 }"]
+    for lid in (1, 2):
+        old += [f"add map {t} cur_{lid} {{ type mark : ether_addr; size 409; }}",
+                f"add set {t} unstable_{lid} {{ type mark; }}",
+                f"add set {t} pinok_{lid} {{ type ether_addr; }}",
+                f"add map {t} cnt_{lid} {{ type ether_addr : counter; }}",
+                f"add counter {t} cb{lid}_10_{lid}_0_1", f"add counter {t} l{lid}",
+                f"add element {t} cur_{lid} {{ 0 : 02:00:00:0{lid}:00:01, 1 : 02:00:00:0{lid}:00:01 }}",
+                f"add element {t} unstable_{lid} {{ 1 }}",
+                f"add element {t} pinok_{lid} {{ 02:00:00:0{lid}:00:01 }}",
+                f'add element {t} cnt_{lid} {{ 02:00:00:0{lid}:00:01 : "cb{lid}_10_{lid}_0_1" }}',
+                f"add chain {t} l{lid}", f"add rule {t} l{lid} counter name l{lid}",
+                f"add rule {t} l{lid} meta mark @unstable_{lid} ether daddr @pinok_{lid} accept",
+                f"add rule {t} l{lid} ether daddr set meta mark map @cur_{lid} "
+                f'counter name ether daddr map @cnt_{lid} fwd to "eth0"']
+    nft.run("\n".join(old) + "\n")
+    plans = [_plan(1, 409, 4), _plan(2, 409, 4)]
+    NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft, nflog_group=5).apply(plans)
+    objects = _objects(nft)
+    left = sorted(name for kind, name in objects if kind in ("map", "set") and re.fullmatch(r"\w+_\d+", name))
+    assert left == [], f"per-listener sets left: {left}"
+    assert ("counter", "cb1_10_1_0_1") in objects, "a planned backend's counter is kept"
+    for plan in plans:
+        assert _mine(nft, "cur", plan.listener_id) == _planned_cur(plan)
+        assert _mine(nft, "unstable", plan.listener_id) == {}
+        assert _mine(nft, "cnt", plan.listener_id) == {
+            mac: f"cb{plan.listener_id}_{a.replace('.', '_')}" for a, mac in plan.backends}
+    assert len(_elements(nft, "map", "pins_tcp")) == 1, "the pins survive the upgrade"
+
+
+@pytest.mark.lab
 def test_a_refused_netlink_batch_names_the_set_and_applies_nothing(netns):
     """One batch is one transaction: a delete of a missing element fails the whole batch (the
     add before it is rolled back) with an error naming the set; a 65,537-bucket transition (over
