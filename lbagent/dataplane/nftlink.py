@@ -188,6 +188,8 @@ class Op:
         if self.verb == "delete set":
             return f"delete {kind} {t} {self.name}"
         keys = [self._key_text(k) for k in self.keys]
+        if not keys:
+            return ""  # nothing to change (`{ }` is a syntax error): a blank line
         if self.verb == "add" and self.values is not None:
             items = ", ".join(f"{k} : {self._value_text(v)}" for k, v in zip(keys, self.values, strict=True))
         else:
