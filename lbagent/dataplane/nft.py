@@ -631,6 +631,10 @@ class NftDataplane:
                f"add set {t} {self._name('unstable')} {{ type mark; }}",
                f"add map {t} {self._name('cnt')} {{ type mark . ether_addr : counter; }}",
                f"add set {t} {self._name('pinok')} {{ type mark . ether_addr; }}"]
+        # The one rule that reads `cur`: every listener jumps here after its hash.
+        bucket = self._name("bucket")
+        out += [f"add chain {t} {bucket}", f"flush chain {t} {bucket}",
+                f"add rule {t} {bucket} ether daddr set meta mark map @{self._name('cur')}"]
         if flush_shared:  # both generations in the kernel: this one's content is unknown
             out += [f"flush {'map' if kind in ('cur', 'cnt') else 'set'} {t} {self._name(kind)}"
                     for kind in SHARED]
@@ -671,7 +675,7 @@ class NftDataplane:
         chain = f"l{lid}"
         key = _flow_tuple(family)
         pins = pin_map(proto, family)
-        cur, unstable, pinok, cnt = (self._name(kind) for kind in SHARED)
+        _, unstable, pinok, cnt = (self._name(kind) for kind in SHARED)
         base = slot_base(slot)
         fingerprint, clear = _fingerprint(family, self.seed), _clear_priority(family)
         timeout = max(1, int(plan.pin_timeout_s))
@@ -706,31 +710,6 @@ class NftDataplane:
             rules.append(f"add rule {t} {chain} add @learn{lid} {{ {learn_key} : meta mark & "
                          f"{MARK_BUCKET_MASK:#x} }} {clear}".rstrip())
         if self.nflog_group is not None and proto == "tcp":
-            # Rule 3's SYN case, compiled: a SYN of an unstable bucket takes the current table's
-            # backend (its MAC from `cur`), is reported to nfnetlink_log for the owner's record
-            # (no verdict: the packet goes on; the mark, slot and bucket, goes with it), pinned
-            # to that MAC (first writer wins: `add` never overwrites) and counted. `log` comes
-            # before `add`: if the pin map is full the `add` fails and ends this rule; the report
-            # is out by then, so the flow still gets its record. In steady state the listener
-            # has no `unstable` element and this rule never matches.
-            syn = (f"add rule {t} {chain} meta mark @{unstable} tcp flags & (syn | ack) == syn "
-                   f"ether daddr set meta mark map @{cur} ")
-            if family == "ip6":
-                # The fingerprint overwrites the mark (the bucket), which the forwarding rule
-                # below looks up: an IPv6 SYN is counted and forwarded by this rule itself. If
-                # the `add` fails, the next rule forwards it (its destination MAC, the backend's,
-                # is no longer the mux's only then).
-                rules.append(syn + f"{count} "
-                             f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN6} {fingerprint}"
-                             f"add @{pins} {{ {key} timeout {timeout}s : ether daddr }} {clear}"
-                             f"counter name newflows{lid} {forward}")
-                rules.append(f"add rule {t} {chain} ether daddr != {self.mux_mac} {clear}{forward}")
-            else:
-                # The forwarding rule below sends it (its bucket is still in the mark), also when
-                # the `add` failed.
-                rules.append(syn + f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN} "
-                             f"add @{pins} {{ {key} timeout {timeout}s : ether daddr }} "
-                             f"counter name newflows{lid}")
             # Unstable bucket, no pin, not a SYN: up to the stack, where iptables-nft queues it to
             # the slow path (rule 4 needs the owner's answer).
             unknown = f"meta mark @{unstable} tcp flags & (syn | ack) != syn"
@@ -739,10 +718,43 @@ class NftDataplane:
             unknown = f"meta mark @{unstable}"
         rules += [
             f"add rule {t} {chain} {unknown} counter name slow{lid} accept",
-            # Rule 2 (and the SYN of rule 3): the bucket's backend from the current table, its
-            # counter by slot and MAC. A bucket without a backend has no element: the lookup
-            # misses, the rule ends and the next one drops.
-            f"add rule {t} {chain} ether daddr set meta mark map @{cur} {count} {forward}",
+            # The bucket's backend from the current table: the shared chain's one rule, so the
+            # `cur` map has one user whatever the number of listeners (the kernel checks every
+            # new element of a map against each rule that uses it). A bucket without a backend
+            # has no element: the MAC stays the mux's and the next rule drops.
+            f"add rule {t} {chain} jump {self._name('bucket')}",
+            f"add rule {t} {chain} ether daddr {self.mux_mac} drop",
+        ]
+        if self.nflog_group is not None and proto == "tcp":
+            # Rule 3's SYN case, compiled: a SYN of an unstable bucket has the current table's
+            # backend (from `cur`, above), is reported to nfnetlink_log for the owner's record
+            # (no verdict: the packet goes on; the mark, slot and bucket, goes with it), pinned
+            # to that MAC (first writer wins: `add` never overwrites) and counted. `log` comes
+            # before `add`: if the pin map is full the `add` fails and ends this rule; the report
+            # is out by then, so the flow still gets its record. In steady state the listener
+            # has no `unstable` element and this rule never matches.
+            syn = f"add rule {t} {chain} meta mark @{unstable} tcp flags & (syn | ack) == syn "
+            if family == "ip6":
+                # The fingerprint overwrites the mark (slot and bucket), which the forwarding
+                # rule below reads: an IPv6 SYN is counted and forwarded by this rule itself. Its
+                # source MAC is the mux's from before the fingerprint: if the `add` fails, the
+                # next rule (only such a SYN has the mux's source MAC there) forwards it to the
+                # backend it was given.
+                rules.append(syn + f"{count} log group {self.nflog_group} snaplen {NFLOG_SNAPLEN6} "
+                             f"ether saddr set {self.mux_mac} {fingerprint}"
+                             f"add @{pins} {{ {key} timeout {timeout}s : ether daddr }} {clear}"
+                             f'counter name newflows{lid} fwd to "{self.iface}"')
+                rules.append(f'add rule {t} {chain} ether saddr {self.mux_mac} {clear}fwd to "{self.iface}"')
+            else:
+                # The forwarding rule below sends it (its bucket is still in the mark), also when
+                # the `add` failed.
+                rules.append(syn + f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN} "
+                             f"add @{pins} {{ {key} timeout {timeout}s : ether daddr }} "
+                             f"counter name newflows{lid}")
+        rules += [
+            # Rule 2 (and the SYN of rule 3): forwarded to the bucket's backend, counted by slot
+            # and MAC.
+            f"add rule {t} {chain} {count} {forward}",
             f"add rule {t} {chain} drop",
         ]
         return rules
@@ -1201,6 +1213,7 @@ class NftDataplane:
         keep |= {("map", dispatch_map(f)) for f in FAMILIES}
         keep |= {("map", pin_map(p, f)) for p in PROTOCOLS for f in FAMILIES}
         keep |= {("map" if kind in ("cur", "cnt") else "set", self._name(kind)) for kind in SHARED}
+        keep.add(("chain", self._name("bucket")))
         for plan in plans:
             lid = plan.listener_id
             keep |= {("chain", f"l{lid}"), ("map", f"learn{lid}"),

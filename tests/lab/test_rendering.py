@@ -46,8 +46,17 @@ def test_first_apply_is_one_transaction_with_seed_and_full_tables():
     assert "add element netdev lbagent cur_a { 0 : 02:00:00:00:00:01, 1 : 02:00:00:00:00:02," in tx
     assert 'add element netdev lbagent cnt_a { 0 . 02:00:00:00:00:01 : "cb7_10_0_0_1", ' in tx
     assert "add counter netdev lbagent cb7_10_0_0_2" in tx
-    assert ("ether daddr set meta mark map @cur_a counter name meta mark & 0xfffe0000 . ether daddr "
-            'map @cnt_a ether saddr set 02:aa:00:00:00:01 fwd to "eth0"') in tx
+    # The current table is read in one shared chain (the `cur` map has one user: the kernel
+    # checks each new element of a map against every rule using it); the listener jumps there,
+    # drops a bucket without a backend, counts by slot and MAC and forwards.
+    assert "add rule netdev lbagent bucket_a ether daddr set meta mark map @cur_a" in tx
+    assert [ln for ln in tx.splitlines() if "map @cur_a" in ln] == [
+        "add rule netdev lbagent bucket_a ether daddr set meta mark map @cur_a"]
+    chain = [ln for ln in tx.splitlines() if ln.startswith("add rule netdev lbagent l7 ")]
+    jump = chain.index("add rule netdev lbagent l7 jump bucket_a")
+    assert chain[jump + 1] == "add rule netdev lbagent l7 ether daddr 02:aa:00:00:00:01 drop"
+    assert chain[-2] == ('add rule netdev lbagent l7 counter name meta mark & 0xfffe0000 . ether daddr '
+                         'map @cnt_a ether saddr set 02:aa:00:00:00:01 fwd to "eth0"')
     assert "mod 11 seed 0x5eed offset 0x0" in tx
     assert "203.0.113.10 . tcp . 80 : jump l7" in tx
 
@@ -63,6 +72,7 @@ def test_no_rule_names_a_backend_and_only_dispatch_holds_verdicts():
     lines = nft.sent[-1].splitlines()
     assert [ln for ln in lines if "02:00:00:00:00:0" in ln and ln.startswith("add rule")] == []
     assert [ln for ln in lines if ln.startswith("add chain")] == [
+        "add chain netdev lbagent bucket_a",
         'add chain netdev lbagent ingress { type filter hook ingress device "eth0" priority 0; '
         "policy accept; }", "add chain netdev lbagent l7"]
     verdict_maps = [ln for ln in lines if ln.startswith("add map") and ": verdict" in ln]
@@ -209,14 +219,18 @@ def test_syns_of_unstable_buckets_are_pinned_logged_and_forwarded_by_the_kernel(
 
     listener = chain("l7")
     syn = next(i for i, ln in enumerate(listener) if "== syn" in ln)
-    assert ("meta mark @unstable_a tcp flags & (syn | ack) == syn ether daddr set meta mark map @cur_a "
+    assert ("meta mark @unstable_a tcp flags & (syn | ack) == syn "
             "log group 9 snaplen 40 add @pins_tcp { ip saddr . ip daddr . th sport . th dport timeout 125s "
             ": ether daddr } counter name newflows7") in listener[syn], "report first: never lost"
     slow = next(i for i, ln in enumerate(listener) if "counter name slow7 accept" in ln)
     assert "meta mark @unstable_a tcp flags & (syn | ack) != syn" in listener[slow]
+    jump = listener.index("add rule netdev lbagent l7 jump bucket_a")
+    no_backend = listener.index("add rule netdev lbagent l7 ether daddr 02:aa:00:00:00:01 drop")
     forward = next(i for i, ln in enumerate(listener) if "map @cnt_a" in ln)
-    assert syn < forward
-    assert slow < forward
+    # the SYN has its backend's MAC from the current table (and none: dropped) when it is
+    # reported and pinned; the forwarding rule then sends it
+    assert jump + 1 == no_backend < syn < forward
+    assert slow < jump
     assert listener[-1].endswith("l7 drop"), "a bucket without a backend is dropped"
     assert [ln for ln in chain("l8") if "== syn" in ln] == [], "UDP has no SYN rule"
     assert any(ln.endswith("meta mark @unstable_a counter name slow8 accept") for ln in chain("l8"))

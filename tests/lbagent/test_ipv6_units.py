@@ -77,11 +77,14 @@ def test_an_ipv6_listener_renders_ip6_rules_beside_an_ipv4_one():
     assert "meta priority set 0" in v6_syn
     assert "counter name meta mark & 0xfffe0000 . ether daddr map @cnt_a" in v6_syn
     assert v6_syn.index("map @cnt_a") < v6_syn.index("log group"), "counted by slot before the fingerprint"
+    assert v6_syn.index("ether saddr set 02:aa:00:00:00:01") < v6_syn.index(f"seed {a:#x}"), \
+        "the mux's source MAC is set before the add that may fail"
     assert v6_syn.endswith('fwd to "eth0"')
     # if the pin's `add` fails (a full map) the SYN is still forwarded to the backend it was given
     after = rules[rules.index(v6_syn) + 1]
-    assert after == ('add rule netdev lbagent l6 ether daddr != 02:aa:00:00:00:01 meta priority set 0 '
-                     'ether saddr set 02:aa:00:00:00:01 fwd to "eth0"')
+    # (only such a SYN has the mux's source MAC at that point)
+    assert after == ("add rule netdev lbagent l6 ether saddr 02:aa:00:00:00:01 meta priority set 0 "
+                     'fwd to "eth0"')
     v4_syn = syn_rule("l4")
     assert "snaplen 40" in v4_syn
     assert "add @pins_tcp { ip saddr . ip daddr . th sport . th dport" in v4_syn
