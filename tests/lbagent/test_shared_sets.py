@@ -7,6 +7,7 @@ reads the same layout from a real kernel."""
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 
@@ -210,3 +211,54 @@ def test_netlink_keys_are_the_mark_in_host_order_and_slot_dot_mac(slot, buckets)
     assert key == struct.pack("=I", base) + bytes.fromhex("020000001234") + b"\0\0"
     text = f'add element netdev lbagent cnt_a {{ {base} . {mac} : "cb1_10_0_0_1" }}'
     assert op.text("netdev lbagent") == text
+
+
+def test_a_restart_fills_the_other_generation_before_moving_any_rule(monkeypatch):
+    """A driver starting on a table of generation a (a restarted daemon): it creates the b sets
+    and their bucket chain, writes every listener's elements there, only then rewrites the
+    listeners' rules (which jump to bucket_b), and deletes generation a last: no listener ever
+    points at a set without its elements."""
+    from lbagent.dataplane import nft as nft_module
+
+    monkeypatch.setattr(nft_module, "read_counters", lambda table, **kwargs: {})
+    events: list[tuple[str, str]] = []
+    held = {"maps": [("map", "cur_a"), ("map", "cnt_a"), ("map", "pins_tcp")],
+            "sets": [("set", "unstable_a"), ("set", "pinok_a")],
+            "chains": [("chain", "l1"), ("chain", "bucket_a"), ("chain", "ingress")]}
+
+    class KernelOfGenerationA:
+        def run(self, text: str, *, json_output: bool = False, terse: bool = False) -> str:
+            if text.startswith("list "):
+                kind = text.split()[1]
+                items = [{k: {"family": "netdev", "table": "lbagent", "name": name}}
+                         for k, name in held[kind]]
+                return json.dumps({"nftables": items})
+            events.append(("text", text))
+            return '{"nftables": []}'
+
+    class Elements:
+        def run(self, table: str, ops) -> None:
+            events.append(("netlink", "\n".join(op.text(f"netdev {table}") for op in ops)))
+
+    dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, nft=KernelOfGenerationA(), elements=Elements(),
+                      nflog_group=3)
+    plans = [ListenerPlan(lid, f"203.0.113.{lid}", "tcp", 80, _backends(2), np.array([0, 1, 0, 1, 1]),
+                          pin_macs=tuple(m for _, m in _backends(2))) for lid in (1, 2)]
+    dp.apply(plans)
+    assert dp.generation == "b"
+    kinds = [kind for kind, _ in events]
+    first_rules = next(i for i, (_, text) in enumerate(events) if "add rule netdev lbagent l1 " in text)
+    elements = [i for i, (kind, text) in enumerate(events) if kind == "netlink" and "cur_b" in text]
+    assert kinds[0] == "text"
+    assert "add map netdev lbagent cur_b" in events[0][1]
+    assert "add rule netdev lbagent bucket_b ether daddr set meta mark map @cur_b" in events[0][1]
+    assert "add rule" not in events[0][1].replace("add rule netdev lbagent bucket_b", ""), \
+        "the first transaction moves no listener"
+    assert elements, "no element went to the new generation"
+    assert max(elements) < first_rules, "a listener's rules went before its elements"
+    assert "jump bucket_b" in events[first_rules][1]
+    assert not [ln for _, text in events for ln in text.splitlines()
+                if ln.startswith("add element") and "_a " in ln], "an element went to the old generation"
+    deletion = next(i for i, (_, text) in enumerate(events) if "delete map netdev lbagent cur_a" in text)
+    assert deletion > first_rules
+    assert "delete chain netdev lbagent bucket_a" in events[deletion][1]
