@@ -2,7 +2,8 @@
 nftables (a throwaway network namespace), through the driver the daemon uses (NftDataplane:
 libnftables for rules, netlink messages for elements, counters and deletions).
 
-For each listener count (10, 100 and N x 4) on an empty table: the time of the whole-document
+The table format: shared sets keyed by each listener's slot (lbagent/dataplane/nft.py). For each
+listener count (10, 100 and N x 4) on an empty table: the time of the whole-document
 load, the kernel memory per listener, and the time of one change of each kind, five each on
 different listeners: `add` (a ninth backend: a transition with its unstable set, the new
 backend's counter and buckets) and `drain` (the eighth backend out of the current table, still
@@ -125,7 +126,7 @@ def measure(module, listeners: int, size: int, legacy: bool) -> dict:
     load_s = time.perf_counter() - t0
     rss_after_load = rss_bytes()
     loaded = settled_kernel_used()
-    lookup_ms = {} if legacy else set_lookup_probe(module, listeners)
+    lookup_ms = {} if legacy else set_lookup_probe(module, dp, plans)
     changes: dict[str, list[float]] = {"add": [], "drain": []}
     for k in range(10):
         kind = "add" if k % 2 == 0 else "drain"
@@ -148,23 +149,26 @@ def measure(module, listeners: int, size: int, legacy: bool) -> dict:
     return row
 
 
-def set_lookup_probe(module, listeners: int, messages: int = 100) -> dict[str, float]:
-    """What one element message costs the kernel depending on where its set is: `messages`
-    one-element batches (one transaction each, on a kept socket) to the `unstable_` set of the
-    first listener loaded, then of the last one, each element added and deleted again. nf_tables
-    finds a set by walking the table's list of sets by name (4 sets per listener, in creation
-    order), so a set created late costs a walk over all the others: what makes a full load
-    superlinear in the number of listeners."""
+def set_lookup_probe(module, dp, plans: list, messages: int = 100) -> dict[str, float]:
+    """What one element message costs the kernel for the first listener loaded and the last:
+    `messages` one-element batches (one transaction each, on a kept socket) to the shared
+    `unstable` set under each one's slot, each element added and deleted again. nf_tables finds
+    a set by walking the table's list of sets by name (in creation order); with per-listener
+    sets (main before the shared sets: 4 per listener) the last listener's set cost a walk over
+    all the others, what made a full load superlinear and a change slower at 4,000 listeners.
+    The shared sets are the table's first: both ends should cost the same."""
     from lbagent.dataplane.nftlink import NetlinkElements, Op
 
+    name = module.shared_name("unstable", dp.generation)
     writer = NetlinkElements()
     out = {}
     try:
-        for which, lid in (("first", 1), ("last", listeners)):
+        for which, plan in (("first", plans[0]), ("last", plans[-1])):
+            base = module.slot_base(dp.slot_of(plan.listener_id))
             started = time.perf_counter()
             for k in range(messages):
-                writer.run(module.TABLE, [Op("add", f"unstable_{lid}", np.array([k]))])
-                writer.run(module.TABLE, [Op("delete", f"unstable_{lid}", np.array([k]))])
+                writer.run(module.TABLE, [Op("add", name, np.array([base + k]))])
+                writer.run(module.TABLE, [Op("delete", name, np.array([base + k]))])
             out[which] = round((time.perf_counter() - started) * 1000 / (2 * messages), 3)
     finally:
         writer.close()
@@ -252,8 +256,10 @@ def main() -> None:
         for row in result["rows"]:
             if row.get("lookup_first_ms") is not None:
                 print(f"{result['driver']:<16} {row['listeners']:>5} listeners: one one-element transaction "
-                      f"to the first listener's set {row['lookup_first_ms']} ms, to the last one's "
-                      f"{row['lookup_last_ms']} ms (the kernel finds a set by name in a list)")
+                      "to the shared unstable set under the first listener's slot "
+                      f"{row['lookup_first_ms']} ms, "
+                      f"under the last one's {row['lookup_last_ms']} ms (the kernel finds a set by name "
+                      "in a list: the shared sets head it)")
     print(json.dumps(results))
 
 

@@ -24,7 +24,9 @@ from typing import Any, Literal
 
 STATE_VERSION = 1
 
-MAX_TABLE_SIZE = 1 << 24  # nft maps and Maglev tables beyond this are not something we can load
+# The mux's mark holds a listener's slot above 17 bits of bucket (lbagent.dataplane.nft): 131,071,
+# the largest prime below 2^17, is the largest table it can hash into.
+MAX_TABLE_SIZE = 131071
 MAX_WEIGHT = 65535
 MAX_MUXES = 256
 MAX_VIPS = 100_000

@@ -11,7 +11,9 @@ How nftables evaluates it (nft 1.0.6, net/netfilter/nft_hash.c):
 * ``jhash(data, 20, seed)`` is the kernel's Bob Jenkins lookup3 hash, which reads the bytes as
   CPU-endian (little-endian on x86 and arm64) 32-bit words.
 * ``mod M`` is ``reciprocal_scale(hash, M) = (hash * M) >> 32`` (not ``hash % M``), then the
-  optional offset (0 here) is added.
+  optional offset is added. The mux's rules add ``slot << MARK_BUCKET_BITS`` (the listener's slot
+  in the shared sets, lbagent.dataplane.nft): the mark is ``slot << 17 | bucket``, and
+  `bucket_of_mark` gives the bucket back (tables have at most ``1 << MARK_BUCKET_BITS`` buckets).
 
 `flow_hash`/`flow_bucket` work on one flow; `flow_hashes`/`flow_buckets` on numpy arrays of
 many flows (the simulator and benchmarks). IPv6 follows the same register layout
@@ -27,6 +29,10 @@ import numpy as np
 
 __all__ = [
     "JHASH_INITVAL",
+    "MARK_BUCKET_BITS",
+    "MARK_BUCKET_MASK",
+    "MARK_SLOT_MASK",
+    "bucket_of_mark",
     "flow_bucket",
     "flow_buckets",
     "flow_hash",
@@ -41,6 +47,16 @@ __all__ = [
 
 JHASH_INITVAL = 0xDEADBEEF
 _MASK32 = 0xFFFFFFFF
+# The packet mark the mux's rules write: the listener's slot in the high 15 bits, the bucket in
+# the low 17 (a table of at most 131,072 buckets: the largest prime below is 131,071).
+MARK_BUCKET_BITS = 17
+MARK_BUCKET_MASK = (1 << MARK_BUCKET_BITS) - 1
+MARK_SLOT_MASK = _MASK32 ^ MARK_BUCKET_MASK
+
+
+def bucket_of_mark(mark: int) -> int:
+    """The bucket a mux rule hashed a packet into, from its mark (``slot << 17 | bucket``)."""
+    return mark & MARK_BUCKET_MASK
 
 IpLike = str | int | ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -4,7 +4,8 @@ During a transition the kernel handles a SYN of an unstable bucket itself (decis
 compiled into each backend chain by lbagent.dataplane.nft): it pins the flow to the current
 table's backend, forwards it, and copies its first `NFLOG_SNAPLEN` bytes to nfnetlink_log group G
 with no verdict. This module reads those copies and hands each flow (addresses, ports, bucket from
-the mark) to a callback in batches (numpy arrays); the daemon decides each batch with
+the mark's low bits: the rules mark `slot << 17 | bucket`, `bucket_of_mark`) to a callback in
+batches (numpy arrays); the daemon decides each batch with
 `decide_new_flows_batch` (rule 3's SYN case, equal to `decide(...)` flow by flow) and records it
 at the owners. Nothing here decides.
 
@@ -37,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from lbagent.core.flowhash import MARK_BUCKET_MASK, bucket_of_mark
 
 log = logging.getLogger("lbagent.nflog")
 
@@ -282,7 +285,7 @@ class NflogReader:
             if expected is not None and seq != expected:
                 self.stats.lost += (seq - expected) & 0xFFFFFFFF
             self._next_seq = (seq + 1) & 0xFFFFFFFF
-        bucket = unpack("!I", buf, pos + mark_off)[0] if mark_off >= 0 else 0
+        bucket = bucket_of_mark(unpack("!I", buf, pos + mark_off)[0]) if mark_off >= 0 else 0
         start = pos + p
         proto = buf[start + 6]
         if proto not in (6, 17) or p + 44 > length:
@@ -352,7 +355,8 @@ class NflogReader:
 
         flows = np.stack([be32(p + 12), be32(p + 16), proto.astype(np.int64), be16(ports_at),
                           be16(ports_at + 2),
-                          be32(mark_off) if mark_off >= 0 else np.zeros(count, dtype=np.int64)], axis=1)
+                          be32(mark_off) & MARK_BUCKET_MASK if mark_off >= 0
+                          else np.zeros(count, dtype=np.int64)], axis=1)
         n_good = int(np.count_nonzero(good))
         self.stats.messages += n_good
         self.stats.malformed += count - n_good
@@ -369,7 +373,7 @@ class NflogReader:
             if expected is not None and seq != expected:
                 stats.lost += (seq - expected) & 0xFFFFFFFF
             self._next_seq = (seq + 1) & 0xFFFFFFFF
-        bucket = unpack("!I", buf, pos + mark_off)[0] if mark_off >= 0 else 0  # no mark: 0
+        bucket = bucket_of_mark(unpack("!I", buf, pos + mark_off)[0]) if mark_off >= 0 else 0  # no mark: 0
         p += pos
         vihl = buf[p]
         proto = buf[p + 9]

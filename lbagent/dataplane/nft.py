@@ -2,48 +2,73 @@
 Rules go through libnftables; every element, counter and deletion as raw netlink messages
 (`nftlink`), each change one transaction.
 
-Per listener `<id>` the table holds
-  * `cur_<id>`: bucket -> the backend's MAC (a data map, sized to the listener's table);
-    `unstable_<id>` (buckets where any live old table differs from the current one: empty in
-    steady state); `pinok_<id>` (MACs of backends whose connections may still live);
-    `cnt_<id>`: backend MAC -> its named counter `cb<id>_<address>`;
-  * chain `l<id>`: per-flow pins first (a miss ends that rule and evaluation goes on), then the
-    flow hash into the mark; a SYN of an unstable bucket (decision rule 3) takes the current
-    table's MAC, is reported to nfnetlink_log group `nflog_group`, pinned to that MAC and counted
-    in `newflows<id>`; other packets of unstable buckets (not a TCP SYN) are `accept`ed up to the
-    stack (where iptables-nft hands them to NFQUEUE, the slow path); everything else (rule 2)
-    gets its bucket's MAC from `cur_<id>`, is counted by that MAC and forwarded (L2 direct
-    server return: the backend answers the client itself). A bucket with no backend has no
-    element: the lookup misses and the packet is dropped.
+Every listener has a slot (0..32767, allocated by the driver, the lowest free one, reused after
+the listener is removed): its rules hash a flow into the mark `slot << 17 | bucket` (nft's
+`jhash ... mod N seed S offset slot<<17`; `lbagent.core.flowhash.bucket_of_mark` gives the bucket
+back, so a table has at most 2^17 buckets), and every set a backend change writes is SHARED by
+all listeners, keyed by the slot. nf_tables finds a set by name by walking the table's list of
+sets in creation order (docs/bench-mux-scale.md): these few sets are created first, so a change
+to listener 4,000 costs what a change to listener 1 costs. The shared sets, generation `<g>`
+("a" or "b", see below):
+  * `cur_<g>`: `slot << 17 | bucket` -> the backend's MAC (a data map, one element per bucket
+    with a backend); `unstable_<g>`: `slot << 17 | bucket` of the buckets where any live old
+    table differs from the current one (empty in steady state);
+  * `pinok_<g>`: `slot << 17 . MAC` of the backends whose connections may still live;
+    `cnt_<g>`: `slot << 17 . MAC` -> the backend's named counter `cb<id>_<address>`.
+One shared chain reads `cur_<g>`: `bucket_<g>`, whose one rule sets the destination MAC from
+the mark (`ether daddr set meta mark map @cur_<g>`). nf_tables checks each new element of a map
+against every rule that uses the map, so a `cur` used by every listener's rules would make each
+insert cost O(listeners) (measured: 12 us per element with 1,000 such rules); `unstable` and
+`pinok` are sets and `cnt` an object map, which the kernel does not check that way.
+Per listener `<id>`: chain `l<id>`, counters `l<id>`, `pinned<id>`, `slow<id>`, `newflows<id>`,
+the backend counters, and (learning only: tests, debugging) the map `learn<id>`, which only the
+kernel writes. Chain `l<id>`: per-flow pins first (a miss ends that rule and evaluation goes
+on), then the flow hash into the mark; packets of unstable buckets that are not a TCP SYN are
+`accept`ed up to the stack (where iptables-nft hands them to NFQUEUE, the slow path, which masks
+the bucket out of the mark); then `jump bucket_<g>` (the current table's MAC; a bucket with no
+backend has no element, the MAC stays the mux's and the next rule drops); a SYN of an unstable
+bucket (decision rule 3) is reported to nfnetlink_log group `nflog_group`, pinned to that MAC
+and counted in `newflows<id>`; every packet is then counted by slot and MAC (`counter name meta
+mark & 0xfffe0000 . ether daddr map @cnt_<g>`) and forwarded (L2 direct server return: the
+backend answers the client itself).
 No rule names a backend and no map holds a verdict but `dispatch` and `dispatch6` (VIP .
 protocol . port -> jump l<id>): adding, draining or removing a backend writes elements and
-counters only, and the kernel has no jump graph to re-validate when `cur_` changes.
+counters only, and the kernel has no jump graph to re-validate when `cur_<g>` changes.
 Pins live in one map per protocol and address family for the whole table (`pins_tcp`,
 `pins_udp`: a 4-field key, because nft 1.0.6 aborts on 5-field dynamic keys; `pins6_tcp`,
 `pins6_udp` for IPv6 flows, keyed by a 64-bit fingerprint of the address pair and the ports,
 because nft 1.0.6 cannot add a dynamic key longer than 16 bytes), value = the backend's MAC, with the
 listener's idle timeout, which every packet of the flow renews in the kernel (`update`). A pin
-forwards only to a MAC in the listener's `pinok_<id>` set: at a drain deadline the ended
-backend's MAC leaves the set, so its flows fall through to the current table (whose backend
-answers them with a reset) at their next packet. The kernel adds pins itself in chain `inject`
-(on the injection veth) from the packets the slow path re-injects. Counters are read over
-netlink (`read_counters`): `nft list` would load every map element first.
+forwards only to a MAC in `pinok_<g>` under the listener's slot (the pin rule puts `slot << 17`
+in the mark for that lookup: nft 1.0.6 takes no constant in a concatenation): at a drain
+deadline the ended backend's element leaves the set, so its flows fall through to the current
+table (whose backend answers them with a reset) at their next packet. The kernel adds pins itself
+in chain `inject` (on the injection veth) from the packets the slow path re-injects. Counters are
+read over netlink (`read_counters`): `nft list` would load every map element first.
+
+Generations: a driver that starts on a table an earlier process left (a restarted daemon, or
+after a failed apply) cannot know which shared elements belong to which slot without listing
+millions of them, so it builds the other generation's shared sets (`cur_b` when the kernel holds
+`cur_a`, and back), fills them for every listener, then points each listener's rules at them,
+and deletes the old generation last: no listener is ever without its tables (restart loads send
+the rules after the elements). Pins, the dispatch maps and the counters are kept.
 
 IPv6 listeners have the same objects and rules; what differs per family is the dispatch map
 (`dispatch6`: IPv6 VIP . protocol . port), the pin maps, the hash input (`ip6 saddr . ip6 daddr .
 meta l4proto . th sport . th dport`, the same registers `lbagent.core.flowhash` hashes) and the
 fingerprint statements that load an IPv6 pin's key into the mark and the priority
-(`_fingerprint`; the priority is put back to 0 before a packet leaves).
+(`_fingerprint`; the priority is put back to 0 before a packet leaves; the pin rule loads the
+first half again after its `pinok` lookup, for the renewal).
 
 The steady state is stateless: no pins, empty unstable sets, no packet leaves the kernel.
 """
-
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import ctypes.util
 import functools
+import heapq
 import json
 import os
 import queue
@@ -57,7 +82,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lbagent.core.flowhash import ipv6_fingerprint_seeds
+from lbagent.core.flowhash import MARK_BUCKET_BITS, MARK_BUCKET_MASK, MARK_SLOT_MASK, ipv6_fingerprint_seeds
 from lbagent.dataplane.nftlink import (
     Change,
     FillOp,
@@ -79,7 +104,11 @@ NFLOG_SNAPLEN = 40
 # IPv6: the 40-byte fixed header and the ports right after it (a SYN with extension headers is
 # still pinned and forwarded; its report is counted malformed and the flow gets no record).
 NFLOG_SNAPLEN6 = 44
-MAP_SIZE = 1 << 17  # room for a 65537-bucket table
+MAP_SIZE = 1 << 17  # room for a 65537-bucket table (learn maps)
+MAX_BUCKETS = 1 << MARK_BUCKET_BITS  # a listener's table size: the bucket is the mark's low 17 bits
+MAX_SLOTS = 1 << (32 - MARK_BUCKET_BITS)  # listeners on one mux: the slot is the mark's high 15 bits
+GENERATIONS = ("a", "b")
+SHARED = ("cur", "unstable", "pinok", "cnt")
 _LEARN_IP6 = -6  # `_existing_objects`' mark of a learn map keyed for an IPv6 listener
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 
@@ -265,6 +294,9 @@ class ListenerPlan:
         except (OSError, TypeError):
             raise ValueError(f"listener {self.listener_id}: VIP {self.vip!r} is not an IPv4 or IPv6 "
                              "address") from None
+        if not 1 <= len(self.current) <= MAX_BUCKETS:
+            raise ValueError(f"listener {self.listener_id}: a table of {len(self.current)} buckets "
+                             f"(1..{MAX_BUCKETS}: the bucket is the mark's low {MARK_BUCKET_BITS} bits)")
         if self.old is not None and len(self.old) != len(self.current):
             raise ValueError(f"listener {self.listener_id}: old table has {len(self.old)} buckets, "
                              f"current {len(self.current)}")
@@ -296,7 +328,7 @@ def backend_counter(listener_id: int, address: str) -> str:
 
 
 def _counters_by_mac(plan: ListenerPlan) -> dict[int, str]:
-    """The listener's backend counters keyed by MAC (what `cnt_<id>` holds). Backends sharing a
+    """The listener's backend counters keyed by MAC (what `cnt` holds under its slot). Backends sharing a
     MAC (one host, two addresses) share the first one's counter: the kernel only sees the MAC."""
     out: dict[int, str] = {}
     for address, mac in plan.backends:
@@ -310,7 +342,28 @@ class _Applied:
     unstable: set[int]
     rules_key: tuple  # what the listener's rules are rendered from: same key, rules untouched
     pin_macs: tuple[str, ...]
-    counters: dict[int, str]  # cnt_<id>: backend MAC -> counter name
+    counters: dict[int, str]  # cnt: backend MAC -> counter name
+    slot: int  # the listener's slot in the shared sets: its keys are `slot << 17 | ...`
+
+    @property
+    def base(self) -> int:
+        return slot_base(self.slot)
+
+
+def slot_base(slot: int) -> int:
+    """A slot's part of the mark (and of every shared key): `slot << 17`."""
+    return slot << MARK_BUCKET_BITS
+
+
+def shared_name(kind: str, generation: str) -> str:
+    """A shared set's name: `cur_a`, `unstable_b`, ... (kind in SHARED, generation in GENERATIONS)."""
+    return f"{kind}_{generation}"
+
+
+def slot_mac_keys(slot: int, macs) -> list[tuple[int, str]]:
+    """`pinok`/`cnt` keys of a listener's backends: (slot << 17, MAC), MACs as strings or ints."""
+    base = slot_base(slot)
+    return [(base, mac if isinstance(mac, str) else int_to_mac(mac)) for mac in macs]
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -388,6 +441,15 @@ def _fingerprint(family: str, seed: int) -> str:
     a, b = ipv6_fingerprint_seeds(seed)  # lbagent.core.flowhash.ipv6_fingerprint computes the same
     return (f"meta mark set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {a:#x} "
             f"meta priority set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {b:#x} ")
+
+
+def _fingerprint_mark(family: str, seed: int) -> str:
+    """The first half of the fingerprint into the mark again (IPv6; nothing for IPv4): the pin
+    rule's `pinok` lookup put the slot there."""
+    if family != "ip6":
+        return ""
+    a, _ = ipv6_fingerprint_seeds(seed)
+    return f"meta mark set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {a:#x} "
 
 
 def _clear_priority(family: str) -> str:
@@ -493,20 +555,23 @@ class _ElementSender:
 class NftDataplane:
     """The kernel driver for one mux interface. Not thread-safe: one caller applies.
 
-    Each listener has its own table size (the length of its plan's tables): its `jhash ... mod`
-    and its `cur_` map's size follow it. No rule names a backend: bucket -> backend MAC is a data
-    map (`cur_<id>`), the backend's counter an object map (`cnt_<id>`, MAC -> named counter), so
-    every change but a new listener, a changed idle timeout or table size is elements and
-    counters only, written as netlink messages (`nftlink`): its cost is what changed, not the
-    number of listeners on the mux, and no verdict map means the kernel has no jump graph to
-    re-validate at commit. Rules go through libnftables.
+    Each listener has its own table size (the length of its plan's tables: its `jhash ... mod`)
+    and slot (its `offset`, and the high bits of all its keys in the shared sets; `slot_of`).
+    No rule names a backend: slot . bucket -> backend MAC is a shared data map (`cur_<g>`), the
+    backend's counter a shared object map (`cnt_<g>`, slot . MAC -> named counter), so every
+    change but a new listener, a changed idle timeout or table size is elements and counters
+    only, written as netlink messages (`nftlink`) to sets at the head of the kernel's list: its
+    cost is what changed, not the number of listeners on the mux, and no verdict map means the
+    kernel has no jump graph to re-validate at commit. Rules go through libnftables.
 
-    An apply touches only what changed since the last one. A large apply (a whole document, a
-    restart) sends the rules of all new listeners first (libnftables, at most
-    `batch_listeners` listeners per transaction), then the elements in netlink transactions of
-    at most `batch_elements` elements each, then the dispatch changes and deletions: a listener
-    becomes reachable only once all its objects are in. The libnftables context is then
-    recreated so the daemon gives the memory back.
+    An apply touches only what changed since the last one. A large apply (a whole document)
+    sends the rules of all new listeners first (libnftables, at most `batch_listeners`
+    listeners per transaction), then the elements in netlink transactions of at most
+    `batch_elements` elements each, then the dispatch changes and deletions: a listener
+    becomes reachable only once all its objects are in. A first apply on a table an earlier
+    process left (a restart) fills a new generation of the shared sets and sends every rule
+    after every element (module docstring). The libnftables context is then recreated so the
+    daemon gives the memory back.
 
     Without a netlink writer (`elements=None` with a caller's `nft`: tests that capture the
     text, the `nft` binary fallback) everything goes through libnftables as text, each
@@ -542,6 +607,10 @@ class NftDataplane:
         self.batch_elements = batch_elements
         self.batch_listeners = batch_listeners
         self._applied: dict[int, _Applied] | None = None  # None: the kernel's content is unknown
+        self.generation = GENERATIONS[0]  # of the shared sets in use (chosen at each first apply)
+        self._slots: dict[int, int] = {}  # listener id -> its slot in the shared sets
+        self._free_slots: list[int] = []  # a heap of the slots below _next_slot no listener holds
+        self._next_slot = 0
         self._inject_timeouts: dict[str, int] | None = None
         self.transactions = 0  # transactions sent (the bench and tests read it)
         self.netlink_transactions = 0  # of which written as netlink messages
@@ -551,11 +620,29 @@ class NftDataplane:
     def _t(self) -> str:
         return f"netdev {self.table}"
 
-    def _base(self) -> list[str]:
+    def _name(self, kind: str) -> str:
+        """The shared set of this kind (cur, unstable, pinok, cnt) of the generation in use."""
+        return shared_name(kind, self.generation)
+
+    def _base(self, flush_shared: bool = False) -> list[str]:
         """Objects every listener uses. `add` of an existing object is a no-op: pins survive a
-        daemon restart, and the ingress chain keeps dispatching until the apply's last batch."""
+        daemon restart, and the ingress chain keeps dispatching until the apply's last batch.
+        The shared sets come first: on an empty table they head the list of sets the kernel
+        walks to find one by name. None has a size: a resizable hash that grows with the
+        listeners (a declared size is also a limit on the elements)."""
         t = self._t()
-        out = [f"add table {t}"]
+        out = [f"add table {t}",
+               f"add map {t} {self._name('cur')} {{ type mark : ether_addr; }}",
+               f"add set {t} {self._name('unstable')} {{ type mark; }}",
+               f"add map {t} {self._name('cnt')} {{ type mark . ether_addr : counter; }}",
+               f"add set {t} {self._name('pinok')} {{ type mark . ether_addr; }}"]
+        # The one rule that reads `cur`: every listener jumps here after its hash.
+        bucket = self._name("bucket")
+        out += [f"add chain {t} {bucket}", f"flush chain {t} {bucket}",
+                f"add rule {t} {bucket} ether daddr set meta mark map @{self._name('cur')}"]
+        if flush_shared:  # both generations in the kernel: this one's content is unknown
+            out += [f"flush {'map' if kind in ('cur', 'cnt') else 'set'} {t} {self._name(kind)}"
+                    for kind in SHARED]
         for family in FAMILIES:
             for proto in PROTOCOLS:
                 out.append(f"add map {t} {pin_map(proto, family)} {{ type {_pin_key_type(family)} "
@@ -588,15 +675,19 @@ class NftDataplane:
                            f'{_clear_priority(family)}counter name slowpath_reinjected fwd to "{self.iface}"')
         return out
 
-    def _listener_rules(self, plan: ListenerPlan) -> list[str]:
+    def _listener_rules(self, plan: ListenerPlan, slot: int) -> list[str]:
         t, lid, proto, family = self._t(), plan.listener_id, plan.protocol, plan.family
         chain = f"l{lid}"
         key = _flow_tuple(family)
         pins = pin_map(proto, family)
+        _, unstable, pinok, cnt = (self._name(kind) for kind in SHARED)
+        base = slot_base(slot)
         fingerprint, clear = _fingerprint(family, self.seed), _clear_priority(family)
         timeout = max(1, int(plan.pin_timeout_s))
         renew = f"update @{pins} {{ {key} timeout {timeout}s : ether daddr }}"
         forward = f'ether saddr set {self.mux_mac} fwd to "{self.iface}"'
+        # The backend's counter: the slot (the mark's high bits) and the MAC.
+        count = f"counter name meta mark & {MARK_SLOT_MASK:#x} . ether daddr map @{cnt}"
         rules = [
             f"add chain {t} {chain}",
             f"flush chain {t} {chain}",
@@ -605,94 +696,114 @@ class NftDataplane:
             # (the flow's packets keep its state alive, however long it lives). A pin to an
             # ended backend (drain deadline passed) rewrote the MAC but does not match the set:
             # the next rule puts the mux's MAC back and the packet goes on like an unpinned one.
-            # (IPv6: the pin key's address fingerprint is loaded first, see _flow_tuple.)
-            f"add rule {t} {chain} {fingerprint}ether daddr set {key} map @{pins} ether daddr @pinok_{lid} "
+            # The slot goes into the mark for the `pinok` lookup (nft 1.0.6 takes no constant in
+            # a concatenation). IPv6: the pin key's address fingerprint is loaded first (see
+            # _flow_tuple), and its first half again after the lookup, for the renewal.
+            f"add rule {t} {chain} {fingerprint}ether daddr set {key} map @{pins} "
+            f"meta mark set {base:#x} meta mark . ether daddr @{pinok} {_fingerprint_mark(family, self.seed)}"
             f"{renew} counter name pinned{lid} {clear}{forward}",
             f"add rule {t} {chain} ether daddr set {self.mux_mac}",
-            # The listener's own table size: the hash picks one of its len(current) buckets.
+            # The listener's own table size: the hash picks one of its len(current) buckets, the
+            # offset puts the slot above it (mark = slot << 17 | bucket).
             # (IPv6 without learning: the priority goes back to 0 here.)
             f"add rule {t} {chain} meta mark set jhash {_flow_hash(family)} "
-            f"mod {len(plan.current)} seed {self.seed:#x}" + ("" if self.learn else f" {clear}".rstrip()),
+            f"mod {len(plan.current)} seed {self.seed:#x} offset {base:#x}"
+            + ("" if self.learn else f" {clear}".rstrip()),
         ]
         if self.learn:
             _, learn_key = _learn_key(family)
-            rules.append(f"add rule {t} {chain} add @learn{lid} {{ {learn_key} : meta mark }} "
-                         f"{clear}".rstrip())
+            rules.append(f"add rule {t} {chain} add @learn{lid} {{ {learn_key} : meta mark & "
+                         f"{MARK_BUCKET_MASK:#x} }} {clear}".rstrip())
         if self.nflog_group is not None and proto == "tcp":
-            # Rule 3's SYN case, compiled: a SYN of an unstable bucket takes the current table's
-            # backend (its MAC from `cur_<id>`), is reported to nfnetlink_log for the owner's
-            # record (no verdict: the packet goes on), pinned to that MAC (first writer wins:
-            # `add` never overwrites) and counted. `log` comes before `add`: if the pin map is
-            # full the `add` fails and ends this rule; the report is out by then, so the flow
-            # still gets its record. In steady state `unstable_<id>` is empty and this rule never
-            # matches.
-            syn = (f"add rule {t} {chain} meta mark @unstable_{lid} tcp flags & (syn | ack) == syn "
-                   f"ether daddr set meta mark map @cur_{lid} ")
+            # Unstable bucket, no pin, not a SYN: up to the stack, where iptables-nft queues it to
+            # the slow path (rule 4 needs the owner's answer).
+            unknown = f"meta mark @{unstable} tcp flags & (syn | ack) != syn"
+        else:
+            # UDP has no SYN: every unknown flow of an unstable bucket goes to the slow path.
+            unknown = f"meta mark @{unstable}"
+        rules += [
+            f"add rule {t} {chain} {unknown} counter name slow{lid} accept",
+            # The bucket's backend from the current table: the shared chain's one rule, so the
+            # `cur` map has one user whatever the number of listeners (the kernel checks every
+            # new element of a map against each rule that uses it). A bucket without a backend
+            # has no element: the MAC stays the mux's and the next rule drops.
+            f"add rule {t} {chain} jump {self._name('bucket')}",
+            f"add rule {t} {chain} ether daddr {self.mux_mac} drop",
+        ]
+        if self.nflog_group is not None and proto == "tcp":
+            # Rule 3's SYN case, compiled: a SYN of an unstable bucket has the current table's
+            # backend (from `cur`, above), is reported to nfnetlink_log for the owner's record
+            # (no verdict: the packet goes on; the mark, slot and bucket, goes with it), pinned
+            # to that MAC (first writer wins: `add` never overwrites) and counted. `log` comes
+            # before `add`: if the pin map is full the `add` fails and ends this rule; the report
+            # is out by then, so the flow still gets its record. In steady state the listener
+            # has no `unstable` element and this rule never matches.
+            syn = f"add rule {t} {chain} meta mark @{unstable} tcp flags & (syn | ack) == syn "
             if family == "ip6":
-                # The fingerprint overwrites the mark (the bucket), which the forwarding rule
-                # below looks up: an IPv6 SYN is counted and forwarded by this rule itself. If
-                # the `add` fails, the next rule forwards it (its destination MAC, the backend's,
-                # is no longer the mux's only then).
-                rules.append(syn + f"counter name ether daddr map @cnt_{lid} "
-                             f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN6} {fingerprint}"
+                # The fingerprint overwrites the mark (slot and bucket), which the forwarding
+                # rule below reads: an IPv6 SYN is counted and forwarded by this rule itself. Its
+                # source MAC is the mux's from before the fingerprint: if the `add` fails, the
+                # next rule (only such a SYN has the mux's source MAC there) forwards it to the
+                # backend it was given.
+                rules.append(syn + f"{count} log group {self.nflog_group} snaplen {NFLOG_SNAPLEN6} "
+                             f"ether saddr set {self.mux_mac} {fingerprint}"
                              f"add @{pins} {{ {key} timeout {timeout}s : ether daddr }} {clear}"
-                             f"counter name newflows{lid} {forward}")
-                rules.append(f"add rule {t} {chain} ether daddr != {self.mux_mac} {clear}{forward}")
+                             f'counter name newflows{lid} fwd to "{self.iface}"')
+                rules.append(f'add rule {t} {chain} ether saddr {self.mux_mac} {clear}fwd to "{self.iface}"')
             else:
                 # The forwarding rule below sends it (its bucket is still in the mark), also when
                 # the `add` failed.
                 rules.append(syn + f"log group {self.nflog_group} snaplen {NFLOG_SNAPLEN} "
                              f"add @{pins} {{ {key} timeout {timeout}s : ether daddr }} "
                              f"counter name newflows{lid}")
-            # Unstable bucket, no pin, not a SYN: up to the stack, where iptables-nft queues it to
-            # the slow path (rule 4 needs the owner's answer).
-            unknown = f"meta mark @unstable_{lid} tcp flags & (syn | ack) != syn"
-        else:
-            # UDP has no SYN: every unknown flow of an unstable bucket goes to the slow path.
-            unknown = f"meta mark @unstable_{lid}"
         rules += [
-            f"add rule {t} {chain} {unknown} counter name slow{lid} accept",
-            # Rule 2 (and the SYN of rule 3): the bucket's backend from the current table, its
-            # counter by its MAC. A bucket without a backend has no element: the lookup misses,
-            # the rule ends and the next one drops.
-            f"add rule {t} {chain} ether daddr set meta mark map @cur_{lid} "
-            f"counter name ether daddr map @cnt_{lid} {forward}",
+            # Rule 2 (and the SYN of rule 3): forwarded to the bucket's backend, counted by slot
+            # and MAC.
+            f"add rule {t} {chain} {count} {forward}",
             f"add rule {t} {chain} drop",
         ]
         return rules
 
     def _create_objects(self, plan: ListenerPlan) -> list[str]:
-        t, lid, size = self._t(), plan.listener_id, len(plan.current)
-        # `cur_<id>` holds one element per bucket: sized to the listener's table (a fixed hash of
-        # size x 4/3 rounded up to a power of two). The sets that are empty or small in steady
-        # state have no size: a resizable hash that starts with a few buckets, so they cost next
-        # to nothing until a transition fills them.
-        out = [
-            f"add counter {t} l{lid}", f"add counter {t} pinned{lid}", f"add counter {t} slow{lid}",
-            f"add counter {t} newflows{lid}",
-            f"add map {t} cur_{lid} {{ type mark : ether_addr; size {size}; }}",
-            f"add set {t} unstable_{lid} {{ type mark; }}",
-            f"add set {t} pinok_{lid} {{ type ether_addr; }}",
-            f"add map {t} cnt_{lid} {{ type ether_addr : counter; }}",
-        ]
+        """The listener's own objects: its counters and (learning) its learn map. Its elements go
+        into the shared sets."""
+        t, lid = self._t(), plan.listener_id
+        out = [f"add counter {t} l{lid}", f"add counter {t} pinned{lid}", f"add counter {t} slow{lid}",
+               f"add counter {t} newflows{lid}"]
         if self.learn:
             key_type, _ = _learn_key(plan.family)
             out.append(f"add map {t} learn{lid} {{ type {key_type} : mark; size {MAP_SIZE}; "
                        "flags dynamic; }")
         return out
 
-    def _listener_sets(self, lid: int) -> list[Op]:
-        out = [Op("delete set", f"cur_{lid}", is_map=True), Op("delete set", f"unstable_{lid}"),
-               Op("delete set", f"pinok_{lid}"), Op("delete set", f"cnt_{lid}", is_map=True)]
-        if self.learn:
-            out.append(Op("delete set", f"learn{lid}", is_map=True))
+    def _element_deletions(self, applied: _Applied) -> list[Op]:
+        """Deletes of everything a listener holds in the shared sets (its elements are known:
+        what this process applied)."""
+        plan, slot = applied.plan, applied.slot
+        macs = mac_values(plan.backends, plan.current)
+        buckets = np.flatnonzero(macs >= 0)
+        out: list[Op] = []
+        if len(buckets):
+            out.append(Op("delete", self._name("cur"), buckets + applied.base, None, "mark", "mac"))
+        if applied.unstable:
+            out.append(Op("delete", self._name("unstable"),
+                          np.array(sorted(applied.unstable), dtype=np.int64) + applied.base))
+        if applied.pin_macs:
+            out.append(Op("delete", self._name("pinok"), slot_mac_keys(slot, applied.pin_macs), None,
+                          "slotmac"))
+        if applied.counters:
+            out.append(Op("delete", self._name("cnt"), slot_mac_keys(slot, applied.counters), None,
+                          "slotmac", "objref"))
         return out
 
     def _delete_listener(self, applied: _Applied) -> list[Op]:
         lid = applied.plan.listener_id
-        # References decide the order: the rules use the maps, sets and counters, the counter
-        # map's elements the backend counters. Empty the chain, drop it, the maps, the counters.
-        return [Op("flush chain", f"l{lid}"), Op("delete chain", f"l{lid}"), *self._listener_sets(lid),
+        # References decide the order: the rules use the sets and counters, the counter map's
+        # elements the backend counters. Empty the chain, drop it, the listener's elements, its
+        # learn map, the counters.
+        return [Op("flush chain", f"l{lid}"), Op("delete chain", f"l{lid}"),
+                *self._element_deletions(applied),
+                *([Op("delete set", f"learn{lid}", is_map=True)] if self.learn else []),
                 *(Op("delete counter", name) for name in applied.counters.values()),
                 *(Op("delete counter", f"{prefix}{lid}") for prefix in ("l", "pinned", "slow", "newflows"))]
 
@@ -718,6 +829,9 @@ class NftDataplane:
         if len(ids) != len(plans):
             self._validate(plans)  # names the duplicate
         gone_ids = applied.keys() - ids
+        if len(ids) > MAX_SLOTS:
+            raise ValueError(f"{len(ids)} listeners: a mux holds at most {MAX_SLOTS} (the slot is the "
+                             f"mark's high {32 - MARK_BUCKET_BITS} bits)")
         # Dispatch keys and idle timeouts of unchanged plans were checked when they were applied:
         # look at all of them again only when a changed plan could collide or move a maximum.
         rekeyed = any((a := applied.get(p.listener_id)) is None or a.plan.dispatch_key != p.dispatch_key
@@ -728,26 +842,44 @@ class NftDataplane:
         else:
             timeouts = self._inject_timeouts
         existing: dict[tuple[str, str], int | None] | None = None
+        flush_shared = False
         if first:
-            # Unknown kernel content (first apply of this process, or after an error): refill every
-            # planned listener and delete what no plan needs, so a restarted daemon never leaves a
-            # moment without tables (and keeps the pins).
+            # Unknown kernel content (first apply of this process, or after an error): fill every
+            # planned listener into a new generation of the shared sets and delete what no plan
+            # needs, so a restarted daemon never leaves a moment without tables (and keeps the
+            # pins).
             existing = self._existing_objects()
+            held = [g for g in GENERATIONS if ("map", shared_name("cur", g)) in existing]
+            self.generation = GENERATIONS[1] if held == [GENERATIONS[0]] else GENERATIONS[0]
+            flush_shared = len(held) == len(GENERATIONS)  # an earlier restart was cut short
             self._applied = {}
+            self._slots, self._free_slots, self._next_slot = {}, [], 0
         applied = self._applied
         assert applied is not None
+        # A restart: every listener's rules move to the new generation's sets, so they go after
+        # all its elements (the new sets are created by the first, base transaction).
+        restart = bool(existing)
         self.last_changed_listeners = 0
+        # Slots for new listeners: the lowest free ones, never one a listener removed by this
+        # same apply still holds (its elements are deleted at the end).
+        for p in fresh:
+            if p.listener_id not in applied:
+                self._take_slot(p.listener_id)
 
         # What the kernel holds afterwards: the unchanged listeners as they are (a C-level copy),
         # the changed ones as rendered below, the gone ones removed.
         new_applied: dict[int, _Applied] = {} if first else dict(applied)
         for lid in gone_ids:
             new_applied.pop(lid, None)
-        rules: list[str] = self._base() if first else []  # libnftables text, whole listeners
+        rules: list[str] = self._base(flush_shared) if first else []  # libnftables text, whole listeners
+        sent_text = 0
+        if restart and self.elements is not None:
+            self._send_text(rules)  # the new generation's sets, before any element
+            sent_text, rules = 1, []
+        deferred: list[list[str]] = []  # a restart's rules, sent after every element
         rules_listeners = 0
         pending: list[list[Change]] = []  # netlink, one list per listener, after `rules`
         ops_elements = 0
-        sent_text = 0
         sender = _ElementSender(self._send_ops)
         try:
             for plan in fresh:
@@ -764,7 +896,8 @@ class NftDataplane:
                         self._send_text(rules)
                         sent_text += 1
                         rules, rules_listeners, ops_elements = [], 0, 0
-                    rules += cmds + [op.text(self._t()) for op in changes]
+                    rules += [op.text(self._t()) for op in changes] + cmds if restart else \
+                        cmds + [op.text(self._t()) for op in changes]
                     rules_listeners += 1
                     ops_elements += n
                     continue
@@ -776,7 +909,10 @@ class NftDataplane:
                 if rules_listeners >= self.batch_listeners:
                     # A chunk: its rules now, its elements to the sender thread, which writes them
                     # while libnftables compiles the next chunk's rules (two cores, and ctypes
-                    # and socket calls release the GIL).
+                    # and socket calls release the GIL). A restart keeps the rules for the end.
+                    if restart:
+                        deferred.append(rules)
+                        rules = []
                     sent_text += self._flush_chunk(rules, pending, sender, final=False)
                     rules, rules_listeners, pending = [], 0, []
             if self.elements is None:
@@ -786,10 +922,19 @@ class NftDataplane:
                     self._send_text(rules)
                     sent_text += 1
             else:
-                # Rules first (a listener's elements need its maps), then its elements, then the
-                # dispatch and deletions.
+                # Rules first (libnftables compiles a chunk's rules while the sender thread
+                # writes the previous chunk's elements; a new listener is unreachable until its
+                # dispatch entry anyway), then its elements, then the dispatch and deletions.
+                # A restart: every element, then the rules that move listeners to them.
+                if restart:
+                    deferred.append(rules)
+                    rules = []
                 sent_text += self._flush_chunk(rules, pending, sender, final=True)
                 sender.finish()
+                for chunk in deferred:
+                    if chunk:
+                        self._send_text(chunk)
+                        sent_text += 1
                 last = self._last_commands(plans, fresh, applied, new_applied, existing, timeouts, first)
                 last_ops = [c for c in last if isinstance(c, Op)]
                 last_text = [c for c in last if isinstance(c, str)]
@@ -805,8 +950,30 @@ class NftDataplane:
             self._applied = None  # unknown again: the next apply rebuilds from the kernel's listing
             self._inject_timeouts = None
             raise
+        for lid in self._slots.keys() - new_applied.keys():
+            # Gone listeners' elements are deleted: their slots may serve new listeners.
+            self._release_slot(self._slots.pop(lid))
         self._applied = new_applied
         self._inject_timeouts = timeouts
+
+    def _take_slot(self, listener_id: int) -> int:
+        if listener_id in self._slots:  # taken by an apply that failed before sending anything
+            return self._slots[listener_id]
+        slot = heapq.heappop(self._free_slots) if self._free_slots else self._next_slot
+        if slot == self._next_slot:
+            self._next_slot += 1
+        self._slots[listener_id] = slot
+        return slot
+
+    def _release_slot(self, slot: int) -> None:
+        heapq.heappush(self._free_slots, slot)
+
+    def slot_of(self, listener_id: int) -> int:
+        """The listener's slot in the shared sets (its keys are `slot << 17 | ...`)."""
+        applied = self._applied.get(listener_id) if self._applied is not None else None
+        if applied is None:
+            raise KeyError(f"listener {listener_id} is not applied")
+        return applied.slot
 
     @staticmethod
     def _validate(plans: Sequence[ListenerPlan]) -> dict[str, int]:
@@ -913,6 +1080,8 @@ class NftDataplane:
         if prev is not None and prev.plan is plan:
             return [], [], prev  # the very plan applied before: nothing can have changed
         t, lid, size = self._t(), plan.listener_id, len(plan.current)
+        slot = self._slots[lid]
+        base = slot_base(slot)
         pin_macs = tuple(sorted(set(plan.pin_macs)))
         key = _rules_key(plan)
         unstable_arr = plan.unstable
@@ -922,120 +1091,105 @@ class NftDataplane:
                 and _same(plan.current, prev.plan.current) and _same(unstable_arr, prev.plan.unstable)):
             # The same tables (usually the very same arrays: the daemon caches generations):
             # nothing to send and nothing to recompute.
-            return [], [], _Applied(plan, prev.unstable, key, pin_macs, prev.counters)
+            return [], [], _Applied(plan, prev.unstable, key, pin_macs, prev.counters, slot)
         counters = _counters_by_mac(plan)
         unstable = set(unstable_arr.tolist()) if unstable_arr is not None else set()
-        state = _Applied(plan, unstable, key, pin_macs, counters)
+        state = _Applied(plan, unstable, key, pin_macs, counters, slot)
         cmds: list[str] = []
-        ops: list[Change] = []
-        # Map sizes and key types are fixed at creation: another table size (or, with learning,
-        # another address family: the learn map's key) recreates the listener's maps.
-        resize = prev is not None and (len(prev.plan.current) != size
-                                       or (self.learn and prev.plan.family != plan.family))
-        if existing is not None and prev is None:
-            held = existing.get(("map", f"cur_{lid}"), -1)
-            # Another size, or an older daemon's verdict map (-2): recreate. So too a learn map
-            # left by a listener of the other address family (its key type differs).
-            resize = held != -1 and held != size
-            learned = existing.get(("map", f"learn{lid}"), -1)
-            if self.learn and learned != -1 and (learned == _LEARN_IP6) != (plan.family == "ip6"):
-                resize = True
-        if resize:
-            # Map sizes and types are fixed at creation: empty the rules that reference the maps,
-            # drop and recreate them, all in one libnftables transaction (the listener is never
-            # without its tables), its elements included.
-            cmds += [f"flush chain {t} l{lid}"]
-            if existing is not None:
-                # An older daemon's per-backend chains reference its sets: empty them first (they
-                # are deleted with the other stale objects).
-                cmds += [f"flush chain {t} {name}" for kind, name in existing
-                         if kind == "chain" and name.startswith(f"b{lid}_")]
-            cmds += [op.text(t) for op in self._listener_sets(lid)
-                     if existing is None or (("map" if op.is_map else "set"), op.name) in existing]
-            cmds += self._create_objects(plan) + self._listener_rules(plan)
-            prev_counters = prev.counters if prev is not None else {}
-            full = self._fill(plan, pin_macs, counters, unstable, flush=False)
-            cmds += [op.text(t) for op in full]
-            unused = set(prev_counters.values()) - set(counters.values())
-            cmds += [f"delete counter {t} {name}" for name in sorted(unused)]
-            return cmds, [], state
         if prev is None:
-            cmds += self._create_objects(plan) + self._listener_rules(plan)
-            # An earlier process may have left this listener's elements: replace them whole
-            # (flush and fill in one transaction).
-            return cmds, self._fill(plan, pin_macs, counters, unstable, flush=existing is not None
-                                    and ("map", f"cur_{lid}") in existing), state
+            if existing is not None and self.learn:
+                # A learn map left by a listener of the other address family: its key type
+                # differs, recreate it (the chain's rules reference it: empty the chain first).
+                learned = existing.get(("map", f"learn{lid}"), -1)
+                if learned != -1 and (learned == _LEARN_IP6) != (plan.family == "ip6"):
+                    cmds += [f"flush chain {t} l{lid}", f"delete map {t} learn{lid}"]
+            cmds += self._create_objects(plan) + self._listener_rules(plan, slot)
+            return cmds, self._fill(plan, slot, pin_macs, counters, unstable), state
+        ops: list[Change] = []
+        resize = len(prev.plan.current) != size
+        if self.learn and prev.plan.family != plan.family:
+            # The learn map's key type follows the family: recreate it with the rules.
+            cmds += [f"flush chain {t} l{lid}", f"delete map {t} learn{lid}"]
+            cmds += self._create_objects(plan)
         if prev.rules_key != key:
-            cmds += self._listener_rules(plan)
+            cmds += self._listener_rules(plan, slot)
         # Counters of new backends before the elements that reference them; removed backends'
         # counters after (an element holds a reference).
         added_counters = {m: n for m, n in counters.items() if prev.counters.get(m) != n}
         gone_counters = {m: n for m, n in prev.counters.items() if counters.get(m) != n}
         ops += [Op("add counter", name) for name in added_counters.values()]
+        cnt, pinok, unstable_set = self._name("cnt"), self._name("pinok"), self._name("unstable")
         if gone_counters:
-            ops.append(Op("delete", f"cnt_{lid}", list(map(int_to_mac, gone_counters)), None, "mac",
-                          "objref"))
+            ops.append(Op("delete", cnt, slot_mac_keys(slot, gone_counters), None, "slotmac", "objref"))
         if added_counters:
-            ops.append(Op("add", f"cnt_{lid}", list(map(int_to_mac, added_counters)),
-                          list(added_counters.values()), "mac", "objref"))
+            ops.append(Op("add", cnt, slot_mac_keys(slot, added_counters), list(added_counters.values()),
+                          "slotmac", "objref"))
         if prev.pin_macs != pin_macs:
-            ops.append(Op("flush", f"pinok_{lid}"))
-            if pin_macs:
-                ops.append(Op("add", f"pinok_{lid}", list(pin_macs), None, "mac"))
-        ops += self._diff_cur(lid, mac_values(prev.plan.backends, prev.plan.current),
+            # The set is shared: the listener's own elements out and in, not a flush.
+            gone_macs = sorted(set(prev.pin_macs) - set(pin_macs))
+            new_macs = sorted(set(pin_macs) - set(prev.pin_macs))
+            if gone_macs:
+                ops.append(Op("delete", pinok, slot_mac_keys(slot, gone_macs), None, "slotmac"))
+            if new_macs:
+                ops.append(Op("add", pinok, slot_mac_keys(slot, new_macs), None, "slotmac"))
+        ops += self._diff_cur(lid, base, mac_values(prev.plan.backends, prev.plan.current),
                               mac_values(plan.backends, plan.current))
         gone, added = prev.unstable - unstable, unstable - prev.unstable
         if gone:
-            ops.append(Op("delete", f"unstable_{lid}", np.array(sorted(gone), dtype=np.int64)))
+            ops.append(Op("delete", unstable_set, np.array(sorted(gone), dtype=np.int64) + base))
         if added:
-            ops.append(Op("add", f"unstable_{lid}", np.array(sorted(added), dtype=np.int64)))
+            ops.append(Op("add", unstable_set, np.array(sorted(added), dtype=np.int64) + base))
         still_used = set(counters.values())
         ops += [Op("delete counter", name) for name in gone_counters.values() if name not in still_used]
+        if resize:
+            # Another table size: the new hash and the new table in one libnftables transaction
+            # (the listener is never without its table, nor hashed over another size's).
+            cmds += [op.text(t) for op in ops]
+            ops = []
         return cmds, ops, state
 
-    def _fill(self, plan: ListenerPlan, pin_macs: tuple[str, ...], counters: dict[int, str],
-              unstable: set[int], *, flush: bool) -> list[Change]:
-        """A listener's whole content (after its maps are created, or to replace what an earlier
-        process left: `flush`)."""
-        lid = plan.listener_id
+    def _fill(self, plan: ListenerPlan, slot: int, pin_macs: tuple[str, ...], counters: dict[int, str],
+              unstable: set[int]) -> list[Change]:
+        """A listener's whole content in the shared sets (a new listener, or every listener into
+        a new generation)."""
+        base = slot_base(slot)
         ops: list[Change] = [Op("add counter", name) for name in counters.values()]
-        if flush:
-            ops += [Op("flush", f"cur_{lid}", is_map=True), Op("flush", f"unstable_{lid}"),
-                    Op("flush", f"pinok_{lid}"), Op("flush", f"cnt_{lid}", is_map=True)]
         if counters:
-            ops.append(Op("add", f"cnt_{lid}", list(map(int_to_mac, counters)), list(counters.values()),
-                          "mac", "objref"))
+            ops.append(Op("add", self._name("cnt"), slot_mac_keys(slot, counters), list(counters.values()),
+                          "slotmac", "objref"))
         if pin_macs:
-            ops.append(Op("add", f"pinok_{lid}", list(pin_macs), None, "mac"))
-        ops.append(FillOp(f"cur_{lid}", plan.backends, plan.current))
+            ops.append(Op("add", self._name("pinok"), slot_mac_keys(slot, pin_macs), None, "slotmac"))
+        ops.append(FillOp(self._name("cur"), plan.backends, plan.current, base))
         if unstable:
-            ops.append(Op("add", f"unstable_{lid}", np.array(sorted(unstable), dtype=np.int64)))
+            ops.append(Op("add", self._name("unstable"), np.array(sorted(unstable), dtype=np.int64) + base))
         return ops
 
-    @staticmethod
-    def _diff_cur(lid: int, before: np.ndarray, after: np.ndarray) -> list[Op]:
-        """`cur_<id>` from `before` to `after` (each bucket's backend MAC, -1: none): only the
-        buckets whose MAC changed. An element cannot be re-added with another value: delete and
-        add in the same transaction."""
+    def _diff_cur(self, lid: int, base: int, before: np.ndarray, after: np.ndarray) -> list[Op]:
+        """The listener's `cur` elements from `before` to `after` (each bucket's backend MAC, -1:
+        none; another table size compares bucket by bucket): only the buckets whose MAC changed.
+        An element cannot be re-added with another value: delete and add in the same
+        transaction."""
         if len(before) != len(after):
-            raise ValueError(f"listener {lid}: {len(before)} buckets before, {len(after)} after")
+            n = max(len(before), len(after))
+            before = np.concatenate([before, np.full(n - len(before), -1, dtype=np.int64)])
+            after = np.concatenate([after, np.full(n - len(after), -1, dtype=np.int64)])
         changed = np.flatnonzero(before != after)
         if len(changed) == 0:
             return []
         out = []
+        cur = self._name("cur")
         drop = changed[before[changed] >= 0]
         if len(drop):
-            out.append(Op("delete", f"cur_{lid}", drop, None, "mark", "mac"))
+            out.append(Op("delete", cur, drop + base, None, "mark", "mac"))
         put = changed[after[changed] >= 0]
         if len(put):
-            out.append(Op("add", f"cur_{lid}", put, after[put], "mark", "mac"))
+            out.append(Op("add", cur, put + base, after[put], "mark", "mac"))
         return out
 
     def _existing_objects(self) -> dict[tuple[str, str], int | None]:
         """(kind, name) of the chains, maps, sets and counters the kernel holds in our table,
-        each with its declared size (maps and sets; None for the rest; -2 for a `cur_` map of
-        another type, an older daemon's verdict map; for a `learn` map `_LEARN_IP6` when its key
-        is an IPv6 listener's).
+        each with its declared size (maps and sets; None for the rest; for a `learn` map
+        `_LEARN_IP6` when its key is an IPv6 listener's).
 
         Listed per kind (`list chains|maps|sets`, terse) and counters over netlink: `list table`,
         `list tables` and `list counters` make nft 1.0.6 load every element of every map first,
@@ -1048,8 +1202,6 @@ class NftDataplane:
                 obj = item.get(kind)
                 if obj is not None and obj.get("table") == self.table:
                     size = obj.get("size")
-                    if kind == "map" and obj["name"].startswith("cur_") and obj.get("map") != "ether_addr":
-                        size = -2
                     if kind == "map" and obj["name"].startswith("learn") and "classid" in obj.get("type", ()):
                         size = _LEARN_IP6
                     found[(kind, obj["name"])] = size
@@ -1059,14 +1211,17 @@ class NftDataplane:
         return found
 
     def _delete_stale(self, existing: set[tuple[str, str]], plans: Sequence[ListenerPlan]) -> list[str]:
-        """Commands deleting objects left by an earlier process that no plan uses (pins stay)."""
+        """Commands deleting objects left by an earlier process that no plan uses (pins stay):
+        the other generation's shared sets, an older format's per-listener sets and chains, gone
+        listeners' chains and counters."""
         keep = {("chain", "ingress"), ("chain", "inject"), ("counter", "slowpath_reinjected")}
         keep |= {("map", dispatch_map(f)) for f in FAMILIES}
         keep |= {("map", pin_map(p, f)) for p in PROTOCOLS for f in FAMILIES}
+        keep |= {("map" if kind in ("cur", "cnt") else "set", self._name(kind)) for kind in SHARED}
+        keep.add(("chain", self._name("bucket")))
         for plan in plans:
             lid = plan.listener_id
-            keep |= {("chain", f"l{lid}"), ("map", f"cur_{lid}"), ("map", f"cnt_{lid}"),
-                     ("set", f"pinok_{lid}"), ("map", f"learn{lid}"), ("set", f"unstable_{lid}"),
+            keep |= {("chain", f"l{lid}"), ("map", f"learn{lid}"),
                      ("counter", f"l{lid}"), ("counter", f"pinned{lid}"), ("counter", f"slow{lid}"),
                      ("counter", f"newflows{lid}")}
             keep |= {("counter", name) for name in _counters_by_mac(plan).values()}

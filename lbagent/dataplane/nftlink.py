@@ -118,6 +118,14 @@ def _mac_key(mac: str) -> bytes:
     return nla(_ELEM_KEY | NLA_F_NESTED, nla(_DATA_VALUE, bytes.fromhex(mac.replace(":", ""))))
 
 
+def _slot_mac_key(key: tuple[int, str]) -> bytes:
+    """mark . ether_addr: the mark in host order (as `meta mark` loads it), the MAC padded to 8
+    bytes: 12 bytes."""
+    mark, mac = key
+    raw = struct.pack("=I", int(mark)) + bytes.fromhex(mac.replace(":", "")) + b"\0\0"
+    return nla(_ELEM_KEY | NLA_F_NESTED, nla(_DATA_VALUE, raw))
+
+
 def _dispatch_key(key: tuple[str, str, int]) -> bytes:
     """VIP . protocol . port, each field padded to 4 bytes: 12 bytes for an IPv4 VIP (`dispatch`),
     24 for an IPv6 one (`dispatch6`)."""
@@ -151,8 +159,10 @@ class Op:
 
     verb: "add" / "delete" (elements), "flush" (a set or map), "add counter" / "delete counter",
     "flush chain" (its rules), "delete chain", "delete set" (a set or map).
-    key_type says what `keys` are: "mark" (bucket numbers, an int array), "mac" (strings),
-    "dispatch" ((vip, protocol, port) tuples, an IPv4 or IPv6 VIP). value_type says what
+    key_type says what `keys` are: "mark" (marks, an int array: a listener's `slot << 17 |
+    bucket`), "mac" (strings), "slotmac" ((mark, MAC string) tuples: a listener's `slot << 17`
+    and a backend's MAC, the shared `pinok` and `cnt` keys), "dispatch" ((vip, protocol, port)
+    tuples, an IPv4 or IPv6 VIP). value_type says what
     `values` are (one per key): "mac" (48-bit ints, an int array: a bucket's backend), "objref"
     (counter names), "verdict" (text such as "jump l7"); None for a set."""
 
@@ -178,6 +188,8 @@ class Op:
         if self.verb == "delete set":
             return f"delete {kind} {t} {self.name}"
         keys = [self._key_text(k) for k in self.keys]
+        if not keys:
+            return ""  # nothing to change (`{ }` is a syntax error): a blank line
         if self.verb == "add" and self.values is not None:
             items = ", ".join(f"{k} : {self._value_text(v)}" for k, v in zip(keys, self.values, strict=True))
         else:
@@ -190,6 +202,9 @@ class Op:
         if self.key_type == "dispatch":
             vip, protocol, port = key
             return f"{vip} . {protocol} . {port}"
+        if self.key_type == "slotmac":
+            mark, mac = key
+            return f"{int(mark)} . {mac}"
         return str(key)
 
     def _value_text(self, value) -> str:
@@ -246,6 +261,8 @@ class Op:
                 body = nla(_ELEM_KEY | NLA_F_NESTED, nla(_DATA_VALUE, struct.pack("=I", int(key))))
             elif self.key_type == "mac":
                 body = _mac_key(key)
+            elif self.key_type == "slotmac":
+                body = _slot_mac_key(key)
             elif self.key_type == "dispatch":
                 body = _dispatch_key(key)
             else:
@@ -275,13 +292,15 @@ class Op:
 
 @dataclass(frozen=True)
 class FillOp:
-    """All of a listener's `cur_` elements (bucket -> backend MAC), encoded only when sent: a
-    whole-document load holds references to the plans' tables, not 100 KB of encoded or
-    expanded arrays per listener waiting for their batch."""
+    """All of a listener's `cur` elements (its `base` + bucket -> backend MAC; `base` is the
+    listener's slot << 17), encoded only when sent: a whole-document load holds references to
+    the plans' tables, not 100 KB of encoded or expanded arrays per listener waiting for their
+    batch."""
 
     name: str
     backends: tuple[tuple[str, str], ...]
     table: np.ndarray
+    base: int = 0
 
     def __len__(self) -> int:
         return len(self.table)
@@ -289,7 +308,7 @@ class FillOp:
     def _op(self) -> Op:
         macs = mac_values(self.backends, self.table)
         buckets = np.flatnonzero(macs >= 0)
-        return Op("add", self.name, buckets, macs[buckets], "mark", "mac")
+        return Op("add", self.name, buckets + self.base, macs[buckets], "mark", "mac")
 
     def text(self, family_table: str) -> str:
         return self._op().text(family_table)

@@ -43,7 +43,7 @@ from lbagent.core.decide import (
     decide_owner_unreachable,
     owner_answer,
 )
-from lbagent.core.flowhash import ipv6_fingerprint
+from lbagent.core.flowhash import bucket_of_mark, ipv6_fingerprint
 from lbagent.core.ownership import Ownership, hand_over_plan
 from lbagent.core.records import FlowKey, RecordStore
 from lbagent.core.transition import ListenerTables
@@ -613,7 +613,8 @@ class SlowPath:
                 pkt.drop()
                 return
             is_syn = proto == 6 and (data[ihl + 13] & (TCP_SYN | TCP_ACK)) == TCP_SYN
-            bucket = pkt.get_mark()  # the netdev table hashed the flow into the mark: no rehash here
+            # The netdev table hashed the flow into the mark (slot << 17 | bucket): no rehash here.
+            bucket = bucket_of_mark(pkt.get_mark())
             flow = (saddr, daddr, proto, sport, dport)
             backend = self.decider.decide(listener, flow, bucket, is_syn, self._now, self.stats)
             if isinstance(backend, AskOwner):

@@ -1,13 +1,15 @@
 """A change to one listener touches only that listener's kernel objects (real nftables in a
 throwaway namespace): the other listeners' rules keep their handles (a flush and re-add would
-renumber them) and their maps keep their elements; a backend change writes no rule at all; each
-listener's `cur_` map is sized to its table; what the kernel holds is exactly the plan."""
+renumber them) and their elements in the shared sets stay; a backend change writes no rule at
+all; each listener hashes over its own table size into its own slot; what the kernel holds under
+a listener's slot is exactly the plan."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -86,12 +88,6 @@ def _handles(nft: NamespaceNft, lid: int) -> dict[str, list[int]]:
     return handles
 
 
-def _map(nft: NamespaceNft, name: str) -> tuple[int | None, list]:
-    listing = json.loads(nft.run(f"list map netdev lbagent {name}", json_output=True))
-    m = next(item["map"] for item in listing["nftables"] if "map" in item)
-    return m.get("size"), sorted(map(str, m.get("elem", [])))
-
-
 def _elements(nft: NamespaceNft, kind: str, name: str) -> dict:
     """A map's elements as {key: value} (a set's as {key: None}), read from the kernel."""
     listing = json.loads(nft.run(f"list {kind} netdev lbagent {name}", json_output=True))
@@ -101,6 +97,45 @@ def _elements(nft: NamespaceNft, kind: str, name: str) -> dict:
     raw = [e[0] if kind == "map" else e for e in elems]
     keys = [json.dumps(k, sort_keys=True) if isinstance(k, dict) else k for k in raw]
     return dict(zip(keys, (e[1] for e in elems), strict=True)) if kind == "map" else dict.fromkeys(keys)
+
+
+def _generation(nft: NamespaceNft) -> str:
+    """The generation of shared sets the table holds (exactly one once an apply is done)."""
+    listing = json.loads(nft.run("list maps netdev", json_output=True))["nftables"]
+    maps = {item["map"]["name"] for item in listing if "map" in item}
+    held = [g for g in ("a", "b") if f"cur_{g}" in maps]
+    assert len(held) == 1, maps
+    return held[0]
+
+
+def _hash_rule(nft: NamespaceNft, lid: int) -> tuple[int, int]:
+    """(table size, slot) of a listener, read from its hash rule in the kernel: `mod N` and
+    `offset slot << 17` (nft lists no offset for 0)."""
+    rules = nft.run(f"list chain netdev lbagent l{lid}")
+    found = re.search(r"jhash ip6? saddr \. [^\n]*?th dport mod (\d+) seed 0x[0-9a-f]+(?: offset (\d+))?",
+                      rules)
+    assert found, rules
+    offset = int(found.group(2) or 0)
+    assert offset & 0x1FFFF == 0, f"offset {offset} is not a slot"
+    return int(found.group(1)), offset >> 17
+
+
+def _mine(nft: NamespaceNft, kind: str, lid: int) -> dict:
+    """A listener's elements of a shared set (cur, unstable, pinok, cnt), found under the slot of
+    its hash rule: cur -> {bucket: MAC}, unstable -> {bucket: None}, pinok -> {MAC: None},
+    cnt -> {MAC: counter name}."""
+    _, slot = _hash_rule(nft, lid)
+    name = f"{kind}_{_generation(nft)}"
+    out: dict = {}
+    for key, value in _elements(nft, "map" if kind in ("cur", "cnt") else "set", name).items():
+        if kind in ("cur", "unstable"):
+            if int(key) >> 17 == slot:
+                out[int(key) & 0x1FFFF] = value
+        else:
+            mark, mac = json.loads(key)["concat"]
+            if int(mark) == slot << 17:
+                out[mac] = value
+    return out
 
 
 def _planned_cur(plan: ListenerPlan) -> dict[int, str]:
@@ -123,10 +158,13 @@ def test_a_change_to_one_listener_leaves_the_others_untouched(netns):
     plans = [_plan(1, 409, 4), _plan(2, 409, 4), _plan(3, 809, 8)]
     dp.apply(plans)
     before = {lid: _handles(nft, lid) for lid in (1, 2, 3)}
-    maps_before = {name: _map(nft, name) for name in ("cur_1", "cur_3")}
-    assert maps_before["cur_1"][0] == 409, "maps sized to their table"
-    assert maps_before["cur_3"][0] == 809, "maps sized to their table"
-    assert _elements(nft, "map", "cur_3") == _planned_cur(plans[2])
+    assert [_hash_rule(nft, lid) for lid in (1, 2, 3)] == [(409, 0), (409, 1), (809, 2)], \
+        "each listener hashes over its own table size into its own slot"
+    kinds = ("cur", "unstable", "pinok", "cnt")
+    kept_before = {(lid, kind): _mine(nft, kind, lid) for lid in (1, 3) for kind in kinds}
+    assert kept_before[(3, "cur")] == _planned_cur(plans[2])
+    assert kept_before[(1, "cur")] == _planned_cur(plans[0])
+    assert kept_before[(1, "cnt")] == {mac: f"cb1_{a.replace('.', '_')}" for a, mac in plans[0].backends}
     assert list(before[1]) == ["l1"], "one chain per listener, none per backend"
     assert len(before[1]["l1"]) >= 6, before[1]
 
@@ -139,17 +177,17 @@ def test_a_change_to_one_listener_leaves_the_others_untouched(netns):
     assert _handles(nft, 1) == before[1], "listener 1's rules were flushed or re-added"
     assert _handles(nft, 2) == before[2], "a new backend rewrote listener 2's rules"
     assert _handles(nft, 3) == before[3], "listener 3's rules were flushed or re-added"
-    assert {name: _map(nft, name) for name in ("cur_1", "cur_3")} == maps_before
-    assert _elements(nft, "map", "cur_2") == _planned_cur(changed)
-    assert _elements(nft, "map", "cnt_2")["02:00:00:02:00:05"] == "cb2_10_2_0_5"
-    assert sorted(_elements(nft, "set", "unstable_2")) == changed.unstable.tolist()
+    assert {(lid, kind): _mine(nft, kind, lid) for lid in (1, 3) for kind in kinds} == kept_before
+    assert _mine(nft, "cur", 2) == _planned_cur(changed)
+    assert _mine(nft, "cnt", 2)["02:00:00:02:00:05"] == "cb2_10_2_0_5"
+    assert sorted(_mine(nft, "unstable", 2)) == changed.unstable.tolist()
 
     # A backend removed from listener 2: its counter and its counter element go, no rule moves.
     shrunk = _plan(2, 409, 4, old=changed.current)
     dp.apply([plans[0], shrunk, plans[2]])
     assert _handles(nft, 2) == before[2]
-    assert _elements(nft, "map", "cur_2") == _planned_cur(shrunk)
-    assert "02:00:00:02:00:05" not in _elements(nft, "map", "cnt_2")
+    assert _mine(nft, "cur", 2) == _planned_cur(shrunk)
+    assert "02:00:00:02:00:05" not in _mine(nft, "cnt", 2)
     assert ("counter", "cb2_10_2_0_5") not in _objects(nft)
 
     # Removing listener 1 touches neither 2 nor 3, and leaves nothing of it behind.
@@ -157,8 +195,21 @@ def test_a_change_to_one_listener_leaves_the_others_untouched(netns):
     assert _handles(nft, 3) == before[3]
     assert _handles(nft, 2) == before[2]
     assert _handles(nft, 1) == {}, "listener 1's chain is gone"
-    mine = {"l1", "cur_1", "unstable_1", "pinok_1", "cnt_1", "pinned1", "slow1", "newflows1"}
+    mine = {"l1", "pinned1", "slow1", "newflows1"}
     assert [o for o in _objects(nft) if o[1] in mine or o[1].startswith("cb1_")] == []
+    # nothing of slot 0 is left in the shared sets, and the others' elements are all there
+    for kind in kinds:
+        name = f"{kind}_a"
+        keys = _elements(nft, "map" if kind in ("cur", "cnt") else "set", name)
+        slots = {(int(k) if kind in ("cur", "unstable") else int(json.loads(k)["concat"][0])) >> 17
+                 for k in keys}
+        assert 0 not in slots, (name, sorted(slots))
+    assert _mine(nft, "cur", 3) == _planned_cur(plans[2])
+    # a new listener takes the free slot 0
+    dp.apply([shrunk, plans[2], _plan(4, 409, 4)])
+    assert _hash_rule(nft, 4) == (409, 0)
+    assert _mine(nft, "cur", 4) == _planned_cur(_plan(4, 409, 4))
+    assert _mine(nft, "cur", 3) == _planned_cur(plans[2])
 
 
 def _in_netns(netns: str, work):
@@ -203,7 +254,7 @@ def test_backend_changes_go_as_netlink_messages_and_land_exactly(netns):
     assert dp.netlink_transactions >= 3, "the load's elements went in bounded batches"
     assert dp.transactions - dp.netlink_transactions >= 3, "the rules went in chunks"
     for plan in plans:
-        assert _elements(cli, "map", f"cur_{plan.listener_id}") == _planned_cur(plan)
+        assert _mine(cli, "cur", plan.listener_id) == _planned_cur(plan)
     before = {lid: _handles(cli, lid) for lid in (1, 2, 3)}
     drained = _plan(2, 409, 7, old=plans[1].current)
     # The drained backend stays in the plan (its connections drain): same backends, new tables.
@@ -215,18 +266,18 @@ def test_backend_changes_go_as_netlink_messages_and_land_exactly(netns):
     assert dp.transactions == sent + 1
     assert dp.netlink_transactions == by_netlink + 1, "the drain went through libnftables"
     assert {lid: _handles(cli, lid) for lid in (1, 2, 3)} == before
-    assert _elements(cli, "map", "cur_2") == _planned_cur(drained)
-    unstable = sorted(_elements(cli, "set", "unstable_2"))
+    assert _mine(cli, "cur", 2) == _planned_cur(drained)
+    unstable = sorted(_mine(cli, "unstable", 2))
     assert unstable == sorted(drained.unstable.tolist())
     assert len(unstable) > 0
-    assert sorted(_elements(cli, "set", "pinok_2")) == sorted(drained.pin_macs)
+    assert sorted(_mine(cli, "pinok", 2)) == sorted(drained.pin_macs)
 
     grown = _plan(3, 409, 9, old=plans[2].current)
     sent, by_netlink = dp.transactions, dp.netlink_transactions
     _in_netns(netns, lambda: dp.apply([plans[0], drained, grown]))
     assert (dp.transactions, dp.netlink_transactions) == (sent + 1, by_netlink + 1)
-    assert _elements(cli, "map", "cur_3") == _planned_cur(grown)
-    assert _elements(cli, "map", "cnt_3") == {mac: f"cb3_{a.replace('.', '_')}" for a, mac in grown.backends}
+    assert _mine(cli, "cur", 3) == _planned_cur(grown)
+    assert _mine(cli, "cnt", 3) == {mac: f"cb3_{a.replace('.', '_')}" for a, mac in grown.backends}
 
     sent, by_netlink = dp.transactions, dp.netlink_transactions
     _in_netns(netns, lambda: dp.apply([drained, grown]))
@@ -237,18 +288,29 @@ def test_backend_changes_go_as_netlink_messages_and_land_exactly(netns):
 
 
 @pytest.mark.lab
-def test_a_restarted_driver_recreates_maps_of_another_size(netns):
-    """A daemon restarted with another table size for a listener (a new backend_cap) recreates
-    that listener's maps with the new size in its first transaction and leaves the other
-    listener's maps as they were."""
+def test_a_restarted_driver_fills_a_new_generation_with_another_size(netns):
+    """A daemon restarted with another table size for a listener (a new backend_cap) fills the
+    other generation of the shared sets (it cannot know which elements of the old one are
+    whose), moves every listener's rules to it and deletes the old one: listener 1 hashes over
+    its new size and holds its new table, listener 2 holds what it held; pins stay."""
     nft = NamespaceNft(netns)
     NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft).apply([_plan(1, 409, 4), _plan(2, 409, 4)])
-    kept = _map(nft, "cur_2")
+    assert _generation(nft) == "a"
+    kept = {kind: _mine(nft, kind, 2) for kind in ("cur", "unstable", "pinok", "cnt")}
+    nft.run("add element netdev lbagent pins_tcp { 10.9.9.9 . 203.0.113.1 . 40000 . 80 timeout 600s "
+            ": 02:00:00:01:00:01 }\n")
     restarted = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft)
     restarted.apply([_plan(1, 809, 4), _plan(2, 409, 4)])
-    assert _map(nft, "cur_1")[0] == 809
-    assert _elements(nft, "map", "cur_1") == _planned_cur(_plan(1, 809, 4))
-    assert _map(nft, "cur_2") == kept
+    assert _generation(nft) == "b", "the old generation is gone"
+    assert _hash_rule(nft, 1)[0] == 809
+    assert _mine(nft, "cur", 1) == _planned_cur(_plan(1, 809, 4))
+    assert {kind: _mine(nft, kind, 2) for kind in ("cur", "unstable", "pinok", "cnt")} == kept
+    assert len(_elements(nft, "map", "pins_tcp")) == 1, "the pins survive the restart"
+    again = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft)
+    again.apply([_plan(1, 809, 4), _plan(2, 409, 4)])
+    assert _generation(nft) == "a", "and back"
+    assert _mine(nft, "cur", 1) == _planned_cur(_plan(1, 809, 4))
+    assert {kind: _mine(nft, kind, 2) for kind in ("cur", "unstable", "pinok", "cnt")} == kept
 
 
 @pytest.mark.lab
@@ -279,8 +341,52 @@ def test_an_older_daemons_table_format_is_replaced_at_the_first_apply(netns):
     objects = _objects(nft)
     assert ("chain", "b1_10_1_0_1") not in objects
     assert ("map", "old_1") not in objects
-    assert _map(nft, "cur_1")[0] == 409
-    assert _elements(nft, "map", "cur_1") == _planned_cur(plan)
+    assert ("map", "cur_1") not in objects
+    assert ("set", "unstable_1") not in objects
+    assert _hash_rule(nft, 1)[0] == 409
+    assert _mine(nft, "cur", 1) == _planned_cur(plan)
+    assert len(_elements(nft, "map", "pins_tcp")) == 1, "the pins survive the upgrade"
+
+
+@pytest.mark.lab
+def test_the_per_listener_sets_format_is_replaced_at_the_first_apply(netns):
+    """A mux upgraded from four sets per listener (`cur_<id>`, `unstable_<id>`, `pinok_<id>`,
+    `cnt_<id>`, the format before the shared sets), mid-transition: the first apply fills the
+    shared sets, moves the rules to them, deletes every per-listener set, keeps the pins and
+    the backend counters, and each listener then holds exactly its plan."""
+    nft = NamespaceNft(netns)
+    t = "netdev lbagent"
+    old = [f"add table {t}",
+           f"add map {t} pins_tcp {{ type ipv4_addr . ipv4_addr . inet_service . inet_service : ether_addr; "
+           "size 1048576; flags timeout; }",
+           f"add element {t} pins_tcp {{ 10.9.9.9 . 203.0.113.1 . 40000 . 80 timeout 600s "
+           ": 02:00:00:01:00:01 }"]
+    for lid in (1, 2):
+        old += [f"add map {t} cur_{lid} {{ type mark : ether_addr; size 409; }}",
+                f"add set {t} unstable_{lid} {{ type mark; }}",
+                f"add set {t} pinok_{lid} {{ type ether_addr; }}",
+                f"add map {t} cnt_{lid} {{ type ether_addr : counter; }}",
+                f"add counter {t} cb{lid}_10_{lid}_0_1", f"add counter {t} l{lid}",
+                f"add element {t} cur_{lid} {{ 0 : 02:00:00:0{lid}:00:01, 1 : 02:00:00:0{lid}:00:01 }}",
+                f"add element {t} unstable_{lid} {{ 1 }}",
+                f"add element {t} pinok_{lid} {{ 02:00:00:0{lid}:00:01 }}",
+                f'add element {t} cnt_{lid} {{ 02:00:00:0{lid}:00:01 : "cb{lid}_10_{lid}_0_1" }}',
+                f"add chain {t} l{lid}", f"add rule {t} l{lid} counter name l{lid}",
+                f"add rule {t} l{lid} meta mark @unstable_{lid} ether daddr @pinok_{lid} accept",
+                f"add rule {t} l{lid} ether daddr set meta mark map @cur_{lid} "
+                f'counter name ether daddr map @cnt_{lid} fwd to "eth0"']
+    nft.run("\n".join(old) + "\n")
+    plans = [_plan(1, 409, 4), _plan(2, 409, 4)]
+    NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft, nflog_group=5).apply(plans)
+    objects = _objects(nft)
+    left = sorted(name for kind, name in objects if kind in ("map", "set") and re.fullmatch(r"\w+_\d+", name))
+    assert left == [], f"per-listener sets left: {left}"
+    assert ("counter", "cb1_10_1_0_1") in objects, "a planned backend's counter is kept"
+    for plan in plans:
+        assert _mine(nft, "cur", plan.listener_id) == _planned_cur(plan)
+        assert _mine(nft, "unstable", plan.listener_id) == {}
+        assert _mine(nft, "cnt", plan.listener_id) == {
+            mac: f"cb{plan.listener_id}_{a.replace('.', '_')}" for a, mac in plan.backends}
     assert len(_elements(nft, "map", "pins_tcp")) == 1, "the pins survive the upgrade"
 
 
@@ -302,31 +408,36 @@ def test_a_refused_netlink_batch_names_the_set_and_applies_nothing(netns):
         sent = dp.netlink_transactions
         dp.apply([drained])
         assert dp.netlink_transactions == sent + 1
-        bad = [Op("add", "unstable_1", np.array([70001])), Op("delete", "unstable_1", np.array([70000]))]
-        with pytest.raises(NetlinkError, match="delete elements of unstable_1: No such file") as excinfo:
+        bad = [Op("add", "unstable_a", np.array([70001])), Op("delete", "unstable_a", np.array([70000]))]
+        with pytest.raises(NetlinkError, match="delete elements of unstable_a: No such file") as excinfo:
             NetlinkElements().run("lbagent", bad)
         return str(excinfo.value)
 
     _in_netns(netns, work)
-    assert _elements(cli, "map", "cur_1") == _planned_cur(drained)
-    assert 70001 not in _elements(cli, "set", "unstable_1")
+    assert _mine(cli, "cur", 1) == _planned_cur(drained)
+    assert 70001 not in _elements(cli, "set", "unstable_a")
 
 
 @pytest.mark.lab
-def test_a_new_table_size_recreates_the_maps_in_one_transaction(netns):
+def test_a_new_table_size_rewrites_hash_and_table_in_one_transaction(netns):
     """The same driver, a listener's table size changed (its backend cap grew) and a backend
-    gone: its map is recreated with the new size, the gone backend's counter is deleted."""
+    gone: its hash and its table change in one transaction (no element of the old size is
+    left), the gone backend's counter is deleted, its neighbour is untouched."""
     nft = NamespaceNft(netns)
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nft=nft)
-    dp.apply([_plan(1, 409, 5)])
+    dp.apply([_plan(1, 409, 5), _plan(2, 409, 4)])
+    neighbour = _mine(nft, "cur", 2)
     sent = dp.transactions
-    dp.apply([_plan(1, 809, 4)])
+    dp.apply([_plan(1, 809, 4), _plan(2, 409, 4)])
     assert dp.transactions == sent + 1
-    size, _ = _map(nft, "cur_1")
-    assert size == 809
-    assert _elements(nft, "map", "cur_1") == _planned_cur(_plan(1, 809, 4))
+    assert _hash_rule(nft, 1) == (809, 0)
+    assert _mine(nft, "cur", 1) == _planned_cur(_plan(1, 809, 4))
     assert ("counter", "cb1_10_1_0_5") not in _objects(nft)
-    assert "02:00:00:01:00:05" not in _elements(nft, "map", "cnt_1")
+    assert "02:00:00:01:00:05" not in _mine(nft, "cnt", 1)
+    assert _mine(nft, "cur", 2) == neighbour
+    dp.apply([_plan(1, 211, 4), _plan(2, 409, 4)])  # and smaller: buckets 211.. leave
+    assert _mine(nft, "cur", 1) == _planned_cur(_plan(1, 211, 4))
+    assert _mine(nft, "cur", 2) == neighbour
 
 
 def _plan6(lid: int, size: int, count: int, old: np.ndarray | None = None) -> ListenerPlan:
@@ -348,7 +459,7 @@ def test_ipv6_listeners_share_the_format_and_go_as_netlink_messages(netns):
     dp = _in_netns(netns, lambda: NftDataplane("eth0", "02:aa:00:00:00:01", seed=7, nflog_group=5,
                                                learn=True, inject_iface="eth1"))
     _in_netns(netns, lambda: dp.apply([v4, v6]))
-    assert _elements(cli, "map", "cur_2") == _planned_cur(v6)
+    assert _mine(cli, "cur", 2) == _planned_cur(v6)
     dispatch6 = _elements(cli, "map", "dispatch6")
     assert [(json.loads(k)["concat"], v["jump"]["target"]) for k, v in dispatch6.items()] == [
         (["2001:db8:113::2", "tcp", 80], "l2")]
@@ -364,12 +475,15 @@ def test_ipv6_listeners_share_the_format_and_go_as_netlink_messages(netns):
     _in_netns(netns, lambda: dp.apply([v4, grown]))
     assert (dp.transactions, dp.netlink_transactions) == (sent + 1, by_netlink + 1)
     assert _handles(cli, 2) == handles, "a new IPv6 backend rewrote the listener's rules"
-    assert _elements(cli, "map", "cur_2") == _planned_cur(grown)
-    assert sorted(_elements(cli, "set", "unstable_2")) == grown.unstable.tolist()
+    assert _mine(cli, "cur", 2) == _planned_cur(grown)
+    assert sorted(_mine(cli, "unstable", 2)) == grown.unstable.tolist()
 
     _in_netns(netns, lambda: dp.apply([v4]))
     assert _elements(cli, "map", "dispatch6") == {}
-    assert [o for o in _objects(cli) if o[1] in {"l2", "cur_2", "cnt_2", "learn2"}] == []
+    assert [o for o in _objects(cli) if o[1] in {"l2", "learn2", "pinned2"}] == []
+    # only listener 1's (slot 0) elements are left in the shared sets
+    assert {int(k) >> 17 for k in _elements(cli, "map", "cur_a")} == {0}
+    assert {json.loads(k)["concat"][0] for k in _elements(cli, "map", "cnt_a")} == {0}
 
 
 @pytest.mark.lab
@@ -482,7 +596,7 @@ def test_a_listener_changing_address_family_gets_rules_and_learn_map_of_its_fami
     assert learn_key() == ["ipv4_addr", "ipv4_addr", "inet_service", "inet_service"]
     assert "jhash ip saddr" in cli.run("list chain netdev lbagent l4")
     assert _elements(cli, "map", "dispatch6") == {}
-    assert _elements(cli, "map", "cur_4") == _planned_cur(v4)
+    assert _mine(cli, "cur", 4) == _planned_cur(v4)
 
 
 # -- the daemon: a change to one VIP among many plans and writes that VIP only ------------------
@@ -564,10 +678,7 @@ def test_the_daemon_plans_and_writes_only_the_vip_a_change_touches(netns, tmp_pa
         # The change is in the kernel: the listener's current table names the new host's MAC;
         # its neighbour on the same VIP still has the four hosts of generation 1.
         def macs_of(lid: int) -> set[str]:
-            out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "map", "netdev",
-                                  "lbagent", f"cur_{lid}"], capture_output=True, text=True, check=True).stdout
-            return {mac for item in json.loads(out)["nftables"] if "map" in item
-                    for _, mac in item["map"].get("elem", [])}
+            return set(_mine(NamespaceNft(netns), "cur", lid).values())
 
         assert macs_of(changed_lid) == {f"02:00:00:20:11:{h:02x}" for h in (1, 2, 3, 5)}
         assert macs_of(changed_lid - 1) == {f"02:00:00:20:11:{h:02x}" for h in (1, 2, 3, 4)}

@@ -3,6 +3,7 @@ prove the same text works in a real kernel)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,22 @@ def test_first_apply_is_one_transaction_with_seed_and_full_tables():
     tx = nft.sent[-1]
     assert dp.transactions == 1
     assert "mod 11 seed 0x5eed" in tx
-    assert "add element netdev lbagent cur_7 { 0 : 02:00:00:00:00:01, 1 : 02:00:00:00:00:02," in tx
-    assert 'add element netdev lbagent cnt_7 { 02:00:00:00:00:01 : "cb7_10_0_0_1", ' in tx
+    # The first listener has slot 0: its keys are its buckets, and slot 0 . MAC.
+    assert "add element netdev lbagent cur_a { 0 : 02:00:00:00:00:01, 1 : 02:00:00:00:00:02," in tx
+    assert 'add element netdev lbagent cnt_a { 0 . 02:00:00:00:00:01 : "cb7_10_0_0_1", ' in tx
     assert "add counter netdev lbagent cb7_10_0_0_2" in tx
-    assert ("ether daddr set meta mark map @cur_7 counter name ether daddr map @cnt_7 "
-            'ether saddr set 02:aa:00:00:00:01 fwd to "eth0"') in tx
+    # The current table is read in one shared chain (the `cur` map has one user: the kernel
+    # checks each new element of a map against every rule using it); the listener jumps there,
+    # drops a bucket without a backend, counts by slot and MAC and forwards.
+    assert "add rule netdev lbagent bucket_a ether daddr set meta mark map @cur_a" in tx
+    assert [ln for ln in tx.splitlines() if "map @cur_a" in ln] == [
+        "add rule netdev lbagent bucket_a ether daddr set meta mark map @cur_a"]
+    chain = [ln for ln in tx.splitlines() if ln.startswith("add rule netdev lbagent l7 ")]
+    jump = chain.index("add rule netdev lbagent l7 jump bucket_a")
+    assert chain[jump + 1] == "add rule netdev lbagent l7 ether daddr 02:aa:00:00:00:01 drop"
+    assert chain[-2] == ('add rule netdev lbagent l7 counter name meta mark & 0xfffe0000 . ether daddr '
+                         'map @cnt_a ether saddr set 02:aa:00:00:00:01 fwd to "eth0"')
+    assert "mod 11 seed 0x5eed offset 0x0" in tx
     assert "203.0.113.10 . tcp . 80 : jump l7" in tx
 
 
@@ -53,17 +65,20 @@ def test_no_rule_names_a_backend_and_only_dispatch_holds_verdicts():
     """The table format: backends are map elements (bucket -> MAC, MAC -> counter), never
     chains or rules, so a backend change cannot need a rule; the dispatch maps (`dispatch`, and
     `dispatch6` for IPv6 VIPs) are the only verdict maps (no jump graph behind `cur_` for the
-    kernel to re-validate)."""
+    kernel to re-validate). The shared sets are the table's first sets."""
     nft = RecordingNft()
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, table_size=11, nft=nft, nflog_group=9)
     dp.apply([_plan(np.array([0, 1] * 5 + [0], dtype=np.int32))])
     lines = nft.sent[-1].splitlines()
     assert [ln for ln in lines if "02:00:00:00:00:0" in ln and ln.startswith("add rule")] == []
     assert [ln for ln in lines if ln.startswith("add chain")] == [
+        "add chain netdev lbagent bucket_a",
         'add chain netdev lbagent ingress { type filter hook ingress device "eth0" priority 0; '
         "policy accept; }", "add chain netdev lbagent l7"]
     verdict_maps = [ln for ln in lines if ln.startswith("add map") and ": verdict" in ln]
     assert [ln.split()[4] for ln in verdict_maps] == ["dispatch", "dispatch6"]
+    sets = [ln.split()[4] for ln in lines if ln.startswith(("add map", "add set"))]
+    assert sets[:4] == ["cur_a", "unstable_a", "cnt_a", "pinok_a"], sets
 
 
 def test_second_apply_sends_only_changed_buckets():
@@ -72,12 +87,16 @@ def test_second_apply_sends_only_changed_buckets():
     before = np.array([0] * 11, dtype=np.int32)
     after = before.copy()
     after[[3, 9]] = 1
-    dp.apply([_plan(before)])
-    dp.apply([_plan(after, old=before)])
+    first = ListenerPlan(5, "203.0.113.5", "tcp", 80, (("10.0.0.1", "02:00:00:00:00:01"),), before)
+    dp.apply([first, _plan(before)])
+    assert dp.slot_of(7) == 1
+    assert "mod 11 seed 0x1 offset 0x20000" in nft.sent[-1], "the hash puts the slot above the bucket"
+    dp.apply([first, _plan(after, old=before)])
     tx = nft.sent[-1]
-    assert "delete element netdev lbagent cur_7 { 3, 9 }" in tx
-    assert "add element netdev lbagent cur_7 { 3 : 02:00:00:00:00:02, 9 : 02:00:00:00:00:02 }" in tx
-    assert "add element netdev lbagent unstable_7 { 3, 9 }" in tx
+    # slot 1: keys 1 << 17 | bucket
+    assert "delete element netdev lbagent cur_a { 131075, 131081 }" in tx
+    assert "add element netdev lbagent cur_a { 131075 : 02:00:00:00:00:02, 131081 : 02:00:00:00:00:02 }" in tx
+    assert "add element netdev lbagent unstable_a { 131075, 131081 }" in tx
     assert "add rule" not in tx
 
 
@@ -100,28 +119,38 @@ def test_adding_draining_and_removing_a_backend_send_no_rule():
     two = (("10.0.0.1", "02:00:00:00:00:01"), ("10.0.0.2", "02:00:00:00:00:02"))
     three = (*two, ("10.0.0.3", "02:00:00:00:00:03"))
     first = np.array([0, 1] * 5 + [0], dtype=np.int32)
-    dp.apply([ListenerPlan(7, "203.0.113.10", "tcp", 80, two, first)])
+    others = [ListenerPlan(lid, f"203.0.113.{lid}", "tcp", 80, two, first) for lid in (1, 2)]
+    dp.apply([*others, ListenerPlan(7, "203.0.113.10", "tcp", 80, two, first,
+                                    pin_macs=tuple(m for _, m in two))])
+    assert dp.slot_of(7) == 2
     text_sent, batches = len(nft.sent), len(elements.batches)
     grown = first.copy()
     grown[[2, 5]] = 2
-    dp.apply([ListenerPlan(7, "203.0.113.10", "tcp", 80, three, grown, first, np.array([2, 5]),
-                           pin_macs=tuple(m for _, m in three))])
+    dp.apply([*others, ListenerPlan(7, "203.0.113.10", "tcp", 80, three, grown, first, np.array([2, 5]),
+                                    pin_macs=tuple(m for _, m in three))])
     assert len(nft.sent) == text_sent, "adding a backend went through libnftables"
     assert len(elements.batches) == batches + 1
     batch = elements.batches[-1]
+    # slot 2: keys 2 << 17 | bucket = 262144 + bucket, and 262144 . MAC
     assert batch.index("add counter netdev lbagent cb7_10_0_0_3") < batch.index(
-        'add element netdev lbagent cnt_7 { 02:00:00:00:00:03 : "cb7_10_0_0_3" }')
-    assert "delete element netdev lbagent cur_7 { 2, 5 }" in batch
-    assert "add element netdev lbagent cur_7 { 2 : 02:00:00:00:00:03, 5 : 02:00:00:00:00:03 }" in batch
-    assert "add element netdev lbagent unstable_7 { 2, 5 }" in batch
+        'add element netdev lbagent cnt_a { 262144 . 02:00:00:00:00:03 : "cb7_10_0_0_3" }')
+    assert "add element netdev lbagent pinok_a { 262144 . 02:00:00:00:00:03 }" in batch
+    assert "delete element netdev lbagent cur_a { 262146, 262149 }" in batch
+    assert ("add element netdev lbagent cur_a { 262146 : 02:00:00:00:00:03, 262149 : 02:00:00:00:00:03 }"
+            in batch)
+    assert "add element netdev lbagent unstable_a { 262146, 262149 }" in batch
+    assert [ln for ln in batch if "flush" in ln] == [], "a shared set is never flushed for one listener"
     # The third backend removed (its deadline passed): its buckets, its counter element, then
     # its counter (an element references it), in one batch.
-    dp.apply([ListenerPlan(7, "203.0.113.10", "tcp", 80, two, first)])
+    dp.apply([*others, ListenerPlan(7, "203.0.113.10", "tcp", 80, two, first)])
     assert len(nft.sent) == text_sent
     batch = elements.batches[-1]
-    assert batch.index("delete element netdev lbagent cnt_7 { 02:00:00:00:00:03 }") < batch.index(
+    assert batch.index("delete element netdev lbagent cnt_a { 262144 . 02:00:00:00:00:03 }") < batch.index(
         "delete counter netdev lbagent cb7_10_0_0_3")
-    assert "add element netdev lbagent cur_7 { 2 : 02:00:00:00:00:01, 5 : 02:00:00:00:00:02 }" in batch
+    assert ("delete element netdev lbagent pinok_a { 262144 . 02:00:00:00:00:01, "
+            "262144 . 02:00:00:00:00:02, 262144 . 02:00:00:00:00:03 }") in batch
+    assert ("add element netdev lbagent cur_a { 262146 : 02:00:00:00:00:01, 262149 : 02:00:00:00:00:02 }"
+            in batch)
 
 
 def test_bad_plans_are_refused_with_the_reason():
@@ -190,17 +219,22 @@ def test_syns_of_unstable_buckets_are_pinned_logged_and_forwarded_by_the_kernel(
 
     listener = chain("l7")
     syn = next(i for i, ln in enumerate(listener) if "== syn" in ln)
-    assert ("meta mark @unstable_7 tcp flags & (syn | ack) == syn ether daddr set meta mark map @cur_7 "
+    assert ("meta mark @unstable_a tcp flags & (syn | ack) == syn "
             "log group 9 snaplen 40 add @pins_tcp { ip saddr . ip daddr . th sport . th dport timeout 125s "
             ": ether daddr } counter name newflows7") in listener[syn], "report first: never lost"
     slow = next(i for i, ln in enumerate(listener) if "counter name slow7 accept" in ln)
-    assert "meta mark @unstable_7 tcp flags & (syn | ack) != syn" in listener[slow]
-    forward = next(i for i, ln in enumerate(listener) if "map @cnt_7" in ln)
-    assert syn < forward
-    assert slow < forward
+    assert "meta mark @unstable_a tcp flags & (syn | ack) != syn" in listener[slow]
+    jump = listener.index("add rule netdev lbagent l7 jump bucket_a")
+    no_backend = listener.index("add rule netdev lbagent l7 ether daddr 02:aa:00:00:00:01 drop")
+    forward = next(i for i, ln in enumerate(listener) if "map @cnt_a" in ln)
+    # the SYN has its backend's MAC from the current table (and none: dropped) when it is
+    # reported and pinned; the forwarding rule then sends it
+    assert jump + 1 == no_backend < syn < forward
+    assert slow < jump
     assert listener[-1].endswith("l7 drop"), "a bucket without a backend is dropped"
     assert [ln for ln in chain("l8") if "== syn" in ln] == [], "UDP has no SYN rule"
-    assert any(ln.endswith("meta mark @unstable_8 counter name slow8 accept") for ln in chain("l8"))
+    assert any(ln.endswith("meta mark @unstable_a counter name slow8 accept") for ln in chain("l8"))
+    assert any("offset 0x20000" in ln for ln in chain("l8")), "listener 8 has slot 1"
 
 
 def test_pins_are_renewed_by_their_flow_and_forward_only_to_alive_backends():
@@ -215,33 +249,40 @@ def test_pins_are_renewed_by_their_flow_and_forward_only_to_alive_backends():
     lines = nft.sent[-1].splitlines()
     listener = [ln for ln in lines if ln.startswith("add rule netdev lbagent l7 ")]
     pin = next(i for i, ln in enumerate(listener) if "map @pins_tcp" in ln)
-    assert ("ether daddr @pinok_7 update @pins_tcp { ip saddr . ip daddr . th sport . th dport timeout "
-            "7440s : ether daddr }") in listener[pin]
+    assert ("map @pins_tcp meta mark set 0x0 meta mark . ether daddr @pinok_a update @pins_tcp { ip saddr . "
+            "ip daddr . th sport . th dport timeout 7440s : ether daddr }") in listener[pin]
     assert listener[pin + 1].endswith("ether daddr set 02:aa:00:00:00:01"), "the mux's MAC is restored"
-    assert "add element netdev lbagent pinok_7 { 02:00:00:00:00:01 }" in lines
+    assert "add element netdev lbagent pinok_a { 0 . 02:00:00:00:00:01 }" in lines
     inject = [ln for ln in lines if ln.startswith("add rule netdev lbagent inject ") and "tcp" in ln]
     assert "timeout 7440s : ether daddr" in inject[0]
 
 
-def test_maps_are_sized_to_each_listeners_table():
-    """cur_ holds one element per bucket: declared with the listener's own table size (and the
-    hash `mod` it), not a fixed 131,072; the sets that are empty or small in steady state
-    (unstable_, pinok_, cnt_) have no size: they grow only when a transition fills them."""
+def test_the_shared_sets_have_no_size_and_each_hash_its_listeners_table_size():
+    """The shared sets (cur, unstable, cnt, pinok) are declared once, without a size (a
+    resizable hash: a declared size would also cap the elements of every listener together);
+    each listener's hash has its own table size (`mod`) and slot (`offset`)."""
     nft = RecordingNft()
     dp = NftDataplane("eth0", "02:aa:00:00:00:01", seed=1, nft=nft)
     small = ListenerPlan(3, "203.0.113.3", "udp", 53, (("10.0.0.1", "02:00:00:00:00:01"),),
                          np.zeros(6421, dtype=np.int32))
     dp.apply([_plan(np.zeros(11, dtype=np.int32)), small])
     lines = nft.sent[-1].splitlines()
-    assert "add map netdev lbagent cur_7 { type mark : ether_addr; size 11; }" in lines
-    assert "add set netdev lbagent unstable_7 { type mark; }" in lines
-    assert "add set netdev lbagent pinok_7 { type ether_addr; }" in lines
-    assert "add map netdev lbagent cnt_7 { type ether_addr : counter; }" in lines
-    assert "add map netdev lbagent cur_3 { type mark : ether_addr; size 6421; }" in lines
+    assert "add map netdev lbagent cur_a { type mark : ether_addr; }" in lines
+    assert "add set netdev lbagent unstable_a { type mark; }" in lines
+    assert "add set netdev lbagent pinok_a { type mark . ether_addr; }" in lines
+    assert "add map netdev lbagent cnt_a { type mark . ether_addr : counter; }" in lines
+    assert not [ln for ln in lines if ln.startswith(("add map", "add set")) and ("_7" in ln or "_3" in ln)], \
+        "no set of a listener's own"
     assert not [ln for ln in lines if "old_" in ln], "no rule reads an old table: the kernel holds none"
     hashes = {ln.split()[4]: ln for ln in lines if "jhash" in ln}
-    assert hashes["l3"].endswith("mod 6421 seed 0x1")
-    assert hashes["l7"].endswith("mod 11 seed 0x1")
+    assert hashes["l3"].endswith("mod 6421 seed 0x1 offset 0x20000")
+    assert hashes["l7"].endswith("mod 11 seed 0x1 offset 0x0")
+
+
+def test_a_table_larger_than_the_marks_bucket_field_is_refused():
+    with pytest.raises(ValueError, match="131072"):
+        ListenerPlan(1, "203.0.113.1", "tcp", 80, (), np.zeros(131073, dtype=np.int32))
+    ListenerPlan(1, "203.0.113.1", "tcp", 80, (), np.zeros(131071, dtype=np.int32))
 
 
 def test_a_change_sends_only_that_listeners_changes():
@@ -261,10 +302,14 @@ def test_a_change_sends_only_that_listeners_changes():
     dp.apply([_plan(after, old=before), *others])
     tx = nft.sent[-1]
     assert len(nft.sent) == sent + 1
-    assert "cur_7" in tx
+    assert "cur_a" in tx
+    slots = {dp.slot_of(lid) for lid in range(20, 30)}
+    assert dp.slot_of(7) not in slots
+    keys = {int(k) >> 17 for ln in tx.splitlines() if "element" in ln
+            for k in re.findall(r"[{,] (\d+)", ln)}
+    assert keys == {dp.slot_of(7)}, "an element of another listener's slot was sent"
     for lid in range(20, 30):
         assert f"l{lid} " not in tx, tx
-        assert f"_{lid} " not in tx, tx
         assert f"cb{lid}_" not in tx, tx
     assert "flush chain netdev lbagent ingress" not in tx, "the dispatch rule is not rebuilt"
     assert "dispatch" not in tx, "no listener was added or removed"

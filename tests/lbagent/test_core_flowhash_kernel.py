@@ -1,4 +1,5 @@
-"""The kernel agrees: nft's `jhash ... mod 65537 seed S` marks packets with flow_bucket's value.
+"""The kernel agrees: nft's `jhash ... mod 65537 seed S [offset slot << 17]` marks packets with
+flow_bucket's value (above it, the slot).
 
 Real nftables in a throwaway network namespace; UDP packets over its loopback, one counter rule
 per flow matching the bucket Python computed."""
@@ -13,7 +14,7 @@ import uuid
 
 import pytest
 
-from lbagent.core.flowhash import flow_bucket
+from lbagent.core.flowhash import MARK_BUCKET_BITS, bucket_of_mark, flow_bucket
 from tests.environment import need, need_binary, need_root
 
 
@@ -31,18 +32,24 @@ def netns():
 
 
 @pytest.mark.lab
-def test_kernel_jhash_mod_matches_flow_bucket(netns):
+@pytest.mark.parametrize("slot", [0, 5, 32767])
+def test_kernel_jhash_mod_matches_flow_bucket(netns, slot):
+    """Also with the mux's offset (`slot << 17`, the listener's slot above the bucket, up to the
+    mark's top bit): the mark is `slot << 17 | flow_bucket`, and `bucket_of_mark` gives it back."""
     need(shutil.which("nft") is not None, "needs nft")
     rng = random.Random(7)
     seed = rng.randrange(2**32)
     flows = sorted({(rng.randrange(1024, 65535), rng.randrange(1, 65535)) for _ in range(60)})
+    offset = f" offset {slot << MARK_BUCKET_BITS}" if slot else ""
     rules = ["table ip dccore {", " chain out {", "  type filter hook output priority 0;",
              "  meta mark set jhash ip saddr . ip daddr . ip protocol . th sport . th dport "
-             f"mod 65537 seed {seed};"]
+             f"mod 65537 seed {seed}{offset};"]
     for sport, dport in flows:
         b = flow_bucket("127.0.0.1", "127.0.0.2", socket.IPPROTO_UDP, sport, dport, seed=seed,
                         table_size=65537)
-        rules.append(f"  udp sport {sport} udp dport {dport} meta mark {b} counter;")
+        mark = slot << MARK_BUCKET_BITS | b
+        assert bucket_of_mark(mark) == b
+        rules.append(f"  udp sport {sport} udp dport {dport} meta mark {mark} counter;")
     rules += [" }", "}"]
     subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input="\n".join(rules) + "\n",
                    text=True, check=True)

@@ -55,8 +55,11 @@ def test_an_ipv6_listener_renders_ip6_rules_beside_an_ipv4_one():
             ": ether_addr;") in tx
     assert f"meta mark set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {a:#x}" in tx
     assert f"meta priority set jhash ip6 saddr . ip6 daddr mod 4294967295 seed {b:#x}" in tx
-    assert "map @pins6_tcp ether daddr @pinok_6" in tx
-    assert "map @pins_tcp ether daddr @pinok_4" in tx
+    # the pin's backend must be alive for the listener: its slot (listener 4: 0, 6: 1) . MAC in
+    # the shared pinok set; IPv6 loads the fingerprint's first half again for the renewal
+    assert (f"map @pins6_tcp meta mark set 0x20000 meta mark . ether daddr @pinok_a meta mark set jhash "
+            f"ip6 saddr . ip6 daddr mod 4294967295 seed {a:#x} update @pins6_tcp") in tx
+    assert "map @pins_tcp meta mark set 0x0 meta mark . ether daddr @pinok_a update @pins_tcp" in tx
     # the SYN rule of the IPv6 listener: 44 bytes reported, pinned under the fingerprint, counted
     # and forwarded by itself (the fingerprint has overwritten the bucket in the mark), the
     # priority back to 0; the IPv4 one pins under the addresses and leaves forwarding to the
@@ -72,12 +75,16 @@ def test_an_ipv6_listener_renders_ip6_rules_beside_an_ipv4_one():
     assert "add @pins6_tcp { meta mark . meta priority . th sport . th dport" in v6_syn
     assert v6_syn.index("log group") < v6_syn.index(f"seed {a:#x}") < v6_syn.index("add @pins6_tcp")
     assert "meta priority set 0" in v6_syn
-    assert "counter name ether daddr map @cnt_6" in v6_syn
+    assert "counter name meta mark & 0xfffe0000 . ether daddr map @cnt_a" in v6_syn
+    assert v6_syn.index("map @cnt_a") < v6_syn.index("log group"), "counted by slot before the fingerprint"
+    assert v6_syn.index("ether saddr set 02:aa:00:00:00:01") < v6_syn.index(f"seed {a:#x}"), \
+        "the mux's source MAC is set before the add that may fail"
     assert v6_syn.endswith('fwd to "eth0"')
     # if the pin's `add` fails (a full map) the SYN is still forwarded to the backend it was given
     after = rules[rules.index(v6_syn) + 1]
-    assert after == ('add rule netdev lbagent l6 ether daddr != 02:aa:00:00:00:01 meta priority set 0 '
-                     'ether saddr set 02:aa:00:00:00:01 fwd to "eth0"')
+    # (only such a SYN has the mux's source MAC at that point)
+    assert after == ("add rule netdev lbagent l6 ether saddr 02:aa:00:00:00:01 meta priority set 0 "
+                     'fwd to "eth0"')
     v4_syn = syn_rule("l4")
     assert "snaplen 40" in v4_syn
     assert "add @pins_tcp { ip saddr . ip daddr . th sport . th dport" in v4_syn
@@ -90,6 +97,8 @@ def test_an_ipv6_listener_renders_ip6_rules_beside_an_ipv4_one():
     assert len(inject6) == 2
     assert all("@pins6_" in line for line in inject6)
     assert "add map netdev lbagent learn6 { type classid . inet_service . inet_service : mark;" in tx
+    assert "add @learn6 { meta priority . th sport . th dport : meta mark & 0x1ffff }" in tx, \
+        "the learn maps hold the bucket, not the slot"
 
 
 def test_the_fingerprint_is_two_seeded_jhashes_of_the_address_pair():

@@ -100,3 +100,16 @@ def test_the_vectorised_parse_equals_the_per_message_parse(reports):
     assert got.shape == (len(want), 6)
     assert [tuple(f) for f in got.tolist()] == want
     assert reader.stats == ref.stats
+
+
+def test_the_bucket_is_the_marks_low_bits_under_the_listeners_slot():
+    """The mux marks `slot << 17 | bucket` (the listener's slot in the shared sets): a report
+    carries the bucket alone, in a run of one layout (numpy) and on its own (struct)."""
+    marks = [(3 << 17) | 1234, (32767 << 17) | 131070, (1 << 17), 77]
+    run = b"".join(_report(f"198.18.0.{i + 1}", 1000 + i, 20 + i, m) for i, m in enumerate(marks))
+    lone = _report("198.18.0.9", 2000, 24, (9 << 17) | 5, with_uid=True)
+    data = run + lone + struct.pack("=IHHII", 16, 3, 0, 0, 0)
+    flows = NflogReader(7, lambda flows: None).parse(bytearray(data), len(data)).tolist()
+    assert [f[5] for f in flows] == [1234, 131070, 0, 77, 5]
+    want, _ = _one_by_one(data)
+    assert [f[5] for f in want] == [1234, 131070, 0, 77, 5]

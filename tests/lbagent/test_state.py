@@ -443,7 +443,8 @@ def test_listener_table_size_follows_its_backend_cap_or_the_document():
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("table_size", 1000, "expected a prime"),
-    ("table_size", 2, "integer 3..16777216"),
+    ("table_size", 2, "integer 3..131071"),
+    ("table_size", 131101, "integer 3..131071"),
     ("table_size", 131071, "larger than cluster.table_size 65537"),
     ("backend_cap", 0, "backend_cap"),
 ])
