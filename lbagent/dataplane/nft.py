@@ -77,7 +77,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -360,7 +360,7 @@ def shared_name(kind: str, generation: str) -> str:
     return f"{kind}_{generation}"
 
 
-def slot_mac_keys(slot: int, macs) -> list[tuple[int, str]]:
+def slot_mac_keys(slot: int, macs: Iterable[str | int]) -> list[tuple[int, str]]:
     """`pinok`/`cnt` keys of a listener's backends: (slot << 17, MAC), MACs as strings or ints."""
     base = slot_base(slot)
     return [(base, mac if isinstance(mac, str) else int_to_mac(mac)) for mac in macs]
