@@ -871,6 +871,8 @@ class NftDataplane:
         new_applied: dict[int, _Applied] = {} if first else dict(applied)
         for lid in gone_ids:
             new_applied.pop(lid, None)
+        # The removed listeners in the order they were applied (walking all only when one went).
+        gone = [a for lid, a in applied.items() if lid in gone_ids] if gone_ids and not first else []
         rules: list[str] = self._base(flush_shared) if first else []  # libnftables text, whole listeners
         sent_text = 0
         if restart and self.elements is not None:
@@ -916,7 +918,8 @@ class NftDataplane:
                     sent_text += self._flush_chunk(rules, pending, sender, final=False)
                     rules, rules_listeners, pending = [], 0, []
             if self.elements is None:
-                last = self._last_commands(plans, fresh, applied, new_applied, existing, timeouts, first)
+                last = self._last_commands(plans, fresh, gone, applied, new_applied, existing, timeouts,
+                                           first)
                 rules += [op.text(self._t()) if isinstance(op, Op) else op for op in last]
                 if rules:
                     self._send_text(rules)
@@ -935,7 +938,8 @@ class NftDataplane:
                     if chunk:
                         self._send_text(chunk)
                         sent_text += 1
-                last = self._last_commands(plans, fresh, applied, new_applied, existing, timeouts, first)
+                last = self._last_commands(plans, fresh, gone, applied, new_applied, existing, timeouts,
+                                           first)
                 last_ops = [c for c in last if isinstance(c, Op)]
                 last_text = [c for c in last if isinstance(c, str)]
                 if last_ops:
@@ -1032,7 +1036,8 @@ class NftDataplane:
         self.netlink_transactions += 1
 
     def _last_commands(self, plans: Sequence[ListenerPlan], fresh: Sequence[ListenerPlan],
-                       applied: dict[int, _Applied], new_applied: dict[int, _Applied],
+                       gone: Sequence[_Applied], applied: dict[int, _Applied],
+                       new_applied: dict[int, _Applied],
                        existing: dict[tuple[str, str], int | None] | None,
                        timeouts: dict[str, int], first: bool) -> list[str | Op]:
         """The apply's last transaction(s): the dispatch map (a listener becomes reachable once all
@@ -1049,18 +1054,16 @@ class NftDataplane:
             # Only listeners whose plan is not the very object applied before can have moved
             # (a same-object plan is skipped without a look: a change costs what changed).
             moved = [p.listener_id for p in fresh]
-            gone = [a for lid, a in applied.items() if lid not in new_applied]
-            gone += [applied[lid] for lid in moved if lid in applied
-                     and _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan)]
-            last += _dispatch_ops("delete", [a.plan for a in gone])
+            unkeyed = [*gone, *(applied[lid] for lid in moved if lid in applied
+                                and _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan))]
+            last += _dispatch_ops("delete", [a.plan for a in unkeyed])
             added = [new_applied[lid].plan for lid in moved if lid not in applied
                      or _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan)]
             last += _dispatch_ops("add", added)
         if first or timeouts != self._inject_timeouts:
             last += self._inject(timeouts)
-        for lid, a in applied.items():
-            if lid not in new_applied:
-                last += self._delete_listener(a)
+        for a in gone:
+            last += self._delete_listener(a)
         if existing:
             last += self._delete_stale(set(existing), plans)
         return last
