@@ -744,11 +744,14 @@ def parse_last_good(text: str | bytes) -> dict[str, Vip]:
     return {vip.address: vip for vip in vips}
 
 
-def write_file_atomically(path: Path, text: str, *, durable: bool = False) -> None:
+def write_file_atomically(
+    path: Path, text: str, *, durable: bool = False, sync_directory: bool = True
+) -> None:
     """Replace `path` with `text` in one step (a temporary file renamed over it): a reader, or an
     agent restarting after a crash, sees the old content or the new, never half of it. `durable`
-    also fsyncs the file and its directory, so a power cut cannot leave an empty file behind the
-    rename. On failure (a full disk) the temporary file is removed and `path` is untouched."""
+    also fsyncs the file and (unless `sync_directory` is False: a caller writing many files
+    fsyncs their directory once) its directory, so a power cut cannot leave an empty file behind
+    the rename. On failure (a full disk) the temporary file is removed and `path` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -762,7 +765,7 @@ def write_file_atomically(path: Path, text: str, *, durable: bool = False) -> No
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    if durable:
+    if durable and sync_directory:
         directory = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
