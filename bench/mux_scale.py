@@ -10,10 +10,11 @@ backend's counter and buckets) and `drain` (the eighth backend out of the curren
 draining). Then the process's peak RSS (the driver, its plans and libnftables: what the daemon
 holds for the data plane) and its RSS after the load.
 
-Baseline in the same run: the driver before this table format (main's commit 588fb88: one chain
-per backend reached through a `cur_` verdict map, element-only changes as netlink, rules through
-libnftables), on the same tables, at 10 and 100 listeners (and N x 4 with --baseline-top);
-each driver in its own process so its RSS is its own.
+Baseline in the same run: an earlier driver's nft.py, taken from git (`--baseline-commit`;
+default 588fb88, the format before per-listener sets: one chain per backend reached through a
+`cur_` verdict map; 8908326 is the per-listener-set format the shared sets replaced), on the same
+tables, at 10 and 100 listeners (and N x 4 with --baseline-top); each driver in its own process
+so its RSS is its own.
 
 Kernel memory: /proc/meminfo's MemTotal - MemFree - Buffers - Cached - AnonPages (memory neither
 page cache nor user pages: slab, vmalloc, large kmallocs) before the load and after, settled
@@ -175,11 +176,11 @@ def set_lookup_probe(module, dp, plans: list, messages: int = 100) -> dict[str, 
     return out
 
 
-def load_module(legacy: bool):
+def load_module(legacy: bool, commit: str = BASELINE_COMMIT):
     if not legacy:
         from lbagent.dataplane import nft
         return nft
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{BASELINE_COMMIT}:lbagent/dataplane/nft.py"],
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:lbagent/dataplane/nft.py"],
                             capture_output=True, text=True, check=True).stdout
     path = Path(tempfile.mkdtemp(prefix="muxscale")) / "nft_legacy.py"
     path.write_text(source)
@@ -192,16 +193,20 @@ def load_module(legacy: bool):
 
 def inside(args: argparse.Namespace) -> None:
     """Runs in the namespace: one driver (new or legacy), each listener count in turn."""
-    module = load_module(args.legacy)
-    rows = [measure(module, n, size, args.legacy) for n, size in json.loads(args.runs)]
+    module = load_module(args.legacy, args.baseline_commit)
+    # The probe needs the shared sets (the per-listener format has its own names); the legacy
+    # driver's rows have none.
+    probe = not args.legacy
+    rows = [measure(module, n, size, not probe) for n, size in json.loads(args.runs)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"driver": "legacy " + BASELINE_COMMIT if args.legacy else "incremental",
+    print(json.dumps({"driver": "baseline " + args.baseline_commit if args.legacy else "shared sets",
                       "rows": rows, "peak_rss_mib": round(peak / 2**20, 1),
                       "rss_end_mib": round(rss_bytes() / 2**20, 1)}))
 
 
-def run_in(netns: str, runs: list[tuple[int, int]], legacy: bool) -> dict:
-    argv = ["ip", "netns", "exec", netns, sys.executable, __file__, "--inside", "--runs", json.dumps(runs)]
+def run_in(netns: str, runs: list[tuple[int, int]], legacy: bool, commit: str = BASELINE_COMMIT) -> dict:
+    argv = ["ip", "netns", "exec", netns, sys.executable, __file__, "--inside", "--runs", json.dumps(runs),
+            "--baseline-commit", commit]
     if legacy:
         argv.append("--legacy")
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
@@ -220,6 +225,9 @@ def main() -> None:
     parser.add_argument("--also", type=int, nargs="*", default=[], help="more listener counts to measure")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--legacy", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-commit", default=BASELINE_COMMIT,
+                        help=f"the commit whose nft.py is the baseline (default {BASELINE_COMMIT}; "
+                        "8908326: the per-listener sets)")
     parser.add_argument("--runs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
@@ -239,7 +247,7 @@ def main() -> None:
         results = [run_in(netns, [(n, size) for n in counts], legacy=False)]
         if not args.no_baseline:
             base = sorted({10, 100, *args.also, *([top] if args.baseline_top else [])})
-            results.append(run_in(netns, [(n, size) for n in base], legacy=True))
+            results.append(run_in(netns, [(n, size) for n in base], legacy=True, commit=args.baseline_commit))
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False)
     print(f"mux_scale: {args.vips} VIPs x {len(PORTS)} TCP listeners x {BACKENDS} backends, backend cap "
@@ -260,6 +268,15 @@ def main() -> None:
                       f"{row['lookup_first_ms']} ms, "
                       f"under the last one's {row['lookup_last_ms']} ms (the kernel finds a set by name "
                       "in a list: the shared sets head it)")
+    if len(results) == 2:  # the ratio at each listener count both drivers ran
+        base_rows = {row["listeners"]: row for row in results[1]["rows"]}
+        for row in results[0]["rows"]:
+            b = base_rows.get(row["listeners"])
+            if b is None:
+                continue
+            measures = (("load", "load_s"), ("add p50", "add_ms_median"), ("drain p50", "drain_ms_median"))
+            ratios = ", ".join(f"{label} {row[key] / b[key]:.2f}" for label, key in measures if b[key])
+            print(f"shared sets / {results[1]['driver']} at {row['listeners']} listeners: {ratios}")
     print(json.dumps(results))
 
 
