@@ -157,6 +157,8 @@ class _VipPlan:
     planned: tuple[list[ListenerPlan], list[SlowListener], str | None, dict[int, ListenerTables]]
     valid_until: float  # the earliest drain deadline of its tables (inf: none)
     running: dict[int, int]  # listener id -> the generation this plan puts in the kernel
+    listener_ids: tuple[int, ...]  # of its kernel plans
+    keys: tuple[tuple[str, str, int], ...]  # their dispatch keys (VIP, protocol, port)
 
 
 @dataclass
@@ -238,6 +240,8 @@ class MuxDaemon:
         self._bypass_handover: dict[str, float] = {}
         self._kernel_vips: set[str] = set()  # VIPs with listeners in the kernel (set after an apply)
         self._planned_vips: set[str] = set()
+        self._kernel_listener_ids: set[int] = set()  # listeners in the kernel (after an apply)
+        self._plan_hints: tuple[list[ListenerPlan], set[int], set[tuple[str, str, int]]] = ([], set(), set())
         self.keepalive_rounds = 0
         self.lingers_ended = 0
         self._applied_tables: dict[int, ListenerTables] = {}  # what the kernel holds (set after the apply)
@@ -397,6 +401,11 @@ class MuxDaemon:
         cached_plans = self._vip_plans
         planned_vips: set[str] = set()  # VIPs with listeners in this plan
         vip_plans: dict[str, _VipPlan] = {}
+        # For the driver: the plans that are new objects (planned now), every listener in the
+        # plans and their dispatch keys, gathered per VIP (no walk over every listener).
+        changed: list[ListenerPlan] = []
+        listener_ids: set[int] = set()
+        keys: set[tuple[str, str, int]] = set()
         for vip in self.state.vips:
             cached = cached_plans.get(vip.address)
             if cached is not None and cached.vip is vip and now < cached.valid_until:
@@ -412,6 +421,8 @@ class MuxDaemon:
                 routes[vip.address] = hop
                 new_tables.update(vip_tables)
                 running.update(cached.running)
+                listener_ids.update(cached.listener_ids)
+                keys.update(cached.keys)
                 last_good[vip.address] = vip
                 continue
             self.vips_planned += 1
@@ -441,7 +452,12 @@ class MuxDaemon:
                 continue
             vip_plans_, vip_slow, hop, vip_tables = planned
             plans += vip_plans_
+            changed += vip_plans_
             planned_vips.update(p.vip for p in vip_plans_)
+            vip_ids = tuple(p.listener_id for p in vip_plans_)
+            vip_keys = tuple(p.dispatch_key for p in vip_plans_)
+            listener_ids.update(vip_ids)
+            keys.update(vip_keys)
             slow += vip_slow
             routes[vip.address] = hop
             new_tables.update(vip_tables)
@@ -453,12 +469,14 @@ class MuxDaemon:
                 # drain deadline (its tables change phase then).
                 deadlines = [d for t in vip_tables.values() if (d := t.next_deadline()) is not None]
                 vip_plans[vip.address] = _VipPlan(vip, planned, min(deadlines, default=math.inf),
-                                                  {ln.id: ln.generation for ln in vip.listeners})
+                                                  {ln.id: ln.generation for ln in vip.listeners},
+                                                  vip_ids, vip_keys)
         self._vip_plans = vip_plans
         for address in set(self._bypass_handover) - {v.address for v in self.state.vips if v.bypass}:
             del self._bypass_handover[address]  # left bypass (or gone): no hand-over to finish
         self.tables = new_tables
         self._planned_vips = planned_vips
+        self._plan_hints = (changed, listener_ids, keys)
         self._planned = (last_good, refused, running, listener_errors, retryable)  # once the kernel has it
         return plans, slow, routes
 
@@ -590,9 +608,12 @@ class MuxDaemon:
         assert self.dataplane is not None
         assert self.state is not None
         t0 = time.monotonic()
-        self.dataplane.apply(plans)  # one transaction (bounded batches for a whole-document load)
+        changed, listener_ids, keys = self._plan_hints
+        # One transaction (bounded batches for a whole-document load); the hints spare the driver
+        # a look at each of thousands of unchanged plans.
+        self.dataplane.apply(plans, changed=changed, removed=self._kernel_listener_ids - listener_ids)
+        self._kernel_listener_ids = listener_ids
         self._kernel_vips = self._planned_vips
-        keys = {p.dispatch_key for p in plans}
         if self.slowpath is not None:
             if keys != self._slow_keys:
                 install_iptables(sorted(keys), self.o.queue_num)

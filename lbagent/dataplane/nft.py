@@ -77,7 +77,7 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -808,7 +808,8 @@ class NftDataplane:
                 *(Op("delete counter", f"{prefix}{lid}") for prefix in ("l", "pinned", "slow", "newflows"))]
 
     # -- applying ---------------------------------------------------------------------------
-    def apply(self, plans: Sequence[ListenerPlan]) -> None:
+    def apply(self, plans: Sequence[ListenerPlan], *, changed: Sequence[ListenerPlan] | None = None,
+              removed: Collection[int] | None = None) -> None:
         """Make the kernel hold exactly these listeners. Pins live their listener's
         `pin_timeout_s` without a packet; each packet of the flow renews it.
 
@@ -817,20 +818,30 @@ class NftDataplane:
 
         A plan that is the very object applied before is skipped without a look: an apply of
         one change among 4,000 listeners walks the plans once (an identity check each) and
-        renders, validates and sends only the changed ones. `last_changed_listeners` says how
-        many listeners the last apply wrote to the kernel."""
+        renders, validates and sends only the changed ones. A caller that knows what changed
+        (the daemon: the plans of the VIPs it planned again, and the listeners that went) says
+        so with `changed` and `removed`, and then not even that walk is made: every plan not in
+        `changed` must be the very object of the last apply. Hints whose counts do not add up
+        are ignored (every plan is looked at). `last_changed_listeners` says how many listeners
+        the last apply wrote to the kernel."""
         plans = list(plans)
         first = self._applied is None
         applied = self._applied if self._applied is not None else {}
-        # The plans that are not the very objects applied before (all of them the first time).
-        fresh = plans if first else [p for p in plans if (a := applied.get(p.listener_id)) is None
-                                     or a.plan is not p]
-        ids = {p.listener_id for p in plans}
-        if len(ids) != len(plans):
-            self._validate(plans)  # names the duplicate
-        gone_ids = applied.keys() - ids
-        if len(ids) > MAX_SLOTS:
-            raise ValueError(f"{len(ids)} listeners: a mux holds at most {MAX_SLOTS} (the slot is the "
+        hinted = self._hinted(plans, applied, changed, removed) if not first else None
+        if hinted is not None:
+            fresh, gone_ids = hinted
+            count = len(plans)
+        else:
+            # The plans that are not the very objects applied before (all of them the first time).
+            fresh = plans if first else [p for p in plans if (a := applied.get(p.listener_id)) is None
+                                         or a.plan is not p]
+            ids = {p.listener_id for p in plans}
+            if len(ids) != len(plans):
+                self._validate(plans)  # names the duplicate
+            gone_ids = applied.keys() - ids
+            count = len(ids)
+        if count > MAX_SLOTS:
+            raise ValueError(f"{count} listeners: a mux holds at most {MAX_SLOTS} (the slot is the "
                              f"mark's high {32 - MARK_BUCKET_BITS} bits)")
         # Dispatch keys and idle timeouts of unchanged plans were checked when they were applied:
         # look at all of them again only when a changed plan could collide or move a maximum.
@@ -959,6 +970,24 @@ class NftDataplane:
             self._release_slot(self._slots.pop(lid))
         self._applied = new_applied
         self._inject_timeouts = timeouts
+
+    @staticmethod
+    def _hinted(plans: list[ListenerPlan], applied: dict[int, _Applied],
+                changed: Sequence[ListenerPlan] | None,
+                removed: Collection[int] | None) -> tuple[list[ListenerPlan], set[int]] | None:
+        """(the fresh plans, the gone listener ids) from the caller's hints, or None when there
+        are none or they do not add up: the plans must then be what was applied, minus the
+        removed listeners, plus the new ones, each listener once."""
+        if changed is None or removed is None:
+            return None
+        fresh = [p for p in changed if (a := applied.get(p.listener_id)) is None or a.plan is not p]
+        fresh_ids = {p.listener_id for p in fresh}
+        gone_ids = applied.keys() & set(removed)
+        added = len(fresh_ids - applied.keys())
+        if len(fresh_ids) != len(fresh) or fresh_ids & gone_ids \
+                or len(plans) != len(applied) - len(gone_ids) + added:
+            return None
+        return fresh, gone_ids
 
     def _take_slot(self, listener_id: int) -> int:
         if listener_id in self._slots:  # taken by an apply that failed before sending anything
