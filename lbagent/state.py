@@ -717,28 +717,27 @@ def dump_last_good_vip(vip: Vip) -> str:
     return f'{{"version":{LAST_GOOD_VERSION},"vip":{json.dumps(vip.to_dict(), separators=(",", ":"))}}}'
 
 
-def parse_last_good_vip(text: str | bytes) -> Vip:
-    """The Vip of dump_last_good_vip's text; StateError names what is wrong."""
+def _last_good_document(text: str | bytes, field: str) -> Mapping:
+    """A last good file's object: valid JSON, this version, `version` and `field` only."""
     try:
         document = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise StateError("", f"not valid JSON: {exc}") from None
-    obj = _object(document, "", ("version", "vip"))
+    obj = _object(document, "", ("version", field))
     if obj["version"] != LAST_GOOD_VERSION or isinstance(obj["version"], bool):
         raise StateError("version", f"expected {LAST_GOOD_VERSION}, got {_describe(obj['version'])}")
-    return _parse_vip(obj["vip"], "vip")
+    return obj
+
+
+def parse_last_good_vip(text: str | bytes) -> Vip:
+    """The Vip of dump_last_good_vip's text; StateError names what is wrong."""
+    return _parse_vip(_last_good_document(text, "vip")["vip"], "vip")
 
 
 def parse_last_good(text: str | bytes) -> dict[str, Vip]:
     """VIP address -> Vip from the single last-good.json of earlier versions (read once at start
     when there is no per-VIP directory yet); StateError names what is wrong."""
-    try:
-        document = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise StateError("", f"not valid JSON: {exc}") from None
-    obj = _object(document, "", ("version", "vips"))
-    if obj["version"] != LAST_GOOD_VERSION or isinstance(obj["version"], bool):
-        raise StateError("version", f"expected {LAST_GOOD_VERSION}, got {_describe(obj['version'])}")
+    obj = _last_good_document(text, "vips")
     vips = [_parse_vip(raw, f"vips[{i}]") for i, raw in enumerate(_list(obj["vips"], "vips", MAX_VIPS))]
     _unique(vips, lambda v: v.address, "vips", "VIP address")
     return {vip.address: vip for vip in vips}

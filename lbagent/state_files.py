@@ -91,8 +91,9 @@ class LastGoodFiles:
         saved = self.saved
         if saved is not None and len(saved) == len(vips) and all(saved.get(a) is v for a, v in vips.items()):
             return 0
-        self.directory.mkdir(parents=True, exist_ok=True)
         if saved is None:  # the first save of this process: whatever an earlier one left
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.legacy.unlink(missing_ok=True)  # what it held is read; the directory replaces it
             saved = {}
             gone = [p.stem for p in self.directory.glob("*.json") if p.stem not in vips]
         else:
@@ -109,7 +110,6 @@ class LastGoodFiles:
             saved.pop(address, None)
         if gone or bulk:
             _fsync_directory(self.directory)
-        self.legacy.unlink(missing_ok=True)  # everything it held is in the directory now
         return len(changed)
 
 
