@@ -59,6 +59,7 @@ REBUILD_TIMEOUT_S = 1800  # generous: a slow shared host; natively it takes seco
 LIST_TIMEOUT_S = 300
 OUTPUT_TAIL_CHARS = 2000
 MODULE_NAME_RE = re.compile(r"([^/\s]+)\.ko(?:\.(?:xz|zst|gz))?$")
+UDEV_SAFE_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 
 
 class RebuildError(RuntimeError):
@@ -122,10 +123,15 @@ def rebuild_tool(root: Path) -> str | None:
 
 
 def sandbox_argv(
-    root: Path, command: list[str], binds: dict[str, Path] | None = None, devices: tuple[str, ...] = ()
+    root: Path,
+    command: list[str],
+    binds: dict[str, Path] | None = None,
+    devices: tuple[str, ...] = (),
+    links: dict[str, str] | None = None,
 ) -> list[str]:
     """bubblewrap around `command`: the copied root as /, nothing of the host inside but the copy's
-    own loop devices (`devices`: the tools find the root's filesystem type by its UUID on them)."""
+    own loop devices (`devices`: the tools find the root's filesystem type by its UUID on them) and
+    the udev-style names of those devices (`links`: sandbox path -> device)."""
     argv = [
         "bwrap",
         "--unshare-all",  # net, pid, ipc, uts, cgroup, user where possible: no network, no host
@@ -152,7 +158,27 @@ def sandbox_argv(
     argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/run", "--chdir", "/"]
     for device in devices:
         argv += ["--dev-bind", device, device]
+    for link, device in sorted((links or {}).items()):
+        argv += ["--symlink", device, link]
     return [*argv, "--", *command]
+
+
+def identity_links(device: str) -> dict[str, str]:
+    """The /dev/disk/by-uuid and by-label names udev would give `device`. The guest's tools resolve
+    fstab's `UUID=`/`LABEL=` through libblkid, which finds no loop device in a sandbox without /sys
+    (it takes them for unused); without these names initramfs-tools' fsck hook cannot tell the
+    root's type and leaves fsck out of the image ("Couldn't identify type of root file system").
+    `-p` probes the device itself: blkid's cache may still describe an earlier use of the loop device."""
+    done = subprocess.run(
+        ["blkid", "-p", "-o", "export", device], capture_output=True, text=True, timeout=60, check=False
+    )
+    found = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    links = {}
+    for tag, directory in (("UUID", "by-uuid"), ("LABEL", "by-label")):
+        value = found.get(tag, "")
+        if UDEV_SAFE_NAME_RE.fullmatch(value):  # udev escapes other characters; such names are left out
+            links[f"/dev/disk/{directory}/{value}"] = device
+    return links
 
 
 def modules_in(listing: str) -> set[str]:
@@ -244,9 +270,10 @@ class GuestTree:
     root: Path
     binds: dict[str, Path]
     devices: tuple[str, ...]
+    links: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def sandbox(self, command: list[str]) -> list[str]:
-        return sandbox_argv(self.root, command, self.binds, self.devices)
+        return sandbox_argv(self.root, command, self.binds, self.devices, self.links)
 
 
 @contextlib.contextmanager
@@ -279,7 +306,8 @@ def guest_tree(
                 raise RebuildUnavailable(
                     f"the guest's {target} is {location.fstype}, which the host kernel cannot mount"
                 )
-        yield GuestTree(mountpoint, binds, tuple(devices))
+        links = {link: target for device in devices for link, target in identity_links(device).items()}
+        yield GuestTree(mountpoint, binds, tuple(devices), links)
 
 
 def _in_sandbox(tree: GuestTree, command: list[str], timeout_s: float) -> subprocess.CompletedProcess:

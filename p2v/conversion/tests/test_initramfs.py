@@ -111,6 +111,34 @@ def test_the_sandbox_has_no_network_and_no_host_path(guest_disk, tmp_path):
     assert not tree.root.joinpath("etc").exists()  # and the copy is unmounted afterwards
 
 
+def test_the_roots_uuid_names_its_device_inside_the_sandbox(guest_disk, tmp_path):
+    """fstab's `UUID=` of the root resolves in the sandbox as on the source (initramfs-tools' fsck hook
+    needs the root's type from it; libblkid sees no loop device there without /dev/disk/by-uuid)."""
+    path, _ = guest_disk
+    root_uuid = subprocess.run(
+        ["blkid", "-p", "-O", str(ROOT_START), "-o", "value", "-s", "UUID", path],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    assert root_uuid
+    (tmp_path / "work").mkdir()
+    with initramfs.guest_tree(root_location(path), {}, tmp_path / "work") as tree:
+        done = subprocess.run(
+            tree.sandbox(
+                ["/bin/busybox", "sh", "-c", f"/bin/busybox readlink -f /dev/disk/by-uuid/{root_uuid}"]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == tree.devices[0]  # the loop device the copied root is mounted from
+        assert tree.devices[0].startswith("/dev/loop")
+
+
 def test_a_fat_boot_is_staged_and_what_changed_is_written_back(guest_disk, tmp_path):
     path, boot_uuid = guest_disk
     separate = adjust.separate_filesystems(f"UUID={boot_uuid} /boot vfat umask=0077 0 2\n", [path])
