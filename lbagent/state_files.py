@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from lbagent.state import (
     StateError,
     Vip,
     dump_last_good_vip,
+    fsync_directory,
     parse_last_good,
     parse_last_good_vip,
     write_file_atomically,
@@ -41,14 +41,6 @@ log = logging.getLogger("lbagent.state_files")
 # More files than this in one save (a first apply, a restart): each file is still fsynced, but
 # their directory once at the end instead of once per file.
 _BULK_FILES = 32
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LastGoodFiles:
@@ -88,19 +80,18 @@ class LastGoodFiles:
         """Write the VIPs that are not the objects last written, remove the files of VIPs that
         went; returns the number of files written. On OSError (a full disk) what was written
         before it stays recorded, so the next save writes only the rest."""
-        saved = self.saved
-        if saved is not None and len(saved) == len(vips) and all(saved.get(a) is v for a, v in vips.items()):
-            return 0
-        if saved is None:  # the first save of this process: whatever an earlier one left
+        if self.saved is None:  # the first save of this process: whatever an earlier one left
             self.directory.mkdir(parents=True, exist_ok=True)
             self.legacy.unlink(missing_ok=True)  # what it held is read; the directory replaces it
-            saved = {}
+            self.saved = {}
             gone = [p.stem for p in self.directory.glob("*.json") if p.stem not in vips]
         else:
-            gone = [address for address in saved if address not in vips]
+            gone = [address for address in self.saved if address not in vips]
+        saved = self.saved  # updated file by file: after an OSError it says what the files hold
         changed = [(a, v) for a, v in vips.items() if saved.get(a) is not v]
+        if not changed and not gone:
+            return 0
         bulk = len(changed) > _BULK_FILES
-        self.saved = saved = dict(saved)
         for address, vip in changed:
             path = self.directory / f"{address}.json"
             write_file_atomically(path, dump_last_good_vip(vip), durable=True, sync_directory=not bulk)
@@ -109,7 +100,7 @@ class LastGoodFiles:
             (self.directory / f"{address}.json").unlink(missing_ok=True)
             saved.pop(address, None)
         if gone or bulk:
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         return len(changed)
 
 

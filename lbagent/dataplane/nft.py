@@ -1083,12 +1083,12 @@ class NftDataplane:
             # Only listeners whose plan is not the very object applied before can have moved
             # (a same-object plan is skipped without a look: a change costs what changed).
             moved = [p.listener_id for p in fresh]
-            unkeyed = [*gone, *(applied[lid] for lid in moved if lid in applied
-                                and _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan))]
-            last += _dispatch_ops("delete", [a.plan for a in unkeyed])
-            added = [new_applied[lid].plan for lid in moved if lid not in applied
-                     or _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan)]
-            last += _dispatch_ops("add", added)
+            rekeyed = {lid for lid in moved if lid in applied
+                       and _dispatch_key(applied[lid].plan) != _dispatch_key(new_applied[lid].plan)}
+            last += _dispatch_ops("delete", [a.plan for a in gone]
+                                  + [applied[lid].plan for lid in moved if lid in rekeyed])
+            last += _dispatch_ops("add", [new_applied[lid].plan for lid in moved
+                                          if lid not in applied or lid in rekeyed])
         if first or timeouts != self._inject_timeouts:
             last += self._inject(timeouts)
         for a in gone:

@@ -9,6 +9,7 @@ import copy
 from pathlib import Path
 
 from lbagent.daemon import DaemonOptions, MuxDaemon
+from tests.lbagent.documents import one_mux_document
 
 
 class RecordingDriver:
@@ -36,11 +37,7 @@ def _document(generation: int, vips: range, *, drained: int | None = None) -> di
                 backends[2]["state"] = "draining"
             listeners.append(listener)
         out.append({"address": f"203.0.113.{v}", "listeners": listeners})
-    return {"version": 1, "generation": generation, "node": "mux-a",
-            "cluster": {"hash_seed": 1, "table_size": 251, "owner_seed": 2, "max_records": 1000,
-                        "muxes": [{"name": "mux-a", "address": "10.0.0.1", "peer_port": 7070}],
-                        "peer_key": "00" * 16, "redirect_key": "11" * 16},
-            "vips": out}
+    return one_mux_document(generation, out)
 
 
 def test_the_daemon_names_every_plan_it_made_anew_and_every_listener_that_went(tmp_path: Path) -> None:

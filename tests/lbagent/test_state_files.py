@@ -15,6 +15,7 @@ import pytest
 from lbagent.core.transition import GenerationTable, ListenerTables, OldTable
 from lbagent.state import StateParser, Vip
 from lbagent.state_files import HistoryFiles, LastGoodFiles
+from tests.lbagent.documents import one_mux_document
 
 ADDRESSES = ["203.0.113.1", "203.0.113.2", "2001:db8::10", "203.0.113.4"]
 
@@ -25,18 +26,11 @@ def _backend(v: int, b: int) -> dict:
 
 
 def _document(generation: int, vips: int = 4) -> dict:
-    return {
-        "version": 1,
-        "generation": generation,
-        "node": "mux-a",
-        "cluster": {"hash_seed": 1, "table_size": 251, "owner_seed": 2, "max_records": 1000,
-                    "muxes": [{"name": "mux-a", "address": "10.0.0.1", "peer_port": 7070}],
-                    "peer_key": "00" * 16, "redirect_key": "11" * 16},
-        "vips": [{"address": address, "listeners": [
+    return one_mux_document(generation, [
+        {"address": address, "listeners": [
             {"id": v + 1, "protocol": "tcp", "port": 80, "generation": 1,
              "backends": [_backend(v, b) for b in range(3)]}]}
-            for v, address in enumerate(ADDRESSES[:vips])],
-    }
+        for v, address in enumerate(ADDRESSES[:vips])])
 
 
 def _vips(parser: StateParser, document: dict) -> dict[str, Vip]:

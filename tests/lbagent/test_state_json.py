@@ -8,21 +8,15 @@ import copy
 import json
 
 from lbagent.state import StateParser, parse_state, state_json
+from tests.lbagent.documents import one_mux_document
 
 
 def _document(generation: int, vips: int = 5) -> dict:
-    return {
-        "version": 1,
-        "generation": generation,
-        "node": "mux-a",
-        "cluster": {"hash_seed": 1, "table_size": 251, "owner_seed": 2, "max_records": 1000,
-                    "muxes": [{"name": "mux-a", "address": "10.0.0.1", "peer_port": 7070}],
-                    "peer_key": "00" * 16, "redirect_key": "11" * 16},
-        "vips": [{"address": f"203.0.113.{v + 1}", "listeners": [
+    return one_mux_document(generation, [
+        {"address": f"203.0.113.{v + 1}", "listeners": [
             {"id": v + 1, "protocol": "tcp", "port": 80, "generation": 1,
              "backends": [{"address": f"10.1.{v}.{b + 1}", "port": 80} for b in range(3)]}]}
-            for v in range(vips)],
-    }
+        for v in range(vips)])
 
 
 def test_the_written_state_reads_back_as_the_applied_one_and_only_changed_vips_are_serialised():
