@@ -13,6 +13,10 @@ from tests.lbagent.documents import one_mux_document
 
 
 class RecordingDriver:
+    """Records what the daemon passes to the driver: the hints themselves are what this test
+    checks. The daemon with the real nftables driver, and the kernel holding the change it hinted:
+    tests/lab/test_incremental.py::test_the_daemon_plans_and_writes_only_the_vip_a_change_touches."""
+
     last_changed_listeners = 0
 
     def __init__(self) -> None:
